@@ -1,0 +1,367 @@
+//! Socket.IO packets from one connection, turned into chat requests: CONNECT and
+//! authentication, EVENTs checked locally (membership, limits) and forwarded to the
+//! room's home shard, binary packets refused for chat events.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::events::{
+    self, error_ack_json, history_ack_json, parse_event, ChatError, ChatRequest, ErrorCode, Parsed,
+    PayloadLimits,
+};
+use super::mesh::HomeCmd;
+use super::session::{CloseReason, Session, User};
+use crate::protocol::socketio::{self, encode_ack, PacketKind};
+use crate::shard::Shard;
+use crate::store::HistoryStore;
+use crate::transport::websocket::{close_code, text_frame};
+
+/// Whether the connection goes on after a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Close(CloseReason),
+}
+
+const PROTOCOL_ERROR: Flow = Flow::Close(CloseReason::Protocol(close_code::PROTOCOL));
+
+/// Per-connection parser state that spans packets.
+#[derive(Debug, Default)]
+pub struct ConnState {
+    /// A binary packet waiting for this many attachments, and its ack id.
+    binary: Option<(usize, Option<u64>)>,
+}
+
+/// How long after a refused CONNECT the session may try again before it is closed.
+const RETRY_CONNECT: Duration = Duration::from_secs(10);
+
+/// Handles one Socket.IO packet (the Engine.IO message body).
+pub fn on_socketio(
+    shard: &Shard,
+    session: &Rc<Session>,
+    state: &mut ConnState,
+    mut data: Vec<u8>,
+) -> Flow {
+    if state.binary.is_some() {
+        tracing::debug!(sid = %session.sid, "text packet while binary attachments were expected");
+        return PROTOCOL_ERROR;
+    }
+    let (kind, namespace, ack_id, attachments, body_at) = match socketio::parse(&data) {
+        Ok(p) => (
+            p.kind,
+            p.namespace.to_string(),
+            p.ack_id,
+            p.attachments,
+            data.len() - p.data.len(),
+        ),
+        Err(e) => {
+            tracing::debug!(sid = %session.sid, error = %e, "invalid Socket.IO packet");
+            return PROTOCOL_ERROR;
+        }
+    };
+    if kind == PacketKind::Connect {
+        return on_connect(shard, session, &namespace, &data[body_at..]);
+    }
+    if namespace != "/" || session.user.borrow().is_none() {
+        // Like Socket.IO: packets for a namespace the client is not connected to are ignored.
+        return Flow::Continue;
+    }
+    match kind {
+        PacketKind::Disconnect => {
+            shard.leave_all(session);
+            *session.user.borrow_mut() = None;
+            Flow::Continue
+        }
+        PacketKind::Event => {
+            let limits = PayloadLimits {
+                max_text_bytes: shard.ctx.config.limits.max_text_bytes,
+            };
+            match parse_event(&mut data[body_at..], limits) {
+                Err(e) => {
+                    tracing::debug!(sid = %session.sid, error = e.0, "invalid event");
+                    PROTOCOL_ERROR
+                }
+                Ok(Parsed::Refused(err)) => {
+                    refuse(session, ack_id, &err);
+                    Flow::Continue
+                }
+                Ok(Parsed::Request(req)) => {
+                    handle_request(shard, session, req, ack_id);
+                    Flow::Continue
+                }
+            }
+        }
+        PacketKind::BinaryEvent | PacketKind::BinaryAck => {
+            if attachments == 0 {
+                binary_refused(session, kind, ack_id);
+            } else {
+                state.binary = Some((
+                    attachments,
+                    if kind == PacketKind::BinaryEvent {
+                        ack_id
+                    } else {
+                        None
+                    },
+                ));
+            }
+            Flow::Continue
+        }
+        // The server asks clients for no acks, so client ACKs are ignored.
+        PacketKind::Ack | PacketKind::ConnectError | PacketKind::Connect => Flow::Continue,
+    }
+}
+
+/// Handles a binary WebSocket message: an attachment of the pending binary packet.
+pub fn on_binary(
+    _shard: &Shard,
+    session: &Rc<Session>,
+    state: &mut ConnState,
+    _data: Vec<u8>,
+) -> Flow {
+    match state.binary.take() {
+        None => {
+            tracing::debug!(sid = %session.sid, "binary frame without a binary packet");
+            PROTOCOL_ERROR
+        }
+        Some((1, ack_id)) => {
+            binary_refused(session, PacketKind::BinaryEvent, ack_id);
+            Flow::Continue
+        }
+        Some((n, ack_id)) => {
+            state.binary = Some((n - 1, ack_id));
+            Flow::Continue
+        }
+    }
+}
+
+fn binary_refused(session: &Session, kind: PacketKind, ack_id: Option<u64>) {
+    if kind == PacketKind::BinaryEvent {
+        refuse(
+            session,
+            ack_id,
+            &ChatError::new(
+                ErrorCode::BadRequest,
+                "chat events take no binary arguments",
+            ),
+        );
+    }
+}
+
+fn on_connect(shard: &Shard, session: &Rc<Session>, namespace: &str, body: &[u8]) -> Flow {
+    if namespace != "/" {
+        session.push(
+            text_frame(&socketio::encode_connect_error(
+                namespace,
+                "Invalid namespace",
+            )),
+            false,
+        );
+        return Flow::Continue;
+    }
+    let auth = if body.is_empty() {
+        None
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(v @ serde_json::Value::Object(_)) => Some(v),
+            _ => {
+                tracing::debug!(sid = %session.sid, "CONNECT payload is not a JSON object");
+                return PROTOCOL_ERROR;
+            }
+        }
+    };
+    match shard.ctx.auth.authenticate(auth.as_ref()) {
+        Ok(identity) => {
+            let user = User {
+                id: Arc::from(identity.user.as_str()),
+                name: identity.name.as_deref().map(Arc::from),
+            };
+            *session.user.borrow_mut() = Some((user, Rc::new(identity)));
+            let mut t = session.timers.get();
+            t.connect_deadline = None;
+            session.timers.set(t);
+            // The Socket.IO session id is distinct from the Engine.IO one, as in Socket.IO.
+            let sid = crate::ids::new_sid(shard.id);
+            session.push(text_frame(&socketio::encode_connect_ok(&sid)), false);
+        }
+        Err(e) => {
+            tracing::debug!(sid = %session.sid, reason = %e, "CONNECT refused");
+            let mut body =
+                b"44{\"message\":\"unauthorized\",\"data\":{\"code\":\"unauthorized\",\"reason\":"
+                    .to_vec();
+            socketio::write_json_str(&mut body, &e.to_string());
+            body.extend_from_slice(b"}}");
+            session.push(text_frame(&body), false);
+            if session.user.borrow().is_none() {
+                let mut t = session.timers.get();
+                let retry =
+                    Instant::now() + RETRY_CONNECT.min(shard.ctx.config.engineio.connect_timeout.0);
+                t.connect_deadline = Some(t.connect_deadline.map_or(retry, |d| d.min(retry)));
+                session.timers.set(t);
+            }
+        }
+    }
+    Flow::Continue
+}
+
+fn refuse(session: &Session, ack_id: Option<u64>, err: &ChatError) {
+    if let Some(id) = ack_id {
+        session.push(text_frame(&encode_ack(id, &error_ack_json(err))), false);
+    }
+}
+
+fn ok(session: &Session, ack_id: Option<u64>, json: &[u8]) {
+    if let Some(id) = ack_id {
+        session.push(text_frame(&encode_ack(id, json)), false);
+    }
+}
+
+fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ack_id: Option<u64>) {
+    let Some((user, identity)) = session.user.borrow().clone() else {
+        return;
+    };
+    let conn = session.conn_ref(shard.id);
+    let room: Arc<str> = Arc::from(req.room());
+    let is_member = session.joined.borrow().contains(&room);
+    let not_joined = || ChatError::new(ErrorCode::NotJoined, format!("join {room:?} first"));
+    let limited = || ChatError::new(ErrorCode::RateLimited, "too many requests; slow down");
+    match req {
+        ChatRequest::Join { since, token, .. } => {
+            let limit = shard.ctx.config.limits.max_rooms_per_conn;
+            let in_rooms = session.joined.borrow().len() + session.joining.borrow().len();
+            if !is_member && !session.joining.borrow().contains(&room) && in_rooms >= limit {
+                return refuse(
+                    session,
+                    ack_id,
+                    &ChatError::new(
+                        ErrorCode::Forbidden,
+                        format!("a connection may be in at most {limit} rooms"),
+                    ),
+                );
+            }
+            let allowed = identity.rooms.allows(&room)
+                || token
+                    .as_deref()
+                    .is_some_and(|t| shard.ctx.auth.check_room_token(t, &user.id, &room).is_ok());
+            if !allowed {
+                return refuse(
+                    session,
+                    ack_id,
+                    &ChatError::new(
+                        ErrorCode::Forbidden,
+                        format!("not allowed in room {room:?}"),
+                    ),
+                );
+            }
+            if !is_member {
+                session.joining.borrow_mut().insert(room.clone());
+            }
+            shard.to_home(
+                &room,
+                HomeCmd::Join {
+                    room: room.clone(),
+                    conn,
+                    user,
+                    since,
+                    ack_id,
+                },
+            );
+        }
+        ChatRequest::Leave { .. } => {
+            let was_member = session.joined.borrow_mut().remove(&room);
+            let was_joining = session.joining.borrow_mut().remove(&room);
+            if was_member {
+                shard.remove_local_member(&room, session);
+            }
+            if was_member || was_joining {
+                shard.to_home(
+                    &room,
+                    HomeCmd::Leave {
+                        room: room.clone(),
+                        conn,
+                        ack_id,
+                    },
+                );
+            } else {
+                ok(session, ack_id, events::OK_ACK);
+            }
+        }
+        ChatRequest::Message { text, cid, .. } => {
+            if !is_member {
+                return refuse(session, ack_id, &not_joined());
+            }
+            if !take_token(session) {
+                return refuse(session, ack_id, &limited());
+            }
+            shard.to_home(
+                &room,
+                HomeCmd::Publish {
+                    room: room.clone(),
+                    conn,
+                    user: user.id,
+                    text,
+                    cid,
+                    ack_id,
+                },
+            );
+        }
+        ChatRequest::Typing { .. } => {
+            if !is_member {
+                return refuse(session, ack_id, &not_joined());
+            }
+            if !take_token(session) {
+                return refuse(session, ack_id, &limited());
+            }
+            shard.to_home(
+                &room,
+                HomeCmd::Typing {
+                    room: room.clone(),
+                    conn,
+                    user: user.id,
+                },
+            );
+            ok(session, ack_id, events::OK_ACK);
+        }
+        ChatRequest::Presence { .. } => {
+            if !is_member {
+                return refuse(session, ack_id, &not_joined());
+            }
+            shard.to_home(
+                &room,
+                HomeCmd::Presence {
+                    room: room.clone(),
+                    conn,
+                    ack_id,
+                },
+            );
+        }
+        ChatRequest::History { query, limit, .. } => {
+            if !is_member {
+                return refuse(session, ack_id, &not_joined());
+            }
+            if !take_token(session) {
+                return refuse(session, ack_id, &limited());
+            }
+            let store = shard.store.clone();
+            let session = session.clone();
+            glommio::spawn_local(async move {
+                let json = match store.read(&room, query, limit).await {
+                    Ok(messages) => history_ack_json(&messages),
+                    Err(e) => error_ack_json(&ChatError::new(
+                        ErrorCode::Unavailable,
+                        format!("history store: {e}"),
+                    )),
+                };
+                ok(&session, ack_id, &json);
+            })
+            .detach();
+        }
+    }
+}
+
+fn take_token(session: &Session) -> bool {
+    let mut bucket = session.bucket.get();
+    let ok = bucket.take(Instant::now());
+    session.bucket.set(bucket);
+    ok
+}

@@ -1,0 +1,106 @@
+//! The messages shards send each other. Plain data, `Send`, moved through bounded
+//! SPSC channels: requests go to a room's home shard, room events and answers come back
+//! to the shards that hold the connections.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::session::{ConnRef, User};
+
+/// The shard that owns a room: a stable hash of its name modulo the shard count.
+pub fn home_of(room: &str, shards: usize) -> usize {
+    // FNV-1a: stable across processes and builds (unlike std's RandomState).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in room.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
+}
+
+/// A request to a room's home shard.
+#[derive(Debug)]
+pub enum HomeCmd {
+    /// Add a connection to the room; answered with `MemberMsg::Joined`.
+    Join {
+        room: Arc<str>,
+        conn: ConnRef,
+        user: User,
+        since: Option<u64>,
+        ack_id: Option<u64>,
+    },
+    /// Remove a connection (a `leave`, or the connection ended).
+    Leave {
+        room: Arc<str>,
+        conn: ConnRef,
+        ack_id: Option<u64>,
+    },
+    /// Sequence, store and fan out a message.
+    Publish {
+        room: Arc<str>,
+        conn: ConnRef,
+        user: Arc<str>,
+        text: String,
+        cid: Option<String>,
+        ack_id: Option<u64>,
+    },
+    /// Fan out a typing notice (volatile).
+    Typing {
+        room: Arc<str>,
+        conn: ConnRef,
+        user: Arc<str>,
+    },
+    /// List who is present.
+    Presence {
+        room: Arc<str>,
+        conn: ConnRef,
+        ack_id: Option<u64>,
+    },
+}
+
+/// A message to the shard that holds connections.
+#[derive(Debug)]
+pub enum MemberMsg {
+    /// A room event encoded once (a full WebSocket frame) for the room's local members.
+    Deliver {
+        room: Arc<str>,
+        frame: Bytes,
+        except: Option<ConnRef>,
+        volatile: bool,
+        sent_at: Instant,
+    },
+    /// A frame for one connection (an ack).
+    Reply { conn: u64, frame: Bytes },
+    /// The home shard answered a join: if admitted, start delivering to the connection;
+    /// either way send the ack frame (empty when the client asked for no ack).
+    Joined {
+        room: Arc<str>,
+        conn: u64,
+        frame: Bytes,
+        admitted: bool,
+    },
+}
+
+/// Everything that crosses the shard mesh.
+#[derive(Debug)]
+pub enum ShardMsg {
+    Home(HomeCmd),
+    Member(MemberMsg),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn home_is_stable_and_spread() {
+        assert_eq!(home_of("lobby", 4), home_of("lobby", 4));
+        let mut seen = [0usize; 4];
+        for i in 0..1000 {
+            seen[home_of(&format!("room-{i}"), 4)] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 150), "{seen:?}");
+    }
+}

@@ -1,0 +1,454 @@
+//! Configuration: one TOML file, overridden by `CORELAY_<SECTION>_<KEY>` environment
+//! variables, overridden in turn by command-line flags (applied by `main`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+
+use crate::store::Durability;
+
+/// Everything the server can be told; every field has a default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub engineio: EngineIoConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub history: HistoryConfig,
+    pub redis: RedisConfig,
+    pub store: StoreConfig,
+    pub log: LogConfig,
+}
+
+/// Where and how the process listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Shards (one per core when unset).
+    pub shards: Option<usize>,
+    pub data_dir: PathBuf,
+    /// The Engine.IO path, `/socket.io/` by default.
+    pub path: String,
+    /// glommio's registered-buffer memory per shard; must stay under the memlock limit.
+    pub io_memory: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            shards: None,
+            data_dir: PathBuf::from("./data"),
+            path: "/socket.io/".to_string(),
+            io_memory: 512 * 1024,
+        }
+    }
+}
+
+/// Engine.IO session timing and size limits, as announced in the open packet.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineIoConfig {
+    /// Milliseconds between server pings.
+    pub ping_interval: u64,
+    /// Milliseconds to wait for the pong.
+    pub ping_timeout: u64,
+    /// Largest packet accepted, in bytes; a larger WebSocket frame closes the connection.
+    pub max_payload: usize,
+    /// How long a new session may take to send its Socket.IO CONNECT.
+    pub connect_timeout: HumanDuration,
+}
+
+impl Default for EngineIoConfig {
+    fn default() -> Self {
+        EngineIoConfig {
+            ping_interval: 25_000,
+            ping_timeout: 20_000,
+            max_payload: 1_000_000,
+            connect_timeout: HumanDuration(Duration::from_secs(45)),
+        }
+    }
+}
+
+/// Secrets; never logged.
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 secret for client JWTs; unset = dev mode.
+    pub jwt_secret: Option<String>,
+    /// Bearer key for `/api/...`; unset = the API is refused.
+    pub api_key: Option<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
+            .field("api_key", &self.api_key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Per-connection limits that keep one client from hurting the others.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_text_bytes: usize,
+    pub max_rooms_per_conn: usize,
+    /// How long a `cid` makes a retry idempotent.
+    pub dedupe_window: HumanDuration,
+    /// Sustained sends per second per connection (token bucket refill).
+    pub send_rate: f64,
+    /// Sends a connection may burst above the rate.
+    pub send_burst: f64,
+    /// Frames a connection's outbound queue holds before it counts as a slow consumer.
+    pub outbound_queue: usize,
+    /// Bytes a connection's outbound queue holds before it counts as a slow consumer.
+    pub outbound_queue_bytes: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_text_bytes: 4096,
+            max_rooms_per_conn: 100,
+            dedupe_window: HumanDuration(Duration::from_secs(600)),
+            send_rate: 20.0,
+            send_burst: 40.0,
+            outbound_queue: 1024,
+            outbound_queue_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Replay limits for `join {since}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HistoryConfig {
+    pub max_replay: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig { max_replay: 1000 }
+    }
+}
+
+/// Redis between hosts; `url` unset = single-host mode.
+#[derive(Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: Option<String>,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+/// Which history backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Embedded,
+    Memory,
+    Redis,
+    Scylla,
+}
+
+/// History store selection and durability.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// `fsync` (default): ack after the batch is synced; `buffered`: after the OS has it.
+    pub durability: Durability,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: StoreKind::Embedded,
+            durability: Durability::Fsync,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Logging options (`RUST_LOG` picks the level).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub format: LogFormat,
+}
+
+/// A duration written as seconds (`600`) or with a unit (`"500ms"`, `"30s"`, `"10m"`, `"1h"`, `"7d"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    /// Parses `"500ms"`, `"30s"`, `"10m"`, `"1h"`, `"7d"` or bare seconds.
+    pub fn parse(s: &str) -> Result<HumanDuration, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration (try 30s, 10m, 1h)"))?;
+        let d = match unit.trim() {
+            "" | "s" => Duration::from_secs(n),
+            "ms" => Duration::from_millis(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            "d" => Duration::from_secs(n * 86_400),
+            other => return Err(format!("unknown duration unit {other:?} in {s:?}")),
+        };
+        Ok(HumanDuration(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(HumanDuration(Duration::from_secs(s))),
+            Raw::Text(t) => HumanDuration::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A configuration the server cannot run with; the message says what to fix.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+const SECTIONS: &[&str] = &[
+    "server", "engineio", "auth", "limits", "history", "redis", "store", "log",
+];
+
+impl Config {
+    /// Loads the file (if any), then applies the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Config::from_toml_and_env(&text, std::env::vars())
+    }
+
+    /// Parses TOML text and applies `CORELAY_*` variables from `env` (testable without a process environment).
+    pub fn from_toml_and_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        let mut overrides: BTreeMap<String, String> = BTreeMap::new();
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix("CORELAY_") else {
+                continue;
+            };
+            let key = match rest {
+                "JWT_SECRET" => "AUTH_JWT_SECRET",
+                "API_KEY" => "AUTH_API_KEY",
+                other => other,
+            }
+            .to_ascii_lowercase();
+            overrides.insert(key, value);
+        }
+        for (key, raw) in overrides {
+            let Some((section, field)) = key.split_once('_') else {
+                continue;
+            };
+            if !SECTIONS.contains(&section) || field.is_empty() {
+                continue; // Not ours (e.g. CORELAY_BIN, CORELAY_TEST_SCYLLA).
+            }
+            let value = env_value(&raw);
+            let entry = table
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => {
+                    t.insert(field.to_string(), value);
+                }
+                _ => return Err(ConfigError::Invalid(format!("[{section}] must be a table"))),
+            }
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot check alone.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.server.shards == Some(0) {
+            return bad("server.shards must be at least 1".into());
+        }
+        if !self.server.path.starts_with('/') {
+            return bad(format!(
+                "server.path must start with '/', got {:?}",
+                self.server.path
+            ));
+        }
+        if self.engineio.ping_interval == 0 || self.engineio.ping_timeout == 0 {
+            return bad("engineio.ping_interval and ping_timeout must be positive".into());
+        }
+        if self.engineio.max_payload < 1024 {
+            return bad("engineio.max_payload must be at least 1024 bytes".into());
+        }
+        let l = &self.limits;
+        if l.max_text_bytes == 0 || l.max_rooms_per_conn == 0 {
+            return bad("limits.max_text_bytes and max_rooms_per_conn must be positive".into());
+        }
+        if !(l.send_rate > 0.0 && l.send_burst >= 1.0) {
+            return bad("limits.send_rate must be > 0 and limits.send_burst >= 1".into());
+        }
+        if l.outbound_queue < 8 || l.outbound_queue_bytes < 64 * 1024 {
+            return bad(
+                "limits.outbound_queue must be >= 8 and outbound_queue_bytes >= 65536".into(),
+            );
+        }
+        if self.history.max_replay == 0 {
+            return bad("history.max_replay must be positive".into());
+        }
+        if let Some(secret) = &self.auth.jwt_secret {
+            if secret.len() < 16 {
+                return bad("auth.jwt_secret must be at least 16 bytes".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of shards to run: configured, or one per available core.
+    pub fn shard_count(&self) -> usize {
+        self.server.shards.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+}
+
+/// An environment value as TOML when it parses as a scalar TOML value, else as a string.
+fn env_value(raw: &str) -> toml::Value {
+    let parsed: Result<toml::Table, _> = format!("v = {raw}").parse();
+    match parsed.ok().and_then(|mut t| t.remove("v")) {
+        Some(v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_))) => v,
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let c = Config::from_toml_and_env("", env(&[])).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.engineio.ping_interval, 25_000);
+        assert_eq!(c.engineio.max_payload, 1_000_000);
+        assert_eq!(c.limits.max_text_bytes, 4096);
+        assert_eq!(c.limits.max_rooms_per_conn, 100);
+        assert_eq!(c.limits.dedupe_window.0, Duration::from_secs(600));
+        assert_eq!(c.history.max_replay, 1000);
+        assert_eq!(c.store.kind, StoreKind::Embedded);
+        assert!(c.redis.url.is_none());
+    }
+
+    #[test]
+    fn file_then_env() {
+        let c = Config::from_toml_and_env(
+            "[limits]\nmax_text_bytes = 10\nsend_rate = 3\n[server]\nlisten = \"127.0.0.1:9000\"",
+            env(&[
+                ("CORELAY_LIMITS_MAX_TEXT_BYTES", "20"),
+                ("CORELAY_JWT_SECRET", "0123456789abcdef0123"),
+                ("CORELAY_LIMITS_DEDUPE_WINDOW", "30s"),
+                ("CORELAY_STORE_KIND", "memory"),
+                ("CORELAY_TEST_SCYLLA", "ignored"),
+                ("PATH", "/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.limits.max_text_bytes, 20);
+        assert_eq!(c.limits.send_rate, 3.0);
+        assert_eq!(c.server.listen.port(), 9000);
+        assert_eq!(c.auth.jwt_secret.as_deref(), Some("0123456789abcdef0123"));
+        assert_eq!(c.limits.dedupe_window.0, Duration::from_secs(30));
+        assert_eq!(c.store.kind, StoreKind::Memory);
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        let e = Config::from_toml_and_env("[limits]\nmax_txt = 1", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("max_txt"), "{e}");
+        let e = Config::from_toml_and_env("[server]\nshards = 0", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("server.shards"), "{e}");
+        let e = Config::from_toml_and_env("", env(&[("CORELAY_STORE_KIND", "mongo")])).unwrap_err();
+        assert!(e.to_string().contains("mongo"), "{e}");
+        let e = Config::from_toml_and_env("[server\n", env(&[])).unwrap_err();
+        assert!(e.to_string().starts_with("invalid configuration"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            HumanDuration::parse("1h").unwrap().0,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            HumanDuration::parse("250ms").unwrap().0,
+            Duration::from_millis(250)
+        );
+        assert_eq!(
+            HumanDuration::parse("12").unwrap().0,
+            Duration::from_secs(12)
+        );
+        assert!(HumanDuration::parse("soon").is_err());
+        assert!(HumanDuration::parse("5y").is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! corelay: a chat server for Socket.IO clients on a thread-per-core runtime.
+//!
+//! Layers, from the wire up: `protocol` (Engine.IO / Socket.IO packets), `transport`
+//! (HTTP, WebSocket, per-connection tasks), `chat` (events, sessions, rooms' home
+//! shards), `shard` (executors and the mesh between them), `store` (message history).
+//! `server::run` ties them together.
+
+pub mod auth;
+pub mod chat;
+pub mod config;
+pub mod ids;
+pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod shard;
+pub mod store;
+pub mod transport;

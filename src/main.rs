@@ -1,0 +1,162 @@
+//! The `corelay` command: `serve`, `token`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+use corelay::auth::Authenticator;
+use corelay::config::{Config, HumanDuration, LogFormat, StoreKind};
+
+#[derive(Parser)]
+#[command(
+    name = "corelay",
+    version,
+    about = "A sharded chat server for Socket.IO clients"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Address to listen on (default 127.0.0.1:8080).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Shards to run (default: one per core).
+        #[arg(long)]
+        shards: Option<usize>,
+        /// Directory of the embedded store (default ./data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Redis URL: joins a cluster of corelay hosts.
+        #[arg(long)]
+        redis: Option<String>,
+        /// History store.
+        #[arg(long, value_enum)]
+        store: Option<StoreKind>,
+    },
+    /// Mint a JWT with the configured secret (for tests and operations).
+    Token {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// The user id (`sub`).
+        #[arg(long)]
+        sub: String,
+        /// Display name (`name`).
+        #[arg(long)]
+        name: Option<String>,
+        /// Rooms the user may join, comma-separated; `x*` is a prefix, `*` every room.
+        #[arg(long)]
+        rooms: Option<String>,
+        /// Mint a room token for this room instead (`join {token}`).
+        #[arg(long)]
+        room: Option<String>,
+        /// Lifetime, e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("corelay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            shards,
+            data_dir,
+            redis,
+            store,
+        } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            if let Some(v) = listen {
+                cfg.server.listen = v;
+            }
+            if let Some(v) = shards {
+                cfg.server.shards = Some(v);
+            }
+            if let Some(v) = data_dir {
+                cfg.server.data_dir = v;
+            }
+            if let Some(v) = redis {
+                cfg.redis.url = Some(v);
+            }
+            if let Some(v) = store {
+                cfg.store.kind = v;
+            }
+            cfg.validate()?;
+            init_logging(cfg.log.format);
+            if cfg.redis.url.is_some() {
+                bail!("cluster mode (redis.url) is not available in this build yet; unset redis.url / CORELAY_REDIS_URL to run a single host");
+            }
+            corelay::server::run(cfg, |addr, shards| {
+                println!("listening on {addr} shards={shards}");
+                tracing::info!(%addr, shards, "listening");
+            })?;
+            Ok(())
+        }
+        Command::Token {
+            config,
+            sub,
+            name,
+            rooms,
+            room,
+            ttl,
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let Some(secret) = cfg.auth.jwt_secret.as_deref() else {
+                bail!("no secret: set CORELAY_JWT_SECRET or auth.jwt_secret to mint tokens");
+            };
+            let ttl = HumanDuration::parse(&ttl)
+                .map_err(anyhow::Error::msg)?
+                .0
+                .as_secs();
+            let auth = Authenticator::new(Some(secret));
+            let token = match room {
+                Some(room) => auth.mint_room_token(&sub, &room, ttl),
+                None => {
+                    let rooms: Option<Vec<String>> = rooms.map(|r| {
+                        r.split(',')
+                            .map(|s| s.trim().to_string())
+                            .filter(|s| !s.is_empty())
+                            .collect()
+                    });
+                    auth.mint(&sub, name.as_deref(), rooms.as_deref(), ttl)
+                }
+            }
+            .context("cannot mint token")?;
+            println!("{token}");
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,192 @@
+//! Counters each shard keeps for `/healthz` and `/metrics`.
+//!
+//! Every shard writes only its own `ShardMetrics` (relaxed atomics on its own cache
+//! lines); any shard may read them all to answer an HTTP request. No locks.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the fan-out latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
+];
+
+/// One shard's counters.
+#[derive(Default)]
+#[repr(align(128))]
+pub struct ShardMetrics {
+    pub connections: AtomicU64,
+    pub connections_total: AtomicU64,
+    /// Rooms whose home is this shard and that are loaded.
+    pub home_rooms: AtomicU64,
+    pub messages_in: AtomicU64,
+    /// Frames handed to connections' outbound queues for room events (deliveries).
+    pub messages_out: AtomicU64,
+    pub typing_dropped: AtomicU64,
+    pub slow_consumer_closes: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub store_errors: AtomicU64,
+    fanout_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    fanout_count: AtomicU64,
+    fanout_sum_ns: AtomicU64,
+}
+
+impl ShardMetrics {
+    /// Records how long a message took from its home shard to a member shard's queues.
+    pub fn observe_fanout(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                self.fanout_buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.fanout_count.fetch_add(1, Relaxed);
+        self.fanout_sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
+    }
+
+    /// Adds one to a counter.
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// All shards' counters, shared by `Arc` across shards.
+pub struct Metrics {
+    pub shards: Vec<ShardMetrics>,
+}
+
+impl Metrics {
+    /// Zeroed counters for `n` shards.
+    pub fn new(n: usize) -> Metrics {
+        Metrics {
+            shards: (0..n).map(|_| ShardMetrics::default()).collect(),
+        }
+    }
+
+    /// Open connections summed over shards.
+    pub fn connections(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.connections.load(Relaxed))
+            .sum()
+    }
+
+    /// Loaded rooms summed over shards.
+    pub fn rooms(&self) -> u64 {
+        self.shards.iter().map(|s| s.home_rooms.load(Relaxed)).sum()
+    }
+
+    /// The Prometheus text exposition (version 0.0.4).
+    pub fn render_prometheus(&self, store_ok: bool) -> String {
+        let mut out = String::with_capacity(4096);
+        let per_shard: [(&str, &str, &str, fn(&ShardMetrics) -> &AtomicU64); 8] = [
+            ("corelay_connections", "gauge", "Open connections.", |s| {
+                &s.connections
+            }),
+            (
+                "corelay_connections_total",
+                "counter",
+                "Connections accepted.",
+                |s| &s.connections_total,
+            ),
+            (
+                "corelay_rooms",
+                "gauge",
+                "Rooms loaded on their home shard.",
+                |s| &s.home_rooms,
+            ),
+            (
+                "corelay_messages_in_total",
+                "counter",
+                "Chat messages accepted.",
+                |s| &s.messages_in,
+            ),
+            (
+                "corelay_messages_out_total",
+                "counter",
+                "Room events queued to recipients.",
+                |s| &s.messages_out,
+            ),
+            (
+                "corelay_queue_drops_total",
+                "counter",
+                "Typing events dropped from full outbound queues.",
+                |s| &s.typing_dropped,
+            ),
+            (
+                "corelay_slow_consumer_closes_total",
+                "counter",
+                "Connections closed for overflowing their outbound queue.",
+                |s| &s.slow_consumer_closes,
+            ),
+            (
+                "corelay_store_errors_total",
+                "counter",
+                "History store operations that failed.",
+                |s| &s.store_errors,
+            ),
+        ];
+        for (name, kind, help, get) in per_shard {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (i, s) in self.shards.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s).load(Relaxed));
+            }
+        }
+        let _ = writeln!(out, "# HELP corelay_protocol_errors_total Connections closed for invalid packets.\n# TYPE corelay_protocol_errors_total counter");
+        let errors: u64 = self
+            .shards
+            .iter()
+            .map(|s| s.protocol_errors.load(Relaxed))
+            .sum();
+        let _ = writeln!(out, "corelay_protocol_errors_total {errors}");
+
+        let name = "corelay_fanout_latency_seconds";
+        let _ = writeln!(out, "# HELP {name} Time from a message's home shard to its recipients' queues.\n# TYPE {name} histogram");
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            let n: u64 = self
+                .shards
+                .iter()
+                .map(|s| s.fanout_buckets[i].load(Relaxed))
+                .sum();
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
+        }
+        let count: u64 = self
+            .shards
+            .iter()
+            .map(|s| s.fanout_count.load(Relaxed))
+            .sum();
+        let sum_ns: u64 = self
+            .shards
+            .iter()
+            .map(|s| s.fanout_sum_ns.load(Relaxed))
+            .sum();
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", sum_ns as f64 / 1e9);
+        let _ = writeln!(out, "{name}_count {count}");
+
+        let _ = writeln!(out, "# HELP corelay_store_up Whether the history store answered its last operation.\n# TYPE corelay_store_up gauge\ncorelay_store_up {}", u8::from(store_ok));
+        let _ = writeln!(out, "# HELP corelay_redis_connected Whether Redis is connected (0 on a single host).\n# TYPE corelay_redis_connected gauge\ncorelay_redis_connected 0");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let m = Metrics::new(2);
+        m.shards[0].observe_fanout(Duration::from_micros(70));
+        m.shards[1].observe_fanout(Duration::from_millis(3));
+        let text = m.render_prometheus(true);
+        assert!(
+            text.contains("corelay_fanout_latency_seconds_bucket{le=\"0.0001\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("corelay_fanout_latency_seconds_bucket{le=\"0.005\"} 2"));
+        assert!(text.contains("corelay_fanout_latency_seconds_count 2"));
+        assert!(text.contains("corelay_connections{shard=\"1\"} 0"));
+    }
+}

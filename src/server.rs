@@ -1,0 +1,60 @@
+//! Starting a server from a configuration: refuse unsafe or impossible settings with
+//! a clear message, open the store, bind, and run the shards.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use crate::auth::Authenticator;
+use crate::config::{Config, StoreKind};
+use crate::metrics::Metrics;
+use crate::shard::runtime::{self, StartError};
+use crate::shard::Context;
+use crate::store::{Store, StoreError};
+
+/// Why `corelay serve` could not run.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error("dev mode (no auth.jwt_secret / CORELAY_JWT_SECRET) only listens on loopback, not {0}: set a secret or listen on 127.0.0.1")]
+    DevModeNotLoopback(SocketAddr),
+    #[error("store {0:?} needs a cluster (redis.url) and is not available in this build yet; use \"embedded\" or \"memory\"")]
+    StoreUnavailable(StoreKind),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// Runs the server until its shards stop. `on_ready(addr, shards)` is called once
+/// every shard accepts connections.
+pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(), ServeError> {
+    let auth = Authenticator::new(config.auth.jwt_secret.as_deref());
+    if auth.is_dev_mode() {
+        if !config.server.listen.ip().is_loopback() {
+            return Err(ServeError::DevModeNotLoopback(config.server.listen));
+        }
+        tracing::warn!("dev mode: no JWT secret set; clients connect as {{\"user\":\"name\"}} and may join every room");
+    }
+    runtime::check_io_uring()?;
+    let store = match config.store.kind {
+        StoreKind::Memory => Store::memory(),
+        StoreKind::Embedded => {
+            Store::open_embedded(&config.server.data_dir, config.store.durability)?
+        }
+        other => return Err(ServeError::StoreUnavailable(other)),
+    };
+    let shards = config.shard_count();
+    let (addr, fds) = runtime::bind_listeners(config.server.listen, shards)?;
+    let mut prefix = [0u8; 4];
+    crate::ids::random_bytes(&mut prefix);
+    let ctx = Arc::new(Context {
+        metrics: Metrics::new(shards),
+        auth,
+        config,
+        id_prefix: u32::from_ne_bytes(prefix),
+    });
+    let result = runtime::run_shards(ctx, store.clone(), fds, || on_ready(addr, shards));
+    let _ = futures::executor::block_on(store.close());
+    Ok(result?)
+}

@@ -1,0 +1,287 @@
+//! A shard: one glommio executor pinned to one core, owning the connections it
+//! accepted and the rooms whose home it is. Shards share nothing mutable; they talk
+//! through the mesh (bounded SPSC channels) with the plain messages of `chat::mesh`.
+
+pub mod runtime;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::channels::local_channel::LocalSender;
+
+use crate::auth::Authenticator;
+use crate::chat::home::Home;
+use crate::chat::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg};
+use crate::chat::session::{CloseReason, ConnRef, Queued, Session, Timers};
+use crate::config::Config;
+use crate::metrics::{Metrics, ShardMetrics};
+use crate::store::Store;
+use crate::transport::websocket::text_frame;
+
+/// What every shard shares read-only (behind one `Arc`).
+pub struct Context {
+    pub config: Config,
+    pub auth: Authenticator,
+    pub metrics: Metrics,
+    /// Random per process: keeps message ids unique across hosts.
+    pub id_prefix: u32,
+}
+
+/// One shard's state. Lives in an `Rc` on its own thread.
+pub struct Shard {
+    pub id: usize,
+    pub count: usize,
+    pub ctx: Arc<Context>,
+    pub store: Store,
+    pub home: Home,
+    sessions: RefCell<HashMap<u64, Rc<Session>>>,
+    /// This shard's members of each room (the delivery lists).
+    local_rooms: RefCell<HashMap<Arc<str>, Vec<Rc<Session>>>>,
+    /// Per peer shard: the queue its outbox task drains into the mesh (`None` for self).
+    outboxes: Vec<Option<LocalSender<ShardMsg>>>,
+    next_conn: Cell<u64>,
+}
+
+impl Shard {
+    /// A shard with no connections yet.
+    pub fn new(
+        id: usize,
+        count: usize,
+        ctx: Arc<Context>,
+        store: Store,
+        home: Home,
+        outboxes: Vec<Option<LocalSender<ShardMsg>>>,
+    ) -> Shard {
+        Shard {
+            id,
+            count,
+            ctx,
+            store,
+            home,
+            sessions: RefCell::new(HashMap::new()),
+            local_rooms: RefCell::new(HashMap::new()),
+            outboxes,
+            next_conn: Cell::new(1),
+        }
+    }
+
+    /// This shard's counters.
+    pub fn stats(&self) -> &ShardMetrics {
+        &self.ctx.metrics.shards[self.id]
+    }
+
+    /// Sends a message to a shard; to itself it is handled in place (in order).
+    pub fn send(&self, to: usize, msg: ShardMsg) {
+        if to == self.id {
+            self.handle(msg);
+        } else if let Some(Some(outbox)) = self.outboxes.get(to) {
+            // The outbox is unbounded and lives as long as the shard.
+            let _ = outbox.try_send(msg);
+        }
+    }
+
+    /// Sends a request to a room's home shard.
+    pub fn to_home(&self, room: &str, cmd: HomeCmd) {
+        self.send(home_of(room, self.count), ShardMsg::Home(cmd));
+    }
+
+    /// Handles a message from the mesh (or from this shard itself).
+    pub fn handle(&self, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Home(cmd) => self.home.enqueue(cmd),
+            ShardMsg::Member(m) => self.handle_member(m),
+        }
+    }
+
+    fn handle_member(&self, msg: MemberMsg) {
+        match msg {
+            MemberMsg::Deliver {
+                room,
+                frame,
+                except,
+                volatile,
+                sent_at,
+            } => {
+                let rooms = self.local_rooms.borrow();
+                let Some(members) = rooms.get(&room) else {
+                    return;
+                };
+                let stats = self.stats();
+                let mut delivered = 0u64;
+                for s in members {
+                    if except == Some(s.conn_ref(self.id)) {
+                        continue;
+                    }
+                    match s.push(frame.clone(), volatile) {
+                        Queued::Yes => delivered += 1,
+                        Queued::Dropped => ShardMetrics::inc(&stats.typing_dropped),
+                        Queued::Overflow => ShardMetrics::inc(&stats.slow_consumer_closes),
+                        Queued::Closed => {}
+                    }
+                }
+                stats
+                    .messages_out
+                    .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+                stats.observe_fanout(sent_at.elapsed());
+            }
+            MemberMsg::Reply { conn, frame } => {
+                if let Some(s) = self.sessions.borrow().get(&conn) {
+                    if s.push(frame, false) == Queued::Overflow {
+                        ShardMetrics::inc(&self.stats().slow_consumer_closes);
+                    }
+                }
+            }
+            MemberMsg::Joined {
+                room,
+                conn,
+                frame,
+                admitted,
+            } => {
+                let session = self.sessions.borrow().get(&conn).cloned();
+                let Some(session) = session else {
+                    if admitted {
+                        // The connection ended while its join was on the way.
+                        let conn = ConnRef {
+                            shard: self.id,
+                            id: conn,
+                        };
+                        self.to_home(
+                            &room,
+                            HomeCmd::Leave {
+                                room: room.clone(),
+                                conn,
+                                ack_id: None,
+                            },
+                        );
+                    }
+                    return;
+                };
+                let was_joining = session.joining.borrow_mut().remove(&room);
+                if admitted && was_joining {
+                    session.joined.borrow_mut().insert(room.clone());
+                    self.local_rooms
+                        .borrow_mut()
+                        .entry(room)
+                        .or_default()
+                        .push(session.clone());
+                }
+                if !frame.is_empty() {
+                    session.push(frame, false);
+                }
+            }
+        }
+    }
+
+    /// Registers a new connection.
+    pub fn open_session(&self, fd: std::os::fd::RawFd) -> Rc<Session> {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        let now = Instant::now();
+        let eio = &self.ctx.config.engineio;
+        let timers = Timers {
+            next_ping: now + Duration::from_millis(eio.ping_interval),
+            pong_deadline: None,
+            connect_deadline: Some(now + eio.connect_timeout.0),
+            close_deadline: None,
+        };
+        let session = Rc::new(Session::new(
+            id,
+            crate::ids::new_sid(self.id),
+            fd,
+            &self.ctx.config.limits,
+            timers,
+            now,
+        ));
+        self.sessions.borrow_mut().insert(id, session.clone());
+        let stats = self.stats();
+        ShardMetrics::inc(&stats.connections);
+        ShardMetrics::inc(&stats.connections_total);
+        session
+    }
+
+    /// Takes a connection out of every room it is in or joining (Socket.IO disconnect,
+    /// or the connection ended).
+    pub fn leave_all(&self, session: &Rc<Session>) {
+        let conn = session.conn_ref(self.id);
+        let joined: Vec<Arc<str>> = session.joined.borrow_mut().drain().collect();
+        let joining: Vec<Arc<str>> = session.joining.borrow_mut().drain().collect();
+        for room in &joined {
+            self.remove_local_member(room, session);
+        }
+        for room in joined.into_iter().chain(joining) {
+            self.to_home(
+                &room,
+                HomeCmd::Leave {
+                    room: room.clone(),
+                    conn,
+                    ack_id: None,
+                },
+            );
+        }
+    }
+
+    /// Stops delivering a room's events to this connection.
+    pub fn remove_local_member(&self, room: &Arc<str>, session: &Rc<Session>) {
+        let mut rooms = self.local_rooms.borrow_mut();
+        if let Some(members) = rooms.get_mut(room) {
+            if let Some(i) = members.iter().position(|s| Rc::ptr_eq(s, session)) {
+                members.swap_remove(i);
+            }
+            if members.is_empty() {
+                rooms.remove(room);
+            }
+        }
+    }
+
+    /// Forgets a connection that has ended.
+    pub fn close_session(&self, session: &Rc<Session>) {
+        self.leave_all(session);
+        if self.sessions.borrow_mut().remove(&session.id).is_some() {
+            self.stats()
+                .connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Open connections on this shard.
+    pub fn session_count(&self) -> usize {
+        self.sessions.borrow().len()
+    }
+
+    /// The sweeper: sends Engine.IO pings, and closes sessions whose pong, Socket.IO
+    /// CONNECT or close handshake is overdue. One timer for the whole shard.
+    pub async fn run_sweeper(self: Rc<Self>) {
+        let eio = &self.ctx.config.engineio;
+        let tick = Duration::from_millis(eio.ping_interval.min(eio.ping_timeout) / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let ping = text_frame(b"2");
+        loop {
+            glommio::timer::sleep(tick).await;
+            let now = Instant::now();
+            let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
+            for s in sessions {
+                let mut t = s.timers.get();
+                if let Some(deadline) = t.close_deadline {
+                    if now >= deadline {
+                        s.cut();
+                    }
+                    continue;
+                }
+                if t.connect_deadline.is_some_and(|d| now >= d)
+                    || t.pong_deadline.is_some_and(|d| now >= d)
+                {
+                    s.close(CloseReason::Timeout);
+                    continue;
+                }
+                if t.pong_deadline.is_none() && now >= t.next_ping {
+                    t.pong_deadline = Some(now + Duration::from_millis(eio.ping_timeout));
+                    s.timers.set(t);
+                    s.push(ping.clone(), false);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Starting the process: check the kernel, bind the port once per shard
+//! (SO_REUSEPORT, so the kernel spreads accepts), start one pinned glommio executor
+//! per shard, join them in a channel mesh, and report when all are accepting.
+
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::channels::local_channel;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use thiserror::Error;
+
+use super::{Context, Shard};
+use crate::chat::home::Home;
+use crate::chat::mesh::ShardMsg;
+use crate::ids::MessageIds;
+use crate::store::Store;
+
+/// Capacity of each shard-to-shard channel; a full one is backpressure on the sender.
+const MESH_CHANNEL: usize = 4096;
+
+/// Why the server could not start; each says what to do.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error("io_uring is not available ({0}): corelay needs Linux 5.8+ with io_uring enabled (check kernel.io_uring_disabled and seccomp/container policy)")]
+    NoIoUring(String),
+    #[error("cannot listen on {addr}: port already in use")]
+    PortInUse { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start shard {shard}: {message} (is the locked-memory limit `ulimit -l` large enough for {shards} shards × server.io_memory?)")]
+    Executor {
+        shard: usize,
+        shards: usize,
+        message: String,
+    },
+    #[error("shard {shard} failed: {message}")]
+    Shard { shard: usize, message: String },
+}
+
+/// Checks that io_uring can be set up, so that glommio does not panic with a
+/// misleading "kernel too old" later.
+pub fn check_io_uring() -> Result<(), StartError> {
+    let mut params = [0u8; 120]; // struct io_uring_params
+                                 // SAFETY: io_uring_setup reads and writes `params`, which is large enough.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return Err(StartError::NoIoUring(
+            std::io::Error::last_os_error().to_string(),
+        ));
+    }
+    // SAFETY: the fd was just returned to us.
+    unsafe { libc::close(fd as i32) };
+    Ok(())
+}
+
+/// Binds `count` listening sockets to one address with SO_REUSEPORT. Port 0 is
+/// resolved once, so every shard listens on the same port.
+pub fn bind_listeners(
+    addr: SocketAddr,
+    count: usize,
+) -> Result<(SocketAddr, Vec<RawFd>), StartError> {
+    use socket2::{Domain, Socket, Type};
+    let bind_err = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            StartError::PortInUse { addr }
+        } else {
+            StartError::Bind { addr, source }
+        }
+    };
+    // A plain bind first: SO_REUSEPORT alone would let us share a port another process holds.
+    let probe = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+    let actual = probe.local_addr().map_err(bind_err)?;
+    drop(probe);
+    let mut fds = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket =
+            Socket::new(Domain::for_address(actual), Type::STREAM, None).map_err(bind_err)?;
+        socket.set_reuse_address(true).map_err(bind_err)?;
+        socket.set_reuse_port(true).map_err(bind_err)?;
+        socket.bind(&actual.into()).map_err(bind_err)?;
+        socket.listen(4096).map_err(bind_err)?;
+        fds.push(socket.into_raw_fd());
+    }
+    Ok((actual, fds))
+}
+
+/// Runs the shards until they stop. `on_ready` is called once every shard accepts.
+pub fn run_shards(
+    ctx: Arc<Context>,
+    store: Store,
+    fds: Vec<RawFd>,
+    on_ready: impl FnOnce(),
+) -> Result<(), StartError> {
+    let count = fds.len();
+    let cores: Vec<usize> = core_affinity::get_core_ids()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let mesh: MeshBuilder<ShardMsg, _> = MeshBuilder::full(count, MESH_CHANNEL);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, StartError>>();
+    let mut handles = Vec::with_capacity(count);
+    for (shard, fd) in fds.into_iter().enumerate() {
+        let placement = if count <= cores.len() {
+            Placement::Fixed(cores[shard])
+        } else {
+            Placement::Unbound
+        };
+        let ctx = ctx.clone();
+        let store = store.clone();
+        let mesh = mesh.clone();
+        let ready = ready_tx.clone();
+        let builder = LocalExecutorBuilder::new(placement)
+            .name(&format!("corelay-shard-{shard}"))
+            .io_memory(ctx.config.server.io_memory)
+            .ring_depth(256)
+            .preempt_timer(Duration::from_millis(10));
+        let handle = builder
+            .spawn(move || async move {
+                if let Err(e) = shard_main(shard, count, ctx, store, mesh, fd, &ready).await {
+                    let _ = ready.send(Err(e));
+                }
+            })
+            .map_err(|e| StartError::Executor {
+                shard,
+                shards: count,
+                message: e.to_string(),
+            })?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    let mut ready = 0;
+    while ready < count {
+        match ready_rx.recv() {
+            Ok(Ok(_)) => ready += 1,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(StartError::Shard {
+                    shard: ready,
+                    message: "stopped during start-up".into(),
+                })
+            }
+        }
+    }
+    on_ready();
+    for (shard, h) in handles.into_iter().enumerate() {
+        h.join().map_err(|e| StartError::Shard {
+            shard,
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+async fn shard_main(
+    id: usize,
+    count: usize,
+    ctx: Arc<Context>,
+    store: Store,
+    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    fd: RawFd,
+    ready: &std::sync::mpsc::Sender<Result<usize, StartError>>,
+) -> Result<(), StartError> {
+    let (senders, mut receivers) = mesh.join().await.map_err(|e| StartError::Shard {
+        shard: id,
+        message: format!("mesh join failed: {e}"),
+    })?;
+    // SAFETY: the fd is a bound, listening socket created for this shard alone.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+
+    let senders = Rc::new(senders);
+    let mut outboxes = Vec::with_capacity(count);
+    for peer in 0..count {
+        if peer == id {
+            outboxes.push(None);
+            continue;
+        }
+        let (tx, rx) = local_channel::new_unbounded::<ShardMsg>();
+        let senders = senders.clone();
+        glommio::spawn_local(async move {
+            while let Some(msg) = rx.recv().await {
+                if senders.send_to(peer, msg).await.is_err() {
+                    break;
+                }
+            }
+        })
+        .detach();
+        outboxes.push(Some(tx));
+    }
+
+    let (home_tx, home_rx) = local_channel::new_unbounded();
+    let home = Home::new(home_tx, MessageIds::new(ctx.id_prefix, id));
+    let shard = Rc::new(Shard::new(id, count, ctx, store, home, outboxes));
+
+    for (_peer, rx) in receivers.streams() {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(msg) = rx.recv().await {
+                shard.handle(msg);
+            }
+        })
+        .detach();
+    }
+    glommio::spawn_local(shard.clone().run_home(home_rx)).detach();
+    glommio::spawn_local(shard.clone().run_writer()).detach();
+    glommio::spawn_local(shard.clone().run_sweeper()).detach();
+
+    let _ = ready.send(Ok(id));
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(crate::transport::connection::serve(shard.clone(), stream))
+                    .detach();
+            }
+            Err(e) => {
+                tracing::warn!(shard = id, error = %e, "accept failed");
+                // Out of descriptors or memory: give connections a moment to close.
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

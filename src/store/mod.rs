@@ -1,0 +1,291 @@
+//! The history store: where every room's message stream is kept, so that `join {since}`,
+//! `history` and idempotent sends (`cid`) can be answered after the live fan-out is gone.
+//!
+//! One trait, [`HistoryStore`], is met by every backend (memory, embedded fjall, later
+//! redis and scylla), and one test suite (`tests/store_suite.rs`) checks them all the same
+//! way. A shard holds the configured backend as one [`Store`] value (enum dispatch, no
+//! `dyn`), cloned from the value the main thread opened.
+//!
+//! Offsets are assigned by the room's home shard, never by the store: the store only keeps
+//! them, refuses to overwrite one ([`StoreError::OffsetConflict`]) and answers range reads.
+//!
+//! # Shutting down
+//!
+//! Call [`Store::close`] once, after the shards have stopped sending appends: it writes out
+//! and syncs what is pending, stops the store's threads and releases the data directory
+//! (so it can be opened again, by this process or another). Calls made on any clone after
+//! that fail with [`StoreError::Closed`]. Dropping every clone without `close` also stops
+//! the threads, but does not wait for them; acked appends are durable either way (per the
+//! configured [`Durability`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+pub mod embedded;
+pub mod memory;
+
+/// One chat message as stored and replayed.
+///
+/// The field names are those of the protocol's server → client `message` event, so the
+/// value can be serialized straight onto the wire (`cid` is left out when it is `None`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredMessage {
+    /// The room the message was sent to.
+    pub room: String,
+    /// The message's position in the room's stream: 1, 2, 3, … assigned by the home shard.
+    pub offset: u64,
+    /// Globally unique id that sorts by time.
+    pub id: String,
+    /// The sender's user id (`sub`).
+    pub user: String,
+    /// The message text (UTF-8).
+    pub text: String,
+    /// Server time of acceptance, in milliseconds since the Unix epoch.
+    pub ts: u64,
+    /// The client's idempotency key, if it sent one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cid: Option<String>,
+}
+
+/// Which slice of a room's stream to read.
+///
+/// Whatever the slice, results come back oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// The newest `limit` messages of the room.
+    Latest,
+    /// The newest `limit` messages with an offset below the given one.
+    Before(u64),
+    /// The oldest `limit` messages with an offset above the given one.
+    After(u64),
+}
+
+/// Why a store call failed.
+///
+/// `Clone` so that one failed group commit can answer every request it carried.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot serve the call right now (disk full, I/O error, store thread gone);
+    /// nothing was stored. The protocol's `unavailable`.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Data read back from the store cannot be decoded; the store never guesses.
+    #[error("store data corrupt: {0}")]
+    Corrupt(String),
+    /// The store could not be opened (permissions, read-only disk, bad directory, …).
+    #[error("cannot open store: {0}")]
+    Open(String),
+    /// The data directory is locked by another open store.
+    #[error("data dir {} is in use by another corelay process", .0.display())]
+    InUse(PathBuf),
+    /// An append carried an offset that is not above the room's latest stored one (or not
+    /// increasing within the batch): storing it would overwrite or reorder an acked message.
+    /// Nothing of the batch was stored. This is a sequencing bug in the caller.
+    #[error("offset {offset} of room {room:?} is not above its latest stored offset {latest}")]
+    OffsetConflict {
+        /// The room whose stream was hit.
+        room: String,
+        /// The offending offset.
+        offset: u64,
+        /// The room's latest offset at that point (stored, or earlier in the same batch).
+        latest: u64,
+    },
+    /// An append carried a message the store cannot represent (e.g. a field too long for
+    /// its encoding). Nothing of the batch was stored.
+    #[error("invalid message for the store: {0}")]
+    Invalid(String),
+    /// The store was closed by [`Store::close`]; no more calls are served.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// The contract every history backend meets (memory, embedded, later redis and scylla).
+///
+/// Futures need not be `Send`: they run on a glommio shard. Calls never block the calling
+/// thread on disk I/O (the embedded store does its work on its own threads).
+// `async fn` in a public trait cannot promise `Send` futures; that is intended here: the
+// callers are thread-per-core shards that never move a future between threads.
+#[allow(async_fn_in_trait)]
+pub trait HistoryStore {
+    /// Durably appends messages (offsets already assigned by the room's home shard; per room
+    /// they are contiguous and increasing, possibly several rooms in one batch). Returns once
+    /// durable per the store's durability setting. All or nothing.
+    ///
+    /// Rejects with [`StoreError::OffsetConflict`] any offset not above the room's latest
+    /// stored one. Appends are applied in the order their futures are first polled.
+    async fn append(&self, batch: Vec<StoredMessage>) -> Result<(), StoreError>;
+
+    /// Reads a slice of a room's stream, at most `limit` messages, oldest first.
+    async fn read(
+        &self,
+        room: &str,
+        query: HistoryQuery,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Highest stored offset of the room, 0 when empty.
+    async fn latest_offset(&self, room: &str) -> Result<u64, StoreError>;
+
+    /// The message this user stored in this room with this cid at `ts >= not_before_ts`, if
+    /// any (idempotent sends). When a cid was reused, only its newest message counts.
+    async fn find_cid(
+        &self,
+        room: &str,
+        user: &str,
+        cid: &str,
+        not_before_ts: u64,
+    ) -> Result<Option<StoredMessage>, StoreError>;
+}
+
+/// Durability of an append: `Fsync` (default) syncs to disk before acking; `Buffered`
+/// writes to the OS only (survives a crash of corelay, not of the machine).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `fdatasync` the journal before acking an append.
+    #[default]
+    Fsync,
+    /// Hand the journal write to the OS and ack; the OS writes it out later.
+    Buffered,
+}
+
+/// The configured backend, as one value a shard can hold (enum dispatch, no `dyn`).
+///
+/// Cheap to clone (`Arc` inside) and `Send`: open it once on the main thread and move a
+/// clone into each shard.
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// In-process maps; nothing survives a restart. For tests and throwaway runs.
+    Memory(memory::MemoryStore),
+    /// fjall on local disk: the single-host default.
+    Embedded(embedded::EmbeddedStore),
+}
+
+impl Store {
+    /// A fresh, empty in-memory store (`store = "memory"`).
+    pub fn memory() -> Store {
+        Store::Memory(memory::MemoryStore::new())
+    }
+
+    /// Opens (creating it if needed) the embedded store in `dir` (`store = "embedded"`).
+    ///
+    /// Fails with [`StoreError::InUse`] when another store holds the directory, and with
+    /// [`StoreError::Open`] (naming the directory and the OS error) when it cannot be
+    /// created, written or read.
+    pub fn open_embedded(dir: &Path, durability: Durability) -> Result<Store, StoreError> {
+        embedded::EmbeddedStore::open(dir, durability).map(Store::Embedded)
+    }
+
+    /// Syncs everything appended so far to disk (a no-op for memory). Useful with
+    /// [`Durability::Buffered`] to bound what a machine crash can lose.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(_) => Ok(()),
+            Store::Embedded(s) => s.flush().await,
+        }
+    }
+
+    /// Clean shutdown: syncs what is pending, stops the store's threads and releases the
+    /// data directory. Call once, after the shards stopped appending; later calls on any
+    /// clone get [`StoreError::Closed`]. Calling it again is harmless.
+    ///
+    /// Usable outside glommio too, e.g. `futures::executor::block_on(store.close())` on the
+    /// main thread after the shards have exited.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => {
+                s.close();
+                Ok(())
+            }
+            Store::Embedded(s) => s.close().await,
+        }
+    }
+
+    /// Whether the store can take appends, without doing any I/O: cheap enough for
+    /// `/healthz`. After a failed write (disk full, I/O error) the embedded store refuses
+    /// further appends until corelay is restarted, and this reports why; reads keep working.
+    pub fn health(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => s.health(),
+            Store::Embedded(s) => s.health(),
+        }
+    }
+}
+
+impl HistoryStore for Store {
+    async fn append(&self, batch: Vec<StoredMessage>) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => s.append(batch).await,
+            Store::Embedded(s) => s.append(batch).await,
+        }
+    }
+
+    async fn read(
+        &self,
+        room: &str,
+        query: HistoryQuery,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        match self {
+            Store::Memory(s) => s.read(room, query, limit).await,
+            Store::Embedded(s) => s.read(room, query, limit).await,
+        }
+    }
+
+    async fn latest_offset(&self, room: &str) -> Result<u64, StoreError> {
+        match self {
+            Store::Memory(s) => s.latest_offset(room).await,
+            Store::Embedded(s) => s.latest_offset(room).await,
+        }
+    }
+
+    async fn find_cid(
+        &self,
+        room: &str,
+        user: &str,
+        cid: &str,
+        not_before_ts: u64,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        match self {
+            Store::Memory(s) => s.find_cid(room, user, cid, not_before_ts).await,
+            Store::Embedded(s) => s.find_cid(room, user, cid, not_before_ts).await,
+        }
+    }
+}
+
+/// Checks that a batch only moves each room's stream forward: every offset above the
+/// room's latest (as `latest` reports it, or as an earlier message of the same batch set
+/// it). Returns each room's new latest offset. Gaps are accepted (the home shard owns the
+/// numbering) but logged, since the protocol promises none.
+pub(crate) fn check_batch<'a, F>(
+    batch: &'a [StoredMessage],
+    mut latest: F,
+) -> Result<HashMap<&'a str, u64>, StoreError>
+where
+    F: FnMut(&str) -> Result<u64, StoreError>,
+{
+    let mut next: HashMap<&'a str, u64> = HashMap::new();
+    for m in batch {
+        let prev = match next.get(m.room.as_str()) {
+            Some(prev) => *prev,
+            None => latest(&m.room)?,
+        };
+        if m.offset <= prev {
+            return Err(StoreError::OffsetConflict {
+                room: m.room.clone(),
+                offset: m.offset,
+                latest: prev,
+            });
+        }
+        if m.offset != prev + 1 {
+            tracing::warn!(
+                room = %m.room,
+                offset = m.offset,
+                latest = prev,
+                "history append leaves a gap in the room's offsets"
+            );
+        }
+        next.insert(m.room.as_str(), m.offset);
+    }
+    Ok(next)
+}

@@ -1,0 +1,234 @@
+//! Just enough HTTP/1.1 for corelay's one port: read a request head (httparse), split
+//! the query, and write simple responses. Bodies are read only where a route needs one.
+
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use thiserror::Error;
+
+/// The largest request head accepted.
+pub const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+
+/// A parsed request head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    /// The first header with this (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether a comma-separated header contains `token` (case-insensitive).
+    pub fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    /// The first value of a query parameter, percent-decoded.
+    pub fn query_param(&self, key: &str) -> Option<String> {
+        self.query.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == key).then(|| percent_decode(v))
+        })
+    }
+
+    /// Whether the client wants the connection kept open after the answer.
+    pub fn keep_alive(&self) -> bool {
+        !self.header_has_token("connection", "close")
+    }
+}
+
+/// Why a request could not be read.
+#[derive(Debug, Error)]
+pub enum HttpError {
+    #[error("request head over {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    #[error("connection closed")]
+    Closed,
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one request head. `buf` holds bytes already read; on return it holds what
+/// followed the head (a body, or the first WebSocket frames).
+pub async fn read_request<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<Request, HttpError> {
+    let mut chunk = [0u8; 2048];
+    loop {
+        if let Some((req, used)) = parse_head(buf)? {
+            buf.drain(..used);
+            return Ok(req);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(HttpError::HeadTooLarge);
+        }
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HttpError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let used = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(HttpError::Malformed(e.to_string())),
+    };
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let headers = req
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    Ok(Some((
+        Request {
+            method: req.method.unwrap_or("GET").to_string(),
+            path: path.to_string(),
+            query: query.to_string(),
+            headers,
+        },
+        used,
+    )))
+}
+
+/// Decodes `%XX` escapes and `+` in a query value; invalid escapes are kept as they are.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The reason phrase for the status codes corelay sends.
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// A complete response, ready to write.
+pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: {}\r\n\r\n",
+        reason(status),
+        body.len(),
+        if keep_alive { "keep-alive" } else { "close" },
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Writes a JSON response.
+pub async fn write_json<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    status: u16,
+    body: &[u8],
+    keep_alive: bool,
+) -> std::io::Result<()> {
+    io.write_all(&response(status, "application/json", body, keep_alive))
+        .await?;
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+
+    #[test]
+    fn reads_head_and_keeps_the_rest() {
+        let raw = b"GET /socket.io/?EIO=4&transport=websocket&x=a%20b HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\r\nNEXT".to_vec();
+        let mut io = futures::io::Cursor::new(raw);
+        let mut buf = Vec::new();
+        let req = block_on(read_request(&mut io, &mut buf)).unwrap();
+        assert_eq!(req.path, "/socket.io/");
+        assert_eq!(req.query_param("EIO").as_deref(), Some("4"));
+        assert_eq!(req.query_param("x").as_deref(), Some("a b"));
+        assert_eq!(req.query_param("nope"), None);
+        assert!(req.header_has_token("connection", "upgrade"));
+        assert_eq!(req.header("upgrade"), Some("websocket"));
+        assert_eq!(buf, b"NEXT");
+    }
+
+    #[test]
+    fn refuses_garbage_and_huge_heads() {
+        let mut buf = Vec::new();
+        let mut io = futures::io::Cursor::new(b"\x00\x01\x02 garbage\r\n\r\n".to_vec());
+        assert!(matches!(
+            block_on(read_request(&mut io, &mut buf)),
+            Err(HttpError::Malformed(_))
+        ));
+        let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        huge.extend(vec![b'a'; MAX_HEAD + 10]);
+        let mut io = futures::io::Cursor::new(huge);
+        let mut buf = Vec::new();
+        assert!(matches!(
+            block_on(read_request(&mut io, &mut buf)),
+            Err(HttpError::HeadTooLarge)
+        ));
+    }
+
+    #[test]
+    fn percent_decoding_is_lenient() {
+        assert_eq!(percent_decode("a%2Fb+c"), "a/b c");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+}
