@@ -51,6 +51,9 @@ impl ShardMetrics {
     }
 }
 
+/// Picks one counter out of a shard's set (for rendering).
+type CounterOf = fn(&ShardMetrics) -> &AtomicU64;
+
 /// All shards' counters, shared by `Arc` across shards.
 pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
@@ -80,7 +83,7 @@ impl Metrics {
     /// The Prometheus text exposition (version 0.0.4).
     pub fn render_prometheus(&self, store_ok: bool) -> String {
         let mut out = String::with_capacity(4096);
-        let per_shard: [(&str, &str, &str, fn(&ShardMetrics) -> &AtomicU64); 8] = [
+        let per_shard: [(&str, &str, &str, CounterOf); 8] = [
             ("corelay_connections", "gauge", "Open connections.", |s| {
                 &s.connections
             }),

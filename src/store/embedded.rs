@@ -865,20 +865,14 @@ impl Reader {
             return Ok(Vec::new());
         };
         match query {
-            HistoryQuery::Latest => {
-                let mut out = collect(room, &prefix, self.messages.prefix(&prefix).rev(), limit)?;
-                out.reverse();
-                Ok(out)
-            }
-            HistoryQuery::Before(o) => {
-                if o <= 1 {
-                    return Ok(Vec::new());
-                }
-                let range = message_key(&prefix, 0)..message_key(&prefix, o);
-                let mut out = collect(room, &prefix, self.messages.range(range).rev(), limit)?;
-                out.reverse();
-                Ok(out)
-            }
+            HistoryQuery::Latest => match latest_on_disk(&self.messages, room)? {
+                0 => Ok(Vec::new()),
+                last => self.newest_up_to(room, &prefix, last, limit),
+            },
+            HistoryQuery::Before(o) => match o.checked_sub(1) {
+                None | Some(0) => Ok(Vec::new()),
+                Some(last) => self.newest_up_to(room, &prefix, last, limit),
+            },
             HistoryQuery::After(o) => {
                 let Some(first) = o.checked_add(1) else {
                     return Ok(Vec::new());
@@ -887,6 +881,31 @@ impl Reader {
                 collect(room, &prefix, self.messages.range(range), limit)
             }
         }
+    }
+
+    /// The newest `limit` messages with offset <= `last`, oldest first.
+    ///
+    /// Offsets are normally contiguous, so this reads forward from `last - limit + 1`
+    /// (forward scans are about twice as fast as reverse ones in fjall); only when that
+    /// comes up short because of gaps does it scan backwards.
+    fn newest_up_to(
+        &self,
+        room: &str,
+        prefix: &[u8],
+        last: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let span = u64::try_from(limit).unwrap_or(u64::MAX).saturating_sub(1);
+        let first = last.saturating_sub(span).max(1);
+        let range = message_key(prefix, first)..=message_key(prefix, last);
+        let out = collect(room, prefix, self.messages.range(range), limit)?;
+        if out.len() == limit || first == 1 {
+            return Ok(out);
+        }
+        let range = message_key(prefix, 0)..=message_key(prefix, last);
+        let mut out = collect(room, prefix, self.messages.range(range).rev(), limit)?;
+        out.reverse();
+        Ok(out)
     }
 
     fn find_cid(
