@@ -10,7 +10,7 @@ use super::events::{
     self, error_ack_json, history_ack_json, parse_event, ChatError, ChatRequest, ErrorCode, Parsed,
     PayloadLimits,
 };
-use super::mesh::HomeCmd;
+use super::mesh::{HomeCmd, ReplyTo};
 use super::session::{CloseReason, Session, User};
 use crate::protocol::socketio::{self, encode_ack, PacketKind};
 use crate::shard::Shard;
@@ -297,11 +297,10 @@ fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ack_id
                 &room,
                 HomeCmd::Publish {
                     room: room.clone(),
-                    conn,
                     user: user.id,
                     text,
                     cid,
-                    ack_id,
+                    reply: ReplyTo::Conn { conn, ack_id },
                 },
             );
         }
@@ -330,8 +329,7 @@ fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ack_id
                 &room,
                 HomeCmd::Presence {
                     room: room.clone(),
-                    conn,
-                    ack_id,
+                    reply: ReplyTo::Conn { conn, ack_id },
                 },
             );
         }

@@ -22,7 +22,7 @@ use super::events::{
     error_ack_json, join_ack_json, message_ack_json, presence_ack_json, presence_event_json,
     typing_json, write_message_json, ChatError, ErrorCode, PresentUser,
 };
-use super::mesh::{HomeCmd, MemberMsg, ShardMsg};
+use super::mesh::{HomeCmd, MemberMsg, ReplyTo, ShardMsg};
 use super::session::{ConnRef, User};
 use crate::ids::{now_ms, MessageIds};
 use crate::metrics::ShardMetrics;
@@ -34,16 +34,9 @@ use crate::transport::websocket::text_frame;
 /// The most messages written to the store in one group commit.
 const MAX_BATCH: usize = 1024;
 
-/// Who to answer once a publish is settled.
-#[derive(Debug, Clone, Copy)]
-struct AckTo {
-    conn: ConnRef,
-    ack_id: Option<u64>,
-}
-
 enum CidState {
     /// Being written; retries wait here for the same ack.
-    Pending(Vec<AckTo>),
+    Pending(Vec<ReplyTo>),
     /// Stored: the first ack, handed back unchanged to retries.
     Done { ack: Bytes },
 }
@@ -76,7 +69,7 @@ struct Pending {
     user: Arc<str>,
     text: String,
     cid: Option<String>,
-    to: AckTo,
+    to: ReplyTo,
 }
 
 /// What a settled publish must answer.
@@ -84,7 +77,7 @@ pub struct Settled {
     room: Arc<str>,
     user: Arc<str>,
     cid: Option<String>,
-    to: AckTo,
+    to: ReplyTo,
 }
 
 /// Input to the service task, in the order it must be handled.
@@ -140,28 +133,28 @@ fn unavailable(e: &StoreError) -> ChatError {
 }
 
 impl Shard {
-    fn reply(&self, to: AckTo, json: &[u8]) {
-        if let Some(id) = to.ack_id {
-            self.send(
-                to.conn.shard,
+    /// Sends an ack body to whoever asked.
+    fn reply(&self, to: ReplyTo, json: &[u8]) {
+        match to {
+            ReplyTo::Conn {
+                conn,
+                ack_id: Some(id),
+            } => self.send(
+                conn.shard,
                 ShardMsg::Member(MemberMsg::Reply {
-                    conn: to.conn.id,
+                    conn: conn.id,
                     frame: ack_frame(id, json),
                 }),
-            );
+            ),
+            ReplyTo::Conn { ack_id: None, .. } => {}
+            ReplyTo::Api(tx) => {
+                let _ = tx.send(Bytes::copy_from_slice(json));
+            }
         }
     }
 
-    fn reply_error(&self, to: AckTo, err: &ChatError) {
-        if let Some(id) = to.ack_id {
-            self.send(
-                to.conn.shard,
-                ShardMsg::Member(MemberMsg::Reply {
-                    conn: to.conn.id,
-                    frame: error_frame(id, err),
-                }),
-            );
-        }
+    fn reply_error(&self, to: ReplyTo, err: &ChatError) {
+        self.reply(to, &error_ack_json(err));
     }
 
     /// Sends a room event to every shard with members.
@@ -253,19 +246,15 @@ impl Shard {
             } => self.join(room, conn, user, since, ack_id).await,
             HomeCmd::Leave { room, conn, ack_id } => {
                 self.leave(&room, conn);
-                self.reply(AckTo { conn, ack_id }, super::events::OK_ACK);
+                self.reply(ReplyTo::Conn { conn, ack_id }, super::events::OK_ACK);
             }
             HomeCmd::Publish {
                 room,
-                conn,
                 user,
                 text,
                 cid,
-                ack_id,
-            } => {
-                self.publish(room, user, text, cid, AckTo { conn, ack_id })
-                    .await
-            }
+                reply,
+            } => self.publish(room, user, text, cid, reply).await,
             HomeCmd::Typing { room, conn, user } => {
                 let rooms = self.home.rooms.borrow();
                 if let Some(r) = rooms.get(&room) {
@@ -275,7 +264,7 @@ impl Shard {
                     }
                 }
             }
-            HomeCmd::Presence { room, conn, ack_id } => {
+            HomeCmd::Presence { room, reply } => {
                 let users: Vec<PresentUser> = self
                     .home
                     .rooms
@@ -294,7 +283,7 @@ impl Shard {
                         v
                     })
                     .unwrap_or_default();
-                self.reply(AckTo { conn, ack_id }, &presence_ack_json(&users));
+                self.reply(reply, &presence_ack_json(&users));
             }
         }
     }
@@ -307,7 +296,6 @@ impl Shard {
         since: Option<u64>,
         ack_id: Option<u64>,
     ) {
-        let to = AckTo { conn, ack_id };
         let refuse = |err: ChatError| {
             // The member shard waits for an answer to clear its pending join.
             let frame = ack_id.map(|id| error_frame(id, &err)).unwrap_or_default();
@@ -379,7 +367,7 @@ impl Shard {
             offset,
             missed.as_ref().map(|(m, t)| (m.as_slice(), *t)),
         );
-        let frame = to.ack_id.map(|id| ack_frame(id, &json)).unwrap_or_default();
+        let frame = ack_id.map(|id| ack_frame(id, &json)).unwrap_or_default();
         self.send(
             conn.shard,
             ShardMsg::Member(MemberMsg::Joined {
@@ -425,7 +413,7 @@ impl Shard {
         user: Arc<str>,
         text: String,
         cid: Option<String>,
-        to: AckTo,
+        to: ReplyTo,
     ) {
         if let Err(e) = self.load_room(&room).await {
             self.reply_error(to, &unavailable(&e));
@@ -617,7 +605,7 @@ impl Shard {
                     }
                     r.cid_expiry.push_back((m.ts, key.0, key.1));
                 }
-                self.broadcast(&s.room, &r.per_shard, frame, Some(s.to.conn), false);
+                self.broadcast(&s.room, &r.per_shard, frame, s.to.conn(), false);
             }
             ShardMetrics::inc(&self.metrics().messages_in);
             self.reply(s.to, &ack);

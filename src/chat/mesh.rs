@@ -20,6 +20,25 @@ pub fn home_of(room: &str, shards: usize) -> usize {
     (h % shards as u64) as usize
 }
 
+/// Where the answer to a request goes.
+#[derive(Debug)]
+pub enum ReplyTo {
+    /// An ack frame to a connection (nothing when the client asked for no ack).
+    Conn { conn: ConnRef, ack_id: Option<u64> },
+    /// The JSON ack body, to an HTTP API request waiting on its shard.
+    Api(futures::channel::oneshot::Sender<Bytes>),
+}
+
+impl ReplyTo {
+    /// The connection that asked, if a connection did.
+    pub fn conn(&self) -> Option<ConnRef> {
+        match self {
+            ReplyTo::Conn { conn, .. } => Some(*conn),
+            ReplyTo::Api(_) => None,
+        }
+    }
+}
+
 /// A request to a room's home shard.
 #[derive(Debug)]
 pub enum HomeCmd {
@@ -37,14 +56,13 @@ pub enum HomeCmd {
         conn: ConnRef,
         ack_id: Option<u64>,
     },
-    /// Sequence, store and fan out a message.
+    /// Sequence, store and fan out a message (to every member but the sender).
     Publish {
         room: Arc<str>,
-        conn: ConnRef,
         user: Arc<str>,
         text: String,
         cid: Option<String>,
-        ack_id: Option<u64>,
+        reply: ReplyTo,
     },
     /// Fan out a typing notice (volatile).
     Typing {
@@ -53,11 +71,7 @@ pub enum HomeCmd {
         user: Arc<str>,
     },
     /// List who is present.
-    Presence {
-        room: Arc<str>,
-        conn: ConnRef,
-        ack_id: Option<u64>,
-    },
+    Presence { room: Arc<str>, reply: ReplyTo },
 }
 
 /// A message to the shard that holds connections.

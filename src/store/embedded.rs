@@ -37,8 +37,9 @@
 //! reached the disk); a retry with the same `cid` then gets that message back.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
@@ -402,15 +403,17 @@ impl DirLock {
                 }
                 _ => StoreError::Open(format!("cannot create {}: {e}", path.display())),
             })?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => return Err(StoreError::InUse(dir.to_path_buf())),
-            Err(TryLockError::Error(e)) => {
-                return Err(StoreError::Open(format!(
-                    "cannot lock {}: {e}",
-                    path.display()
-                )))
-            }
+        // flock, not std's `File::try_lock`, which needs a newer Rust than the crate's MSRV.
+        // The lock belongs to this open file description: it is released when the file is
+        // closed, also when the process dies, and a second open conflicts even in-process.
+        // SAFETY: `file` is open for the whole call; flock only takes the descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.kind() == ErrorKind::WouldBlock {
+                StoreError::InUse(dir.to_path_buf())
+            } else {
+                StoreError::Open(format!("cannot lock {}: {e}", path.display()))
+            });
         }
         // The holder's pid, for whoever wonders who holds the directory.
         file.set_len(0)

@@ -78,6 +78,16 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             }
             Err(_) => return,
         };
+        if req.path.starts_with("/api/") {
+            let answer = super::api::handle(&shard, &req, &mut stream, &mut buf).await;
+            let consumed = req.method == "GET" || answer.status == 201;
+            let keep_alive = req.keep_alive() && consumed;
+            let resp = http::response(answer.status, "application/json", &answer.body, keep_alive);
+            if stream.write_all(&resp).await.is_err() || !keep_alive {
+                return;
+            }
+            continue;
+        }
         let has_body = req
             .header("content-length")
             .is_some_and(|v| v.trim() != "0")

@@ -4,6 +4,9 @@
 use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use thiserror::Error;
 
+/// Bodies up to this size are read and discarded when refused as too large.
+const DRAIN_LIMIT: usize = 1 << 20;
+
 /// The largest request head accepted.
 pub const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
@@ -57,6 +60,8 @@ pub enum HttpError {
     HeadTooLarge,
     #[error("malformed request: {0}")]
     Malformed(String),
+    #[error("request body too large")]
+    BodyTooLarge,
     #[error("connection closed")]
     Closed,
     #[error("read failed: {0}")]
@@ -115,6 +120,42 @@ fn parse_head(buf: &[u8]) -> Result<Option<(Request, usize)>, HttpError> {
         },
         used,
     )))
+}
+
+/// Reads a request body of `len` bytes (`buf` holds what was read past the head).
+/// Bodies over `max` are refused before they are read.
+pub async fn read_body<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    len: usize,
+    max: usize,
+) -> Result<Vec<u8>, HttpError> {
+    let mut chunk = [0u8; 4096];
+    if len > max {
+        // Read a moderately large body to the end so the client sees the 413 rather than
+        // a reset; a huge one is not worth reading.
+        if len <= DRAIN_LIMIT {
+            let mut seen = buf.len();
+            buf.clear();
+            while seen < len {
+                let n = io.read(&mut chunk).await?;
+                if n == 0 {
+                    break;
+                }
+                seen += n;
+            }
+        }
+        return Err(HttpError::BodyTooLarge);
+    }
+    while buf.len() < len {
+        let n = io.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HttpError::Closed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let rest = buf.split_off(len);
+    Ok(std::mem::replace(buf, rest))
 }
 
 /// Decodes `%XX` escapes and `+` in a query value; invalid escapes are kept as they are.

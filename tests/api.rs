@@ -1,0 +1,187 @@
+//! The backend API: publish, read history and presence over HTTP with the API key.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::{token, Server, WsClient};
+use serde_json::{json, Value};
+
+const KEY: &str = "api-key-for-tests";
+
+fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        head.push_str(&format!("Authorization: Bearer {k}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    if let Some(b) = body {
+        s.write_all(b.as_bytes()).unwrap();
+    }
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[test]
+fn publish_read_and_presence_with_the_api_key() {
+    let server = Server::start(&[("CORELAY_API_KEY", KEY)]);
+    let mut member = WsClient::connect(server.port, &token("ann", Some(&["*"])));
+    assert_eq!(member.emit_ack("join", json!({"room": "news"}))["ok"], true);
+
+    let (status, ack) = request(
+        server.port,
+        "POST",
+        "/api/rooms/news/messages",
+        Some(KEY),
+        Some(r#"{"text":"from the backend"}"#),
+    );
+    assert_eq!(status, 201, "{ack}");
+    assert_eq!(ack["ok"], true);
+    assert_eq!(ack["offset"], 1);
+    let ev = member.next_event(Duration::from_secs(2)).unwrap();
+    assert_eq!(ev[0], "message");
+    assert_eq!(ev[1]["user"], "server");
+    assert_eq!(ev[1]["text"], "from the backend");
+
+    for i in 2..=5 {
+        let body = format!(r#"{{"text":"m{i}","user":"bot","cid":"k{i}"}}"#);
+        let (status, ack) = request(
+            server.port,
+            "POST",
+            "/api/rooms/news/messages",
+            Some(KEY),
+            Some(&body),
+        );
+        assert_eq!((status, ack["offset"].as_u64()), (201, Some(i)));
+    }
+    // Idempotent with cid.
+    let (_, again) = request(
+        server.port,
+        "POST",
+        "/api/rooms/news/messages",
+        Some(KEY),
+        Some(r#"{"text":"m3","user":"bot","cid":"k3"}"#),
+    );
+    assert_eq!(again["offset"], 3);
+
+    let (status, page) = request(
+        server.port,
+        "GET",
+        "/api/rooms/news/messages?before=5&limit=2",
+        Some(KEY),
+        None,
+    );
+    assert_eq!(status, 200);
+    let offsets: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, vec![3, 4]);
+    let (_, page) = request(
+        server.port,
+        "GET",
+        "/api/rooms/news/messages?after=3",
+        Some(KEY),
+        None,
+    );
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2);
+
+    let (status, p) = request(
+        server.port,
+        "GET",
+        "/api/rooms/news/presence",
+        Some(KEY),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(p, json!({"users": [{"user": "ann"}]}));
+}
+
+#[test]
+fn api_errors() {
+    let server = Server::start(&[("CORELAY_API_KEY", KEY)]);
+    let p = server.port;
+    assert_eq!(
+        request(p, "GET", "/api/rooms/a/messages", None, None).0,
+        401
+    );
+    assert_eq!(
+        request(p, "GET", "/api/rooms/a/messages", Some("wrong"), None).0,
+        401
+    );
+    let (status, body) = request(p, "GET", "/api/rooms/bad%20room/messages", Some(KEY), None);
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("bad_request"))
+    );
+    assert_eq!(
+        request(
+            p,
+            "GET",
+            "/api/rooms/a/messages?before=1&after=2",
+            Some(KEY),
+            None
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        request(p, "GET", "/api/rooms/a/messages?limit=0", Some(KEY), None).0,
+        400
+    );
+    assert_eq!(
+        request(p, "GET", "/api/rooms/a/nothing", Some(KEY), None).0,
+        404
+    );
+    assert_eq!(
+        request(
+            p,
+            "POST",
+            "/api/rooms/a/messages",
+            Some(KEY),
+            Some("{not json")
+        )
+        .0,
+        400
+    );
+    let long = format!(r#"{{"text":"{}"}}"#, "x".repeat(5000));
+    assert_eq!(
+        request(p, "POST", "/api/rooms/a/messages", Some(KEY), Some(&long)).0,
+        413
+    );
+    let huge = format!(r#"{{"text":"{}"}}"#, "x".repeat(70_000));
+    assert_eq!(
+        request(p, "POST", "/api/rooms/a/messages", Some(KEY), Some(&huge)).0,
+        413
+    );
+    // Without a configured key the API is off.
+    let off = Server::start(&[]);
+    let (status, body) = request(off.port, "GET", "/api/rooms/a/messages", Some(KEY), None);
+    assert_eq!(status, 401);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("api_key"));
+}
