@@ -37,6 +37,10 @@ pub struct ServerConfig {
     pub path: String,
     /// glommio's registered-buffer memory per shard; must stay under the memlock limit.
     pub io_memory: usize,
+    /// Origins allowed to use the polling transport from a browser (CORS, with
+    /// credentials); `"*"` allows any. None by default. A list, or one comma-separated string.
+    #[serde(deserialize_with = "string_or_list")]
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +51,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data"),
             path: "/socket.io/".to_string(),
             io_memory: 512 * 1024,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -364,6 +369,24 @@ impl Config {
                 .unwrap_or(1)
         })
     }
+}
+
+/// A list of strings given as a TOML array or as one comma-separated string.
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        One(String),
+    }
+    Ok(match Raw::deserialize(d)? {
+        Raw::List(v) => v,
+        Raw::One(s) => s
+            .split(',')
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect(),
+    })
 }
 
 /// An environment value as TOML when it parses as a scalar TOML value, else as a string.

@@ -95,9 +95,15 @@ pub enum MemberMsg {
         frame: Bytes,
         admitted: bool,
     },
+    /// A connection whose request names a session this shard owns: serve it here.
+    Adopt {
+        fd: std::os::fd::RawFd,
+        handoff: Box<crate::transport::connection::Handoff>,
+    },
 }
 
 /// Everything that crosses the shard mesh.
+/// (`MemberMsg::Adopt` carries a socket: the receiving shard owns the descriptor.)
 #[derive(Debug)]
 pub enum ShardMsg {
     Home(HomeCmd),

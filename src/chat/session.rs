@@ -97,6 +97,13 @@ impl Outbound {
         Queued::Yes
     }
 
+    /// Takes the oldest queued frame.
+    pub fn pop(&mut self) -> Option<Bytes> {
+        let f = self.frames.pop_front()?;
+        self.bytes -= f.len();
+        Some(f)
+    }
+
     /// Moves queued frames (up to about `max` bytes, at least one) into `out`.
     pub fn drain_into(&mut self, out: &mut Vec<u8>, max: usize) {
         while let Some(f) = self.frames.front() {
@@ -175,12 +182,30 @@ impl TokenBucket {
     }
 }
 
+/// How a session currently reaches its client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// HTTP long-polling: GETs take the queued packets, POSTs bring the client's.
+    Polling,
+    /// A WebSocket is being probed (`2probe` seen); polling is paused until `5`.
+    Upgrading,
+    WebSocket,
+}
+
 /// One connection's state on its shard.
 pub struct Session {
     pub id: u64,
     /// The Engine.IO session id.
     pub sid: String,
-    pub fd: RawFd,
+    /// The WebSocket's descriptor (for `cut`), while the session has one.
+    pub fd: Cell<Option<RawFd>>,
+    pub transport: Cell<Transport>,
+    /// A polling GET is waiting for packets (a second one at once is refused).
+    pub poll_get: Cell<bool>,
+    /// A polling POST is being handled (a second one at once is refused).
+    pub poll_post: Cell<bool>,
+    /// Socket.IO parser state that spans packets (binary attachments).
+    pub parser: RefCell<crate::chat::handler::ConnState>,
     pub out: RefCell<Outbound>,
     /// Set once the Socket.IO CONNECT succeeded.
     pub user: RefCell<Option<(User, Rc<Identity>)>>,
@@ -197,7 +222,7 @@ impl Session {
     pub fn new(
         id: u64,
         sid: String,
-        fd: RawFd,
+        transport: Transport,
         limits: &crate::config::LimitsConfig,
         timers: Timers,
         now: Instant,
@@ -205,7 +230,11 @@ impl Session {
         Session {
             id,
             sid,
-            fd,
+            fd: Cell::new(None),
+            transport: Cell::new(transport),
+            poll_get: Cell::new(false),
+            poll_post: Cell::new(false),
+            parser: RefCell::new(Default::default()),
             out: RefCell::new(Outbound::new(
                 limits.outbound_queue,
                 limits.outbound_queue_bytes,
@@ -253,11 +282,21 @@ impl Session {
         }
     }
 
-    /// Shuts the socket down both ways: a blocked read or write returns at once.
+    /// Shuts the WebSocket down both ways: a blocked read or write returns at once.
+    /// (A polling session has no socket of its own; its next GET ends it.)
     pub fn cut(&self) {
-        // SAFETY: shutdown on a descriptor we own; it stays open until the stream is dropped.
-        unsafe {
-            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        if let Some(fd) = self.fd.get() {
+            // SAFETY: shutdown on a descriptor we own; it stays open until the stream is dropped.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
+        }
+    }
+
+    /// Wakes whoever waits on the queue (the WebSocket writer or a polling GET).
+    pub fn wake(&self) {
+        if let Some(w) = self.out.borrow_mut().waker.take() {
+            w.wake();
         }
     }
 

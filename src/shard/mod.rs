@@ -6,7 +6,7 @@ pub mod runtime;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use glommio::channels::local_channel::LocalSender;
 use crate::auth::Authenticator;
 use crate::chat::home::Home;
 use crate::chat::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg};
-use crate::chat::session::{CloseReason, ConnRef, Queued, Session, Timers};
+use crate::chat::session::{CloseReason, ConnRef, Queued, Session, Timers, Transport};
 use crate::config::Config;
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::store::Store;
@@ -38,11 +38,15 @@ pub struct Shard {
     pub store: Store,
     pub home: Home,
     sessions: RefCell<HashMap<u64, Rc<Session>>>,
+    /// Engine.IO sid → session id, for polling requests and upgrades.
+    by_sid: RefCell<HashMap<String, u64>>,
     /// This shard's members of each room (the delivery lists).
     local_rooms: RefCell<HashMap<Arc<str>, Vec<Rc<Session>>>>,
     /// Per peer shard: the queue its outbox task drains into the mesh (`None` for self).
     outboxes: Vec<Option<LocalSender<ShardMsg>>>,
     next_conn: Cell<u64>,
+    /// This shard's own `Rc`, for tasks it spawns while handling a message.
+    me: Weak<Shard>,
 }
 
 impl Shard {
@@ -54,6 +58,7 @@ impl Shard {
         store: Store,
         home: Home,
         outboxes: Vec<Option<LocalSender<ShardMsg>>>,
+        me: Weak<Shard>,
     ) -> Shard {
         Shard {
             id,
@@ -62,9 +67,11 @@ impl Shard {
             store,
             home,
             sessions: RefCell::new(HashMap::new()),
+            by_sid: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
             outboxes,
             next_conn: Cell::new(1),
+            me,
         }
     }
 
@@ -134,6 +141,16 @@ impl Shard {
                     }
                 }
             }
+            MemberMsg::Adopt { fd, handoff } => match self.me.upgrade() {
+                Some(shard) => {
+                    glommio::spawn_local(crate::transport::connection::adopt(shard, fd, *handoff))
+                        .detach();
+                }
+                None => {
+                    // SAFETY: the descriptor was handed to us; nobody else closes it.
+                    unsafe { libc::close(fd) };
+                }
+            },
             MemberMsg::Joined {
                 room,
                 conn,
@@ -175,8 +192,8 @@ impl Shard {
         }
     }
 
-    /// Registers a new connection.
-    pub fn open_session(&self, fd: std::os::fd::RawFd) -> Rc<Session> {
+    /// Registers a new session.
+    pub fn open_session(&self, transport: Transport) -> Rc<Session> {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
         let now = Instant::now();
@@ -190,12 +207,13 @@ impl Shard {
         let session = Rc::new(Session::new(
             id,
             crate::ids::new_sid(self.id),
-            fd,
+            transport,
             &self.ctx.config.limits,
             timers,
             now,
         ));
         self.sessions.borrow_mut().insert(id, session.clone());
+        self.by_sid.borrow_mut().insert(session.sid.clone(), id);
         let stats = self.stats();
         ShardMetrics::inc(&stats.connections);
         ShardMetrics::inc(&stats.connections_total);
@@ -236,9 +254,16 @@ impl Shard {
         }
     }
 
+    /// The session with this Engine.IO sid, if this shard has it.
+    pub fn session_by_sid(&self, sid: &str) -> Option<Rc<Session>> {
+        let id = *self.by_sid.borrow().get(sid)?;
+        self.sessions.borrow().get(&id).cloned()
+    }
+
     /// Forgets a connection that has ended.
     pub fn close_session(&self, session: &Rc<Session>) {
         self.leave_all(session);
+        self.by_sid.borrow_mut().remove(&session.sid);
         if self.sessions.borrow_mut().remove(&session.id).is_some() {
             self.stats()
                 .connections
@@ -267,6 +292,10 @@ impl Shard {
                 if let Some(deadline) = t.close_deadline {
                     if now >= deadline {
                         s.cut();
+                        if s.transport.get() != Transport::WebSocket {
+                            // No socket task will end a polling session: end it here.
+                            self.close_session(&s);
+                        }
                     }
                     continue;
                 }

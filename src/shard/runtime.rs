@@ -198,7 +198,7 @@ async fn shard_main(
 
     let (home_tx, home_rx) = local_channel::new_unbounded();
     let home = Home::new(home_tx, MessageIds::new(ctx.id_prefix, id));
-    let shard = Rc::new(Shard::new(id, count, ctx, store, home, outboxes));
+    let shard = Rc::new_cyclic(|me| Shard::new(id, count, ctx, store, home, outboxes, me.clone()));
 
     for (_peer, rx) in receivers.streams() {
         let shard = shard.clone();

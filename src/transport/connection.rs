@@ -1,169 +1,309 @@
-//! One TCP connection: HTTP requests until it upgrades to WebSocket, then a reader
-//! (this task) and a writer task sharing the session's outbound queue.
+//! One TCP connection: HTTP requests (health, metrics, API, Engine.IO polling) until it
+//! upgrades to WebSocket, then a reader (this task) and a writer task sharing the
+//! session's outbound queue.
+//!
+//! A request naming a session (`sid`) that another shard owns is handed over: the socket
+//! is duplicated and sent, with the request already read, to the owning shard, which
+//! serves the connection from then on. No session map is shared between shards.
 
 use std::future::poll_fn;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
 
 use futures::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use glommio::net::TcpStream;
 
 use super::http::{self, HttpError, Request};
+use super::polling::{self, PollAnswer};
 use super::websocket::{self, FrameReader, Message};
-use crate::chat::handler::{self, Flow};
-use crate::chat::session::{CloseReason, Session};
+use super::{api, engine};
+use crate::chat::handler::Flow;
+use crate::chat::mesh::{MemberMsg, ShardMsg};
+use crate::chat::session::{CloseReason, Session, Transport};
 use crate::metrics::ShardMetrics;
-use crate::protocol::engineio::{self, HandshakeError, OpenPayload, PacketType};
+use crate::protocol::engineio::{self, HandshakeError, OpenPayload};
 use crate::shard::Shard;
 
 /// Largest batch of queued frames written with one syscall.
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// What to do with a request.
-enum Route {
-    Respond {
-        status: u16,
-        content_type: &'static str,
-        body: Vec<u8>,
-    },
-    Upgrade {
-        key: String,
-    },
-}
-
-impl Route {
-    fn json(status: u16, body: impl Into<Vec<u8>>) -> Route {
-        Route::Respond {
-            status,
-            content_type: "application/json",
-            body: body.into(),
-        }
-    }
-
-    fn eio_error(e: HandshakeError) -> Route {
-        Route::json(400, e.body())
-    }
+/// A request read on another shard and handed to this one with its socket.
+#[derive(Debug)]
+pub struct Handoff {
+    pub request: Request,
+    pub leftover: Vec<u8>,
 }
 
 /// Serves a freshly accepted TCP connection to its end.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    serve_requests(shard, stream, None).await;
+}
+
+/// Serves a connection another shard handed over (`fd` is a duplicate this shard owns).
+pub async fn adopt(shard: Rc<Shard>, fd: std::os::fd::RawFd, handoff: Handoff) {
+    // SAFETY: the sending shard duplicated the descriptor for us and kept no use of it.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    serve_requests(shard, stream, Some(handoff)).await;
+}
+
+async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Option<Handoff>) {
     let mut buf = Vec::new();
     loop {
-        let req = match http::read_request(&mut stream, &mut buf).await {
-            Ok(r) => r,
-            Err(HttpError::HeadTooLarge) => {
-                let _ = stream
-                    .write_all(&http::response(
-                        431,
-                        "text/plain",
-                        b"request head too large\n",
-                        false,
-                    ))
-                    .await;
-                return;
+        let req = match first.take() {
+            Some(h) => {
+                buf = h.leftover;
+                h.request
             }
-            Err(HttpError::Malformed(why)) => {
-                tracing::debug!(shard = shard.id, %why, "malformed HTTP request");
-                let _ = stream
-                    .write_all(&http::response(
-                        400,
-                        "text/plain",
-                        b"malformed request\n",
-                        false,
-                    ))
-                    .await;
-                return;
-            }
-            Err(_) => return,
-        };
-        if req.path.starts_with("/api/") {
-            let answer = super::api::handle(&shard, &req, &mut stream, &mut buf).await;
-            let consumed = req.method == "GET" || answer.status == 201;
-            let keep_alive = req.keep_alive() && consumed;
-            let resp = http::response(answer.status, "application/json", &answer.body, keep_alive);
-            if stream.write_all(&resp).await.is_err() || !keep_alive {
-                return;
-            }
-            continue;
-        }
-        let has_body = req
-            .header("content-length")
-            .is_some_and(|v| v.trim() != "0")
-            || req.header("transfer-encoding").is_some();
-        let keep_alive = req.keep_alive() && !has_body;
-        match route(&shard, &req) {
-            Route::Upgrade { key } => {
-                run_websocket(shard, stream, &key, buf).await;
-                return;
-            }
-            Route::Respond {
-                status,
-                content_type,
-                body,
-            } => {
-                let resp = http::response(status, content_type, &body, keep_alive);
-                if stream.write_all(&resp).await.is_err() || !keep_alive {
+            None => match http::read_request(&mut stream, &mut buf).await {
+                Ok(r) => r,
+                Err(HttpError::HeadTooLarge) => {
+                    let _ = stream
+                        .write_all(&http::response(
+                            431,
+                            "text/plain",
+                            b"request head too large\n",
+                            false,
+                        ))
+                        .await;
                     return;
                 }
+                Err(HttpError::Malformed(why)) => {
+                    tracing::debug!(shard = shard.id, %why, "malformed HTTP request");
+                    let _ = stream
+                        .write_all(&http::response(
+                            400,
+                            "text/plain",
+                            b"malformed request\n",
+                            false,
+                        ))
+                        .await;
+                    return;
+                }
+                Err(_) => return,
+            },
+        };
+
+        let eio_path = shard.ctx.config.server.path.as_str();
+        let answer = if req.path == eio_path || req.path == eio_path.trim_end_matches('/') {
+            match engineio_request(&shard, stream, req, buf).await {
+                Some((s, b)) => {
+                    stream = s;
+                    buf = b;
+                    continue;
+                }
+                None => return,
+            }
+        } else if req.path.starts_with("/api/") {
+            let answer = api::handle(&shard, &req, &mut stream, &mut buf).await;
+            let consumed = req.method == "GET" || answer.status == 201;
+            (answer.status, "application/json", answer.body, consumed)
+        } else {
+            let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
+                ("GET", "/healthz") => {
+                    let (status, body) = health(&shard);
+                    (status, "application/json", body)
+                }
+                ("GET", "/metrics") => (
+                    200,
+                    "text/plain; version=0.0.4",
+                    shard.ctx.metrics.render_prometheus(true).into_bytes(),
+                ),
+                _ => (
+                    404,
+                    "application/json",
+                    br#"{"error":{"code":"not_found","message":"no such route"}}"#.to_vec(),
+                ),
+            };
+            (status, content_type, body, !has_body(&req))
+        };
+        let (status, content_type, body, consumed) = answer;
+        let keep_alive = req.keep_alive() && consumed;
+        let resp = http::response(status, content_type, &body, keep_alive);
+        if stream.write_all(&resp).await.is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+fn has_body(req: &Request) -> bool {
+    req.header("content-length")
+        .is_some_and(|v| v.trim() != "0")
+        || req.header("transfer-encoding").is_some()
+}
+
+/// The CORS headers for a request's Origin, when that origin is allowed.
+fn cors_headers(shard: &Shard, req: &Request) -> String {
+    let Some(origin) = req.header("origin") else {
+        return String::new();
+    };
+    let allowed = &shard.ctx.config.server.cors_origins;
+    if !allowed.iter().any(|o| o == "*" || o == origin) {
+        return String::new();
+    }
+    format!("Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n")
+}
+
+/// Handles a request on the Engine.IO path. Returns the stream when the connection goes
+/// on serving HTTP, `None` when it was upgraded, handed over or closed.
+async fn engineio_request(
+    shard: &Rc<Shard>,
+    mut stream: TcpStream,
+    req: Request,
+    mut buf: Vec<u8>,
+) -> Option<(TcpStream, Vec<u8>)> {
+    let cors = cors_headers(shard, &req);
+    let respond = |status: u16, content_type: &str, body: &[u8], keep_alive: bool| {
+        let mut resp = http::response(status, content_type, body, keep_alive);
+        if !cors.is_empty() {
+            // Insert the CORS headers right after the status line.
+            let at = resp.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+            resp.splice(at..at, cors.bytes());
+        }
+        resp
+    };
+    if req.method == "OPTIONS" {
+        let mut resp = respond(204, "text/plain", b"", req.keep_alive());
+        if !cors.is_empty() {
+            let extra = format!(
+                "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\nAccess-Control-Allow-Headers: {}\r\nAccess-Control-Max-Age: 86400\r\n",
+                req.header("access-control-request-headers").unwrap_or("content-type")
+            );
+            let at = resp.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+            resp.splice(at..at, extra.bytes());
+        }
+        stream.write_all(&resp).await.ok()?;
+        return req.keep_alive().then_some((stream, buf));
+    }
+    let reject = |e: HandshakeError| (400u16, "application/json", e.body().into_bytes());
+    let eio = &shard.ctx.config.engineio;
+
+    let outcome: (u16, &str, Vec<u8>) = 'answer: {
+        if req.query_param("EIO").as_deref() != Some("4") {
+            break 'answer reject(HandshakeError::UnsupportedProtocolVersion);
+        }
+        let transport = req.query_param("transport");
+        let transport = match transport.as_deref() {
+            Some("websocket") => Transport::WebSocket,
+            Some("polling") => Transport::Polling,
+            _ => break 'answer reject(HandshakeError::TransportUnknown),
+        };
+        let Some(sid) = req.query_param("sid") else {
+            // A new session.
+            if req.method != "GET" {
+                break 'answer reject(HandshakeError::BadHandshakeMethod);
+            }
+            if transport == Transport::WebSocket {
+                match websocket_key(&req) {
+                    Some(key) => {
+                        run_websocket(shard.clone(), stream, &key, buf, None).await;
+                        return None;
+                    }
+                    None => break 'answer reject(HandshakeError::BadRequest),
+                }
+            }
+            let session = shard.open_session(Transport::Polling);
+            let open = engineio::encode_open(&OpenPayload {
+                sid: &session.sid,
+                upgrades: &["websocket"],
+                ping_interval: eio.ping_interval,
+                ping_timeout: eio.ping_timeout,
+                max_payload: eio.max_payload,
+            });
+            break 'answer (200, "text/plain; charset=UTF-8", open);
+        };
+        // An existing session: is it ours?
+        match crate::ids::shard_of_sid(&sid) {
+            Some(owner) if owner < shard.count && owner != shard.id => {
+                hand_over(shard, owner, &stream, req, buf);
+                return None;
+            }
+            Some(owner) if owner == shard.id => {}
+            _ => break 'answer reject(HandshakeError::SessionIdUnknown),
+        }
+        let Some(session) = shard.session_by_sid(&sid) else {
+            break 'answer reject(HandshakeError::SessionIdUnknown);
+        };
+        if transport == Transport::WebSocket {
+            if session.transport.get() != Transport::Polling {
+                break 'answer reject(HandshakeError::BadRequest);
+            }
+            match websocket_key(&req) {
+                Some(key) => {
+                    run_websocket(shard.clone(), stream, &key, buf, Some(session)).await;
+                    return None;
+                }
+                None => break 'answer reject(HandshakeError::BadRequest),
             }
         }
-    }
+        match req.method.as_str() {
+            "GET" => {
+                let a: PollAnswer = polling::get(shard, &session).await;
+                (a.status, a.content_type, a.body)
+            }
+            "POST" => {
+                let len = req
+                    .header("content-length")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                match http::read_body(&mut stream, &mut buf, len, eio.max_payload).await {
+                    Ok(body) => {
+                        let a = polling::post(shard, &session, body);
+                        (a.status, a.content_type, a.body)
+                    }
+                    Err(HttpError::BodyTooLarge) => {
+                        session.close(CloseReason::Gone);
+                        shard.close_session(&session);
+                        let resp = respond(
+                            413,
+                            "application/json",
+                            HandshakeError::BadRequest.body().as_bytes(),
+                            false,
+                        );
+                        let _ = stream.write_all(&resp).await;
+                        return None;
+                    }
+                    Err(_) => return None,
+                }
+            }
+            _ => reject(HandshakeError::BadHandshakeMethod),
+        }
+    };
+    let (status, content_type, body) = outcome;
+    let keep_alive = req.keep_alive() && (req.method != "POST" || status == 200);
+    let resp = respond(status, content_type, &body, keep_alive);
+    stream.write_all(&resp).await.ok()?;
+    keep_alive.then_some((stream, buf))
 }
 
-fn route(shard: &Shard, req: &Request) -> Route {
-    let eio_path = shard.ctx.config.server.path.as_str();
-    let path = req.path.as_str();
-    if path == eio_path || path == eio_path.trim_end_matches('/') {
-        return engineio_route(req);
-    }
-    match (req.method.as_str(), path) {
-        ("GET", "/healthz") => {
-            let (status, body) = health(shard);
-            Route::json(status, body)
-        }
-        ("GET", "/metrics") => Route::Respond {
-            status: 200,
-            content_type: "text/plain; version=0.0.4",
-            body: shard.ctx.metrics.render_prometheus(true).into_bytes(),
-        },
-        _ => Route::json(
-            404,
-            r#"{"error":{"code":"not_found","message":"no such route"}}"#,
-        ),
-    }
-}
-
-fn engineio_route(req: &Request) -> Route {
-    if req.query_param("EIO").as_deref() != Some("4") {
-        return Route::eio_error(HandshakeError::UnsupportedProtocolVersion);
-    }
-    match req.query_param("transport").as_deref() {
-        Some("websocket") => {}
-        Some("polling") => {
-            // Long-polling is not served yet: clients must use transports: ["websocket"].
-            return Route::eio_error(HandshakeError::TransportUnknown);
-        }
-        _ => return Route::eio_error(HandshakeError::TransportUnknown),
-    }
-    if req.query_param("sid").is_some() {
-        // An upgrade from a polling session; there are none without polling.
-        return Route::eio_error(HandshakeError::SessionIdUnknown);
-    }
-    if req.method != "GET" {
-        return Route::eio_error(HandshakeError::BadHandshakeMethod);
-    }
-    let key = req.header("sec-websocket-key");
-    let is_upgrade = req.header_has_token("upgrade", "websocket")
+/// The key of a valid WebSocket upgrade request.
+fn websocket_key(req: &Request) -> Option<String> {
+    let is_upgrade = req.method == "GET"
+        && req.header_has_token("upgrade", "websocket")
         && req.header_has_token("connection", "upgrade")
         && req.header("sec-websocket-version") == Some("13");
-    match key {
-        Some(key) if is_upgrade && !key.is_empty() => Route::Upgrade {
-            key: key.trim().to_string(),
-        },
-        _ => Route::eio_error(HandshakeError::BadRequest),
+    let key = req.header("sec-websocket-key")?.trim();
+    (is_upgrade && !key.is_empty()).then(|| key.to_string())
+}
+
+/// Sends the connection, with the request already read, to the shard that owns its session.
+fn hand_over(shard: &Shard, owner: usize, stream: &TcpStream, request: Request, leftover: Vec<u8>) {
+    // SAFETY: dup of a descriptor we own; the copy is owned by the receiving shard.
+    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+    if fd < 0 {
+        tracing::warn!(
+            shard = shard.id,
+            "dup failed; dropping a handed-over request"
+        );
+        return;
     }
+    shard.send(
+        owner,
+        ShardMsg::Member(MemberMsg::Adopt {
+            fd,
+            handoff: Box::new(Handoff { request, leftover }),
+        }),
+    );
 }
 
 /// The `/healthz` body: per-shard counts from the shared counters.
@@ -182,19 +322,27 @@ fn health(shard: &Shard) -> (u16, Vec<u8>) {
             })
         })
         .collect();
+    let store_ok = shard.store.health().is_ok();
     let body = serde_json::json!({
         "status": "ok",
         "shards": shards,
         "connections": m.connections(),
         "rooms": m.rooms(),
         "redis": null,
-        "store": {"ok": true},
+        "store": {"ok": store_ok},
     });
     (200, body.to_string().into_bytes())
 }
 
-/// Runs an upgraded WebSocket connection until it ends.
-async fn run_websocket(shard: Rc<Shard>, mut stream: TcpStream, key: &str, leftover: Vec<u8>) {
+/// Runs a WebSocket until it ends: a new session, or the upgrade of a polling one
+/// (`2probe` / `3probe`, then `5`).
+async fn run_websocket(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    key: &str,
+    leftover: Vec<u8>,
+    upgrading: Option<Rc<Session>>,
+) {
     if stream
         .write_all(&websocket::upgrade_response(key))
         .await
@@ -202,21 +350,38 @@ async fn run_websocket(shard: Rc<Shard>, mut stream: TcpStream, key: &str, lefto
     {
         return;
     }
-    let session = shard.open_session(stream.as_raw_fd());
     let eio = &shard.ctx.config.engineio;
-    let open = engineio::encode_open(&OpenPayload {
-        sid: &session.sid,
-        upgrades: &[],
-        ping_interval: eio.ping_interval,
-        ping_timeout: eio.ping_timeout,
-        max_payload: eio.max_payload,
-    });
-    session.push(websocket::text_frame(&open), false);
+    let mut reader = FrameReader::new(eio.max_payload, &leftover);
+    let session = match upgrading {
+        Some(session) => {
+            if !probe(&shard, &session, &mut stream, &mut reader).await {
+                if session.transport.get() == Transport::Upgrading {
+                    session.transport.set(Transport::Polling);
+                }
+                return;
+            }
+            session.fd.set(Some(stream.as_raw_fd()));
+            session.transport.set(Transport::WebSocket);
+            session.wake();
+            session
+        }
+        None => {
+            let session = shard.open_session(Transport::WebSocket);
+            session.fd.set(Some(stream.as_raw_fd()));
+            let open = engineio::encode_open(&OpenPayload {
+                sid: &session.sid,
+                upgrades: &[],
+                ping_interval: eio.ping_interval,
+                ping_timeout: eio.ping_timeout,
+                max_payload: eio.max_payload,
+            });
+            session.push(websocket::text_frame(&open), false);
+            session
+        }
+    };
 
     let (mut reader_half, writer_half) = stream.split();
     let writer = glommio::spawn_local(write_loop(session.clone(), writer_half));
-    let mut reader = FrameReader::new(eio.max_payload, &leftover);
-    let mut state = handler::ConnState::default();
     loop {
         let msg = match reader.next(&mut reader_half).await {
             Ok(m) => m,
@@ -233,18 +398,10 @@ async fn run_websocket(shard: Rc<Shard>, mut stream: TcpStream, key: &str, lefto
             }
         };
         let flow = match msg {
-            Message::Text(data) => on_engineio_text(&shard, &session, &mut state, data),
-            Message::Binary(data) => handler::on_binary(&shard, &session, &mut state, data),
+            Message::Text(data) => engine::on_text(&shard, &session, data),
+            Message::Binary(data) => engine::on_binary(&shard, &session, data),
             Message::Ping(payload) => {
-                session.push(
-                    websocket::encode_frame(
-                        tungstenite::protocol::frame::coding::OpCode::Control(
-                            tungstenite::protocol::frame::coding::Control::Pong,
-                        ),
-                        &payload,
-                    ),
-                    false,
-                );
+                session.push(websocket::pong_frame(&payload), false);
                 Flow::Continue
             }
             Message::Pong => Flow::Continue,
@@ -265,39 +422,47 @@ async fn run_websocket(shard: Rc<Shard>, mut stream: TcpStream, key: &str, lefto
     writer.await;
 }
 
-/// Handles one Engine.IO text packet.
-fn on_engineio_text(
+/// The upgrade probe on a new WebSocket for a polling session. True once the client
+/// sent `5` (upgrade); false if the probe failed (the polling session goes on).
+async fn probe(
     shard: &Shard,
     session: &Rc<Session>,
-    state: &mut handler::ConnState,
-    mut data: Vec<u8>,
-) -> Flow {
-    let Some(packet) = engineio::parse_text(&data) else {
-        tracing::debug!(shard = shard.id, sid = %session.sid, "invalid Engine.IO packet");
-        return Flow::Close(CloseReason::Protocol(websocket::close_code::PROTOCOL));
-    };
-    match packet.kind {
-        PacketType::Pong => {
-            let mut t = session.timers.get();
-            t.pong_deadline = None;
-            t.next_ping =
-                Instant::now() + Duration::from_millis(shard.ctx.config.engineio.ping_interval);
-            session.timers.set(t);
-            Flow::Continue
+    stream: &mut TcpStream,
+    reader: &mut FrameReader,
+) -> bool {
+    loop {
+        let Ok(msg) = reader.next(stream).await else {
+            return false;
+        };
+        match msg {
+            Message::Text(t) if t == b"2probe" => {
+                if stream
+                    .write_all(&websocket::text_frame(b"3probe"))
+                    .await
+                    .is_err()
+                {
+                    return false;
+                }
+                // Release the pending polling GET with a noop so the client can pause polling.
+                session.transport.set(Transport::Upgrading);
+                session.wake();
+            }
+            Message::Text(t) if t == b"5" && session.transport.get() == Transport::Upgrading => {
+                return !session.is_closing();
+            }
+            Message::Ping(p) => {
+                if stream.write_all(&websocket::pong_frame(&p)).await.is_err() {
+                    return false;
+                }
+            }
+            _ => {
+                tracing::debug!(shard = shard.id, sid = %session.sid, "unexpected packet during upgrade");
+                let _ = stream
+                    .write_all(&websocket::close_frame(websocket::close_code::PROTOCOL))
+                    .await;
+                return false;
+            }
         }
-        PacketType::Ping => {
-            let mut reply = data.clone();
-            reply[0] = PacketType::Pong.as_byte();
-            session.push(websocket::text_frame(&reply), false);
-            Flow::Continue
-        }
-        PacketType::Message => {
-            data.remove(0);
-            handler::on_socketio(shard, session, state, data)
-        }
-        PacketType::Close => Flow::Close(CloseReason::Protocol(websocket::close_code::NORMAL)),
-        PacketType::Noop | PacketType::Upgrade => Flow::Continue,
-        PacketType::Open => Flow::Close(CloseReason::Protocol(websocket::close_code::PROTOCOL)),
     }
 }
 

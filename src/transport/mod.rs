@@ -3,5 +3,7 @@
 
 pub mod api;
 pub mod connection;
+pub mod engine;
 pub mod http;
+pub mod polling;
 pub mod websocket;

@@ -59,6 +59,11 @@ pub fn text_frame(payload: &[u8]) -> Bytes {
     encode_frame(OpCode::Data(Data::Text), payload)
 }
 
+/// A pong answering a client's ping.
+pub fn pong_frame(payload: &[u8]) -> Bytes {
+    encode_frame(OpCode::Control(Control::Pong), payload)
+}
+
 /// A close frame with a status code.
 pub fn close_frame(code: u16) -> Bytes {
     encode_frame(OpCode::Control(Control::Close), &code.to_be_bytes())

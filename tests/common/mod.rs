@@ -459,3 +459,101 @@ fn parse_server_frame(buf: &[u8]) -> Option<(Frame, usize)> {
         at + len,
     ))
 }
+
+/// An HTTP answer: status, raw head, body.
+pub struct HttpAnswer {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpAnswer {
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One HTTP/1.1 request on a new connection (`Connection: close`).
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpAnswer {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method == "POST" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    let mut req = head.into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    HttpAnswer {
+        status,
+        head,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+/// A polling client: each request on its own connection, so the kernel spreads them
+/// over the shards (exercising the hand-over to the session's shard).
+pub struct PollClient {
+    pub port: u16,
+    pub sid: String,
+}
+
+impl PollClient {
+    /// The polling handshake; returns the client and the open packet's JSON.
+    pub fn open(port: u16) -> (PollClient, Value) {
+        let a = http(port, "GET", "/socket.io/?EIO=4&transport=polling", &[], b"");
+        assert_eq!(a.status, 200, "{}", a.text());
+        let text = a.text();
+        assert!(text.starts_with('0'), "{text}");
+        let open: Value = serde_json::from_str(&text[1..]).unwrap();
+        let sid = open["sid"].as_str().unwrap().to_string();
+        (PollClient { port, sid }, open)
+    }
+
+    fn path(&self) -> String {
+        format!("/socket.io/?EIO=4&transport=polling&sid={}", self.sid)
+    }
+
+    /// POSTs packets (joined with the record separator).
+    pub fn post(&self, packets: &[&str]) -> HttpAnswer {
+        let body = packets.join("\u{1e}");
+        http(
+            self.port,
+            "POST",
+            &self.path(),
+            &[("Content-Type", "text/plain;charset=UTF-8")],
+            body.as_bytes(),
+        )
+    }
+
+    /// GETs the queued packets.
+    pub fn get(&self) -> HttpAnswer {
+        http(self.port, "GET", &self.path(), &[], b"")
+    }
+
+    /// GETs and splits the payload into packets.
+    pub fn get_packets(&self) -> Vec<String> {
+        let a = self.get();
+        assert_eq!(a.status, 200, "{}", a.text());
+        a.text().split('\u{1e}').map(str::to_string).collect()
+    }
+}

@@ -1,0 +1,196 @@
+//! Engine.IO long-polling: a GET takes every packet queued for the session (joined by
+//! the record separator `\x1e`, binary as `b<base64>`), waiting until there is one; a
+//! POST brings the client's packets. One GET and one POST at a time per session.
+
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::Poll;
+
+use base64::Engine as _;
+use bytes::Bytes;
+
+use super::engine;
+use crate::chat::handler::Flow;
+use crate::chat::session::{CloseReason, Session, Transport};
+use crate::protocol::engineio::HandshakeError;
+use crate::shard::Shard;
+
+/// The record separator between packets in a polling payload.
+const SEPARATOR: u8 = 0x1e;
+
+/// A polling answer: status, content type, body.
+pub struct PollAnswer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl PollAnswer {
+    fn text(body: impl Into<Vec<u8>>) -> PollAnswer {
+        PollAnswer {
+            status: 200,
+            content_type: "text/plain; charset=UTF-8",
+            body: body.into(),
+        }
+    }
+
+    /// An Engine.IO error answer (HTTP 400 with the JSON body).
+    pub fn error(e: HandshakeError) -> PollAnswer {
+        PollAnswer {
+            status: 400,
+            content_type: "application/json",
+            body: e.body().into_bytes(),
+        }
+    }
+}
+
+/// Appends one queued WebSocket frame to a polling payload as an Engine.IO packet.
+/// Returns false for frames that have no polling form (WebSocket pongs).
+fn append_packet(out: &mut Vec<u8>, frame: &Bytes) -> bool {
+    let Some((opcode, payload)) = split_server_frame(frame) else {
+        return false;
+    };
+    if !out.is_empty() {
+        out.push(SEPARATOR);
+    }
+    match opcode {
+        0x1 => out.extend_from_slice(payload),
+        0x2 => {
+            out.push(b'b');
+            out.extend_from_slice(
+                base64::engine::general_purpose::STANDARD
+                    .encode(payload)
+                    .as_bytes(),
+            );
+        }
+        0x8 => out.push(b'1'),
+        _ => {
+            if out.last() == Some(&SEPARATOR) {
+                out.pop();
+            }
+            return false;
+        }
+    }
+    true
+}
+
+/// Splits an unmasked server frame into its opcode and payload.
+fn split_server_frame(frame: &[u8]) -> Option<(u8, &[u8])> {
+    let opcode = frame.first()? & 0x0f;
+    let at = match frame.get(1)? & 0x7f {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    Some((opcode, frame.get(at..)?))
+}
+
+/// A GET: waits for packets, then returns all that fit in `max_payload`.
+pub async fn get(shard: &Shard, session: &Rc<Session>) -> PollAnswer {
+    match session.transport.get() {
+        Transport::WebSocket => return PollAnswer::error(HandshakeError::BadRequest),
+        Transport::Upgrading => return PollAnswer::text("6"),
+        Transport::Polling => {}
+    }
+    if session.poll_get.replace(true) {
+        // Two GETs at once: Engine.IO closes the session.
+        session.close(CloseReason::Gone);
+        shard.close_session(session);
+        return PollAnswer::error(HandshakeError::BadRequest);
+    }
+    poll_fn(|cx| {
+        if session.transport.get() != Transport::Polling {
+            Poll::Ready(())
+        } else {
+            session.poll_ready(cx)
+        }
+    })
+    .await;
+    session.poll_get.set(false);
+    if session.transport.get() != Transport::Polling {
+        // The client is upgrading: release this GET with a noop.
+        return PollAnswer::text("6");
+    }
+    let max = shard.ctx.config.engineio.max_payload;
+    let mut body = Vec::new();
+    let closing = {
+        let mut out = session.out.borrow_mut();
+        while let Some(frame) = out.pop() {
+            append_packet(&mut body, &frame);
+            if body.len() >= max {
+                break;
+            }
+        }
+        out.closing().is_some() && out.is_empty()
+    };
+    if closing {
+        if !body.ends_with(b"1") {
+            if !body.is_empty() {
+                body.push(SEPARATOR);
+            }
+            body.push(b'1');
+        }
+        shard.close_session(session);
+    }
+    if body.is_empty() {
+        body.push(b'6');
+    }
+    PollAnswer::text(body)
+}
+
+/// A POST: the client's packets.
+pub fn post(shard: &Shard, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
+    if session.transport.get() == Transport::WebSocket {
+        return PollAnswer::error(HandshakeError::BadRequest);
+    }
+    if session.poll_post.replace(true) {
+        session.close(CloseReason::Gone);
+        shard.close_session(session);
+        return PollAnswer::error(HandshakeError::BadRequest);
+    }
+    let mut flow = Flow::Continue;
+    for packet in body.split(|&b| b == SEPARATOR) {
+        flow = match packet.first() {
+            Some(b'b') => match base64::engine::general_purpose::STANDARD.decode(&packet[1..]) {
+                Ok(data) => engine::on_binary(shard, session, data),
+                Err(_) => Flow::Close(CloseReason::Protocol(1002)),
+            },
+            _ => engine::on_text(shard, session, packet.to_vec()),
+        };
+        if flow != Flow::Continue {
+            break;
+        }
+    }
+    session.poll_post.set(false);
+    if let Flow::Close(reason) = flow {
+        session.close(reason);
+        if matches!(reason, CloseReason::Protocol(code) if code != 1000) {
+            return PollAnswer::error(HandshakeError::BadRequest);
+        }
+    }
+    PollAnswer::text("ok")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::websocket::{close_frame, encode_frame, text_frame};
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    #[test]
+    fn frames_become_polling_packets() {
+        let mut out = Vec::new();
+        assert!(append_packet(&mut out, &text_frame(b"42[\"a\"]")));
+        assert!(append_packet(
+            &mut out,
+            &encode_frame(OpCode::Data(Data::Binary), &[1, 2, 3])
+        ));
+        assert!(append_packet(&mut out, &text_frame(&vec![b'x'; 300])));
+        assert!(append_packet(&mut out, &close_frame(1000)));
+        let parts: Vec<&[u8]> = out.split(|&b| b == SEPARATOR).collect();
+        assert_eq!(parts[0], b"42[\"a\"]");
+        assert_eq!(parts[1], b"bAQID");
+        assert_eq!(parts[2].len(), 300);
+        assert_eq!(parts[3], b"1");
+    }
+}

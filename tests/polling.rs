@@ -1,0 +1,297 @@
+//! Engine.IO long-polling and the upgrade to WebSocket, byte by byte, with requests
+//! spread over both shards.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{http, token, PollClient, Server, WsClient};
+use serde_json::{json, Value};
+
+fn ack_of(packets: &[String], id: u64) -> Option<Value> {
+    let prefix = format!("43{id}");
+    packets.iter().find_map(|p| {
+        let rest = p.strip_prefix(&prefix)?;
+        let v: Value = serde_json::from_str(rest).ok()?;
+        Some(v[0].clone())
+    })
+}
+
+fn connect(port: u16, user: &str) -> PollClient {
+    let (c, _) = PollClient::open(port);
+    let auth = format!("40{{\"token\":\"{}\"}}", token(user, Some(&["*"])));
+    assert_eq!(c.post(&[&auth]).text(), "ok");
+    let packets = c.get_packets();
+    assert!(packets[0].starts_with("40{\"sid\":"), "{packets:?}");
+    c
+}
+
+#[test]
+fn handshake_post_get_and_acks() {
+    let server = Server::start(&[]);
+    let (c, open) = PollClient::open(server.port);
+    assert_eq!(open["upgrades"], json!(["websocket"]));
+    assert_eq!(open["pingInterval"], 25000);
+    let auth = format!("40{{\"token\":\"{}\"}}", token("pat", Some(&["*"])));
+    let a = c.post(&[&auth, "421[\"join\",{\"room\":\"r\"}]"]);
+    assert_eq!((a.status, a.text()), (200, "ok".to_string()));
+    assert!(a.head.contains("text/plain"));
+    let mut packets = c.get_packets();
+    if packets.len() < 2 {
+        packets.extend(c.get_packets());
+    }
+    assert!(packets[0].starts_with("40{\"sid\":"));
+    assert_eq!(
+        ack_of(&packets, 1),
+        Some(json!({"ok": true, "room": "r", "offset": 0}))
+    );
+}
+
+#[test]
+fn sessions_work_whichever_shard_takes_each_request() {
+    let server = Server::start(&[]);
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        clients.push(connect(server.port, &format!("user{i}")));
+    }
+    let per_shard = server.connections_per_shard();
+    assert!(
+        per_shard.iter().all(|&n| n > 0),
+        "sessions on both shards: {per_shard:?}"
+    );
+    // Every session, whatever shard its requests land on, joins and chats.
+    for c in &clients {
+        assert_eq!(c.post(&["427[\"join\",{\"room\":\"poll\"}]"]).text(), "ok");
+        let packets = c.get_packets();
+        assert_eq!(ack_of(&packets, 7).unwrap()["ok"], true, "{packets:?}");
+    }
+    let sender = &clients[0];
+    assert_eq!(
+        sender
+            .post(&["428[\"message\",{\"room\":\"poll\",\"text\":\"hello\"}]"])
+            .text(),
+        "ok"
+    );
+    for c in &clients[1..] {
+        let mut seen = Vec::new();
+        while !seen.iter().any(|p: &String| p.contains("hello")) {
+            seen.extend(c.get_packets());
+            assert!(seen.len() < 50, "{seen:?}");
+        }
+    }
+}
+
+#[test]
+fn overlapping_gets_close_the_session() {
+    let server = Server::start(&[]);
+    let c = connect(server.port, "dup");
+    let port = server.port;
+    let sid = c.sid.clone();
+    let waiting = std::thread::spawn(move || {
+        http(
+            port,
+            "GET",
+            &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+            &[],
+            b"",
+        )
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let second = c.get();
+    assert_eq!(second.status, 400, "{}", second.text());
+    let first = waiting.join().unwrap();
+    assert_eq!(first.status, 200);
+    assert!(
+        first.text().ends_with('1'),
+        "the waiting GET gets the close packet: {}",
+        first.text()
+    );
+    let after = c.get();
+    assert_eq!(after.status, 400);
+    assert!(after.text().contains("\"code\":1"), "{}", after.text());
+}
+
+#[test]
+fn payload_limits_and_bad_requests() {
+    let server = Server::start(&[]);
+    let c = connect(server.port, "big");
+    let huge = format!(
+        "42[\"message\",{{\"room\":\"r\",\"text\":\"{}\"}}]",
+        "x".repeat(1_100_000)
+    );
+    assert_eq!(c.post(&[&huge]).status, 413);
+    assert_eq!(c.get().status, 400, "the session is gone after a 413");
+
+    let a = http(
+        server.port,
+        "GET",
+        "/socket.io/?EIO=3&transport=polling",
+        &[],
+        b"",
+    );
+    assert_eq!(a.status, 400);
+    assert_eq!(
+        a.text(),
+        r#"{"code":5,"message":"Unsupported protocol version"}"#
+    );
+    let a = http(
+        server.port,
+        "POST",
+        "/socket.io/?EIO=4&transport=polling",
+        &[],
+        b"40",
+    );
+    assert_eq!(a.text(), r#"{"code":2,"message":"Bad handshake method"}"#);
+    let a = http(
+        server.port,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling&sid=00nosuchsessionxxxxx",
+        &[],
+        b"",
+    );
+    assert_eq!(a.text(), r#"{"code":1,"message":"Session ID unknown"}"#);
+    let a = http(
+        server.port,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling&sid=zz",
+        &[],
+        b"",
+    );
+    assert_eq!(a.text(), r#"{"code":1,"message":"Session ID unknown"}"#);
+    // Garbage packets close the session.
+    let c = connect(server.port, "garbage");
+    assert_eq!(c.post(&["9garbage"]).status, 400);
+    assert_eq!(
+        c.get().status,
+        200,
+        "the close packet is still fetched once"
+    );
+}
+
+#[test]
+fn binary_packets_over_polling_are_parsed_and_refused() {
+    let server = Server::start(&[]);
+    let c = connect(server.port, "bin");
+    assert_eq!(c.post(&["421[\"join\",{\"room\":\"r\"}]"]).text(), "ok");
+    let _ = c.get_packets();
+    let a = c.post(&[
+        "451-2[\"message\",{\"_placeholder\":true,\"num\":0}]",
+        "bAQID",
+    ]);
+    assert_eq!(a.text(), "ok");
+    let packets = c.get_packets();
+    assert_eq!(
+        ack_of(&packets, 2).unwrap()["error"]["code"],
+        "bad_request",
+        "{packets:?}"
+    );
+}
+
+#[test]
+fn upgrade_to_websocket() {
+    let server = Server::start(&[]);
+    let c = connect(server.port, "up");
+    assert_eq!(c.post(&["421[\"join\",{\"room\":\"u\"}]"]).text(), "ok");
+    let _ = c.get_packets();
+    // A GET waits while the WebSocket is probed.
+    let port = server.port;
+    let sid = c.sid.clone();
+    let pending = std::thread::spawn(move || {
+        http(
+            port,
+            "GET",
+            &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+            &[],
+            b"",
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let mut ws = WsClient::handshake(
+        server.port,
+        &format!("/socket.io/?EIO=4&transport=websocket&sid={}", c.sid),
+    )
+    .unwrap();
+    ws.send_text("2probe");
+    assert_eq!(ws.recv_text(Duration::from_secs(2)).unwrap(), "3probe");
+    let released = pending.join().unwrap();
+    assert_eq!(
+        released.text(),
+        "6",
+        "the pending GET is released with a noop"
+    );
+    ws.send_text("5");
+    // Now the session speaks over the WebSocket.
+    let ack = ws.emit_ack("message", json!({"room": "u", "text": "over ws"}));
+    assert_eq!(ack["offset"], 1);
+    assert_eq!(c.get().status, 400, "polling is refused after the upgrade");
+    assert!(
+        WsClient::handshake(
+            server.port,
+            &format!("/socket.io/?EIO=4&transport=websocket&sid={}", c.sid)
+        )
+        .is_err(),
+        "a second WebSocket for the session is refused"
+    );
+    assert_eq!(
+        ws.emit_ack("history", json!({"room": "u"}))["messages"][0]["text"],
+        "over ws"
+    );
+}
+
+#[test]
+fn cors_for_allowed_origins_only() {
+    let server = Server::start(&[("CORELAY_SERVER_CORS_ORIGINS", "http://app.example")]);
+    let ok = http(
+        server.port,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling",
+        &[("Origin", "http://app.example")],
+        b"",
+    );
+    assert!(
+        ok.head
+            .contains("Access-Control-Allow-Origin: http://app.example"),
+        "{}",
+        ok.head
+    );
+    assert!(ok.head.contains("Access-Control-Allow-Credentials: true"));
+    let other = http(
+        server.port,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling",
+        &[("Origin", "http://evil.example")],
+        b"",
+    );
+    assert!(
+        !other.head.contains("Access-Control-Allow-Origin"),
+        "{}",
+        other.head
+    );
+    let pre = http(
+        server.port,
+        "OPTIONS",
+        "/socket.io/?EIO=4&transport=polling",
+        &[
+            ("Origin", "http://app.example"),
+            ("Access-Control-Request-Method", "POST"),
+        ],
+        b"",
+    );
+    assert_eq!(pre.status, 204);
+    assert!(
+        pre.head
+            .contains("Access-Control-Allow-Methods: GET, POST, OPTIONS"),
+        "{}",
+        pre.head
+    );
+    // None by default.
+    let plain = Server::start(&[]);
+    let a = http(
+        plain.port,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling",
+        &[("Origin", "http://app.example")],
+        b"",
+    );
+    assert!(!a.head.contains("Access-Control-Allow-Origin"));
+}
