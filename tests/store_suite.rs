@@ -148,6 +148,24 @@ async fn suite<S: HistoryStore + Clone + 'static>(store: S, p: &str) {
         "r unchanged"
     );
 
+    // Gaps in a room's offsets (the protocol has none, but a store must not invent or
+    // lose messages around one).
+    let g = room("gaps");
+    let gappy: Vec<_> = [1, 2, 5, 9, 10]
+        .into_iter()
+        .map(|o| msg(&g, o, "alice", o, None))
+        .collect();
+    store.append(gappy[..3].to_vec()).await.expect("gaps 1");
+    store.append(gappy[3..].to_vec()).await.expect("gaps 2");
+    assert_eq!(store.latest_offset(&g).await.expect("latest"), 10);
+    assert_eq!(read(&store, &g, Latest, 3).await, [5, 9, 10]);
+    assert_eq!(read(&store, &g, Latest, 50).await, [1, 2, 5, 9, 10]);
+    assert_eq!(read(&store, &g, Before(9), 2).await, [2, 5]);
+    assert_eq!(read(&store, &g, Before(9), 10).await, [1, 2, 5]);
+    assert_eq!(read(&store, &g, Before(5), 1).await, [2]);
+    assert_eq!(read(&store, &g, After(2), 2).await, [5, 9]);
+    assert_eq!(read(&store, &g, After(5), 1).await, [9]);
+
     // Several rooms in one batch, interleaved, kept apart.
     let (x, y, z) = (room("x"), room("y"), room("z"));
     let mut mixed = Vec::new();
@@ -333,6 +351,13 @@ async fn suite<S: HistoryStore + Clone + 'static>(store: S, p: &str) {
     odd[2].text = "x".repeat(4096);
     store.append(odd.clone()).await.expect("odd texts");
     assert_eq!(store.read(&t, Latest, 10).await.expect("read"), odd);
+}
+
+/// `Store` is opened once on the main thread and a clone moved into each shard.
+#[test]
+fn store_is_clone_send_sync() {
+    fn shareable<T: Clone + Send + Sync + 'static>() {}
+    shareable::<Store>();
 }
 
 /// A fresh temporary data directory.
