@@ -363,13 +363,17 @@ impl WsClient {
 
     /// Waits for the ack with this id.
     pub fn wait_ack(&mut self, id: u64) -> Value {
+        self.try_wait_ack(id)
+            .unwrap_or_else(|e| panic!("no ack {id}: {e:?}"))
+    }
+
+    /// Waits for the ack with this id; `Err` if the connection ended or went quiet.
+    pub fn try_wait_ack(&mut self, id: u64) -> Result<Value, ReadEnd> {
         loop {
             if let Some(v) = self.acks.remove(&id) {
-                return v;
+                return Ok(v);
             }
-            let text = self
-                .recv_text(Duration::from_secs(5))
-                .unwrap_or_else(|e| panic!("no ack {id}: {e:?}"));
+            let text = self.recv_text(Duration::from_secs(5))?;
             if let Some(rest) = text.strip_prefix("43") {
                 let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
                 let got: u64 = rest[..digits].parse().unwrap();
