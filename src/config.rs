@@ -41,6 +41,8 @@ pub struct ServerConfig {
     /// credentials); `"*"` allows any. None by default. A list, or one comma-separated string.
     #[serde(deserialize_with = "string_or_list")]
     pub cors_origins: Vec<String>,
+    /// How long a drain (SIGTERM/SIGINT) may take before the process exits anyway.
+    pub shutdown_timeout: HumanDuration,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             path: "/socket.io/".to_string(),
             io_memory: 512 * 1024,
             cors_origins: Vec::new(),
+            shutdown_timeout: HumanDuration(Duration::from_secs(10)),
         }
     }
 }

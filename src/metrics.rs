@@ -27,6 +27,8 @@ pub struct ShardMetrics {
     pub slow_consumer_closes: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub store_errors: AtomicU64,
+    /// 1 while this shard's home has publishes not yet acked (read during a drain).
+    pub home_busy: AtomicU64,
     fanout_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     fanout_count: AtomicU64,
     fanout_sum_ns: AtomicU64,

@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use thiserror::Error;
 
 use crate::auth::Authenticator;
@@ -24,6 +26,31 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// First SIGTERM/SIGINT: drain. A second one: exit at once.
+fn watch_signals(ctx: Arc<Context>) -> Result<(), ServeError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
+    std::thread::Builder::new()
+        .name("corelay-signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                if ctx.draining.swap(true, Ordering::SeqCst) {
+                    eprintln!("corelay: second signal ({signal}): exiting now");
+                    std::process::exit(1);
+                }
+                tracing::info!(
+                    signal,
+                    "draining: closing connections with 1012 (send the signal again to exit now)"
+                );
+            }
+        })
+        .map_err(ServeError::Signals)?;
+    Ok(())
 }
 
 /// Runs the server until its shards stop. `on_ready(addr, shards)` is called once
@@ -53,7 +80,9 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         auth,
         config,
         id_prefix: u32::from_ne_bytes(prefix),
+        draining: AtomicBool::new(false),
     });
+    watch_signals(ctx.clone())?;
     let result = runtime::run_shards(ctx, store.clone(), fds, || on_ready(addr, shards));
     let _ = futures::executor::block_on(store.close());
     Ok(result?)

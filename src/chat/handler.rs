@@ -290,6 +290,13 @@ fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ack_id
             if !is_member {
                 return refuse(session, ack_id, &not_joined());
             }
+            if shard
+                .ctx
+                .draining
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                return refuse(session, ack_id, &shutting_down());
+            }
             if !take_token(session) {
                 return refuse(session, ack_id, &limited());
             }
@@ -355,6 +362,14 @@ fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ack_id
             .detach();
         }
     }
+}
+
+/// The refusal for sends during a drain: nothing was stored; reconnect and retry.
+pub fn shutting_down() -> ChatError {
+    ChatError::new(
+        ErrorCode::Unavailable,
+        "the server is shutting down; reconnect and retry",
+    )
 }
 
 fn take_token(session: &Session) -> bool {

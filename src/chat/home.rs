@@ -90,6 +90,8 @@ pub enum HomeEvent {
 /// The home-shard state of one shard.
 pub struct Home {
     rooms: RefCell<HashMap<Arc<str>, RoomState>>,
+    /// Publishes accepted and not yet settled, over all rooms.
+    inflight: std::cell::Cell<usize>,
     pending: RefCell<VecDeque<Pending>>,
     writer_waker: RefCell<Option<Waker>>,
     events: LocalSender<HomeEvent>,
@@ -101,6 +103,7 @@ impl Home {
     pub fn new(events: LocalSender<HomeEvent>, ids: MessageIds) -> Home {
         Home {
             rooms: RefCell::new(HashMap::new()),
+            inflight: std::cell::Cell::new(0),
             pending: RefCell::new(VecDeque::new()),
             writer_waker: RefCell::new(None),
             events,
@@ -112,6 +115,11 @@ impl Home {
     pub fn enqueue(&self, cmd: HomeCmd) {
         // The receiver lives as long as the shard; an unbounded local send cannot fail otherwise.
         let _ = self.events.try_send(HomeEvent::Cmd(cmd));
+    }
+
+    /// Whether every accepted publish has been settled (acked or refused).
+    pub fn is_idle(&self) -> bool {
+        self.inflight.get() == 0
     }
 
     /// Loaded rooms.
@@ -496,6 +504,7 @@ impl Shard {
             };
             r.inflight += 1;
         }
+        self.home.inflight.set(self.home.inflight.get() + 1);
         self.home.pending.borrow_mut().push_back(Pending {
             room,
             user,
@@ -595,6 +604,7 @@ impl Shard {
                 };
                 r.delivered = m.offset;
                 r.inflight -= 1;
+                self.home.inflight.set(self.home.inflight.get() - 1);
                 if let Some(cid) = s.cid {
                     let key = (s.user.clone(), cid);
                     if let Some(CidState::Pending(w)) = r
@@ -629,6 +639,7 @@ impl Shard {
             let mut waiters = Vec::new();
             if let Some(r) = self.home.rooms.borrow_mut().get_mut(&s.room) {
                 r.inflight -= 1;
+                self.home.inflight.set(self.home.inflight.get() - 1);
                 if let Some(cid) = s.cid {
                     if let Some(CidState::Pending(w)) = r.cids.remove(&(s.user.clone(), cid)) {
                         waiters = w;

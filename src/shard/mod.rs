@@ -28,6 +28,9 @@ pub struct Context {
     pub metrics: Metrics,
     /// Random per process: keeps message ids unique across hosts.
     pub id_prefix: u32,
+    /// Set by the first SIGTERM/SIGINT: shards stop accepting, finish what is in
+    /// flight, close connections with 1012 and stop.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// One shard's state. Lives in an `Rc` on its own thread.
@@ -274,6 +277,45 @@ impl Shard {
     /// Open connections on this shard.
     pub fn session_count(&self) -> usize {
         self.sessions.borrow().len()
+    }
+
+    /// Waits for the drain signal, then drains this shard: stop accepting, let every
+    /// home shard finish the publishes in flight (acks go out), close every connection
+    /// with 1012 so clients reconnect elsewhere, and return once they are gone (or the
+    /// shutdown timeout passed).
+    pub async fn run_drain(self: Rc<Self>, listener_fd: std::os::fd::RawFd) {
+        use std::sync::atomic::Ordering::Relaxed;
+        while !self.ctx.draining.load(Relaxed) {
+            glommio::timer::sleep(Duration::from_millis(25)).await;
+        }
+        let deadline = Instant::now() + self.ctx.config.server.shutdown_timeout.0;
+        // SAFETY: shutting down our own listening socket wakes the pending accept.
+        unsafe { libc::shutdown(listener_fd, libc::SHUT_RDWR) };
+        tracing::info!(shard = self.id, "draining");
+        let metrics = &self.ctx.metrics;
+        loop {
+            self.stats()
+                .home_busy
+                .store(u64::from(!self.home.is_idle()), Relaxed);
+            let busy: u64 = metrics
+                .shards
+                .iter()
+                .map(|s| s.home_busy.load(Relaxed))
+                .sum();
+            if busy == 0 || Instant::now() >= deadline {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+        // Acks from other shards' homes may still be in the mesh: give them a moment.
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
+        for s in sessions {
+            s.close(CloseReason::Restart);
+        }
+        while self.session_count() > 0 && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The sweeper: sends Engine.IO pings, and closes sessions whose pong, Socket.IO

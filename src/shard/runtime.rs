@@ -213,18 +213,35 @@ async fn shard_main(
     glommio::spawn_local(shard.clone().run_writer()).detach();
     glommio::spawn_local(shard.clone().run_sweeper()).detach();
 
-    let _ = ready.send(Ok(id));
-    loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                glommio::spawn_local(crate::transport::connection::serve(shard.clone(), stream))
+    let accepting = shard.clone();
+    glommio::spawn_local(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    glommio::spawn_local(crate::transport::connection::serve(
+                        accepting.clone(),
+                        stream,
+                    ))
                     .detach();
-            }
-            Err(e) => {
-                tracing::warn!(shard = id, error = %e, "accept failed");
-                // Out of descriptors or memory: give connections a moment to close.
-                glommio::timer::sleep(Duration::from_millis(20)).await;
+                }
+                Err(_)
+                    if accepting
+                        .ctx
+                        .draining
+                        .load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(shard = id, error = %e, "accept failed");
+                    // Out of descriptors or memory: give connections a moment to close.
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                }
             }
         }
-    }
+    })
+    .detach();
+    let _ = ready.send(Ok(id));
+    shard.run_drain(fd).await;
+    Ok(())
 }

@@ -172,6 +172,14 @@ async fn publish(shard: &Shard, room: &str, body: &[u8]) -> Answer {
     {
         return error(400, "bad_request", "cid must be 1 to 64 bytes");
     }
+    if shard
+        .ctx
+        .draining
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let e = crate::chat::handler::shutting_down();
+        return error(503, e.code.as_str(), &e.message);
+    }
     let (tx, rx) = futures::channel::oneshot::channel::<Bytes>();
     let room: Arc<str> = Arc::from(room);
     shard.to_home(
