@@ -33,7 +33,10 @@ fn disk_full_gives_unavailable_and_reads_go_on() {
     let _mount = Mount(dir.path().to_path_buf());
     let data = dir.path().join("data");
     let server = Server::start_with(
-        &[("CORELAY_LIMITS_SEND_RATE", "100000"), ("CORELAY_LIMITS_SEND_BURST", "100000")],
+        &[
+            ("CORELAY_LIMITS_SEND_RATE", "100000"),
+            ("CORELAY_LIMITS_SEND_BURST", "100000"),
+        ],
         &["--store", "embedded", "--data-dir", data.to_str().unwrap()],
         true,
     );
@@ -43,7 +46,10 @@ fn disk_full_gives_unavailable_and_reads_go_on() {
     let mut last_ok = 0u64;
     let mut refused = None;
     for i in 0..20_000 {
-        let ack = c.emit_ack("message", json!({"room": "full", "text": text, "cid": format!("c{i}")}));
+        let ack = c.emit_ack(
+            "message",
+            json!({"room": "full", "text": text, "cid": format!("c{i}")}),
+        );
         if ack["ok"] == true {
             let offset = ack["offset"].as_u64().unwrap();
             assert_eq!(offset, last_ok + 1, "offsets stay contiguous");
