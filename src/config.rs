@@ -22,6 +22,7 @@ pub struct Config {
     pub history: HistoryConfig,
     pub redis: RedisConfig,
     pub store: StoreConfig,
+    pub scylla: ScyllaConfig,
     pub log: LogConfig,
 }
 
@@ -43,6 +44,8 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// How long a drain (SIGTERM/SIGINT) may take before the process exits anyway.
     pub shutdown_timeout: HumanDuration,
+    /// Test-only: behave like the Socket.IO reference test server (`serve --conformance`).
+    pub conformance: bool,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +58,7 @@ impl Default for ServerConfig {
             io_memory: 512 * 1024,
             cors_origins: Vec::new(),
             shutdown_timeout: HumanDuration(Duration::from_secs(10)),
+            conformance: false,
         }
     }
 }
@@ -192,6 +196,86 @@ impl Default for StoreConfig {
     }
 }
 
+/// The ScyllaDB history store (`[scylla]`, used when `store.kind = "scylla"`).
+///
+/// `bucket_size` is part of the data layout: every host must use the same value, and it
+/// must never change once the keyspace holds messages (the store checks it at open).
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScyllaConfig {
+    /// Contact points, `host:port`: a list, or one comma-separated string.
+    #[serde(deserialize_with = "string_or_list")]
+    pub nodes: Vec<String>,
+    /// The keyspace holding corelay's tables (`corelay schema apply` creates it).
+    pub keyspace: String,
+    /// Consistency of every read and write.
+    pub consistency: ScyllaConsistency,
+    /// Client-side limit on one request, retries included.
+    pub request_timeout: HumanDuration,
+    /// Retries of a failed idempotent request (all of corelay's are) within that limit.
+    pub retries: u32,
+    /// Login, when the cluster requires authentication.
+    pub username: Option<String>,
+    /// Password for `username`; never logged.
+    pub password: Option<String>,
+    /// Offsets per partition of a room's stream: bucket = offset / bucket_size.
+    pub bucket_size: u64,
+}
+
+impl Default for ScyllaConfig {
+    fn default() -> Self {
+        ScyllaConfig {
+            nodes: vec!["127.0.0.1:9042".to_string()],
+            keyspace: "corelay".to_string(),
+            consistency: ScyllaConsistency::LocalQuorum,
+            request_timeout: HumanDuration(Duration::from_secs(2)),
+            retries: 2,
+            username: None,
+            password: None,
+            bucket_size: 1000,
+        }
+    }
+}
+
+impl std::fmt::Debug for ScyllaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScyllaConfig")
+            .field("nodes", &self.nodes)
+            .field("keyspace", &self.keyspace)
+            .field("consistency", &self.consistency)
+            .field("request_timeout", &self.request_timeout)
+            .field("retries", &self.retries)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("bucket_size", &self.bucket_size)
+            .finish()
+    }
+}
+
+/// A CQL consistency level, as written in the configuration (`local_quorum`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScyllaConsistency {
+    /// `ANY` (writes only).
+    Any,
+    /// `ONE`.
+    One,
+    /// `TWO`.
+    Two,
+    /// `THREE`.
+    Three,
+    /// `QUORUM`: a majority of all replicas.
+    Quorum,
+    /// `ALL`.
+    All,
+    /// `LOCAL_QUORUM` (default): a majority of the local datacenter's replicas.
+    LocalQuorum,
+    /// `EACH_QUORUM` (writes only).
+    EachQuorum,
+    /// `LOCAL_ONE`.
+    LocalOne,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -261,7 +345,7 @@ pub enum ConfigError {
 }
 
 const SECTIONS: &[&str] = &[
-    "server", "engineio", "auth", "limits", "history", "redis", "store", "log",
+    "server", "engineio", "auth", "limits", "history", "redis", "store", "scylla", "log",
 ];
 
 impl Config {
@@ -362,6 +446,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Switches to conformance mode: the reference test server's timings and CORS.
+    pub fn enable_conformance(&mut self) {
+        self.server.conformance = true;
+        self.engineio.ping_interval = 300;
+        self.engineio.ping_timeout = 200;
+        self.engineio.max_payload = 1_000_000;
+        self.engineio.connect_timeout = HumanDuration(Duration::from_millis(1000));
+        self.server.cors_origins = vec!["*".to_string()];
     }
 
     /// The number of shards to run: configured, or one per available core.

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod chat;
 pub mod config;
+pub mod conformance;
 pub mod ids;
 pub mod metrics;
 pub mod protocol;

@@ -43,6 +43,10 @@ enum Command {
         /// History store.
         #[arg(long, value_enum)]
         store: Option<StoreKind>,
+        /// Test only: behave like the Socket.IO reference test server (ping 300/200 ms,
+        /// CORS *, echo events, raw Engine.IO echo at /engine.io/).
+        #[arg(long)]
+        conformance: bool,
     },
     /// Mint a JWT with the configured secret (for tests and operations).
     Token {
@@ -85,6 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             redis,
             store,
+            conformance,
         } => {
             let mut cfg = Config::load(config.as_deref())?;
             if let Some(v) = listen {
@@ -101,6 +106,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(v) = store {
                 cfg.store.kind = v;
+            }
+            if conformance {
+                cfg.enable_conformance();
             }
             cfg.validate()?;
             init_logging(cfg.log.format);

@@ -206,6 +206,10 @@ pub struct Session {
     pub poll_post: Cell<bool>,
     /// Socket.IO parser state that spans packets (binary attachments).
     pub parser: RefCell<crate::chat::handler::ConnState>,
+    /// Conformance mode only: a raw Engine.IO echo session (`/engine.io/`).
+    pub raw_echo: Cell<bool>,
+    /// Conformance mode only: the echo server's per-connection state.
+    pub echo: RefCell<crate::conformance::EchoState>,
     pub out: RefCell<Outbound>,
     /// Set once the Socket.IO CONNECT succeeded.
     pub user: RefCell<Option<(User, Rc<Identity>)>>,
@@ -235,6 +239,8 @@ impl Session {
             poll_get: Cell::new(false),
             poll_post: Cell::new(false),
             parser: RefCell::new(Default::default()),
+            raw_echo: Cell::new(false),
+            echo: RefCell::new(Default::default()),
             out: RefCell::new(Outbound::new(
                 limits.outbound_queue,
                 limits.outbound_queue_bytes,

@@ -274,6 +274,15 @@ impl Shard {
         }
     }
 
+    /// Closes a session for `reason`. A polling session, which has no socket task to
+    /// notice, is forgotten at once (later requests for its sid get "Session ID unknown").
+    pub fn end_session(&self, session: &Rc<Session>, reason: CloseReason) {
+        session.close(reason);
+        if session.transport.get() != Transport::WebSocket {
+            self.close_session(session);
+        }
+    }
+
     /// Open connections on this shard.
     pub fn session_count(&self) -> usize {
         self.sessions.borrow().len()
@@ -311,7 +320,7 @@ impl Shard {
         glommio::timer::sleep(Duration::from_millis(50)).await;
         let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
         for s in sessions {
-            s.close(CloseReason::Restart);
+            self.end_session(&s, CloseReason::Restart);
         }
         while self.session_count() > 0 && Instant::now() < deadline {
             glommio::timer::sleep(Duration::from_millis(10)).await;
@@ -344,7 +353,7 @@ impl Shard {
                 if t.connect_deadline.is_some_and(|d| now >= d)
                     || t.pong_deadline.is_some_and(|d| now >= d)
                 {
-                    s.close(CloseReason::Timeout);
+                    self.end_session(&s, CloseReason::Timeout);
                     continue;
                 }
                 if t.pong_deadline.is_none() && now >= t.next_ping {

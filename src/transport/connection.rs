@@ -14,7 +14,7 @@ use futures::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use glommio::net::TcpStream;
 
 use super::http::{self, HttpError, Request};
-use super::polling::{self, PollAnswer};
+use super::polling;
 use super::websocket::{self, FrameReader, Message};
 use super::{api, engine};
 use crate::chat::handler::Flow;
@@ -85,38 +85,41 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
         };
 
         let eio_path = shard.ctx.config.server.path.as_str();
-        let answer = if req.path == eio_path || req.path == eio_path.trim_end_matches('/') {
-            match engineio_request(&shard, stream, req, buf).await {
-                Some((s, b)) => {
-                    stream = s;
-                    buf = b;
-                    continue;
+        let raw_echo = shard.ctx.config.server.conformance
+            && (req.path == "/engine.io/" || req.path == "/engine.io");
+        let answer =
+            if raw_echo || req.path == eio_path || req.path == eio_path.trim_end_matches('/') {
+                match engineio_request(&shard, stream, req, buf, raw_echo).await {
+                    Some((s, b)) => {
+                        stream = s;
+                        buf = b;
+                        continue;
+                    }
+                    None => return,
                 }
-                None => return,
-            }
-        } else if req.path.starts_with("/api/") {
-            let answer = api::handle(&shard, &req, &mut stream, &mut buf).await;
-            let consumed = req.method == "GET" || answer.status == 201;
-            (answer.status, "application/json", answer.body, consumed)
-        } else {
-            let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
-                ("GET", "/healthz") => {
-                    let (status, body) = health(&shard);
-                    (status, "application/json", body)
-                }
-                ("GET", "/metrics") => (
-                    200,
-                    "text/plain; version=0.0.4",
-                    shard.ctx.metrics.render_prometheus(true).into_bytes(),
-                ),
-                _ => (
-                    404,
-                    "application/json",
-                    br#"{"error":{"code":"not_found","message":"no such route"}}"#.to_vec(),
-                ),
+            } else if req.path.starts_with("/api/") {
+                let answer = api::handle(&shard, &req, &mut stream, &mut buf).await;
+                let consumed = req.method == "GET" || answer.status == 201;
+                (answer.status, "application/json", answer.body, consumed)
+            } else {
+                let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
+                    ("GET", "/healthz") => {
+                        let (status, body) = health(&shard);
+                        (status, "application/json", body)
+                    }
+                    ("GET", "/metrics") => (
+                        200,
+                        "text/plain; version=0.0.4",
+                        shard.ctx.metrics.render_prometheus(true).into_bytes(),
+                    ),
+                    _ => (
+                        404,
+                        "application/json",
+                        br#"{"error":{"code":"not_found","message":"no such route"}}"#.to_vec(),
+                    ),
+                };
+                (status, content_type, body, !has_body(&req))
             };
-            (status, content_type, body, !has_body(&req))
-        };
         let (status, content_type, body, consumed) = answer;
         let keep_alive = req.keep_alive() && consumed;
         let resp = http::response(status, content_type, &body, keep_alive);
@@ -151,6 +154,7 @@ async fn engineio_request(
     mut stream: TcpStream,
     req: Request,
     mut buf: Vec<u8>,
+    raw_echo: bool,
 ) -> Option<(TcpStream, Vec<u8>)> {
     let cors = cors_headers(shard, &req);
     let respond = |status: u16, content_type: &str, body: &[u8], keep_alive: bool| {
@@ -196,13 +200,14 @@ async fn engineio_request(
             if transport == Transport::WebSocket {
                 match websocket_key(&req) {
                     Some(key) => {
-                        run_websocket(shard.clone(), stream, &key, buf, None).await;
+                        run_websocket(shard.clone(), stream, &key, buf, None, raw_echo).await;
                         return None;
                     }
                     None => break 'answer reject(HandshakeError::BadRequest),
                 }
             }
             let session = shard.open_session(Transport::Polling);
+            session.raw_echo.set(raw_echo);
             let open = engineio::encode_open(&OpenPayload {
                 sid: &session.sid,
                 upgrades: &["websocket"],
@@ -230,7 +235,7 @@ async fn engineio_request(
             }
             match websocket_key(&req) {
                 Some(key) => {
-                    run_websocket(shard.clone(), stream, &key, buf, Some(session)).await;
+                    run_websocket(shard.clone(), stream, &key, buf, Some(session), raw_echo).await;
                     return None;
                 }
                 None => break 'answer reject(HandshakeError::BadRequest),
@@ -238,8 +243,23 @@ async fn engineio_request(
         }
         match req.method.as_str() {
             "GET" => {
-                let a: PollAnswer = polling::get(shard, &session).await;
-                (a.status, a.content_type, a.body)
+                // Wait for packets, watching the connection: a client that gives up on
+                // its GET ends the session (as Engine.IO does).
+                let answer = {
+                    let get = std::pin::pin!(polling::get(shard, &session));
+                    let gone = std::pin::pin!(client_gone(&mut stream, &mut buf));
+                    match futures::future::select(get, gone).await {
+                        futures::future::Either::Left((a, _)) => Some(a),
+                        futures::future::Either::Right(_) => None,
+                    }
+                };
+                match answer {
+                    Some(a) => (a.status, a.content_type, a.body),
+                    None => {
+                        shard.end_session(&session, CloseReason::Gone);
+                        return None;
+                    }
+                }
             }
             "POST" => {
                 let len = req
@@ -252,8 +272,7 @@ async fn engineio_request(
                         (a.status, a.content_type, a.body)
                     }
                     Err(HttpError::BodyTooLarge) => {
-                        session.close(CloseReason::Gone);
-                        shard.close_session(&session);
+                        shard.end_session(&session, CloseReason::Gone);
                         let resp = respond(
                             413,
                             "application/json",
@@ -274,6 +293,19 @@ async fn engineio_request(
     let resp = respond(status, content_type, &body, keep_alive);
     stream.write_all(&resp).await.ok()?;
     keep_alive.then_some((stream, buf))
+}
+
+/// Resolves when the client closes its side of the connection. Bytes that arrive
+/// meanwhile (a pipelined request) are kept in `buf` and watching stops.
+async fn client_gone(stream: &mut TcpStream, buf: &mut Vec<u8>) {
+    let mut chunk = [0u8; 1024];
+    match stream.read(&mut chunk).await {
+        Ok(0) | Err(_) => {}
+        Ok(n) => {
+            buf.extend_from_slice(&chunk[..n]);
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// The key of a valid WebSocket upgrade request.
@@ -342,6 +374,7 @@ async fn run_websocket(
     key: &str,
     leftover: Vec<u8>,
     upgrading: Option<Rc<Session>>,
+    raw_echo: bool,
 ) {
     if stream
         .write_all(&websocket::upgrade_response(key))
@@ -367,6 +400,7 @@ async fn run_websocket(
         }
         None => {
             let session = shard.open_session(Transport::WebSocket);
+            session.raw_echo.set(raw_echo);
             session.fd.set(Some(stream.as_raw_fd()));
             let open = engineio::encode_open(&OpenPayload {
                 sid: &session.sid,

@@ -32,6 +32,13 @@ pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow 
             Flow::Continue
         }
         PacketType::Message => {
+            if shard.ctx.config.server.conformance {
+                if session.raw_echo.get() {
+                    crate::conformance::echo_engineio_text(session, &data);
+                    return Flow::Continue;
+                }
+                return crate::conformance::on_socketio(shard, session, &data[1..]);
+            }
             data.remove(0);
             let mut parser = session.parser.borrow_mut();
             handler::on_socketio(shard, session, &mut parser, data)
@@ -44,6 +51,13 @@ pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow 
 
 /// Handles one binary packet (a Socket.IO attachment).
 pub fn on_binary(shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
+    if shard.ctx.config.server.conformance {
+        if session.raw_echo.get() {
+            crate::conformance::echo_engineio_binary(session, &data);
+            return Flow::Continue;
+        }
+        return crate::conformance::on_binary(session, data);
+    }
     let mut parser = session.parser.borrow_mut();
     handler::on_binary(shard, session, &mut parser, data)
 }

@@ -93,9 +93,8 @@ pub async fn get(shard: &Shard, session: &Rc<Session>) -> PollAnswer {
         Transport::Polling => {}
     }
     if session.poll_get.replace(true) {
-        // Two GETs at once: Engine.IO closes the session.
-        session.close(CloseReason::Gone);
-        shard.close_session(session);
+        // Two GETs at once: Engine.IO closes the session; the first GET gets `1`.
+        shard.end_session(session, CloseReason::Protocol(1008));
         return PollAnswer::error(HandshakeError::BadRequest);
     }
     poll_fn(|cx| {
@@ -124,12 +123,8 @@ pub async fn get(shard: &Shard, session: &Rc<Session>) -> PollAnswer {
         out.closing().is_some() && out.is_empty()
     };
     if closing {
-        if !body.ends_with(b"1") {
-            if !body.is_empty() {
-                body.push(SEPARATOR);
-            }
-            body.push(b'1');
-        }
+        // A close the server decided ends with `1` (its close frame); one the client
+        // asked for (`Gone`) just releases the GET with a noop.
         shard.close_session(session);
     }
     if body.is_empty() {
@@ -144,8 +139,7 @@ pub fn post(shard: &Shard, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
         return PollAnswer::error(HandshakeError::BadRequest);
     }
     if session.poll_post.replace(true) {
-        session.close(CloseReason::Gone);
-        shard.close_session(session);
+        shard.end_session(session, CloseReason::Protocol(1008));
         return PollAnswer::error(HandshakeError::BadRequest);
     }
     let mut flow = Flow::Continue;
@@ -163,8 +157,11 @@ pub fn post(shard: &Shard, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
     }
     session.poll_post.set(false);
     if let Flow::Close(reason) = flow {
-        session.close(reason);
-        if matches!(reason, CloseReason::Protocol(code) if code != 1000) {
+        // A close packet from the client (`Protocol(1000)`) ends the session quietly: a
+        // pending GET gets a noop. A bad packet ends it too, and the POST gets a 400.
+        let bad = matches!(reason, CloseReason::Protocol(code) if code != 1000);
+        shard.end_session(session, if bad { reason } else { CloseReason::Gone });
+        if bad {
             return PollAnswer::error(HandshakeError::BadRequest);
         }
     }
