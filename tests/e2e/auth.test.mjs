@@ -9,8 +9,10 @@ import {
   connect,
   connectError,
   emitAck,
+  freePort,
   guard,
   mintToken,
+  runUntilExit,
   startServer,
   waitEvent,
 } from "./harness.mjs";
@@ -185,6 +187,24 @@ describe("auth in dev mode (no secret)", () => {
       await expectUnauthorized(dev.url, {}, "dev mode without auth");
       a.close();
       b.close();
+    }),
+  );
+
+  it(
+    "dev mode refuses to start on a non-loopback address",
+    T(async () => {
+      const port = await freePort();
+      const r = await runUntilExit(["serve", "--listen", `0.0.0.0:${port}`, "--shards", "1", "--store", "memory"]);
+      assert.equal(r.timedOut, false, `still running after 5 s; output:\n${r.output}`);
+      assert.equal(r.ready, false, `it must not serve; output:\n${r.output}`);
+      assert.notEqual(r.code, 0, `exit code; output:\n${r.output}`);
+      assert.ok(r.output.trim().length > 0, "it explains why");
+      // the same with a secret starts fine (so the refusal above is about dev mode)
+      const withSecret = await runUntilExit(["serve", "--listen", `0.0.0.0:${port}`, "--shards", "1", "--store", "memory"], {
+        secret: "a-long-enough-test-secret-0123456789",
+        timeoutMs: 1500,
+      });
+      assert.equal(withSecret.ready, true, `with a secret it serves on 0.0.0.0; output:\n${withSecret.output}`);
     }),
   );
 

@@ -11,7 +11,6 @@ import {
   connect,
   connectOnEachShard,
   emitAck,
-  expectNoEvent,
   health,
   guard,
   mintToken,
@@ -27,6 +26,7 @@ let shardA;
 let shardB;
 const T = (fn) => guard(() => srv, fn);
 const tokenFor = (sub, extra = {}) => mintToken(srv.secret, { sub, name: sub.toUpperCase(), rooms: ["*"], ...extra });
+const offs = (ms) => ms.map((m) => m.offset);
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
 
 function assertTs(ts, t0, t1) {
@@ -131,7 +131,9 @@ describe("chat", () => {
     "id sorts by time",
     T(async () => {
       await sleep(5);
+      const seen = waitEvent(B, "message", (m) => m.text === "later");
       const later = assertOkAck(await emitAck(A, "message", { room: "lobby", text: "later" }));
+      await seen; // (so that it cannot spill into the next test)
       assert.equal(later.offset, 52);
       assert.ok(later.id > first.id, `id ${later.id} (later) must sort after ${first.id}`);
       assert.ok(later.ts >= first.ts);
@@ -149,16 +151,36 @@ describe("chat", () => {
       assertOkAck(await emitAck(A2, "join", { room: "lobby" }));
       const retry2 = await emitAck(A2, "message", { room: "lobby", text: "hello, bob", cid: "c-1" });
       assert.deepEqual(retry2, first);
+      // (A2 is one of "every connection in the room except the sending one")
+      const toA2 = waitEvent(A2, "message", (m) => m.text === "to every other connection");
+      const own = assertOkAck(await emitAck(A, "message", { room: "lobby", text: "to every other connection" }));
+      assert.equal((await toA2).offset, own.offset, "the sender's other connection receives it");
+      assert.equal(own.offset, 53, "the retries stored nothing: the next message takes the next offset");
       await sleep(300);
-      assert.deepEqual(recv.stop(), [], "a deduplicated retry delivers nothing");
+      assert.deepEqual(
+        recv.stop().filter((m) => m.offset !== own.offset),
+        [],
+        "a deduplicated retry delivers nothing",
+      );
       A2.close();
-      // nothing was stored: the next message takes the next offset
+      const nextSeen = waitEvent(B, "message", (m) => m.text === "after retry");
       const next = assertOkAck(await emitAck(A, "message", { room: "lobby", text: "after retry" }));
-      assert.equal(next.offset, 53);
+      assert.equal(next.offset, own.offset + 1);
+      assert.equal((await nextSeen).offset, own.offset + 1);
       // the same cid from another user is a different message
+      const otherSeen = waitEvent(A, "message", (m) => m.text === "bob's c-1");
       const other = assertOkAck(await emitAck(B, "message", { room: "lobby", text: "bob's c-1", cid: "c-1" }));
-      assert.equal(other.offset, 54);
+      assert.equal(other.offset, own.offset + 2);
       assert.notEqual(other.id, first.id);
+      assert.deepEqual(await otherSeen, {
+        room: "lobby",
+        id: other.id,
+        offset: own.offset + 2,
+        user: "bob",
+        text: "bob's c-1",
+        ts: other.ts,
+        cid: "c-1",
+      });
     }),
   );
 
@@ -178,7 +200,6 @@ describe("chat", () => {
       assert.ok(Array.isArray(r.messages), JSON.stringify(r).slice(0, 300));
       return r.messages;
     };
-    const offs = (ms) => ms.map((m) => m.offset);
 
     it(
       "history {limit:10} is the newest 10, oldest first, with full messages",
@@ -280,6 +301,139 @@ describe("chat", () => {
   });
 
   it(
+    "two senders on different shards: every receiver sees offset order without gaps or duplicates",
+    T(async () => {
+      const C = await connect(srv.url, { auth: { token: tokenFor("carol") } });
+      for (const s of [A, B, C]) assertOkAck(await emitAck(s, "join", { room: "race" }));
+      const atA = collect(A, "message");
+      const atB = collect(B, "message");
+      const atC = collect(C, "message");
+      const K = 40;
+      const [acksA, acksB] = await Promise.all([
+        Promise.all(range(1, K).map((i) => emitAck(A, "message", { room: "race", text: `a${i}` }, 5000))),
+        Promise.all(range(1, K).map((i) => emitAck(B, "message", { room: "race", text: `b${i}` }, 5000))),
+      ]);
+      for (const a of [...acksA, ...acksB]) assertOkAck(a);
+      const increasing = (xs) => xs.every((x, i) => i === 0 || x > xs[i - 1]);
+      assert.ok(increasing(acksA.map((a) => a.offset)), "A's sends are accepted in the order sent");
+      assert.ok(increasing(acksB.map((a) => a.offset)), "B's sends are accepted in the order sent");
+      assert.deepEqual(
+        [...acksA, ...acksB].map((a) => a.offset).sort((x, y) => x - y),
+        range(1, 2 * K),
+        "offsets 1..80 without gaps",
+      );
+      await atC.waitFor(2 * K);
+      await atA.waitFor(K);
+      await atB.waitFor(K);
+      await sleep(300);
+      const race = (c) => c.stop().filter((m) => m.room === "race");
+      const gotC = race(atC);
+      assert.deepEqual(gotC.map((m) => m.offset), range(1, 2 * K), "the third member gets every offset once, in order");
+      const byOffset = new Map([...acksA.map((a, i) => [a.offset, `a${i + 1}`]), ...acksB.map((a, i) => [a.offset, `b${i + 1}`])]);
+      assert.deepEqual(gotC.map((m) => m.text), gotC.map((m) => byOffset.get(m.offset)), "text matches the offset's ack");
+      assert.deepEqual(race(atA).map((m) => m.offset), acksB.map((a) => a.offset), "A gets exactly B's messages, in order");
+      assert.deepEqual(race(atB).map((m) => m.offset), acksA.map((a) => a.offset), "B gets exactly A's messages, in order");
+      C.close();
+    }),
+  );
+
+  it(
+    "join {since} during a live stream: missed + live messages are exactly 1..N, each once",
+    T(async () => {
+      const K = 60;
+      assertOkAck(await emitAck(A, "join", { room: "stream" }));
+      const C = await connect(srv.url, { auth: { token: tokenFor("carol") } });
+      const live = collect(C, "message");
+      // A sends a paced stream; C joins a third of the way in
+      const sends = [];
+      let joinP;
+      for (let i = 1; i <= K; i++) {
+        sends.push(emitAck(A, "message", { room: "stream", text: `s${i}` }, 5000));
+        if (i === K / 3) joinP = emitAck(C, "join", { room: "stream", since: 0 });
+        if (i % 3 === 0) await sleep(3);
+      }
+      const j = await joinP;
+      assertOkAck(j);
+      const acks = await Promise.all(sends);
+      acks.forEach((a) => assertOkAck(a));
+      assert.deepEqual(offs(j.missed), range(1, j.offset), "missed is everything up to the join offset");
+      const liveOffsets = () => live.items.filter((m) => m.room === "stream").map((m) => m.offset);
+      const end = Date.now() + 3000;
+      while (liveOffsets().length < K - j.offset && Date.now() < end) await sleep(10);
+      await sleep(200);
+      live.stop();
+      assert.deepEqual(liveOffsets(), range(j.offset + 1, K), "live messages carry offsets > the join offset");
+      C.close();
+    }),
+  );
+
+  it(
+    "join {since} replays at most history.max_replay (1000) messages, the newest, and says truncated",
+    T(async () => {
+      const K = 1005;
+      assertOkAck(await emitAck(A, "join", { room: "big" }));
+      for (let from = 1; from <= K; from += 250) {
+        const acks = await Promise.all(
+          range(from, Math.min(from + 249, K)).map((i) => emitAck(A, "message", { room: "big", text: `b${i}` }, 10000)),
+        );
+        acks.forEach((a) => assertOkAck(a));
+      }
+      const C = await connect(srv.url, { auth: { token: tokenFor("carol") } });
+      const j = await emitAck(C, "join", { room: "big", since: 0 }, 10000);
+      assertOkAck(j);
+      assert.equal(j.offset, K);
+      assert.equal(j.missed.length, 1000);
+      assert.deepEqual(offs(j.missed), range(K - 999, K), "the newest 1000, oldest first");
+      assert.equal(j.truncated, true);
+      const j2 = await emitAck(C, "join", { room: "big", since: K - 1000 }, 10000);
+      assert.equal(j2.missed.length, 1000);
+      assert.notEqual(j2.truncated, true, "exactly 1000 missed: nothing left out");
+      C.close();
+    }),
+  );
+
+  it(
+    "joining a room twice is harmless: messages still arrive once",
+    T(async () => {
+      const C = await connect(srv.url, { auth: { token: tokenFor("carol") } });
+      assertOkAck(await emitAck(C, "join", { room: "twice" }));
+      const again = await emitAck(C, "join", { room: "twice" });
+      assertOkAck(again);
+      assert.equal(again.offset, 0);
+      assertOkAck(await emitAck(A, "join", { room: "twice" }));
+      const got = collect(C, "message");
+      assertOkAck(await emitAck(A, "message", { room: "twice", text: "once" }));
+      await got.waitFor(1);
+      await sleep(300);
+      assert.deepEqual(got.stop().map((m) => m.text), ["once"]);
+      C.close();
+    }),
+  );
+
+  it(
+    "polling clients (polling only, and polling with upgrade) join, send and receive",
+    T(async () => {
+      for (const transports of [["polling"], ["polling", "websocket"]]) {
+        const P = await connect(srv.url, { transports, auth: { token: tokenFor("polly") } });
+        const room = `poll-${transports.length}`;
+        assertOkAck(await emitAck(P, "join", { room }), `join over ${transports}`);
+        assertOkAck(await emitAck(B, "join", { room }));
+        // several round trips so that polling requests land on both shards
+        for (let i = 1; i <= 6; i++) {
+          const toP = waitEvent(P, "message", (m) => m.room === room && m.text === `to polly ${i}`);
+          const toB = waitEvent(B, "message", (m) => m.room === room && m.text === `from polly ${i}`);
+          assertOkAck(await emitAck(B, "message", { room, text: `to polly ${i}` }));
+          const a = assertOkAck(await emitAck(P, "message", { room, text: `from polly ${i}` }), `send over ${transports}`);
+          assert.equal(a.offset, 2 * i);
+          assert.equal((await toP).offset, 2 * i - 1);
+          assert.equal((await toB).user, "polly");
+        }
+        P.close();
+      }
+    }),
+  );
+
+  it(
     "typing reaches the other members as {room,user}, not the sender",
     T(async () => {
       const echo = collect(A, "typing");
@@ -305,8 +459,8 @@ describe("chat", () => {
       const toA = collect(A, "message");
       assertOkAck(await emitAck(B, "message", { room: "lobby", text: "anyone?" }));
       await sleep(300);
-      assert.deepEqual(toB.stop(), [], "a refused message is not delivered");
-      assert.deepEqual(toA.stop(), [], "a connection that left gets no more messages");
+      assert.deepEqual(toB.stop().filter((m) => m.room === "lobby"), [], "a refused message is not delivered");
+      assert.deepEqual(toA.stop().filter((m) => m.room === "lobby"), [], "a connection that left gets no more messages");
       assertErrorAck(await emitAck(A, "history", { room: "lobby" }), "not_joined");
     }),
   );

@@ -1,6 +1,8 @@
 // Every error code a socket.io client can reach, and the connection survives them all.
 // PROTOCOL.md "Client → server events", "message rules", "Errors".
 import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import http from "node:http";
 import { after, before, describe, it } from "node:test";
 import {
   assertErrorAck,
@@ -11,7 +13,9 @@ import {
   emitAck,
   emitAckArgs,
   guard,
+  httpGet,
   mintToken,
+  orTimeout,
   sleep,
   startServer,
   waitEvent,
@@ -22,17 +26,47 @@ const T = (fn) => guard(() => srv, fn);
 const SEND_RATE = 5; // messages per second, per the server's env below
 const token = (sub, rooms = ["*"]) => mintToken(srv.secret, { sub, rooms });
 
+/** A raw WebSocket upgrade request; resolves {status, body} (101 on upgrade). */
+function upgradeRequest(url, pathName) {
+  return new Promise((resolve, reject) => {
+    const req = http.request(`${url}${pathName}`, {
+      agent: false,
+      headers: {
+        Connection: "Upgrade",
+        Upgrade: "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": randomBytes(16).toString("base64"),
+      },
+    });
+    req.setTimeout(3000, () => req.destroy(new Error("upgrade request timed out")));
+    req.on("upgrade", (res, socket) => {
+      socket.destroy();
+      resolve({ status: res.statusCode, body: "" });
+    });
+    req.on("response", (res) => {
+      let body = "";
+      res.setEncoding("utf8");
+      res.on("data", (c) => (body += c));
+      res.on("end", () => resolve({ status: res.statusCode, body }));
+    });
+    req.on("error", reject);
+    req.end();
+  });
+}
+
 // eve collects the errors; her sends are paced below the rate limit so that every
 // error below is the one under test and never rate_limited.
 let E;
 const eveDisconnects = [];
+// (The rate limit may cover history and typing as well as messages; eve paces those too.)
 let lastEveSend = 0;
-async function eveSend(payload) {
+async function evePaced(event, payload) {
   const wait = lastEveSend + 1000 / SEND_RATE + 40 - Date.now();
   if (wait > 0) await sleep(wait);
   lastEveSend = Date.now();
-  return emitAck(E, "message", payload);
+  return emitAck(E, event, payload);
 }
+const eveSend = (payload) => evePaced("message", payload);
 
 describe("errors", () => {
   before(async () => {
@@ -51,7 +85,7 @@ describe("errors", () => {
     "not_joined: message, history and presence before join",
     T(async () => {
       assertErrorAck(await eveSend({ room: "e-main", text: "too early" }), "not_joined", "message");
-      assertErrorAck(await emitAck(E, "history", { room: "e-main" }), "not_joined", "history");
+      assertErrorAck(await evePaced("history", { room: "e-main" }), "not_joined", "history");
       assertErrorAck(await emitAck(E, "presence", { room: "e-main" }), "not_joined", "presence");
       assertOkAck(await emitAck(E, "join", { room: "e-main" }));
     }),
@@ -61,7 +95,11 @@ describe("errors", () => {
     "bad_request: malformed join/leave/history/presence payloads and room names",
     T(async () => {
       const bad = async (event, payload, what) =>
-        assertErrorAck(await emitAck(E, event, payload), "bad_request", `${event} ${what}`);
+        assertErrorAck(
+          await (event === "history" ? evePaced(event, payload) : emitAck(E, event, payload)),
+          "bad_request",
+          `${event} ${what}`,
+        );
       await bad("join", {}, "missing room");
       await bad("join", { room: 5 }, "numeric room");
       await bad("join", "e-main", "payload not an object");
@@ -86,8 +124,8 @@ describe("errors", () => {
       assertOkAck(j, "room of 128 bytes");
       assert.equal(j.room, long);
       assertOkAck(await emitAck(E, "join", { room: "Az09_.:@-" }), "every allowed character");
-      assertOkAck(await emitAck(E, "history", { room: "e-main", limit: 1 }), "limit 1");
-      assertOkAck(await emitAck(E, "history", { room: "e-main", limit: 101 }), "limit 101 is capped, not refused");
+      assertOkAck(await evePaced("history", { room: "e-main", limit: 1 }), "limit 1");
+      assertOkAck(await evePaced("history", { room: "e-main", limit: 101 }), "limit 101 is capped, not refused");
     }),
   );
 
@@ -120,11 +158,11 @@ describe("errors", () => {
       assertErrorAck(await emitAckArgs(E, "frobnicate", []), "bad_request", "unknown event, no arguments");
       E.emit("frobnicate", { room: "e-main" }); // no ack id: ignored
       assertErrorAck(
-        await emitAck(E, "typing", { room: "bad room!" }),
+        await evePaced("typing", { room: "bad room!" }),
         "bad_request",
         "typing with a bad room, ack requested",
       );
-      assertOkAck(await emitAck(E, "history", { room: "e-main", limit: 1 }), "still served afterwards");
+      assertOkAck(await evePaced("history", { room: "e-main", limit: 1 }), "still served afterwards");
       assert.equal(E.connected, true);
     }),
   );
@@ -137,7 +175,7 @@ describe("errors", () => {
       const big = assertOkAck(await eveSend({ room: "e-main", text: "a".repeat(4096) }), "4096 bytes");
       const big2 = assertOkAck(await eveSend({ room: "e-main", text: "é".repeat(2048) }), "2048 chars / 4096 bytes");
       assert.equal(big2.offset, big.offset + 1);
-      const h = await emitAck(E, "history", { room: "e-main", limit: 2 });
+      const h = await evePaced("history", { room: "e-main", limit: 2 });
       assert.deepEqual(
         h.messages.map((m) => m.text),
         ["a".repeat(4096), "é".repeat(2048)],
@@ -164,8 +202,12 @@ describe("errors", () => {
         Array.from({ length: oks.length }, (_, i) => i + 1),
         "accepted sends take consecutive offsets, in send order",
       );
-      const h = await emitAck(S, "history", { room: "e-spam", limit: 100 });
+      // read back from another member's connection (the spammer's own bucket is empty)
+      const W = await connect(srv.url, { auth: { token: token("spam-watcher") } });
+      assertOkAck(await emitAck(W, "join", { room: "e-spam" }));
+      const h = await emitAck(W, "history", { room: "e-spam", limit: 100 });
       assertOkAck(h);
+      W.close();
       assert.equal(h.messages.length, oks.length, "refused sends stored nothing");
       // the bucket refills
       await sleep(1200);
@@ -213,6 +255,69 @@ describe("errors", () => {
     T(async () => {
       const err = await connectError(srv.url, { auth: { token: mintToken("wrong", { sub: "eve" }) } });
       assert.equal(err.message, "unauthorized");
+    }),
+  );
+
+  it(
+    "another namespace gets connect_error \"Invalid namespace\"",
+    T(async () => {
+      const err = await connectError(`${srv.url}/admin`, { auth: { token: token("eve") } });
+      assert.equal(err.message, "Invalid namespace");
+    }),
+  );
+
+  it(
+    "EIO other than 4: HTTP 400 with the Engine.IO error body, on both transports",
+    T(async () => {
+      const expected = { code: 5, message: "Unsupported protocol version" };
+      const poll = await httpGet(srv.url, "/socket.io/?EIO=3&transport=polling");
+      assert.equal(poll.status, 400);
+      assert.deepEqual(JSON.parse(poll.body), expected);
+      const ws = await upgradeRequest(srv.url, "/socket.io/?EIO=3&transport=websocket");
+      assert.equal(ws.status, 400, "refused before any WebSocket upgrade");
+      assert.deepEqual(JSON.parse(ws.body), expected);
+      // EIO=4 over the same raw request is upgraded (the check above is meaningful)
+      const ok = await upgradeRequest(srv.url, "/socket.io/?EIO=4&transport=websocket");
+      assert.equal(ok.status, 101);
+      // and the EIO=4 polling handshake is the documented open packet
+      const open = await httpGet(srv.url, "/socket.io/?EIO=4&transport=polling");
+      assert.equal(open.status, 200);
+      assert.equal(open.body[0], "0", `open packet: ${open.body}`);
+      const o = JSON.parse(open.body.slice(1));
+      assert.equal(typeof o.sid, "string");
+      assert.deepEqual(o.upgrades, ["websocket"]);
+      assert.deepEqual(
+        { pingInterval: o.pingInterval, pingTimeout: o.pingTimeout, maxPayload: o.maxPayload },
+        { pingInterval: 25000, pingTimeout: 20000, maxPayload: 1000000 },
+      );
+    }),
+  );
+
+  it(
+    "an invalid Socket.IO packet, an oversized frame or > 10 attachments closes only that connection",
+    T(async () => {
+      const W = await connect(srv.url, { auth: { token: token("bystander") } });
+      assertOkAck(await emitAck(W, "join", { room: "e-bystand" }));
+      // a valid Engine.IO message whose Socket.IO packet is garbage
+      const G = await connect(srv.url, { auth: { token: token("garbler") } });
+      const gClosed = new Promise((r) => G.on("disconnect", r));
+      G.io.engine.write("9not a socket.io packet");
+      assert.equal(await orTimeout(gClosed, 3000, "still open"), "transport close");
+      // a frame above maxPayload (1000000)
+      const O = await connect(srv.url, { auth: { token: token("oversize") } });
+      assertOkAck(await emitAck(O, "join", { room: "e-bystand" }));
+      const oClosed = new Promise((r) => O.on("disconnect", r));
+      O.emit("message", { room: "e-bystand", text: "x".repeat(1_100_000) });
+      assert.equal(await orTimeout(oClosed, 3000, "still open"), "transport close");
+      // a binary event with more than 10 attachments
+      const M = await connect(srv.url, { auth: { token: token("attacher") } });
+      const mClosed = new Promise((r) => M.on("disconnect", r));
+      M.emit("message", { room: "e-bystand", parts: Array.from({ length: 11 }, (_, i) => Buffer.from([i])) });
+      assert.equal(await orTimeout(mClosed, 3000, "still open"), "transport close", "11 attachments close the connection");
+      // the bystander is unaffected
+      assert.equal(W.connected, true);
+      assertOkAck(await emitAck(W, "message", { room: "e-bystand", text: "fine" }));
+      W.close();
     }),
   );
 

@@ -17,6 +17,13 @@ export const BIN = process.env.CORELAY_BIN || path.join(REPO_ROOT, "target", "de
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+/** The promise's value, or `fallback` after ms (the timer does not outlive the race). */
+export function orTimeout(promise, ms, fallback = "timeout") {
+  let timer;
+  const t = new Promise((r) => (timer = setTimeout(() => r(fallback), ms)));
+  return Promise.race([promise, t]).finally(() => clearTimeout(timer));
+}
+
 /** Error codes of PROTOCOL.md "Errors". */
 export const ERROR_CODES = [
   "bad_request",
@@ -79,16 +86,21 @@ export async function startServer({ shards = 2, env = {}, args = [], secret, rea
   throw lastErr;
 }
 
+/** The server's environment: hermetic (no inherited CORELAY_* / REDIS_*), RUST_LOG=warn. */
+function serverEnv(env, secret) {
+  const out = {};
+  for (const [k, v] of Object.entries(process.env)) {
+    if (k.startsWith("CORELAY_") || k.startsWith("REDIS_")) continue;
+    out[k] = v;
+  }
+  Object.assign(out, { RUST_LOG: "warn" }, env);
+  if (secret !== null) out.CORELAY_JWT_SECRET = secret;
+  return out;
+}
+
 function spawnServer({ port, shards, env, args, secret, readyTimeoutMs }) {
   const cwd = mkdtempSync(path.join(os.tmpdir(), "corelay-e2e-"));
-  const baseEnv = {};
-  for (const [k, v] of Object.entries(process.env)) {
-    // keep the test environment hermetic: no inherited corelay / redis settings
-    if (k.startsWith("CORELAY_") || k.startsWith("REDIS_")) continue;
-    baseEnv[k] = v;
-  }
-  const fullEnv = { ...baseEnv, RUST_LOG: "warn", ...env };
-  if (secret !== null) fullEnv.CORELAY_JWT_SECRET = secret;
+  const fullEnv = serverEnv(env, secret);
   const argv = [
     "serve",
     "--listen",
@@ -194,6 +206,40 @@ function spawnServer({ port, shards, env, args, secret, readyTimeoutMs }) {
     }
     proc.on("error", (e) => fail(e));
     exitP.then((x) => fail(new Error(`corelay exited before it was ready (code=${x.code} signal=${x.signal})`)));
+  });
+}
+
+/**
+ * Run the binary with exactly `argv` and wait (≤ timeoutMs) for it to exit on its own.
+ * Resolves {code, signal, output, ready} where ready says whether it logged "listening on";
+ * a process still running at the deadline is killed and reported with code null.
+ */
+export function runUntilExit(argv, { env = {}, secret = null, timeoutMs = 5000 } = {}) {
+  const cwd = mkdtempSync(path.join(os.tmpdir(), "corelay-e2e-"));
+  const fullEnv = serverEnv(env, secret);
+  const proc = spawn(BIN, argv, { cwd, env: fullEnv, stdio: ["ignore", "pipe", "pipe"] });
+  live.add(proc);
+  let output = "";
+  proc.stdout.setEncoding("utf8").on("data", (c) => (output += c));
+  proc.stderr.setEncoding("utf8").on("data", (c) => (output += c));
+  return new Promise((resolve) => {
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      proc.kill("SIGKILL");
+    }, timeoutMs);
+    proc.on("exit", (code, signal) => {
+      clearTimeout(timer);
+      live.delete(proc);
+      rmSync(cwd, { recursive: true, force: true });
+      resolve({
+        code: timedOut ? null : code,
+        signal: timedOut ? null : signal,
+        timedOut,
+        output,
+        ready: output.includes("listening on"),
+      });
+    });
   });
 }
 

@@ -151,6 +151,25 @@ describe("presence", () => {
   );
 
   it(
+    "a dropped connection (TCP torn down, no close handshake) sends online:false",
+    T(async () => {
+      const [{ socket: B }, { socket: A }] = await connectOnEachShard(srv.url, (i) => auth(i === 0 ? "bob" : "alice"));
+      assertOkAck(await emitAck(B, "join", { room: "p5" }));
+      const on = waitEvent(B, "presence", (p) => p.room === "p5" && p.user === "alice");
+      assertOkAck(await emitAck(A, "join", { room: "p5" }));
+      assert.equal((await on).online, true);
+      const off = waitEvent(B, "presence", (p) => p.room === "p5" && p.user === "alice", 5000);
+      const ws = A.io.engine.transport.ws;
+      assert.equal(typeof ws?.terminate, "function", "websocket transport with a ws socket");
+      ws.terminate(); // destroys the TCP socket without a WebSocket close frame
+      assert.deepEqual(await off, { room: "p5", user: "alice", online: false });
+      assert.deepEqual(await presenceOf(B, "p5"), [{ user: "bob", name: NAMES.bob }]);
+      B.close();
+      A.close();
+    }),
+  );
+
+  it(
     "a user without a name claim is listed without a name",
     T(async () => {
       const B = await connect(srv.url, { auth: auth("bob") });
