@@ -289,7 +289,10 @@ async fn engineio_request(
         }
     };
     let (status, content_type, body) = outcome;
-    let keep_alive = req.keep_alive() && (req.method != "POST" || status == 200);
+    // A refused WebSocket upgrade ends the connection (the client expects no more HTTP).
+    let upgrade_attempt = req.header_has_token("upgrade", "websocket");
+    let keep_alive =
+        req.keep_alive() && !upgrade_attempt && (req.method != "POST" || status == 200);
     let resp = respond(status, content_type, &body, keep_alive);
     stream.write_all(&resp).await.ok()?;
     keep_alive.then_some((stream, buf))
