@@ -169,7 +169,20 @@ async fn shard_main(
     fd: RawFd,
     ready: &std::sync::mpsc::Sender<Result<usize, StartError>>,
 ) -> Result<(), StartError> {
-    let (senders, mut receivers) = mesh.join().await.map_err(|e| StartError::Shard {
+    // glommio can park an executor whose mesh connection is still pending and miss the
+    // peer's arrival (seen here: ~1 start in 6 under load hung forever). A ticking timer
+    // bounds every park, so the pending connection is polled again.
+    let joined = Rc::new(std::cell::Cell::new(false));
+    let ticking = joined.clone();
+    glommio::spawn_local(async move {
+        while !ticking.get() {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .detach();
+    let joining = mesh.join().await;
+    joined.set(true);
+    let (senders, mut receivers) = joining.map_err(|e| StartError::Shard {
         shard: id,
         message: format!("mesh join failed: {e}"),
     })?;
