@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Runs every test corelay has: Rust unit and integration tests (they start the real
 # binary), then the end-to-end suite with the official socket.io-client from npm.
-# Installs what the tests need when it is missing (Node.js and npm from Debian, the npm
-# packages from package-lock.json). Needs a Rust toolchain (see README).
+# Installs what the tests need when it is missing (Node.js, npm and Chromium for the
+# browser test from Debian, the npm packages from package-lock.json). Needs a Rust
+# toolchain (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
-if [ ! -d node_modules/socket.io-client ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+if [ ! -d node_modules/socket.io-client ] || [ ! -d node_modules/playwright-core ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
 
