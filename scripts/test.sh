@@ -22,7 +22,7 @@ if [ ! -d node_modules/socket.io-client ] || [ ! -d node_modules/playwright-core
 fi
 
 echo "== cargo test"
-cargo test --locked 2>&1
+cargo test --locked --no-fail-fast 2>&1
 
 echo "== socket.io-client end-to-end tests"
 CORELAY_BIN="$PWD/target/debug/corelay" npm run --silent test:e2e
