@@ -6,6 +6,7 @@
 //! `server::run` ties them together.
 
 pub mod auth;
+pub mod bridge;
 pub mod chat;
 pub mod config;
 pub mod conformance;

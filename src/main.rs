@@ -1,4 +1,4 @@
-//! The `corelay` command: `serve`, `token`.
+//! The `corelay` command: `serve`, `token`, `schema`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -67,6 +67,33 @@ enum Command {
         /// Lifetime, e.g. 30m, 1h, 7d.
         #[arg(long, default_value = "1h")]
         ttl: String,
+    },
+    /// The ScyllaDB schema (deploy/scylla/schema.cql) for `store = "scylla"`.
+    Schema {
+        #[command(subcommand)]
+        action: SchemaAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SchemaAction {
+    /// Connect to the [scylla] nodes and create the keyspace and tables (if not there yet).
+    Apply {
+        /// TOML configuration file (its [scylla] section; CORELAY_SCYLLA_* override it).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Replication factor of a new keyspace (default 3, as in schema.cql; 1 for a single node).
+        #[arg(long)]
+        replication_factor: Option<u32>,
+    },
+    /// Print the CQL that `apply` runs, for the configured keyspace.
+    Print {
+        /// TOML configuration file (for [scylla] keyspace).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Replication factor to print instead of 3.
+        #[arg(long)]
+        replication_factor: Option<u32>,
     },
 }
 
@@ -152,6 +179,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             .context("cannot mint token")?;
             println!("{token}");
+            Ok(())
+        }
+        Command::Schema {
+            action:
+                SchemaAction::Print {
+                    config,
+                    replication_factor,
+                },
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            let cql =
+                corelay::store::scylla::render_schema(&cfg.scylla.keyspace, replication_factor)?;
+            print!("{cql}");
+            Ok(())
+        }
+        Command::Schema {
+            action:
+                SchemaAction::Apply {
+                    config,
+                    replication_factor,
+                },
+        } => {
+            let cfg = Config::load(config.as_deref())?;
+            init_logging(cfg.log.format);
+            let bridge = corelay::bridge::Bridge::global()?;
+            let applied = futures::executor::block_on(corelay::store::scylla::apply_schema(
+                &cfg.scylla,
+                replication_factor,
+                bridge,
+            ))?;
+            println!(
+                "applied {} statements to keyspace {} at [{}]",
+                applied.len(),
+                cfg.scylla.keyspace,
+                cfg.scylla.nodes.join(", ")
+            );
             Ok(())
         }
     }

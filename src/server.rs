@@ -69,6 +69,9 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         StoreKind::Embedded => {
             Store::open_embedded(&config.server.data_dir, config.store.durability)?
         }
+        // Its errors already say what is wrong ("cannot reach ScyllaDB at [nodes]: …",
+        // "… run `corelay schema apply`", a bucket_size mismatch).
+        StoreKind::Scylla => Store::open_scylla(&config.scylla)?,
         other => return Err(ServeError::StoreUnavailable(other)),
     };
     let shards = config.shard_count();

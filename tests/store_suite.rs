@@ -1,6 +1,7 @@
 //! The history store suite: one generic suite every backend must pass, run against the
-//! memory and embedded stores (and, where a node exists, ScyllaDB), plus the embedded
-//! store's own cases (reopen, locking, unwritable paths, disk full).
+//! memory and embedded stores (and, where a node exists, ScyllaDB:
+//! `CORELAY_TEST_SCYLLA=host:port`), plus the embedded store's own cases (reopen,
+//! locking, unwritable paths, disk full).
 //!
 //! Everything runs inside a glommio executor, like a shard, with `io_memory` kept at
 //! 512 KiB (the locked-memory limit here is 8 MiB).
@@ -8,7 +9,13 @@
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use corelay::store::{Durability, HistoryQuery, HistoryStore, Store, StoreError, StoredMessage};
+use std::time::Duration;
+
+use corelay::bridge::Bridge;
+use corelay::config::{HumanDuration, ScyllaConfig};
+use corelay::store::{
+    scylla, Durability, HistoryQuery, HistoryStore, Store, StoreError, StoredMessage,
+};
 use glommio::LocalExecutorBuilder;
 
 /// Runs a future to completion on a fresh glommio executor thread, like a shard would.
@@ -402,17 +409,116 @@ fn embedded_store_buffered_passes_suite() {
     });
 }
 
-/// Hook for the ScyllaDB backend (it comes later): runs the same suite against a live node.
+/// The suite against ScyllaDB, when `CORELAY_TEST_SCYLLA=host:port` names a live node: a
+/// fresh keyspace with a random name (schema applied with replication factor 1, a tiny
+/// bucket size so every read crosses bucket boundaries), dropped afterwards, pass or fail.
 #[test]
 fn scylla_store_passes_suite() {
-    match std::env::var("CORELAY_TEST_SCYLLA") {
-        Err(_) => {
-            println!("skipped: set CORELAY_TEST_SCYLLA=host:port to run the suite against ScyllaDB")
-        }
-        // TODO(scylla): open `Store::Scylla` on this node with a fresh keyspace and run
-        // `suite(store, &unique_prefix)` here, like the embedded test above.
-        Ok(node) => {
-            panic!("CORELAY_TEST_SCYLLA={node} is set, but corelay has no scylla store backend yet")
+    let Ok(node) = std::env::var("CORELAY_TEST_SCYLLA") else {
+        println!(
+            "skipped: set CORELAY_TEST_SCYLLA=host:port to run the store suite against ScyllaDB"
+        );
+        return;
+    };
+    let bridge = Bridge::global().expect("bridge");
+    let mut suffix = [0u8; 6];
+    corelay::ids::random_bytes(&mut suffix);
+    let keyspace = format!(
+        "corelay_test_{}",
+        suffix
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let cfg = ScyllaConfig {
+        nodes: vec![node.clone()],
+        keyspace: keyspace.clone(),
+        request_timeout: HumanDuration(Duration::from_secs(10)),
+        bucket_size: 8,
+        ..ScyllaConfig::default()
+    };
+
+    // A keyspace that does not exist yet: a clear error naming the fix.
+    let err = Store::open_scylla(&cfg).expect_err("no schema yet");
+    println!("{err}");
+    assert!(matches!(err, StoreError::Open(_)), "{err:?}");
+    assert!(err.to_string().contains("corelay schema apply"), "{err}");
+
+    let _drop = DropKeyspace {
+        bridge: bridge.clone(),
+        node,
+        keyspace: keyspace.clone(),
+    };
+    let applied = futures::executor::block_on(scylla::apply_schema(&cfg, Some(1), bridge.clone()))
+        .expect("apply the schema");
+    assert_eq!(applied.len(), 5);
+    // Applying it again is harmless.
+    futures::executor::block_on(scylla::apply_schema(&cfg, Some(1), bridge.clone()))
+        .expect("apply the schema again");
+
+    let store = Store::open_scylla(&cfg).expect("open");
+    let s = store.clone();
+    on_shard(move || async move {
+        suite(s.clone(), "").await;
+        s.health().expect("healthy");
+        s.flush().await.expect("flush");
+    });
+
+    // Reopened, the data is there; another bucket size is refused.
+    let again = Store::open_scylla(&cfg).expect("reopen");
+    on_shard(move || async move {
+        assert_eq!(again.latest_offset("big").await.expect("latest"), 10_000);
+        assert_eq!(
+            read(&again, "r", HistoryQuery::After(0), 100).await,
+            (1..=10).collect::<Vec<_>>()
+        );
+        again.close().await.expect("close");
+        assert!(matches!(
+            again.latest_offset("r").await,
+            Err(StoreError::Closed)
+        ));
+    });
+    let other = ScyllaConfig {
+        bucket_size: 1000,
+        ..cfg.clone()
+    };
+    let err = Store::open_scylla(&other).expect_err("bucket size mismatch");
+    println!("{err}");
+    assert!(err.to_string().contains("bucket_size 8"), "{err}");
+    futures::executor::block_on(store.close()).expect("close");
+}
+
+/// Drops a test keyspace when the test ends, also when it fails.
+struct DropKeyspace {
+    bridge: Bridge,
+    node: String,
+    keyspace: String,
+}
+
+impl Drop for DropKeyspace {
+    fn drop(&mut self) {
+        let node = self.node.clone();
+        let keyspace = self.keyspace.clone();
+        let dropped = self.bridge.block_on(async move {
+            let session = ::scylla::client::session_builder::SessionBuilder::new()
+                .known_node(&node)
+                .build()
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut drop = ::scylla::statement::unprepared::Statement::new(format!(
+                "DROP KEYSPACE IF EXISTS {keyspace}"
+            ));
+            drop.set_request_timeout(Some(Duration::from_secs(60)));
+            session
+                .query_unpaged(drop, ())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        match dropped {
+            Ok(Ok(())) => println!("dropped keyspace {}", self.keyspace),
+            Ok(Err(e)) => eprintln!("cannot drop test keyspace {}: {e}", self.keyspace),
+            Err(e) => eprintln!("cannot drop test keyspace {}: {e}", self.keyspace),
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The history store: where every room's message stream is kept, so that `join {since}`,
 //! `history` and idempotent sends (`cid`) can be answered after the live fan-out is gone.
 //!
-//! One trait, [`HistoryStore`], is met by every backend (memory, embedded fjall, later
-//! redis and scylla), and one test suite (`tests/store_suite.rs`) checks them all the same
+//! One trait, [`HistoryStore`], is met by every backend (memory, embedded fjall, ScyllaDB,
+//! later redis), and one test suite (`tests/store_suite.rs`) checks them all the same
 //! way. A shard holds the configured backend as one [`Store`] value (enum dispatch, no
 //! `dyn`), cloned from the value the main thread opened.
 //!
@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 pub mod embedded;
 pub mod memory;
+pub mod scylla;
 
 /// One chat message as stored and replayed.
 ///
@@ -99,7 +100,7 @@ pub enum StoreError {
     Closed,
 }
 
-/// The contract every history backend meets (memory, embedded, later redis and scylla).
+/// The contract every history backend meets (memory, embedded, scylla, later redis).
 ///
 /// Futures need not be `Send`: they run on a glommio shard. Calls never block the calling
 /// thread on disk I/O (the embedded store does its work on its own threads).
@@ -159,6 +160,8 @@ pub enum Store {
     Memory(memory::MemoryStore),
     /// fjall on local disk: the single-host default.
     Embedded(embedded::EmbeddedStore),
+    /// ScyllaDB: unbounded history shared by the hosts of a cluster.
+    Scylla(scylla::ScyllaStore),
 }
 
 impl Store {
@@ -176,11 +179,23 @@ impl Store {
         embedded::EmbeddedStore::open(dir, durability).map(Store::Embedded)
     }
 
-    /// Syncs everything appended so far to disk (a no-op for memory). Useful with
+    /// Connects to ScyllaDB with the `[scylla]` settings (`store = "scylla"`), blocking the
+    /// calling thread: call it on the main thread before the shards start. The driver runs
+    /// on the process-wide [tokio bridge](crate::bridge::Bridge::global).
+    ///
+    /// Fails with [`StoreError::Open`] saying what is wrong: no node reachable ("cannot
+    /// reach ScyllaDB at [nodes]: …"), keyspace or tables missing ("… run `corelay schema
+    /// apply`"), or a `bucket_size` other than the keyspace was written with.
+    pub fn open_scylla(config: &crate::config::ScyllaConfig) -> Result<Store, StoreError> {
+        scylla::ScyllaStore::open(config).map(Store::Scylla)
+    }
+
+    /// Syncs everything appended so far to disk (a no-op for memory and ScyllaDB, whose
+    /// acks already mean the replicas have it, per the consistency level). Useful with
     /// [`Durability::Buffered`] to bound what a machine crash can lose.
     pub async fn flush(&self) -> Result<(), StoreError> {
         match self {
-            Store::Memory(_) => Ok(()),
+            Store::Memory(_) | Store::Scylla(_) => Ok(()),
             Store::Embedded(s) => s.flush().await,
         }
     }
@@ -198,6 +213,7 @@ impl Store {
                 Ok(())
             }
             Store::Embedded(s) => s.close().await,
+            Store::Scylla(s) => s.close().await,
         }
     }
 
@@ -208,6 +224,7 @@ impl Store {
         match self {
             Store::Memory(s) => s.health(),
             Store::Embedded(s) => s.health(),
+            Store::Scylla(s) => s.health(),
         }
     }
 }
@@ -217,6 +234,7 @@ impl HistoryStore for Store {
         match self {
             Store::Memory(s) => s.append(batch).await,
             Store::Embedded(s) => s.append(batch).await,
+            Store::Scylla(s) => s.append(batch).await,
         }
     }
 
@@ -229,6 +247,7 @@ impl HistoryStore for Store {
         match self {
             Store::Memory(s) => s.read(room, query, limit).await,
             Store::Embedded(s) => s.read(room, query, limit).await,
+            Store::Scylla(s) => s.read(room, query, limit).await,
         }
     }
 
@@ -236,6 +255,7 @@ impl HistoryStore for Store {
         match self {
             Store::Memory(s) => s.latest_offset(room).await,
             Store::Embedded(s) => s.latest_offset(room).await,
+            Store::Scylla(s) => s.latest_offset(room).await,
         }
     }
 
@@ -249,6 +269,7 @@ impl HistoryStore for Store {
         match self {
             Store::Memory(s) => s.find_cid(room, user, cid, not_before_ts).await,
             Store::Embedded(s) => s.find_cid(room, user, cid, not_before_ts).await,
+            Store::Scylla(s) => s.find_cid(room, user, cid, not_before_ts).await,
         }
     }
 }

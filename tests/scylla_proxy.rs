@@ -1,0 +1,1191 @@
+//! The ScyllaDB store without a ScyllaDB node: the `scylla-proxy` crate in dry mode plays
+//! the node. Its request rules answer the driver's handshake (OPTIONS → SUPPORTED,
+//! STARTUP/REGISTER → READY), refuse the driver's system-table queries (the driver then
+//! runs on the contact points alone, as it does when its first metadata read fails), and
+//! hand PREPARE / EXECUTE / BATCH frames to a small in-memory fake of corelay's four tables
+//! written here, which decodes the bound values and answers with hand-encoded CQL v4 RESULT
+//! frames. Extra rules put in front of it drop or fail chosen statements.
+//!
+//! What this covers: the wire-level wiring (which statements are prepared, their bind and
+//! column types as the driver checks them, consistency, batch kinds, the store's write
+//! protocol and bucket walks, as *this fake* understands CQL), unreachable nodes, a missing
+//! schema, timeouts, server errors and bounded retries. What it cannot cover: ScyllaDB's own
+//! semantics (ORDER BY/LIMIT on real partitions, USING TIMESTAMP conflict resolution,
+//! logged batch atomicity, consistency levels on real replicas): the generic suite in
+//! `tests/store_suite.rs` runs against a real node when `CORELAY_TEST_SCYLLA` is set.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use corelay::bridge::Bridge;
+use corelay::config::{HumanDuration, ScyllaConfig, ScyllaConsistency};
+use corelay::store::scylla::{statement_texts, ScyllaStore};
+use corelay::store::{HistoryQuery, HistoryStore, StoreError, StoredMessage};
+use scylla::errors::DbError;
+use scylla_proxy::{
+    Condition, Node, Proxy, Reaction, RequestFrame, RequestOpcode, RequestReaction, RequestRule,
+    ResponseFrame, ResponseOpcode, RunningProxy,
+};
+
+// ---------------------------------------------------------------------------------------
+// CQL v4 encoding and decoding, just what the fake needs
+// ---------------------------------------------------------------------------------------
+
+const BIGINT: u16 = 0x0002;
+const INT: u16 = 0x0009;
+const TIMESTAMP: u16 = 0x000B;
+const VARCHAR: u16 = 0x000D;
+
+/// Consistency codes on the wire.
+const QUORUM: u16 = 0x0004;
+
+/// A bound or returned value: `None` is CQL null.
+type Value = Option<Vec<u8>>;
+
+fn put_string(b: &mut BytesMut, s: &str) {
+    b.put_u16(u16::try_from(s.len()).expect("short string"));
+    b.put_slice(s.as_bytes());
+}
+
+fn big(v: i64) -> Value {
+    Some(v.to_be_bytes().to_vec())
+}
+
+fn text(s: &str) -> Value {
+    Some(s.as_bytes().to_vec())
+}
+
+/// Reads a request body; every read is checked (a malformed frame is a test failure).
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        assert!(self.0.len() >= n, "truncated frame");
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        head
+    }
+    fn u8(&mut self) -> u8 {
+        self.take(1)[0]
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes(self.take(2).try_into().expect("2 bytes"))
+    }
+    fn i32(&mut self) -> i32 {
+        i32::from_be_bytes(self.take(4).try_into().expect("4 bytes"))
+    }
+    fn short_bytes(&mut self) -> Vec<u8> {
+        let n = usize::from(self.u16());
+        self.take(n).to_vec()
+    }
+    fn long_string(&mut self) -> String {
+        let n = usize::try_from(self.i32()).expect("length");
+        String::from_utf8(self.take(n).to_vec()).expect("utf-8")
+    }
+    fn value(&mut self) -> Value {
+        let n = self.i32();
+        if n < 0 {
+            None
+        } else {
+            Some(self.take(usize::try_from(n).expect("length")).to_vec())
+        }
+    }
+    fn values(&mut self) -> Vec<Value> {
+        let n = self.u16();
+        (0..n).map(|_| self.value()).collect()
+    }
+}
+
+fn as_i64(v: &Value) -> i64 {
+    i64::from_be_bytes(
+        v.as_deref()
+            .expect("non-null bigint")
+            .try_into()
+            .expect("8 bytes"),
+    )
+}
+
+fn as_i32(v: &Value) -> i32 {
+    i32::from_be_bytes(
+        v.as_deref()
+            .expect("non-null int")
+            .try_into()
+            .expect("4 bytes"),
+    )
+}
+
+fn as_text(v: &Value) -> String {
+    String::from_utf8(v.clone().expect("non-null text")).expect("utf-8")
+}
+
+/// What a statement binds and returns, as the fake's "schema" says.
+struct Sig {
+    name: &'static str,
+    table: &'static str,
+    binds: &'static [(&'static str, u16)],
+    columns: &'static [(&'static str, u16)],
+}
+
+const MSG_COLUMNS: &[(&str, u16)] = &[
+    ("offset", BIGINT),
+    ("id", VARCHAR),
+    ("user", VARCHAR),
+    ("text", VARCHAR),
+    ("ts", TIMESTAMP),
+    ("cid", VARCHAR),
+];
+
+/// In the order of `statement_texts` (the store's own list of the CQL it prepares).
+const SIGS: &[Sig] = &[
+    Sig {
+        name: "insert_message",
+        table: "messages",
+        binds: &[
+            ("room", VARCHAR),
+            ("bucket", BIGINT),
+            ("offset", BIGINT),
+            ("id", VARCHAR),
+            ("user", VARCHAR),
+            ("text", VARCHAR),
+            ("ts", TIMESTAMP),
+            ("cid", VARCHAR),
+        ],
+        columns: &[],
+    },
+    Sig {
+        name: "insert_cid",
+        table: "cids",
+        binds: &[
+            ("room", VARCHAR),
+            ("user", VARCHAR),
+            ("cid", VARCHAR),
+            ("offset", BIGINT),
+            ("ts", TIMESTAMP),
+            ("[timestamp]", BIGINT),
+        ],
+        columns: &[],
+    },
+    Sig {
+        name: "set_latest",
+        table: "room_latest",
+        binds: &[
+            ("[timestamp]", BIGINT),
+            ("latest", BIGINT),
+            ("room", VARCHAR),
+        ],
+        columns: &[],
+    },
+    Sig {
+        name: "get_latest",
+        table: "room_latest",
+        binds: &[("room", VARCHAR)],
+        columns: &[("latest", BIGINT)],
+    },
+    Sig {
+        name: "read_desc",
+        table: "messages",
+        binds: &[
+            ("room", VARCHAR),
+            ("bucket", BIGINT),
+            ("offset", BIGINT),
+            ("[limit]", INT),
+        ],
+        columns: MSG_COLUMNS,
+    },
+    Sig {
+        name: "read_asc",
+        table: "messages",
+        binds: &[
+            ("room", VARCHAR),
+            ("bucket", BIGINT),
+            ("offset", BIGINT),
+            ("offset", BIGINT),
+            ("[limit]", INT),
+        ],
+        columns: MSG_COLUMNS,
+    },
+    Sig {
+        name: "get_message",
+        table: "messages",
+        binds: &[("room", VARCHAR), ("bucket", BIGINT), ("offset", BIGINT)],
+        columns: MSG_COLUMNS,
+    },
+    Sig {
+        name: "get_cid",
+        table: "cids",
+        binds: &[("room", VARCHAR), ("user", VARCHAR), ("cid", VARCHAR)],
+        columns: &[("offset", BIGINT), ("ts", TIMESTAMP)],
+    },
+    Sig {
+        name: "get_meta",
+        table: "meta",
+        binds: &[("key", VARCHAR)],
+        columns: &[("value", VARCHAR)],
+    },
+    Sig {
+        name: "put_meta",
+        table: "meta",
+        binds: &[("key", VARCHAR), ("value", VARCHAR)],
+        columns: &[],
+    },
+];
+
+/// The prepared-statement id the fake hands out: the name, marked so a rule can find it
+/// in EXECUTE and BATCH bodies.
+fn id_of(name: &str) -> Vec<u8> {
+    format!("#ID:{name}#").into_bytes()
+}
+
+fn name_of(id: &[u8]) -> Option<&'static str> {
+    SIGS.iter().map(|s| s.name).find(|name| id_of(name) == id)
+}
+
+/// A condition true for frames that carry this statement's id (EXECUTE or BATCH).
+fn carries(name: &str) -> Condition {
+    Condition::BodyContainsCaseSensitive(id_of(name).into_boxed_slice())
+}
+
+fn put_specs(b: &mut BytesMut, ks: &str, table: &str, specs: &[(&str, u16)]) {
+    put_string(b, ks);
+    put_string(b, table);
+    for (name, typ) in specs {
+        put_string(b, name);
+        b.put_u16(*typ);
+    }
+}
+
+fn prepared(ks: &str, sig: &Sig) -> BytesMut {
+    let mut b = BytesMut::new();
+    b.put_i32(4); // Prepared
+    b.put_u16(u16::try_from(id_of(sig.name).len()).expect("id"));
+    b.put_slice(&id_of(sig.name));
+    // Prepared metadata: global table spec, no partition key indexes (no token routing).
+    b.put_i32(0x0001);
+    b.put_i32(i32::try_from(sig.binds.len()).expect("binds"));
+    b.put_i32(0);
+    put_specs(&mut b, ks, sig.table, sig.binds);
+    // Result metadata.
+    if sig.columns.is_empty() {
+        b.put_i32(0x0004); // no metadata
+        b.put_i32(0);
+    } else {
+        b.put_i32(0x0001);
+        b.put_i32(i32::try_from(sig.columns.len()).expect("columns"));
+        put_specs(&mut b, ks, sig.table, sig.columns);
+    }
+    b
+}
+
+fn rows(ks: &str, sig: &Sig, rows: &[Vec<Value>]) -> BytesMut {
+    let mut b = BytesMut::new();
+    b.put_i32(2); // Rows
+    b.put_i32(0x0001);
+    b.put_i32(i32::try_from(sig.columns.len()).expect("columns"));
+    put_specs(&mut b, ks, sig.table, sig.columns);
+    b.put_i32(i32::try_from(rows.len()).expect("rows"));
+    for row in rows {
+        for v in row {
+            match v {
+                None => b.put_i32(-1),
+                Some(bytes) => {
+                    b.put_i32(i32::try_from(bytes.len()).expect("cell"));
+                    b.put_slice(bytes);
+                }
+            }
+        }
+    }
+    b
+}
+
+fn void() -> BytesMut {
+    let mut b = BytesMut::new();
+    b.put_i32(1);
+    b
+}
+
+// ---------------------------------------------------------------------------------------
+// The fake node
+// ---------------------------------------------------------------------------------------
+
+/// One frame the fake answered, for the tests' assertions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Prepare(String),
+    Execute {
+        name: String,
+        consistency: u16,
+    },
+    Batch {
+        kind: u8,
+        names: Vec<String>,
+        consistency: u16,
+    },
+}
+
+/// A stored `messages` row: id, user, text, ts, cid.
+type Row = (String, String, String, i64, Option<String>);
+
+/// corelay's four tables in memory, with last-write-wins by the bound USING TIMESTAMP
+/// where the store gives one.
+#[derive(Default)]
+struct Fake {
+    keyspace: String,
+    messages: BTreeMap<(String, i64, i64), Row>,
+    cids: HashMap<(String, String, String), (i64, i64, i64)>,
+    latest: HashMap<String, (i64, i64)>,
+    meta: HashMap<String, String>,
+    seen: Vec<Seen>,
+}
+
+impl Fake {
+    fn sig(name: &str) -> &'static Sig {
+        SIGS.iter()
+            .find(|s| s.name == name)
+            .expect("known statement")
+    }
+
+    fn msg_row(offset: i64, r: &Row) -> Vec<Value> {
+        vec![
+            big(offset),
+            text(&r.0),
+            text(&r.1),
+            text(&r.2),
+            big(r.3),
+            r.4.as_deref().and_then(text),
+        ]
+    }
+
+    /// Runs one statement; `Some(rows)` for a SELECT.
+    fn run(&mut self, name: &str, v: &[Value]) -> Option<Vec<Vec<Value>>> {
+        assert_eq!(v.len(), Fake::sig(name).binds.len(), "{name}: bound values");
+        match name {
+            "insert_message" => {
+                let key = (as_text(&v[0]), as_i64(&v[1]), as_i64(&v[2]));
+                let cid = v[7].as_ref().map(|_| as_text(&v[7]));
+                self.messages.insert(
+                    key,
+                    (
+                        as_text(&v[3]),
+                        as_text(&v[4]),
+                        as_text(&v[5]),
+                        as_i64(&v[6]),
+                        cid,
+                    ),
+                );
+                None
+            }
+            "insert_cid" => {
+                let key = (as_text(&v[0]), as_text(&v[1]), as_text(&v[2]));
+                let new = (as_i64(&v[3]), as_i64(&v[4]), as_i64(&v[5]));
+                let cell = self.cids.entry(key).or_insert(new);
+                if new.2 >= cell.2 {
+                    *cell = new;
+                }
+                None
+            }
+            "set_latest" => {
+                let (wts, latest, room) = (as_i64(&v[0]), as_i64(&v[1]), as_text(&v[2]));
+                let cell = self.latest.entry(room).or_insert((latest, wts));
+                if wts >= cell.1 {
+                    *cell = (latest, wts);
+                }
+                None
+            }
+            "get_latest" => Some(
+                self.latest
+                    .get(&as_text(&v[0]))
+                    .map(|(l, _)| vec![big(*l)])
+                    .into_iter()
+                    .collect(),
+            ),
+            "read_desc" | "read_asc" | "get_message" => {
+                let (room, bucket) = (as_text(&v[0]), as_i64(&v[1]));
+                let (lo, hi, limit) = match name {
+                    "read_desc" => (i64::MIN, as_i64(&v[2]), as_i32(&v[3])),
+                    "read_asc" => (as_i64(&v[2]), as_i64(&v[3]), as_i32(&v[4])),
+                    _ => (as_i64(&v[2]), as_i64(&v[2]), i32::MAX),
+                };
+                let range = self
+                    .messages
+                    .range((room.clone(), bucket, lo)..=(room, bucket, hi))
+                    .map(|((_, _, o), r)| Fake::msg_row(*o, r));
+                let limit = usize::try_from(limit).expect("positive limit");
+                Some(if name == "read_desc" {
+                    range.rev().take(limit).collect()
+                } else {
+                    range.take(limit).collect()
+                })
+            }
+            "get_cid" => {
+                let key = (as_text(&v[0]), as_text(&v[1]), as_text(&v[2]));
+                Some(
+                    self.cids
+                        .get(&key)
+                        .map(|(o, ts, _)| vec![big(*o), big(*ts)])
+                        .into_iter()
+                        .collect(),
+                )
+            }
+            "get_meta" => Some(
+                self.meta
+                    .get(&as_text(&v[0]))
+                    .map(|val| vec![text(val)])
+                    .into_iter()
+                    .collect(),
+            ),
+            "put_meta" => {
+                self.meta.insert(as_text(&v[0]), as_text(&v[1]));
+                None
+            }
+            other => panic!("unknown statement {other}"),
+        }
+    }
+
+    /// Answers one request frame the earlier rules let through.
+    fn answer(&mut self, frame: RequestFrame) -> ResponseFrame {
+        let mut r = Reader(&frame.body);
+        let body = match frame.opcode {
+            RequestOpcode::Options => {
+                return ResponseFrame::forged_supported(frame.params, &HashMap::new())
+                    .expect("supported")
+            }
+            RequestOpcode::Startup | RequestOpcode::Register => {
+                return ResponseFrame::forged_ready(frame.params)
+            }
+            RequestOpcode::Prepare => {
+                let cql = r.long_string();
+                self.seen.push(Seen::Prepare(cql.clone()));
+                let texts = statement_texts(&self.keyspace);
+                let Some(i) = texts.iter().position(|t| *t == cql) else {
+                    return error(
+                        &frame,
+                        DbError::Invalid,
+                        &format!("unknown statement {cql}"),
+                    );
+                };
+                prepared(&self.keyspace, &SIGS[i])
+            }
+            RequestOpcode::Execute => {
+                let id = r.short_bytes();
+                let consistency = r.u16();
+                let flags = r.u8();
+                let values = if flags & 0x01 != 0 {
+                    r.values()
+                } else {
+                    Vec::new()
+                };
+                let Some(name) = name_of(&id) else {
+                    return error(
+                        &frame,
+                        DbError::Unprepared {
+                            statement_id: id.into(),
+                        },
+                        "?",
+                    );
+                };
+                self.seen.push(Seen::Execute {
+                    name: name.to_owned(),
+                    consistency,
+                });
+                match self.run(name, &values) {
+                    Some(found) => rows(&self.keyspace, Fake::sig(name), &found),
+                    None => void(),
+                }
+            }
+            RequestOpcode::Batch => {
+                let kind = r.u8();
+                let n = r.u16();
+                let mut statements = Vec::new();
+                for _ in 0..n {
+                    assert_eq!(r.u8(), 1, "batch of prepared statements");
+                    let id = r.short_bytes();
+                    let name = name_of(&id).expect("known id");
+                    statements.push((name, r.values()));
+                }
+                let consistency = r.u16();
+                self.seen.push(Seen::Batch {
+                    kind,
+                    names: statements.iter().map(|(n, _)| (*n).to_owned()).collect(),
+                    consistency,
+                });
+                for (name, values) in statements {
+                    assert!(self.run(name, &values).is_none(), "writes only in batches");
+                }
+                void()
+            }
+            // System tables (topology, schema): refused, so the driver runs on the contact
+            // points alone.
+            _ => return error(&frame, DbError::ServerError, "dry-mode proxy"),
+        };
+        ResponseFrame::new(
+            frame.params.for_response(),
+            ResponseOpcode::Result,
+            body.freeze(),
+        )
+    }
+}
+
+/// An ERROR frame answering `frame`.
+fn error(frame: &RequestFrame, e: DbError, msg: &str) -> ResponseFrame {
+    ResponseFrame::forged_error(frame.params, e, Some(msg)).expect("error frame")
+}
+
+// ---------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------
+
+/// The catch-all rule: the fake answers every frame no earlier rule took.
+fn answer_rule(fake: Arc<Mutex<Fake>>) -> RequestRule {
+    RequestRule(
+        Condition::True,
+        RequestReaction::forge_response(Arc::new(move |frame| {
+            fake.lock().unwrap_or_else(|p| p.into_inner()).answer(frame)
+        })),
+    )
+}
+
+/// A dry-mode proxy node backed by the fake, on its own tokio runtime (a second bridge).
+struct FakeNode {
+    addr: SocketAddr,
+    fake: Arc<Mutex<Fake>>,
+    proxy: Option<RunningProxy>,
+    runtime: Bridge,
+}
+
+impl FakeNode {
+    fn start(keyspace: &str) -> FakeNode {
+        let addr = SocketAddr::new(scylla_proxy::get_exclusive_local_address(), 9042);
+        let fake = Arc::new(Mutex::new(Fake {
+            keyspace: keyspace.to_owned(),
+            ..Fake::default()
+        }));
+        let answer = answer_rule(fake.clone());
+        let runtime = Bridge::start().expect("proxy runtime");
+        let proxy = runtime
+            .block_on(async move {
+                Proxy::builder()
+                    .with_node(
+                        Node::builder()
+                            .proxy_address(addr)
+                            .request_rules(vec![answer])
+                            .build_dry_mode(),
+                    )
+                    .build()
+                    .run()
+                    .await
+            })
+            .expect("runtime")
+            .expect("proxy");
+        FakeNode {
+            addr,
+            fake,
+            proxy: Some(proxy),
+            runtime,
+        }
+    }
+
+    /// Puts rules in front of the fake (highest priority first).
+    fn prepend(&mut self, rules: Vec<RequestRule>) {
+        if let Some(p) = self.proxy.as_mut() {
+            p.running_nodes[0].prepend_request_rules(rules);
+        }
+    }
+
+    /// Removes the rules put in front: only the fake's catch-all is left.
+    fn clear_prepended(&mut self) {
+        let answer = answer_rule(self.fake.clone());
+        if let Some(p) = self.proxy.as_mut() {
+            p.running_nodes[0].change_request_rules(Some(vec![answer]));
+        }
+    }
+
+    fn config(&self, keyspace: &str) -> ScyllaConfig {
+        ScyllaConfig {
+            nodes: vec![self.addr.to_string()],
+            keyspace: keyspace.to_owned(),
+            consistency: ScyllaConsistency::Quorum,
+            request_timeout: HumanDuration(Duration::from_secs(2)),
+            retries: 2,
+            bucket_size: 4,
+            ..ScyllaConfig::default()
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.fake.lock().expect("fake").seen.clone()
+    }
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        if let Some(proxy) = self.proxy.take() {
+            let _ = self.runtime.block_on(async move { proxy.finish().await });
+        }
+        self.runtime.shutdown();
+    }
+}
+
+/// Runs a future on a fresh glommio executor, like a shard.
+fn on_shard<G, F, T>(fut_gen: G) -> T
+where
+    G: FnOnce() -> F + Send + 'static,
+    F: std::future::Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    glommio::LocalExecutorBuilder::default()
+        .io_memory(512 * 1024)
+        .spawn(fut_gen)
+        .expect("glommio executor")
+        .join()
+        .expect("glommio thread")
+}
+
+/// Opens a store on its own bridge (blocking, as the main thread does).
+fn open(cfg: &ScyllaConfig) -> Result<ScyllaStore, StoreError> {
+    let bridge = Bridge::start().expect("bridge");
+    futures::executor::block_on(ScyllaStore::connect(cfg, bridge))
+}
+
+fn msg(room: &str, offset: u64, user: &str, cid: Option<&str>) -> StoredMessage {
+    StoredMessage {
+        room: room.to_owned(),
+        offset,
+        id: format!("id-{room}-{offset}"),
+        user: user.to_owned(),
+        text: format!("message {offset} in {room} ✓"),
+        ts: 1_000 + offset,
+        cid: cid.map(str::to_owned),
+    }
+}
+
+fn offsets(msgs: &[StoredMessage]) -> Vec<u64> {
+    msgs.iter().map(|m| m.offset).collect()
+}
+
+fn prepared_count(seen: &[Seen], name: &str) -> usize {
+    seen.iter()
+        .map(|s| match s {
+            Seen::Execute { name: n, .. } if n == name => 1,
+            Seen::Batch { names, .. } => names.iter().filter(|n| *n == name).count(),
+            _ => 0,
+        })
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+/// No node listening: a clear `Open` error naming the nodes, quickly. A keyspace name that
+/// is not a plain identifier is refused before anything is sent (it is spliced into CQL).
+#[test]
+fn unreachable_nodes_and_bad_settings_are_clear_open_errors() {
+    let cfg = ScyllaConfig {
+        nodes: vec!["127.0.0.1:1".into()],
+        request_timeout: HumanDuration(Duration::from_millis(500)),
+        ..ScyllaConfig::default()
+    };
+    let start = Instant::now();
+    let err = open(&cfg).expect_err("nothing listens on port 1");
+    let text = err.to_string();
+    println!("{text} (after {:?})", start.elapsed());
+    assert!(matches!(err, StoreError::Open(_)), "{err:?}");
+    assert!(
+        text.starts_with("cannot open store: cannot reach ScyllaDB at [127.0.0.1:1]: "),
+        "{text}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        start.elapsed()
+    );
+
+    for (cfg, expect) in [
+        (
+            ScyllaConfig {
+                keyspace: "x; DROP KEYSPACE y".into(),
+                ..cfg.clone()
+            },
+            "scylla.keyspace",
+        ),
+        (
+            ScyllaConfig {
+                nodes: Vec::new(),
+                ..cfg.clone()
+            },
+            "scylla.nodes is empty",
+        ),
+        (
+            ScyllaConfig {
+                bucket_size: 0,
+                ..cfg.clone()
+            },
+            "scylla.bucket_size",
+        ),
+    ] {
+        let err = open(&cfg).expect_err("invalid");
+        println!("{err}");
+        assert!(
+            err.to_string()
+                .starts_with("cannot open store: invalid [scylla] configuration: "),
+            "{err}"
+        );
+        assert!(err.to_string().contains(expect), "{err}");
+    }
+}
+
+/// The node answers, but the keyspace is not there: the error says to run
+/// `corelay schema apply`.
+#[test]
+fn missing_schema_says_run_schema_apply() {
+    let mut node = FakeNode::start("corelay");
+    node.prepend(vec![RequestRule(
+        Condition::RequestOpcode(RequestOpcode::Prepare),
+        RequestReaction::forge_with_error_and_message(
+            DbError::Invalid,
+            Some("Keyspace corelay does not exist".into()),
+        ),
+    )]);
+    let err = open(&node.config("corelay")).expect_err("no schema");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(matches!(err, StoreError::Open(_)), "{err:?}");
+    assert!(text.contains("Keyspace corelay does not exist"), "{text}");
+    assert!(text.contains(&node.addr.to_string()), "{text}");
+    assert!(text.ends_with("run `corelay schema apply`"), "{text}");
+}
+
+/// A keyspace written with another bucket size is refused (it would hide all history).
+#[test]
+fn another_bucket_size_is_refused() {
+    let node = FakeNode::start("corelay");
+    node.fake
+        .lock()
+        .expect("fake")
+        .meta
+        .insert("bucket_size".into(), "1000".into());
+    let err = open(&node.config("corelay")).expect_err("bucket size mismatch");
+    let text = err.to_string();
+    println!("{text}");
+    assert!(text.contains("bucket_size 1000"), "{text}");
+    assert!(text.contains("scylla.bucket_size is 4"), "{text}");
+}
+
+/// The store connects through the proxy, prepares exactly its statements (the driver
+/// checks every bound value and every column against the types the fake declares), and a
+/// round trip works: appends across bucket boundaries and rooms, reads of every kind that
+/// walk buckets, find_cid, conflicts, close. On the wire: the configured consistency on
+/// every request, messages in UNLOGGED single-partition batches, then the commit of both
+/// rooms in one LOGGED batch after every row is written.
+#[test]
+fn wiring_prepares_every_statement_and_round_trips() {
+    let ks = "corelay_wiring";
+    let node = FakeNode::start(ks);
+    let store = open(&node.config(ks)).expect("open through the proxy");
+
+    let seen = node.seen();
+    // The driver prepares its own system-table queries too (refused here); ours are the
+    // ones naming the keyspace.
+    let prepared: Vec<&String> = seen
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Prepare(cql) if cql.contains(&format!("{ks}.")) => Some(cql),
+            _ => None,
+        })
+        .collect();
+    let texts = statement_texts(ks);
+    for t in &texts {
+        assert!(prepared.contains(&t), "not prepared: {t}");
+    }
+    assert!(prepared.iter().all(|p| texts.contains(p)), "{prepared:#?}");
+    assert_eq!(
+        node.fake.lock().expect("fake").meta.get("bucket_size"),
+        Some(&"4".to_owned()),
+        "bucket size recorded at first open"
+    );
+
+    let mut batch = Vec::new();
+    for o in 1..=10 {
+        let cid = format!("c{o}");
+        batch.push(msg("a", o, "alice", (o % 3 == 0).then_some(cid.as_str())));
+    }
+    batch.push(msg("b", 1, "bob", Some("only")));
+    let first = batch.clone();
+    let s = store.clone();
+    on_shard(move || async move {
+        use HistoryQuery::{After, Before, Latest};
+        s.append(batch).await.expect("append");
+        assert_eq!(s.latest_offset("a").await.expect("latest"), 10);
+        assert_eq!(s.latest_offset("b").await.expect("latest"), 1);
+        assert_eq!(s.latest_offset("none").await.expect("latest"), 0);
+        let all = s.read("a", After(0), 100).await.expect("read");
+        assert_eq!(all, first[..10], "exact round trip");
+        let read = |q, n| {
+            let s = s.clone();
+            async move { offsets(&s.read("a", q, n).await.expect("read")) }
+        };
+        assert_eq!(read(Latest, 3).await, [8, 9, 10]);
+        assert_eq!(read(Latest, 6).await, [5, 6, 7, 8, 9, 10]);
+        assert_eq!(read(Latest, 100).await, (1..=10).collect::<Vec<_>>());
+        assert_eq!(read(Before(9), 5).await, [4, 5, 6, 7, 8]);
+        assert_eq!(read(Before(2), 5).await, [1]);
+        assert!(read(Before(1), 5).await.is_empty());
+        assert_eq!(read(Before(u64::MAX), 2).await, [9, 10]);
+        assert_eq!(read(After(3), 4).await, [4, 5, 6, 7]);
+        assert_eq!(read(After(8), 10).await, [9, 10]);
+        assert!(read(After(10), 5).await.is_empty());
+        assert!(read(Latest, 0).await.is_empty());
+        assert_eq!(
+            s.read("b", Latest, 5).await.expect("read"),
+            first[10..],
+            "room b holds only its own"
+        );
+
+        let find = |room: &'static str, user: &'static str, cid: &'static str, nb| {
+            let s = s.clone();
+            async move {
+                s.find_cid(room, user, cid, nb)
+                    .await
+                    .expect("find_cid")
+                    .map(|m| m.offset)
+            }
+        };
+        assert_eq!(find("a", "alice", "c6", 0).await, Some(6));
+        assert_eq!(
+            find("a", "alice", "c6", 1_006).await,
+            Some(6),
+            "ts == window edge"
+        );
+        assert_eq!(
+            find("a", "alice", "c6", 1_007).await,
+            None,
+            "outside the window"
+        );
+        assert_eq!(find("a", "bob", "c6", 0).await, None);
+        assert_eq!(find("a", "alice", "c5", 0).await, None);
+        assert_eq!(find("b", "bob", "only", 0).await, Some(1));
+
+        match s.append(vec![msg("a", 10, "alice", None)]).await {
+            Err(StoreError::OffsetConflict {
+                offset: 10,
+                latest: 10,
+                ..
+            }) => {}
+            other => panic!("expected OffsetConflict, got {other:?}"),
+        }
+        s.append(vec![msg("a", 11, "alice", None)])
+            .await
+            .expect("append more");
+        assert_eq!(read(Latest, 2).await, [10, 11]);
+        s.health().expect("healthy");
+        s.close().await.expect("close");
+        assert!(matches!(
+            s.latest_offset("a").await,
+            Err(StoreError::Closed)
+        ));
+        assert!(matches!(s.health(), Err(StoreError::Closed)));
+    });
+
+    let seen = node.seen();
+    for s in &seen {
+        if let Seen::Execute { consistency, .. } | Seen::Batch { consistency, .. } = s {
+            assert_eq!(*consistency, QUORUM, "configured consistency: {s:?}");
+        }
+    }
+    // Room a's offsets 1..10 in buckets of 4: partitions {1,2,3}, {4..7}, {8,9,10}, each one
+    // UNLOGGED batch; room b's single message goes alone.
+    let mut message_batches: Vec<(u8, usize)> = seen
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Batch { kind, names, .. } if names[0] == "insert_message" => {
+                Some((*kind, names.len()))
+            }
+            _ => None,
+        })
+        .collect();
+    message_batches.sort_unstable();
+    assert_eq!(message_batches, [(1, 3), (1, 3), (1, 4)]);
+    let commit = Seen::Batch {
+        kind: 0,
+        names: vec!["set_latest".into(); 2],
+        consistency: QUORUM,
+    };
+    let commit_at = seen
+        .iter()
+        .position(|s| *s == commit)
+        .expect("both rooms committed in one LOGGED batch");
+    let before = &seen[..commit_at];
+    assert_eq!(prepared_count(before, "insert_message"), 11);
+    assert_eq!(prepared_count(before, "insert_cid"), 4);
+    assert_eq!(prepared_count(before, "set_latest"), 0);
+}
+
+/// A node that takes a write and never answers: the append fails with `Unavailable` once
+/// the configured timeout has passed (it bounds the request, retries included), health says so, and
+/// nothing of the message is visible afterwards. Reads time out the same way.
+#[test]
+fn a_node_that_does_not_answer_is_unavailable_within_the_timeout() {
+    let mut node = FakeNode::start("corelay");
+    let cfg = ScyllaConfig {
+        request_timeout: HumanDuration(Duration::from_secs(1)),
+        ..node.config("corelay")
+    };
+    let store = open(&cfg).expect("open");
+    node.prepend(vec![RequestRule(
+        carries("insert_message"),
+        RequestReaction::drop_frame(),
+    )]);
+    let s = store.clone();
+    let (result, elapsed) = on_shard(move || async move {
+        let start = Instant::now();
+        let result = s.append(vec![msg("t", 1, "alice", Some("k1"))]).await;
+        (result, start.elapsed())
+    });
+    let err = result.expect_err("no answer");
+    println!("{err} (after {elapsed:?})");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("did not answer within 1000 ms"),
+        "{err}"
+    );
+    assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
+    // `request_timeout` bounds the whole call (retries included), plus a little slack.
+    assert!(elapsed < Duration::from_millis(2_500), "{elapsed:?}");
+    assert!(matches!(store.health(), Err(StoreError::Unavailable(_))));
+
+    node.clear_prepended();
+    let s = store.clone();
+    on_shard(move || async move {
+        assert_eq!(s.latest_offset("t").await.expect("latest"), 0);
+        assert!(s
+            .read("t", HistoryQuery::After(0), 10)
+            .await
+            .expect("read")
+            .is_empty());
+        // Its cid row was written, but it names an uncommitted offset.
+        assert_eq!(s.find_cid("t", "alice", "k1", 0).await.expect("cid"), None);
+        s.health().expect("healthy again after a success");
+    });
+    assert!(
+        node.fake.lock().expect("fake").cids.contains_key(&(
+            "t".into(),
+            "alice".into(),
+            "k1".into()
+        )),
+        "the cid row did reach the node"
+    );
+
+    node.prepend(vec![RequestRule(
+        carries("get_latest"),
+        RequestReaction::drop_frame(),
+    )]);
+    let s = store.clone();
+    let (result, elapsed) = on_shard(move || async move {
+        let start = Instant::now();
+        let result = s.read("t", HistoryQuery::Latest, 10).await;
+        (result, start.elapsed())
+    });
+    let err = result.expect_err("no answer");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
+    assert!(elapsed < Duration::from_millis(2_500), "{elapsed:?}");
+}
+
+/// The node answers a write with an error: `Unavailable` after exactly `retries` retries,
+/// the commit is never sent, nothing is visible. A failed commit leaves the written rows
+/// invisible; the next append at the same offsets overwrites them, and the failed
+/// message's cid no longer finds anything.
+#[test]
+fn a_server_error_is_unavailable_after_bounded_retries_and_nothing_is_visible() {
+    let mut node = FakeNode::start("corelay");
+    let cfg = node.config("corelay"); // retries = 2
+    let store = open(&cfg).expect("open");
+    let (tx, mut attempts) = tokio::sync::mpsc::unbounded_channel();
+    node.prepend(vec![RequestRule(
+        carries("insert_message"),
+        RequestReaction::forge()
+            .server_error()
+            .with_feedback_when_performed(tx),
+    )]);
+    let batch = vec![
+        msg("e", 1, "alice", Some("x")),
+        msg("e", 2, "alice", None),
+        msg("e", 3, "bob", None),
+    ];
+    let s = store.clone();
+    let err = on_shard(move || async move { s.append(batch).await.expect_err("server error") });
+    println!("{err}");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.to_string().contains("Proxy-triggered error"), "{err}");
+    let mut n = 0;
+    while attempts.try_recv().is_ok() {
+        n += 1;
+    }
+    assert_eq!(
+        n,
+        1 + cfg.retries as usize,
+        "one attempt and `retries` retries"
+    );
+    assert_eq!(
+        prepared_count(&node.seen(), "set_latest"),
+        0,
+        "never committed"
+    );
+
+    node.clear_prepended();
+    let s = store.clone();
+    on_shard(move || async move {
+        assert_eq!(s.latest_offset("e").await.expect("latest"), 0);
+        assert!(s
+            .read("e", HistoryQuery::Latest, 10)
+            .await
+            .expect("read")
+            .is_empty());
+        assert_eq!(s.find_cid("e", "alice", "x", 0).await.expect("cid"), None);
+    });
+
+    // Rows written, commit refused (a coordinator-side write timeout, retried twice).
+    node.prepend(vec![RequestRule(
+        carries("set_latest"),
+        RequestReaction::forge().write_timeout(),
+    )]);
+    let s = store.clone();
+    let err = on_shard(move || async move {
+        s.append(vec![msg("e", 1, "alice", Some("x"))])
+            .await
+            .expect_err("commit fails")
+    });
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(node
+        .fake
+        .lock()
+        .expect("fake")
+        .messages
+        .contains_key(&("e".into(), 0, 1)));
+    node.clear_prepended();
+    let s = store.clone();
+    on_shard(move || async move {
+        assert!(s
+            .read("e", HistoryQuery::Latest, 10)
+            .await
+            .expect("read")
+            .is_empty());
+        assert_eq!(s.find_cid("e", "alice", "x", 0).await.expect("cid"), None);
+        // The offset is reused for another message: stored and visible, the stray cid is not.
+        let mut other = msg("e", 1, "bob", None);
+        other.text = "second try".into();
+        s.append(vec![other.clone()]).await.expect("append");
+        assert_eq!(
+            s.read("e", HistoryQuery::Latest, 10).await.expect("read"),
+            [other]
+        );
+        assert_eq!(s.find_cid("e", "alice", "x", 0).await.expect("cid"), None);
+        s.close().await.expect("close");
+    });
+}
+
+/// `corelay schema print` prints the shipped schema (for the configured keyspace), and
+/// `corelay schema apply` with no node listening fails with a clear message.
+#[test]
+fn schema_command() {
+    let bin = env!("CARGO_BIN_EXE_corelay");
+    let out = std::process::Command::new(bin)
+        .args(["schema", "print"])
+        .env_remove("CORELAY_SCYLLA_KEYSPACE")
+        .output()
+        .expect("run corelay");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        corelay::store::scylla::SCHEMA_CQL
+    );
+
+    let out = std::process::Command::new(bin)
+        .args(["schema", "print", "--replication-factor", "1"])
+        .env("CORELAY_SCYLLA_KEYSPACE", "chat_eu")
+        .output()
+        .expect("run corelay");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text.contains("CREATE KEYSPACE IF NOT EXISTS chat_eu"),
+        "{text}"
+    );
+    assert!(
+        text.contains("CREATE TABLE IF NOT EXISTS chat_eu.messages"),
+        "{text}"
+    );
+    assert!(text.contains("'replication_factor': 1"), "{text}");
+
+    let out = std::process::Command::new(bin)
+        .args(["schema", "apply"])
+        .env("CORELAY_SCYLLA_NODES", "127.0.0.1:1")
+        .env("CORELAY_SCYLLA_REQUEST_TIMEOUT", "500ms")
+        .output()
+        .expect("run corelay");
+    let err = String::from_utf8_lossy(&out.stderr);
+    println!("{err}");
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot reach ScyllaDB at [127.0.0.1:1]"),
+        "{err}"
+    );
+}
+
+/// The `[scylla]` section: defaults, a list or a comma-separated string of nodes,
+/// consistency names, environment overrides, and the password kept out of `Debug`.
+#[test]
+fn scylla_config_section() {
+    use corelay::config::Config;
+    let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let c = Config::from_toml_and_env("", env(&[])).expect("defaults");
+    assert_eq!(c.scylla.nodes, ["127.0.0.1:9042"]);
+    assert_eq!(c.scylla.keyspace, "corelay");
+    assert_eq!(c.scylla.consistency, ScyllaConsistency::LocalQuorum);
+    assert_eq!(c.scylla.request_timeout.0, Duration::from_secs(2));
+    assert_eq!(c.scylla.retries, 2);
+    assert_eq!(c.scylla.bucket_size, 1000);
+    assert!(c.scylla.username.is_none() && c.scylla.password.is_none());
+
+    let c = Config::from_toml_and_env(
+        "[store]\nkind = \"scylla\"\n[scylla]\nnodes = [\"a:9042\", \"b:9042\"]\nconsistency = \"quorum\"\nrequest_timeout = \"750ms\"\nusername = \"corelay\"\npassword = \"s3cret\"",
+        env(&[
+            ("CORELAY_SCYLLA_KEYSPACE", "chat"),
+            ("CORELAY_SCYLLA_BUCKET_SIZE", "500"),
+        ]),
+    )
+    .expect("scylla section");
+    assert_eq!(c.scylla.nodes, ["a:9042", "b:9042"]);
+    assert_eq!(c.scylla.consistency, ScyllaConsistency::Quorum);
+    assert_eq!(c.scylla.request_timeout.0, Duration::from_millis(750));
+    assert_eq!(c.scylla.keyspace, "chat");
+    assert_eq!(c.scylla.bucket_size, 500);
+    let debug = format!("{:?}", c.scylla);
+    assert!(!debug.contains("s3cret"), "{debug}");
+
+    let c = Config::from_toml_and_env(
+        "",
+        env(&[
+            ("CORELAY_SCYLLA_NODES", "x:1, y:2"),
+            ("CORELAY_SCYLLA_CONSISTENCY", "local_one"),
+        ]),
+    )
+    .expect("env");
+    assert_eq!(c.scylla.nodes, ["x:1", "y:2"]);
+    assert_eq!(c.scylla.consistency, ScyllaConsistency::LocalOne);
+
+    let err = Config::from_toml_and_env("[scylla]\nconsistency = \"most\"", env(&[]))
+        .expect_err("unknown consistency");
+    assert!(err.to_string().contains("most"), "{err}");
+    let err =
+        Config::from_toml_and_env("[scylla]\nnode = \"a:1\"", env(&[])).expect_err("unknown key");
+    assert!(err.to_string().contains("node"), "{err}");
+}
