@@ -22,7 +22,11 @@ fn serve_fails(args: &[&str]) -> String {
 fn a_data_dir_in_use_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let _first = Server::start_with(&[], &["--store", "embedded", "--data-dir", data.to_str().unwrap()], true);
+    let _first = Server::start_with(
+        &[],
+        &["--store", "embedded", "--data-dir", data.to_str().unwrap()],
+        true,
+    );
     let err = serve_fails(&["--data-dir", data.to_str().unwrap()]);
     assert!(err.contains("in use by another corelay process"), "{err}");
 }
