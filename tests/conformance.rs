@@ -13,8 +13,13 @@ use serde_json::Value;
 
 const SECOND: Duration = Duration::from_secs(1);
 
-fn server() -> Server {
-    Server::start_with(&[], &["--store", "memory", "--conformance"], false)
+/// The suites' timings are tight (ping 300 ms, pong timeout 200 ms): run one at a time
+/// so two suites on a two-core machine do not starve each other's replies.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn server() -> (std::sync::MutexGuard<'static, ()>, Server) {
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    (guard, Server::start_with(&[], &["--store", "memory", "--conformance"], false))
 }
 
 fn open_polling(port: u16, base: &str) -> String {
@@ -212,7 +217,7 @@ fn upgrades(port: u16, base: &str, echo: bool) {
 
 #[test]
 fn engineio_suite() {
-    let s = server();
+    let (_one, s) = server();
     let port = s.port;
     let base = "/engine.io/";
     engineio_handshakes(port, base);
@@ -302,7 +307,7 @@ fn socketio_connection(port: u16) -> WsClient {
 
 #[test]
 fn socketio_suite() {
-    let s = server();
+    let (_one, s) = server();
     let port = s.port;
     let base = "/socket.io/";
     engineio_handshakes(port, base);
