@@ -61,6 +61,9 @@ struct RoomState {
     cids: HashMap<(Arc<str>, String), CidState>,
     cid_expiry: VecDeque<(u64, Arc<str>, String)>,
     loaded_at: u64,
+    /// A write failed: the store may or may not hold it (a timeout can land late), so the
+    /// next offset is read back from the store before this room's next batch.
+    reload_next: bool,
 }
 
 /// A publish waiting for the writer.
@@ -212,6 +215,7 @@ impl Shard {
             cids: HashMap::new(),
             cid_expiry: VecDeque::new(),
             loaded_at: now_ms(),
+            reload_next: false,
         });
         self.metrics()
             .home_rooms
@@ -535,6 +539,7 @@ impl Shard {
                 let n = pending.len().min(MAX_BATCH);
                 pending.drain(..n).collect()
             };
+            self.reload_failed_rooms(&batch).await;
             let mut firsts: Vec<(Arc<str>, u64)> = Vec::new();
             let mut settled = Vec::with_capacity(batch.len());
             let mut messages = Vec::with_capacity(batch.len());
@@ -576,12 +581,37 @@ impl Shard {
                     for (room, first) in firsts {
                         if let Some(r) = rooms.get_mut(&room) {
                             r.next = first;
+                            r.reload_next = true;
                         }
                     }
                     HomeEvent::Failed(settled, e)
                 }
             };
             let _ = self.home.events.try_send(event);
+        }
+    }
+
+    /// Before writing to rooms whose last write failed, asks the store for their latest
+    /// offset: a write reported failed may still have landed, and its offsets must not be
+    /// handed out again. (The members see the gap and can read those messages back.)
+    async fn reload_failed_rooms(&self, batch: &[Pending]) {
+        let mut stale: Vec<Arc<str>> = Vec::new();
+        {
+            let rooms = self.home.rooms.borrow();
+            for p in batch {
+                if rooms.get(&p.room).is_some_and(|r| r.reload_next) && !stale.contains(&p.room) {
+                    stale.push(p.room.clone());
+                }
+            }
+        }
+        for room in stale {
+            // On failure keep the flag: the next batch tries again (and will fail or not).
+            if let Ok(latest) = self.store.latest_offset(&room).await {
+                if let Some(r) = self.home.rooms.borrow_mut().get_mut(&room) {
+                    r.next = r.next.max(latest + 1);
+                    r.reload_next = false;
+                }
+            }
         }
     }
 
