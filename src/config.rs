@@ -123,6 +123,11 @@ pub struct LimitsConfig {
     pub outbound_queue: usize,
     /// Bytes a connection's outbound queue holds before it counts as a slow consumer.
     pub outbound_queue_bytes: usize,
+    /// Sessions the whole process serves; a new one past it gets a clean HTTP 503.
+    pub max_connections: u64,
+    /// Time a client has to send a complete HTTP request head (slow-loris guard), and the
+    /// longest an idle keep-alive HTTP connection is kept.
+    pub handshake_timeout: HumanDuration,
 }
 
 impl Default for LimitsConfig {
@@ -135,6 +140,8 @@ impl Default for LimitsConfig {
             send_burst: 40.0,
             outbound_queue: 1024,
             outbound_queue_bytes: 4 << 20,
+            max_connections: 100_000,
+            handshake_timeout: HumanDuration(Duration::from_secs(10)),
         }
     }
 }

@@ -298,3 +298,55 @@ fn a_slow_consumer_never_slows_the_room() {
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
 }
+
+#[test]
+fn connection_limit_answers_503_and_frees_up() {
+    let server = Server::start(&[("CORELAY_LIMITS_MAX_CONNECTIONS", "3")]);
+    let mut held: Vec<WsClient> = (0..3)
+        .map(|i| offender_named(&server, &format!("u{i}")))
+        .collect();
+    let err = WsClient::handshake(server.port, "/socket.io/?EIO=4&transport=websocket")
+        .err()
+        .expect("a fourth session is refused");
+    assert!(err.starts_with("HTTP/1.1 503"), "{err}");
+    let polling = common::http(
+        server.port,
+        "GET",
+        "/socket.io/?EIO=4&transport=polling",
+        &[],
+        b"",
+    );
+    assert_eq!(polling.status, 503);
+    assert!(polling.text().contains("connection limit"));
+    // Health and metrics still answer at capacity.
+    assert_eq!(server.health()["connections"], 3);
+    drop(held.pop());
+    let deadline = Instant::now() + 5 * SECOND;
+    while server.health()["connections"] != 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _again = offender_named(&server, "u9");
+}
+
+#[test]
+fn slow_request_heads_are_dropped() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[("CORELAY_LIMITS_HANDSHAKE_TIMEOUT", "300ms")]);
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    raw.write_all(b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    raw.set_read_timeout(Some(3 * SECOND)).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 64];
+    let n = raw.read(&mut buf).unwrap_or(0);
+    assert_eq!(
+        n, 0,
+        "the server closes a connection whose head never completes"
+    );
+    assert!(started.elapsed() < 2 * SECOND, "{:?}", started.elapsed());
+}
+
+fn offender_named(server: &Server, name: &str) -> WsClient {
+    WsClient::connect(server.port, &token(name, Some(&["*"])))
+}

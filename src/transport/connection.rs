@@ -55,7 +55,7 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
                 buf = h.leftover;
                 h.request
             }
-            None => match http::read_request(&mut stream, &mut buf).await {
+            None => match read_request_in_time(&shard, &mut stream, &mut buf).await {
                 Ok(r) => r,
                 Err(HttpError::HeadTooLarge) => {
                     let _ = stream
@@ -129,6 +129,29 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
     }
 }
 
+/// Reads a request head within `limits.handshake_timeout` (an idle or slow client is
+/// dropped quietly).
+async fn read_request_in_time(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Request, HttpError> {
+    let limit = shard.ctx.config.limits.handshake_timeout.0;
+    let read = http::read_request(stream, buf);
+    match glommio::timer::timeout(limit, async { Ok(read.await) }).await {
+        Ok(result) => result,
+        Err(_) => Err(HttpError::Closed),
+    }
+}
+
+/// Whether the process already serves `limits.max_connections` sessions.
+fn at_capacity(shard: &Shard) -> bool {
+    shard.ctx.metrics.connections() >= shard.ctx.config.limits.max_connections
+}
+
+/// The 503 for a new session past the connection limit.
+const AT_CAPACITY: &[u8] = br#"{"error":{"code":"unavailable","message":"the server is at its connection limit; try another host or later"}}"#;
+
 fn has_body(req: &Request) -> bool {
     req.header("content-length")
         .is_some_and(|v| v.trim() != "0")
@@ -196,6 +219,14 @@ async fn engineio_request(
             // A new session.
             if req.method != "GET" {
                 break 'answer reject(HandshakeError::BadHandshakeMethod);
+            }
+            if at_capacity(shard)
+                || shard
+                    .ctx
+                    .draining
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                break 'answer (503, "application/json", AT_CAPACITY.to_vec());
             }
             if transport == Transport::WebSocket {
                 match websocket_key(&req) {
