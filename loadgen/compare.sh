@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# Compares corelay with the seed's stack (loadgen/peer: Node socket.io + Redis adapter) on
+# this machine, everything on loopback, and writes a markdown table to the file given.
+#
+#   loadgen/compare.sh OUT.md
+#
+# It builds corelay and corelay-loadgen (release), installs the peer's npm packages, starts
+# redis-server on a free port, then for each server setup
+#   corelay   (release build, --shards $SHARDS --store $STORE, send limit raised)
+#   peer-1    (one Node process)
+#   peer-2    (two Node processes on two ports, joined through Redis; load spread over both)
+# runs `fanout` at each rate in $RATES (one sender per room), `fanout` at $ALL_SENDERS_RATE
+# with every member sending (so that a room's messages enter through both Node processes:
+# this is where cross-process reordering shows), and `connect` with $CONNECT_CONNS
+# connections, and
+# writes per-run JSON, .hdr files and one latency plot per rate beside OUT.md (in
+# OUT-runs/). Server CPU and RSS are summed over the server's processes (and Redis for the
+# peer). Ratios are corelay / peer: below 1 is better for corelay on latency, CPU and
+# memory, above 1 on deliveries/s.
+#
+# Knobs (environment): CONNS=1000 ROOM=10 RATES="500 2000 5000" ALL_SENDERS_RATE=1000
+# (empty: skip) DURATION=10s WARMUP=2s
+# GRACE=2s CONNECT_CONNS=5000 HOLD=5s SHARDS=2 STORE=memory THREADS=1 SKIP_BUILD=1
+# CARGO_TARGET_DIR (where the release binaries are built).
+set -euo pipefail
+
+out=${1:?usage: loadgen/compare.sh OUT.md}
+root=$(cd "$(dirname "$0")/.." && pwd)
+case "$out" in /*) ;; *) out="$PWD/$out" ;; esac
+runs="${out%.md}-runs"
+mkdir -p "$runs"
+
+CONNS=${CONNS:-1000}
+ROOM=${ROOM:-10}
+RATES=${RATES:-"500 2000 5000"}
+ALL_SENDERS_RATE=${ALL_SENDERS_RATE-1000}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-2s}
+GRACE=${GRACE:-2s}
+CONNECT_CONNS=${CONNECT_CONNS:-5000}
+HOLD=${HOLD:-5s}
+SHARDS=${SHARDS:-2}
+STORE=${STORE:-memory}
+THREADS=${THREADS:-1}
+SECRET=compare-secret-0123456789abcdef
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+
+log() { echo "== $*" >&2; }
+
+# --- tools -------------------------------------------------------------------------------
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+if [ -z "${SKIP_BUILD:-}" ]; then
+  log "building corelay and corelay-loadgen (release)"
+  (cd "$root" && cargo build --release -p corelay -p corelay-loadgen)
+fi
+corelay="$target_dir/release/corelay"
+lg="$target_dir/release/corelay-loadgen"
+[ -x "$corelay" ] && [ -x "$lg" ] || { echo "missing $corelay or $lg" >&2; exit 1; }
+if [ ! -d "$root/loadgen/peer/node_modules/socket.io" ]; then
+  log "installing the peer's npm packages"
+  (cd "$root/loadgen/peer" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+ulimit -n 65536 2>/dev/null || true
+
+# --- processes ---------------------------------------------------------------------------
+pids=()
+cleanup() {
+  for p in "${pids[@]:-}"; do
+    [ -n "$p" ] && kill "$p" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+  node -e 'const s=require("net").createServer().listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+}
+
+# wait_line FILE TEXT: until FILE contains TEXT (30 s at most).
+wait_line() {
+  for _ in $(seq 300); do
+    grep -q "$2" "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "timed out waiting for '$2' in $1:" >&2
+  cat "$1" >&2
+  exit 1
+}
+
+stop_pid() {
+  kill "$1" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+  kill -9 "$1" 2>/dev/null || true
+}
+
+redis_port=$(free_port)
+redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+  >"$runs/redis.log" 2>&1 &
+redis_pid=$!
+pids+=("$redis_pid")
+wait_line "$runs/redis.log" "Ready to accept connections"
+log "redis-server on 127.0.0.1:$redis_port (pid $redis_pid)"
+
+# start_setup NAME: starts the servers of a setup; sets TARGETS and SERVER_PIDS.
+start_setup() {
+  TARGETS=""
+  SERVER_PIDS=()
+  case "$1" in
+    corelay)
+      local port; port=$(free_port)
+      CORELAY_JWT_SECRET=$SECRET CORELAY_LIMITS_SEND_RATE=1000000 CORELAY_LIMITS_SEND_BURST=1000000 \
+        RUST_LOG=warn "$corelay" serve --listen "127.0.0.1:$port" --shards "$SHARDS" \
+        --store "$STORE" --data-dir "$runs/corelay-data" >"$runs/corelay.log" 2>&1 &
+      SERVER_PIDS+=($!)
+      pids+=($!)
+      wait_line "$runs/corelay.log" "listening on"
+      TARGETS="127.0.0.1:$port"
+      ;;
+    peer-*)
+      local n=${1#peer-} i port
+      redis-cli -p "$redis_port" flushall >/dev/null 2>&1 || true
+      for i in $(seq "$n"); do
+        port=$(free_port)
+        node "$root/loadgen/peer/server.js" --port "$port" --redis "redis://127.0.0.1:$redis_port" \
+          --secret "$SECRET" >"$runs/$1-$i.log" 2>&1 &
+        SERVER_PIDS+=($!)
+        pids+=($!)
+        wait_line "$runs/$1-$i.log" "listening on"
+        TARGETS="${TARGETS:+$TARGETS,}127.0.0.1:$port"
+      done
+      SERVER_PIDS+=("$redis_pid")
+      ;;
+  esac
+}
+
+stop_setup() {
+  for p in "${SERVER_PIDS[@]}"; do
+    [ "$p" = "$redis_pid" ] || stop_pid "$p"
+  done
+}
+
+run_lg() { # NAME ARGS...: runs the loadgen, keeps the JSON line in $runs/NAME.json
+  local name=$1; shift
+  local pid_args=()
+  for p in "${SERVER_PIDS[@]}"; do pid_args+=(--server-pid "$p"); done
+  log "$name: corelay-loadgen $* --target $TARGETS"
+  "$lg" "$@" --target "$TARGETS" --secret "$SECRET" --threads "$THREADS" --no-progress \
+    "${pid_args[@]}" --label "$name" >"$runs/$name.txt" 2>"$runs/$name.err" || {
+    echo "run $name failed:" >&2; cat "$runs/$name.err" "$runs/$name.txt" >&2; }
+  tail -n 1 "$runs/$name.txt" >"$runs/$name.json"
+  sed '$d' "$runs/$name.txt" >&2
+}
+
+setups="corelay peer-1 peer-2"
+for setup in $setups; do
+  start_setup "$setup"
+  for rate in $RATES; do
+    run_lg "$setup-fanout-$rate" fanout -c "$CONNS" -m "$ROOM" --rate "$rate" \
+      --warmup "$WARMUP" --duration "$DURATION" --grace "$GRACE" --hdr-out "$runs/$setup-fanout-$rate.hdr"
+  done
+  stop_setup
+  if [ -n "$ALL_SENDERS_RATE" ]; then
+    start_setup "$setup"
+    run_lg "$setup-allsend" fanout -c "$CONNS" -m "$ROOM" --senders "$CONNS" --rate "$ALL_SENDERS_RATE" \
+      --warmup "$WARMUP" --duration "$DURATION" --grace "$GRACE" --hdr-out "$runs/$setup-allsend.hdr"
+    stop_setup
+  fi
+  # A fresh server for the memory figure.
+  start_setup "$setup"
+  run_lg "$setup-connect" connect -c "$CONNECT_CONNS" --hold "$HOLD" \
+    --hdr-out "$runs/$setup-connect.hdr"
+  stop_setup
+done
+
+for rate in $RATES; do
+  files=()
+  for setup in $setups; do
+    [ -s "$runs/$setup-fanout-$rate.hdr" ] && files+=("$runs/$setup-fanout-$rate.hdr")
+  done
+  [ ${#files[@]} -gt 0 ] && "$lg" plot "${files[@]}" --out "$runs/latency-$rate.svg" \
+    --title "delivery latency, $CONNS connections, rooms of $ROOM, $rate msg/s" >/dev/null
+done
+
+# --- table -------------------------------------------------------------------------------
+node - "$runs" "$out" "$RATES" "$setups" "--shards $SHARDS --store $STORE" "$THREADS" "$ALL_SENDERS_RATE" <<'EOF'
+const fs = require('fs');
+const path = require('path');
+const os = require('os');
+const [runs, out, ratesArg, setupsArg, corelayArgs, lgThreads, allRate] = process.argv.slice(2);
+const rates = ratesArg.split(/\s+/).filter(Boolean);
+const setups = setupsArg.split(/\s+/).filter(Boolean);
+const peers = setups.filter((s) => s !== 'corelay');
+const load = (name) => {
+  try { return JSON.parse(fs.readFileSync(path.join(runs, name + '.json'), 'utf8')); }
+  catch (_) { return null; }
+};
+const fmt = (v, d = 2) => (v === null || v === undefined || Number.isNaN(v) ? '–'
+  : typeof v === 'number' ? (Number.isInteger(v) || Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(d)) : String(v));
+const ratio = (a, b) => (typeof a === 'number' && typeof b === 'number' && b !== 0 ? (a / b).toFixed(2) + '×' : '–');
+const metrics = [
+  ['deliveries/s', 'deliveries_per_sec'],
+  ['delivery p50 ms', 'delivery_p50_ms'],
+  ['delivery p99 ms', 'delivery_p99_ms'],
+  ['delivery p99.9 ms', 'delivery_p999_ms'],
+  ['delivery max ms', 'delivery_max_ms'],
+  ['ack p50 ms', 'ack_p50_ms'],
+  ['ack p99 ms', 'ack_p99_ms'],
+  ['loss', 'loss'],
+  ['order violations', 'order_violations'],
+  ['errors', 'errors'],
+  ['server CPU %', 'server_cpu_pct'],
+  ['server CPU µs/delivery', 'server_cpu_us_per_delivery'],
+  ['server RSS KiB', 'server_rss_kib'],
+  ['loadgen CPU %', 'loadgen_cpu_pct'],
+];
+const connectMetrics = [
+  ['connected', 'connected'],
+  ['connect p50 ms', 'connect_p50_ms'],
+  ['connect p99 ms', 'connect_p99_ms'],
+  ['connects/s', 'connects_per_sec'],
+  ['server RSS KiB', 'server_rss_kib'],
+  ['KiB per connection', 'kib_per_connection'],
+  ['errors', 'errors'],
+];
+const header = ['metric', ...setups, ...peers.map((p) => `corelay/${p}`)];
+const table = (rows) => [
+  '| ' + header.join(' | ') + ' |',
+  '|' + header.map((_, i) => (i === 0 ? '---' : '---:')).join('|') + '|',
+  ...rows,
+].join('\n');
+const rowsFor = (ms, runName) => ms.map(([label, key]) => {
+  const vals = setups.map((s) => { const r = load(runName(s)); return r ? r[key] : null; });
+  return '| ' + [label, ...vals.map((v) => fmt(v)), ...peers.map((p) => ratio(vals[0], vals[setups.indexOf(p)]))].join(' | ') + ' |';
+});
+const first = load(`corelay-fanout-${rates[0]}`) || {};
+let md = `<!-- generated by loadgen/compare.sh on ${new Date().toISOString()} -->\n`;
+md += `Machine: ${os.cpus().length} cores (${os.cpus()[0] ? os.cpus()[0].model : '?'}), ${Math.round(os.totalmem() / 2 ** 30)} GiB; `;
+md += `servers and load generator on the same machine, loopback only.\n\n`;
+md += `Load generator: corelay-loadgen with ${lgThreads} worker thread(s). `;
+md += `Setups: **corelay** (release build, \`${corelayArgs}\`, send limit raised); `;
+md += `**peer-1** / **peer-2**: the seed's stack (Node socket.io 4.8 + @socket.io/redis-adapter 8.3 + Redis) with one / two Node processes. `;
+md += `Server CPU and RSS include Redis for the peer.\n\n`;
+for (const rate of rates) {
+  const r = load(`corelay-fanout-${rate}`) || first;
+  md += `### fanout: ${r.connections ?? '?'} connections, rooms of ${r.room_size ?? '?'}, ${rate} msg/s `;
+  md += `(${r.senders ?? '?'} senders, ${r.duration_s ?? '?'} s window)\n\n`;
+  md += table(rowsFor(metrics, (s) => `${s}-fanout-${rate}`)) + '\n\n';
+  md += `Plot: \`${path.basename(runs)}/latency-${rate}.svg\`\n\n`;
+}
+if (allRate) {
+  const r = load('corelay-allsend') || {};
+  md += `### fanout, every member sends: ${r.connections ?? '?'} connections, rooms of ${r.room_size ?? '?'}, ${allRate} msg/s `;
+  md += `(${r.senders ?? '?'} senders, ${r.duration_s ?? '?'} s window)\n\n`;
+  md += table(rowsFor(metrics.concat([['order reorders', 'order_reorders'], ['order gaps', 'order_gaps']]), (s) => `${s}-allsend`)) + '\n\n';
+}
+const c = load('corelay-connect') || {};
+md += `### connect: ${c.connections ?? '?'} idle connections held ${c.duration_s ?? '?'} s\n\n`;
+md += table(rowsFor(connectMetrics, (s) => `${s}-connect`)) + '\n';
+fs.writeFileSync(out, md);
+console.log(md);
+EOF
+log "wrote $out (runs in $runs)"

@@ -1,0 +1,383 @@
+//! `fanout`: C connections in rooms of M members, S senders sending at a total rate paced
+//! evenly; a warm-up, a measured window, then a grace period for stragglers.
+//!
+//! Timeline (all sends stop at the end of the window):
+//!
+//! ```text
+//! setup (connect + join) | warm-up | measured window | grace | stop
+//! ```
+//!
+//! Only messages whose scheduled send time falls in the window are measured. Each is
+//! expected at every other measured member of its room; the `churn` and `history`
+//! scenarios add connections of their own, which are not measured receivers.
+
+use super::member::{self, Cmd, Member, RunCtx};
+use super::{churn, history, open_many, self_cpu, Env, RunOutput};
+use crate::report::{Progress, Summary};
+use crate::stats::{Counters, OrderReport, Percentiles, SharedHist};
+use anyhow::bail;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Parameters of a fan-out run.
+#[derive(Debug, Clone)]
+pub struct FanoutOpts {
+    /// Measured connections.
+    pub connections: usize,
+    /// Members per room.
+    pub room_size: usize,
+    /// Senders (0: one per room).
+    pub senders: usize,
+    /// Total messages per second.
+    pub rate: f64,
+    /// Warm-up before the window.
+    pub warmup: Duration,
+    /// Measured window.
+    pub duration: Duration,
+    /// Time after the window to wait for stragglers.
+    pub grace: Duration,
+    /// Message text padded to at least this many bytes.
+    pub text_bytes: usize,
+}
+
+/// What runs beside the fan-out.
+#[derive(Debug, Clone)]
+pub enum Extra {
+    /// Nothing: plain `fanout`.
+    None,
+    /// Connections opened and closed at a steady rate.
+    Churn(churn::ChurnOpts),
+    /// `join {since}` and `history` reads at a steady rate.
+    History(history::HistoryOpts),
+}
+
+/// Queue of paced sends per sender; a full queue means the sender cannot keep up.
+const SENDER_QUEUE: usize = 4096;
+
+/// Runs a fan-out (with `extra` beside it) and fills `summary`.
+pub async fn run(
+    env: Arc<Env>,
+    opts: FanoutOpts,
+    extra: Extra,
+    mut summary: Summary,
+) -> anyhow::Result<RunOutput> {
+    if opts.connections < 2 || opts.room_size < 2 {
+        bail!("fan-out needs at least 2 connections and rooms of at least 2 members");
+    }
+    if !(opts.rate > 0.0 && opts.rate.is_finite()) {
+        bail!("--rate must be positive");
+    }
+    let rooms_n = opts.connections.div_ceil(opts.room_size);
+    let room_names: Arc<Vec<Arc<str>>> =
+        Arc::new((0..rooms_n).map(|r| Arc::from(env.room_name(r))).collect());
+    let baseline = env.sample_server();
+
+    // Setup: open and join every measured member, then the readers of `history`.
+    let setup_progress = {
+        let env2 = env.clone();
+        let total = opts.connections;
+        Progress::start(env.progress, move |t| {
+            format!(
+                "connecting {}/{total} ({:.0}s) errors={}",
+                env2.opened.load(Relaxed),
+                t.as_secs_f64(),
+                env2.errors.total()
+            )
+        })
+    };
+    let m = opts.room_size;
+    let (opened, first_err) = open_many(&env, opts.connections, 0, "lg-", |i| {
+        Some(env.room_name(i / m))
+    })
+    .await;
+    let readers = match &extra {
+        Extra::History(h) => history::open_readers(&env, h, &room_names, opts.connections).await,
+        _ => Vec::new(),
+    };
+    setup_progress.finish().await;
+    if opened.len() < 2 {
+        bail!(
+            "only {} of {} connections opened: {}",
+            opened.len(),
+            opts.connections,
+            first_err.unwrap_or_default()
+        );
+    }
+    if let Some(e) = &first_err {
+        eprintln!(
+            "warning: {} of {} connections failed; first error: {e}",
+            opts.connections - opened.len(),
+            opts.connections
+        );
+    }
+    let after_connect = env.sample_server();
+
+    // Who is in which room, and who sends.
+    let mut by_room: Vec<Vec<usize>> = vec![Vec::new(); rooms_n];
+    for (pos, o) in opened.iter().enumerate() {
+        by_room[o.idx / m].push(pos);
+    }
+    let senders_wanted = if opts.senders == 0 {
+        rooms_n
+    } else {
+        opts.senders.min(opened.len())
+    };
+    let mut sender_pos = Vec::with_capacity(senders_wanted);
+    for j in 0..senders_wanted {
+        let room = &by_room[j % rooms_n];
+        if let Some(&pos) = room.get(j / rooms_n) {
+            if room.len() >= 2 {
+                sender_pos.push(pos);
+            }
+        }
+    }
+    if sender_pos.is_empty() {
+        bail!("no room has two open members: nothing to measure");
+    }
+
+    // Timeline.
+    let t0 = Instant::now() + Duration::from_millis(200);
+    let window_start = t0 + opts.warmup;
+    let window_end = window_start + opts.duration;
+    let grace_end = window_end + opts.grace;
+    let ctx = Arc::new(RunCtx {
+        clock: env.clock,
+        window_start_ns: env.clock.ns_at(window_start),
+        window_end_ns: env.clock.ns_at(window_end),
+        counters: Counters::default(),
+        ack_hist: SharedHist::default(),
+        delivery_hist: SharedHist::default(),
+        errors: env.errors.clone(),
+        room_latest: (0..rooms_n).map(|_| AtomicU64::new(0)).collect(),
+        text_bytes: opts.text_bytes,
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Members.
+    let connected = opened.len();
+    let mut is_sender = vec![false; connected];
+    for &p in &sender_pos {
+        is_sender[p] = true;
+    }
+    let mut sender_txs = vec![None; connected];
+    let mut handles = Vec::with_capacity(connected);
+    for (pos, o) in opened.into_iter().enumerate() {
+        let room_idx = o.idx / m;
+        ctx.room_latest[room_idx].fetch_max(o.join_offset, Relaxed);
+        let member = Member {
+            idx: o.idx,
+            room_idx,
+            room: room_names[room_idx].clone(),
+            members: by_room[room_idx].len() as u64,
+            join_offset: o.join_offset,
+        };
+        let rx = if is_sender[pos] {
+            let (tx, rx) = mpsc::channel(SENDER_QUEUE);
+            sender_txs[pos] = Some(tx);
+            Some(rx)
+        } else {
+            None
+        };
+        let (ctx2, stop2) = (ctx.clone(), stop_rx.clone());
+        handles.push(tokio::spawn(async move {
+            match o.conn.take().await {
+                Ok(conn) => member::run(conn, member, ctx2, rx, stop2).await,
+                Err(kind) => {
+                    ctx2.errors.add(kind);
+                    member::Outcome {
+                        disconnected: true,
+                        ..member::Outcome::default()
+                    }
+                }
+            }
+        }));
+    }
+    let txs: Vec<mpsc::Sender<Cmd>> = sender_pos
+        .iter()
+        .filter_map(|&p| sender_txs[p].take())
+        .collect();
+    let senders_n = txs.len();
+    let pacer = tokio::spawn(pace(ctx.clone(), txs, opts.rate, t0, window_end));
+
+    // Beside the fan-out.
+    let churn_task = match &extra {
+        Extra::Churn(c) => Some(churn::spawn(
+            env.clone(),
+            c.clone(),
+            room_names.clone(),
+            opts.connections,
+            t0,
+            window_end,
+            stop_rx.clone(),
+        )),
+        _ => None,
+    };
+    let history_task = match &extra {
+        Extra::History(h) => Some(history::spawn(
+            env.clone(),
+            ctx.clone(),
+            h.clone(),
+            readers,
+            room_names.clone(),
+            t0,
+            window_end,
+            stop_rx.clone(),
+        )),
+        _ => None,
+    };
+
+    let progress = {
+        let ctx = ctx.clone();
+        Progress::start(env.progress, move |_| {
+            let now = Instant::now();
+            let phase = if now < window_start {
+                "warm-up"
+            } else if now < window_end {
+                "measure"
+            } else {
+                "grace"
+            };
+            let c = &ctx.counters;
+            format!(
+                "{phase} conns={connected} sent={} acked={} recv={} expected={} errors={}",
+                c.sent.load(Relaxed),
+                c.acked.load(Relaxed),
+                c.received.load(Relaxed),
+                c.expected.load(Relaxed),
+                ctx.errors.total()
+            )
+        })
+    };
+
+    // Measure.
+    tokio::time::sleep_until(window_start.into()).await;
+    let s1 = env.sample_server();
+    let me1 = self_cpu();
+    tokio::time::sleep_until(window_end.into()).await;
+    let s2 = env.sample_server();
+    let me2 = self_cpu();
+    tokio::time::sleep_until(grace_end.into()).await;
+    let _ = stop_tx.send(true);
+    let _ = pacer.await;
+
+    let mut order = OrderReport::default();
+    let mut disconnects = 0;
+    let join_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    for h in handles {
+        match tokio::time::timeout_at(join_deadline, h).await {
+            Ok(Ok(out)) => {
+                order.add(out.order);
+                disconnects += out.disconnected as u64;
+            }
+            _ => env.errors.add("member_stuck"),
+        }
+    }
+    if let Some(h) = churn_task {
+        let extra_figs = h.await.unwrap_or_default();
+        summary.extra.extend(extra_figs);
+    }
+    if let Some(h) = history_task {
+        let extra_figs = h.await.unwrap_or_default();
+        summary.extra.extend(extra_figs);
+    }
+    progress.finish().await;
+
+    // Figures.
+    let secs = opts.duration.as_secs_f64();
+    let c = &ctx.counters;
+    let loss = c.loss();
+    let ack = ctx.ack_hist.snapshot();
+    let delivery = ctx.delivery_hist.snapshot();
+    summary.connections = opts.connections as u64;
+    summary.connected = connected as u64;
+    summary.source_addrs = env.sources.count();
+    summary.rooms = Some(rooms_n as u64);
+    summary.room_size = Some(m as u64);
+    summary.senders = Some(senders_n as u64);
+    summary.rate = Some(opts.rate);
+    summary.text_bytes = Some(opts.text_bytes as u64);
+    summary.warmup_s = Some(opts.warmup.as_secs_f64());
+    summary.duration_s = secs;
+    summary.grace_s = Some(opts.grace.as_secs_f64());
+    summary.sent = Some(c.sent_window.load(Relaxed));
+    summary.acked = Some(c.acked_window.load(Relaxed));
+    summary.ack_errors = Some(c.ack_errors_window.load(Relaxed));
+    summary.expected = Some(loss.expected);
+    summary.received = Some(loss.received);
+    summary.loss = Some(loss.lost);
+    summary.loss_pct = Some(loss.pct());
+    summary.excess = Some(loss.excess);
+    summary.order_violations = Some(order.total());
+    summary.order_gaps = Some(order.gaps);
+    summary.order_reorders = Some(order.reorders);
+    summary.order_duplicates = Some(order.duplicates);
+    summary.set_ack(Percentiles::of(&ack));
+    summary.set_delivery(Percentiles::of(&delivery));
+    summary.set_connect(Percentiles::of(&env.connect_hist.snapshot()));
+    summary.deliveries_per_sec = Some(loss.received as f64 / secs.max(1e-9));
+    if let (Some(a), Some(b)) = (s1, s2) {
+        let cpu_us = b.cpu.saturating_sub(a.cpu).as_micros() as f64;
+        summary.server_cpu_pct = Some(100.0 * cpu_us / 1e6 / secs.max(1e-9));
+        if loss.received > 0 {
+            summary.server_cpu_us_per_delivery = Some(cpu_us / loss.received as f64);
+        }
+        summary.server_rss_kib = Some(b.rss_kib);
+    }
+    if let (Some(a), Some(b)) = (baseline, after_connect) {
+        summary.kib_per_connection =
+            Some((b.rss_kib as f64 - a.rss_kib as f64) / connected.max(1) as f64);
+    }
+    summary.loadgen_cpu_pct = Some(100.0 * me2.saturating_sub(me1).as_secs_f64() / secs.max(1e-9));
+    let overflow = c.pacer_overflow.load(Relaxed);
+    if overflow > 0 {
+        summary
+            .extra
+            .insert("pacer_overflow".into(), overflow.into());
+    }
+    summary.disconnects = disconnects;
+    summary.error_kinds = env.errors.snapshot();
+    summary.errors = summary.error_kinds.values().sum();
+    Ok(RunOutput {
+        summary,
+        series: vec![("delivery".into(), delivery), ("ack".into(), ack)],
+    })
+}
+
+/// Hands paced sends to the senders, round robin, from `start` until `end`: message `k` is
+/// due at `start + k / rate` and carries that time (so a late send shows as latency
+/// rather than vanishing: no coordinated omission).
+async fn pace(
+    ctx: Arc<RunCtx>,
+    senders: Vec<mpsc::Sender<Cmd>>,
+    rate: f64,
+    start: Instant,
+    end: Instant,
+) {
+    if senders.is_empty() {
+        return;
+    }
+    let total = (end.saturating_duration_since(start).as_secs_f64() * rate).floor() as u64;
+    let due = |k: u64| start + Duration::from_secs_f64(k as f64 / rate);
+    let mut k = 0u64;
+    while k < total {
+        tokio::time::sleep_until(due(k).into()).await;
+        let now = Instant::now();
+        while k < total && due(k) <= now {
+            let tx = &senders[(k % senders.len() as u64) as usize];
+            let cmd = Cmd::Send {
+                t_ns: ctx.clock.ns_at(due(k)),
+            };
+            match tx.try_send(cmd) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    ctx.counters.pacer_overflow.fetch_add(1, Relaxed);
+                    ctx.errors.add("pacer_overflow");
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => ctx.errors.add("sender_gone"),
+            }
+            k += 1;
+        }
+    }
+}
