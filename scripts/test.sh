@@ -11,6 +11,9 @@ missing=()
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
+# The Redis cluster layer's tests start real servers (TLS ones with openssl-made certificates).
+[ -x /usr/bin/redis-server ] || missing+=(redis-server)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
@@ -21,8 +24,9 @@ if [ ! -d node_modules/socket.io-client ] || [ ! -d node_modules/playwright-core
   npm ci --no-audit --no-fund --loglevel=error
 fi
 
-echo "== cargo test"
-cargo test --locked --no-fail-fast 2>&1
+echo "== cargo test (the server, then the load generator's smoke run against it)"
+export CORELAY_BIN="$PWD/target/debug/corelay"
+cargo test --workspace --locked --no-fail-fast 2>&1
 
 echo "== socket.io-client end-to-end tests"
-CORELAY_BIN="$PWD/target/debug/corelay" npm run --silent test:e2e
+npm run --silent test:e2e
