@@ -6,6 +6,8 @@
 //! Everything runs inside a glommio executor, like a shard, with `io_memory` kept at
 //! 512 KiB (the locked-memory limit here is 8 MiB).
 
+mod common_redis;
+
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -787,4 +789,37 @@ impl Drop for Mount {
             .arg(&self.0)
             .status();
     }
+}
+
+/// The suite against a real `redis-server` (started on a free port, killed at the end): the
+/// Redis store over the streams the cluster's publish script writes.
+#[test]
+fn redis_store_passes_suite() {
+    let server = common_redis::RedisServer::start();
+    common_redis::within(Duration::from_secs(180), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let mut opts = corelay::cluster::RedisOptions::new(server.url());
+        // The suite appends 10 000 messages to one room and reads them all back.
+        opts.history_max_len = 0;
+        let cluster = futures::executor::block_on(corelay::cluster::redis::RedisCluster::connect(
+            opts,
+            bridge.clone(),
+        ))
+        .expect("connect to redis");
+        let store = Store::redis(&cluster);
+        let s = store.clone();
+        on_shard(move || async move {
+            suite(s.clone(), "").await;
+            s.health().expect("healthy");
+            s.flush().await.expect("flush");
+            s.close().await.expect("close");
+            assert!(matches!(
+                s.latest_offset("r").await,
+                Err(StoreError::Closed)
+            ));
+        });
+        cluster.close();
+        bridge.shutdown();
+        drop(server);
+    });
 }

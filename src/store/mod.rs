@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 pub mod embedded;
 pub mod memory;
+pub mod redis;
 pub mod scylla;
 
 /// One chat message as stored and replayed.
@@ -162,6 +163,8 @@ pub enum Store {
     Embedded(embedded::EmbeddedStore),
     /// ScyllaDB: unbounded history shared by the hosts of a cluster.
     Scylla(scylla::ScyllaStore),
+    /// Redis streams: each room's recent history, written by the cluster's publish script.
+    Redis(redis::RedisStore),
 }
 
 impl Store {
@@ -190,12 +193,18 @@ impl Store {
         scylla::ScyllaStore::open(config).map(Store::Scylla)
     }
 
+    /// The Redis store over `cluster`'s connection (`store = "redis"`). No I/O: the cluster
+    /// is connected already. See [`redis::RedisStore`] for who writes the streams.
+    pub fn redis(cluster: &crate::cluster::redis::RedisCluster) -> Store {
+        Store::Redis(redis::RedisStore::new(cluster))
+    }
+
     /// Syncs everything appended so far to disk (a no-op for memory and ScyllaDB, whose
     /// acks already mean the replicas have it, per the consistency level). Useful with
     /// [`Durability::Buffered`] to bound what a machine crash can lose.
     pub async fn flush(&self) -> Result<(), StoreError> {
         match self {
-            Store::Memory(_) | Store::Scylla(_) => Ok(()),
+            Store::Memory(_) | Store::Scylla(_) | Store::Redis(_) => Ok(()),
             Store::Embedded(s) => s.flush().await,
         }
     }
@@ -214,6 +223,10 @@ impl Store {
             }
             Store::Embedded(s) => s.close().await,
             Store::Scylla(s) => s.close().await,
+            Store::Redis(s) => {
+                s.close();
+                Ok(())
+            }
         }
     }
 
@@ -225,6 +238,7 @@ impl Store {
             Store::Memory(s) => s.health(),
             Store::Embedded(s) => s.health(),
             Store::Scylla(s) => s.health(),
+            Store::Redis(s) => s.health(),
         }
     }
 }
@@ -235,6 +249,7 @@ impl HistoryStore for Store {
             Store::Memory(s) => s.append(batch).await,
             Store::Embedded(s) => s.append(batch).await,
             Store::Scylla(s) => s.append(batch).await,
+            Store::Redis(s) => s.append(batch).await,
         }
     }
 
@@ -248,6 +263,7 @@ impl HistoryStore for Store {
             Store::Memory(s) => s.read(room, query, limit).await,
             Store::Embedded(s) => s.read(room, query, limit).await,
             Store::Scylla(s) => s.read(room, query, limit).await,
+            Store::Redis(s) => s.read(room, query, limit).await,
         }
     }
 
@@ -256,6 +272,7 @@ impl HistoryStore for Store {
             Store::Memory(s) => s.latest_offset(room).await,
             Store::Embedded(s) => s.latest_offset(room).await,
             Store::Scylla(s) => s.latest_offset(room).await,
+            Store::Redis(s) => s.latest_offset(room).await,
         }
     }
 
@@ -270,6 +287,7 @@ impl HistoryStore for Store {
             Store::Memory(s) => s.find_cid(room, user, cid, not_before_ts).await,
             Store::Embedded(s) => s.find_cid(room, user, cid, not_before_ts).await,
             Store::Scylla(s) => s.find_cid(room, user, cid, not_before_ts).await,
+            Store::Redis(s) => s.find_cid(room, user, cid, not_before_ts).await,
         }
     }
 }

@@ -1,0 +1,1589 @@
+//! [`RedisCluster`]: the process's link to Redis, living on the [tokio bridge](crate::bridge).
+//!
+//! # Connections
+//!
+//! - **Commands** (the publish script, presence, history reads): one multiplexed RESP2
+//!   connection shared by every shard. When it breaks, the next call reconnects; while
+//!   reconnecting fails, calls fail at once with the last error (no pile-up) and attempts
+//!   are spaced by exponential backoff with jitter (`reconnect_min` … `reconnect_max`).
+//!   Every call is bounded by `command_timeout`: a stalled Redis gives
+//!   [`ClusterError::Timeout`], never a hang.
+//! - **Pub/sub**: a dedicated RESP3 connection whose pushes (messages, disconnection) feed a
+//!   supervisor task. The supervisor dispatches room messages to the shards that subscribed
+//!   them, probes the link every `ping_interval` by publishing to this host's private
+//!   channel and timing the echo ([`RedisCluster::last_roundtrip_ms`]), and declares the link
+//!   down when the connection drops or an echo is later than `command_timeout`. Then it
+//!   sends [`ClusterEvent::Down`] to every shard, drops the command connection too (a
+//!   stalled or vanished server will not answer it either), and reconnects with backoff
+//!   and jitter; once connected it subscribes every registered room again and sends
+//!   [`ClusterEvent::Reconnected`].
+//!
+//! # Threads
+//!
+//! The connections and the supervisor run on the bridge; shards call the async methods,
+//! which hand the work to the bridge and await the answer (any executor can await them,
+//! glommio included). Each shard gets its own unbounded event stream
+//! ([`RedisCluster::subscriber`]); the supervisor sends into it without waiting.
+//!
+//! Dropping every clone of a `RedisCluster` (or calling [`RedisCluster::close`]) stops the
+//! supervisor and closes the connections.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::channel::{mpsc, oneshot};
+use futures::FutureExt as _;
+use redis::aio::MultiplexedConnection;
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo, ProtocolVersion,
+    PushKind, RedisError, ServerErrorKind, Value,
+};
+
+use super::scripts::Scripts;
+use super::{
+    keys, redact_url, Ack, ClusterError, ClusterEvent, NewMessage, PresenceEntry, Published,
+    RedisOptions,
+};
+use crate::bridge::Bridge;
+use crate::store::StoredMessage;
+
+/// No round trip measured yet (or the link is down).
+const NO_RTT: u64 = u64::MAX;
+/// Most channels per SUBSCRIBE command when subscribing again after a reconnect.
+const SUBSCRIBE_CHUNK: usize = 1000;
+/// How often the offset between Redis's clock and this host's is measured again.
+const CLOCK_EVERY: Duration = Duration::from_secs(60);
+
+/// The process's link to Redis: offsets and publishing (the publish script), per-shard
+/// subscriptions, presence, and the connection the [Redis history
+/// store](crate::store::redis::RedisStore) reads through.
+///
+/// One per process: connect it once on the main thread ([`RedisCluster::connect_blocking`])
+/// and move a clone into each shard. Cheap to clone, `Send + Sync`.
+#[derive(Clone)]
+pub struct RedisCluster {
+    inner: Arc<Handle>,
+}
+
+impl std::fmt::Debug for RedisCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCluster")
+            .field("target", &self.inner.shared.target)
+            .field("host_id", &self.inner.shared.opts.host_id)
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+/// What the clones share; stops the supervisor when the last clone goes.
+struct Handle {
+    shared: Arc<Shared>,
+    bridge: Bridge,
+    /// Dropping (or firing) it stops the supervisor.
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Some(stop) = lock(&self.stop).take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// State shared by the callers' tasks and the supervisor, all on the bridge thread. The
+/// std mutexes are held only briefly and never across an await.
+struct Shared {
+    opts: RedisOptions,
+    /// The URL without password, for messages.
+    target: String,
+    /// RESP2 client for the command connection.
+    cmd_client: Client,
+    /// RESP3 client for the pub/sub connection.
+    sub_client: Client,
+    scripts: Scripts,
+    /// The command connection and its reconnect state.
+    cmd: Mutex<CmdState>,
+    /// One command-connection attempt at a time.
+    cmd_connecting: tokio::sync::Mutex<()>,
+    /// A background command reconnect is running.
+    cmd_reviving: AtomicBool,
+    /// The live pub/sub connection, when the link is up.
+    pubsub: Mutex<Option<MultiplexedConnection>>,
+    /// Serializes subscription changes (calls and the resubscription after a reconnect),
+    /// so Redis sees them in the order the registry does.
+    sub_lock: tokio::sync::Mutex<()>,
+    registry: Mutex<Registry>,
+    /// Rooms whose stray subscription is being dropped (one task per room at a time).
+    strays: Mutex<HashSet<String>>,
+    /// This host's presence: room → user → name, rewritten into Redis on every refresh.
+    presence: Mutex<HashMap<String, HashMap<String, Option<String>>>>,
+    /// A presence refresh is running.
+    refreshing: AtomicBool,
+    /// The pub/sub link is up (subscribed, and the last probe answered in time).
+    connected: AtomicBool,
+    /// Last probe round trip in µs, or [`NO_RTT`].
+    rtt_us: AtomicU64,
+    /// Redis's clock minus this host's, in ms (measured with TIME on every command
+    /// connection and every [`CLOCK_EVERY`]), so that the publish deadline is checked in
+    /// Redis's clock whatever this host's clock says.
+    skew_ms: AtomicI64,
+    /// A clock measurement is running.
+    measuring: AtomicBool,
+    closed: AtomicBool,
+}
+
+/// The command connection: current one (with a generation, so that a failure on an old one
+/// does not drop a new one) and reconnect backoff.
+#[derive(Default)]
+struct CmdState {
+    conn: Option<(u64, MultiplexedConnection)>,
+    generation: u64,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<ClusterError>,
+}
+
+/// Who wants which room's messages.
+#[derive(Default)]
+struct Registry {
+    shards: HashMap<usize, mpsc::UnboundedSender<ClusterEvent>>,
+    rooms: HashMap<String, BTreeSet<usize>>,
+}
+
+/// A user present through this host, and their display name.
+type PresenceUser = (String, Option<String>);
+
+/// The wire form of a presence event on a room channel (after the `p` tag).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PresenceWire {
+    room: String,
+    user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    online: bool,
+    host: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here can leave the guarded data half-updated on a panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RedisCluster {
+    /// Connects to Redis as `options` say, on `bridge`: the command connection and the
+    /// pub/sub connection (subscribed to this host's probe channel), then starts the
+    /// supervisor. Fails with a clear [`ClusterError`] when Redis cannot be reached, refuses
+    /// the credentials, fails the TLS handshake, or lacks what is needed (RESP3: Redis ≥ 6;
+    /// sharded pub/sub: Redis ≥ 7).
+    pub async fn connect(
+        options: RedisOptions,
+        bridge: Bridge,
+    ) -> Result<RedisCluster, ClusterError> {
+        let shared = Arc::new(Shared::new(options)?);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let s = shared.clone();
+        bridge
+            .spawn(async move {
+                let link = connect_link(&s).await?;
+                s.cmd_conn().await?;
+                s.connected.store(true, Ordering::Release);
+                tokio::spawn(supervise(s, link, stop_rx));
+                Ok(())
+            })
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))??;
+        Ok(RedisCluster {
+            inner: Arc::new(Handle {
+                shared,
+                bridge,
+                stop: Mutex::new(Some(stop_tx)),
+            }),
+        })
+    }
+
+    /// [`RedisCluster::connect`] on the process-wide bridge, blocking the calling thread:
+    /// for the main thread before the shards start (never on a shard, nor on the bridge
+    /// thread itself).
+    pub fn connect_blocking(options: RedisOptions) -> Result<RedisCluster, ClusterError> {
+        let bridge = Bridge::global().map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        futures::executor::block_on(RedisCluster::connect(options, bridge))
+    }
+
+    /// The options it was connected with.
+    pub fn options(&self) -> &RedisOptions {
+        &self.inner.shared.opts
+    }
+
+    /// This host's id (presence keys and events).
+    pub fn host_id(&self) -> &str {
+        &self.inner.shared.opts.host_id
+    }
+
+    /// Whether the pub/sub link is up: connected, subscribed, and the last probe answered
+    /// within `command_timeout`. For `/healthz`.
+    pub fn is_connected(&self) -> bool {
+        self.inner.shared.connected.load(Ordering::Acquire)
+    }
+
+    /// The last pub/sub round trip (publish to this host's probe channel, receive the echo),
+    /// in milliseconds; `None` before the first one and while the link is down. For
+    /// `/healthz` (`pubsub_roundtrip_ms`).
+    pub fn last_roundtrip_ms(&self) -> Option<f64> {
+        match self.inner.shared.rtt_us.load(Ordering::Acquire) {
+            NO_RTT => None,
+            us => Some(us as f64 / 1000.0),
+        }
+    }
+
+    /// The event stream of shard `shard`: messages of the rooms it subscribed, presence
+    /// events of those rooms, and `Down` / `Reconnected` (sent to every shard). Call it before
+    /// subscribing the shard's rooms: events are not kept for a shard without a stream.
+    /// Calling it again for the same shard replaces the previous stream (which then ends).
+    pub fn subscriber(&self, shard: usize) -> mpsc::UnboundedReceiver<ClusterEvent> {
+        let (tx, rx) = mpsc::unbounded();
+        lock(&self.inner.shared.registry).shards.insert(shard, tx);
+        rx
+    }
+
+    /// Subscribes shard `shard` to `room`'s channel (SUBSCRIBE, or SSUBSCRIBE when sharded).
+    ///
+    /// `Ok` once Redis confirmed the subscription (at once if another shard of this host has
+    /// it already): every message published after that reaches the shard. On
+    /// [`ClusterError::Unavailable`] / [`ClusterError::Timeout`] the room stays registered and
+    /// is subscribed when the link is back, which [`ClusterEvent::Reconnected`] announces;
+    /// call [`RedisCluster::unsubscribe`] to drop it. Other errors (e.g. an ACL without the
+    /// channel) leave nothing registered.
+    pub async fn subscribe(&self, shard: usize, room: &str) -> Result<(), ClusterError> {
+        let shared = self.inner.shared.clone();
+        let room = room.to_owned();
+        self.on_bridge(async move { shared.subscribe(shard, room).await })
+            .await
+    }
+
+    /// Unsubscribes shard `shard` from `room`; the channel itself is unsubscribed when no
+    /// shard of this host wants it any more. Events already queued may still arrive.
+    pub async fn unsubscribe(&self, shard: usize, room: &str) -> Result<(), ClusterError> {
+        let shared = self.inner.shared.clone();
+        let room = room.to_owned();
+        self.on_bridge(async move { shared.unsubscribe(shard, room).await })
+            .await
+    }
+
+    /// Publishes a message with the publish script: when it carries a `cid` that this user
+    /// sent to this room within the dedupe window, returns the first ack
+    /// ([`Published::Duplicate`]) and does nothing else; otherwise assigns the room's next
+    /// offset, appends the message to the room's stream (trimmed by count and age), records
+    /// the cid, and publishes the message on the room's channel — all in one atomic script,
+    /// so the channel's order is the offset order.
+    ///
+    /// On error nothing was stored, except after a [`ClusterError::Timeout`] whose reply
+    /// was lost (see there): a retry with the same `cid` is safe.
+    pub async fn publish(&self, msg: NewMessage) -> Result<Published, ClusterError> {
+        let shared = self.inner.shared.clone();
+        self.on_bridge(async move { shared.publish(msg).await })
+            .await
+    }
+
+    /// Marks `user` present in `room` through this host (call it when the user's first
+    /// connection on this host joins the room), with an optional display name (an empty
+    /// name counts as none). Returns
+    /// `true` when the user was present through no live host before, in which case the
+    /// online event was published on the room's channel (every host, this one included,
+    /// receives it as [`ClusterEvent::Presence`]).
+    ///
+    /// The local record is kept even when Redis fails, and written again by the periodic
+    /// refresh (every `presence_ttl / 3`).
+    pub async fn presence_join(
+        &self,
+        room: &str,
+        user: &str,
+        name: Option<&str>,
+    ) -> Result<bool, ClusterError> {
+        let shared = self.inner.shared.clone();
+        let (room, user, name) = (room.to_owned(), user.to_owned(), name.map(str::to_owned));
+        self.on_bridge(async move { shared.presence_join(room, user, name).await })
+            .await
+    }
+
+    /// The user's last connection on this host left `room`. Returns `true` when the user is
+    /// now present through no live host, in which case the offline event was published.
+    ///
+    /// When Redis cannot be reached the local record is dropped anyway: the user disappears
+    /// from Redis at the next refresh, or within `presence_ttl` (without an offline event).
+    pub async fn presence_leave(&self, room: &str, user: &str) -> Result<bool, ClusterError> {
+        let shared = self.inner.shared.clone();
+        let (room, user) = (room.to_owned(), user.to_owned());
+        self.on_bridge(async move { shared.presence_leave(room, user).await })
+            .await
+    }
+
+    /// The users present in `room` through any live host, one entry per user, sorted by
+    /// user id. A host that stopped refreshing (dead, or cut off from Redis) stops counting
+    /// within `presence_ttl`.
+    pub async fn presence_list(&self, room: &str) -> Result<Vec<PresenceEntry>, ClusterError> {
+        let shared = self.inner.shared.clone();
+        let room = room.to_owned();
+        self.on_bridge(async move { shared.presence_list(room).await })
+            .await
+    }
+
+    /// Stops the supervisor and closes the connections; later calls on any clone fail with
+    /// [`ClusterError::Closed`]. Harmless to call twice.
+    pub fn close(&self) {
+        self.inner.shared.closed.store(true, Ordering::Release);
+        if let Some(stop) = lock(&self.inner.stop).take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// `Ok` unless closed or the command connection is known to be down (then the last
+    /// connection error). No I/O: cheap enough for `/healthz`.
+    pub(crate) fn health(&self) -> Result<(), ClusterError> {
+        let shared = &self.inner.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(ClusterError::Closed);
+        }
+        let st = lock(&shared.cmd);
+        match (&st.conn, &st.last_error) {
+            (None, Some(e)) => Err(e.clone()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs one command on the command connection (for the history store).
+    pub(crate) async fn query(
+        &self,
+        what: &'static str,
+        cmd: redis::Cmd,
+    ) -> Result<Value, ClusterError> {
+        let shared = self.inner.shared.clone();
+        self.on_bridge(async move {
+            shared
+                .with_conn(what, |mut c| async move {
+                    cmd.query_async::<Value>(&mut c).await
+                })
+                .await
+        })
+        .await
+    }
+
+    /// Runs the store's append script for one room (`write`: check and write; else check).
+    pub(crate) async fn append_script(
+        &self,
+        keys: Vec<String>,
+        args: Vec<Vec<u8>>,
+    ) -> Result<Value, ClusterError> {
+        let shared = self.inner.shared.clone();
+        self.on_bridge(async move {
+            let mut inv = shared.scripts.append.prepare_invoke();
+            for k in &keys {
+                inv.key(k);
+            }
+            for a in &args {
+                inv.arg(a.as_slice());
+            }
+            let inv = &inv;
+            shared
+                .with_conn("append", |mut c| async move {
+                    inv.invoke_async::<Value>(&mut c).await
+                })
+                .await
+        })
+        .await
+    }
+
+    /// Runs `fut` on the bridge and awaits its result from any executor.
+    async fn on_bridge<T, F>(&self, fut: F) -> Result<T, ClusterError>
+    where
+        F: Future<Output = Result<T, ClusterError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        if self.inner.shared.closed.load(Ordering::Acquire) {
+            return Err(ClusterError::Closed);
+        }
+        self.inner
+            .bridge
+            .spawn(fut)
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?
+    }
+}
+
+impl Shared {
+    fn new(opts: RedisOptions) -> Result<Shared, ClusterError> {
+        let target = redact_url(&opts.url);
+        let cmd_client = build_client(&opts, false)?;
+        let sub_client = build_client(&opts, true)?;
+        Ok(Shared {
+            target,
+            cmd_client,
+            sub_client,
+            scripts: Scripts::new(),
+            cmd: Mutex::new(CmdState::default()),
+            cmd_connecting: tokio::sync::Mutex::new(()),
+            cmd_reviving: AtomicBool::new(false),
+            pubsub: Mutex::new(None),
+            sub_lock: tokio::sync::Mutex::new(()),
+            registry: Mutex::new(Registry::default()),
+            strays: Mutex::new(HashSet::new()),
+            presence: Mutex::new(HashMap::new()),
+            refreshing: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            rtt_us: AtomicU64::new(NO_RTT),
+            skew_ms: AtomicI64::new(0),
+            measuring: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            opts,
+        })
+    }
+
+    fn publish_command(&self) -> &'static str {
+        if self.opts.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// The command connection: the current one, or a new one (one attempt at a time; while
+    /// in backoff after a failure, the last error at once).
+    async fn cmd_conn(&self) -> Result<(u64, MultiplexedConnection), ClusterError> {
+        if let Some(c) = lock(&self.cmd).conn.clone() {
+            return Ok(c);
+        }
+        let _one = self.cmd_connecting.lock().await;
+        {
+            let st = lock(&self.cmd);
+            if let Some(c) = st.conn.clone() {
+                return Ok(c);
+            }
+            if let (Some(at), Some(e)) = (st.retry_at, &st.last_error) {
+                if Instant::now() < at {
+                    return Err(e.clone());
+                }
+            }
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.opts.connect_timeout))
+            .set_response_timeout(Some(self.opts.command_timeout));
+        let mut attempt = self
+            .cmd_client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await;
+        if let Ok(conn) = &mut attempt {
+            self.measure_clock(conn).await;
+        }
+        let mut st = lock(&self.cmd);
+        match attempt {
+            Ok(conn) => {
+                st.generation += 1;
+                let current = (st.generation, conn);
+                st.conn = Some(current.clone());
+                st.failures = 0;
+                st.retry_at = None;
+                st.last_error = None;
+                Ok(current)
+            }
+            Err(e) => {
+                let err = self.classify(&e, "connect");
+                st.failures = st.failures.saturating_add(1);
+                st.retry_at = Some(Instant::now() + backoff(&self.opts, st.failures));
+                st.last_error = Some(err.clone());
+                Err(err)
+            }
+        }
+    }
+
+    /// Measures Redis's clock against this host's with TIME (keeps the last value when
+    /// TIME fails, e.g. an ACL without it).
+    async fn measure_clock(&self, conn: &mut MultiplexedConnection) {
+        let before = crate::ids::now_ms();
+        let time = tokio::time::timeout(
+            self.opts.command_timeout,
+            redis::cmd("TIME").query_async::<(u64, u64)>(conn),
+        )
+        .await;
+        let after = crate::ids::now_ms();
+        if let Ok(Ok((secs, micros))) = time {
+            let redis_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
+            let local_ms = before / 2 + after / 2;
+            let skew = redis_ms as i64 - local_ms as i64;
+            if skew.abs() > 1000 {
+                tracing::warn!(
+                    skew_ms = skew,
+                    "redis's clock and this host's differ by more than a second"
+                );
+            }
+            self.skew_ms.store(skew, Ordering::Release);
+        }
+    }
+
+    /// Now in Redis's clock (ms), as far as the last measurement knows.
+    fn redis_now_ms(&self) -> u64 {
+        let local = crate::ids::now_ms() as i64;
+        local
+            .saturating_add(self.skew_ms.load(Ordering::Acquire))
+            .max(0) as u64
+    }
+
+    /// Forgets the command connection of generation `generation` after `err`, if `err`
+    /// means the connection is gone.
+    fn cmd_failed(&self, generation: u64, err: &RedisError) {
+        if !err.is_unrecoverable_error() && !err.is_connection_dropped() {
+            return;
+        }
+        let mut st = lock(&self.cmd);
+        if st.conn.as_ref().is_some_and(|(g, _)| *g == generation) {
+            st.conn = None;
+        }
+    }
+
+    /// Drops the command connection (the pub/sub link went down: a stalled or vanished
+    /// server will not answer this one either).
+    fn cmd_reset(&self, why: &str) {
+        let mut st = lock(&self.cmd);
+        st.conn = None;
+        st.last_error = Some(ClusterError::Unavailable(why.to_owned()));
+    }
+
+    /// Runs `f` on the command connection, within `command_timeout` (connecting included).
+    async fn with_conn<T, F, Fut>(&self, what: &str, f: F) -> Result<T, ClusterError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(ClusterError::Closed);
+        }
+        let limit = self.opts.command_timeout;
+        let run = async {
+            let (generation, conn) = self.cmd_conn().await?;
+            f(conn).await.map_err(|e| {
+                self.cmd_failed(generation, &e);
+                self.classify(&e, what)
+            })
+        };
+        match tokio::time::timeout(limit, run).await {
+            Ok(result) => result,
+            Err(_) => Err(ClusterError::Timeout(format!(
+                "redis at {} did not answer {what} within {limit:?}",
+                self.target
+            ))),
+        }
+    }
+
+    /// A [`ClusterError`] that says what went wrong with `what` and, where it can, what to do.
+    fn classify(&self, e: &RedisError, what: &str) -> ClusterError {
+        classify(e, &self.target, what, self.opts.command_timeout)
+    }
+
+    async fn publish(&self, msg: NewMessage) -> Result<Published, ClusterError> {
+        let (prefix, suffix) = message_payload_parts(&msg)?;
+        let half = self.opts.command_timeout / 2;
+        // In Redis's clock: the script refuses to run after it (see `ClusterError::Timeout`).
+        let deadline = self.redis_now_ms().saturating_add(half.as_millis() as u64);
+        let cid_key = match &msg.cid {
+            Some(cid) => keys::cid(&msg.room, &msg.user, cid),
+            None => keys::cid(&msg.room, "", ""),
+        };
+        let mut inv = self.scripts.publish.key(keys::offset(&msg.room));
+        inv.key(keys::stream(&msg.room))
+            .key(cid_key)
+            .arg(keys::channel(&msg.room))
+            .arg(if msg.cid.is_some() { "1" } else { "0" })
+            .arg(msg.cid.as_deref().unwrap_or(""))
+            .arg(&msg.user)
+            .arg(&msg.text)
+            .arg(msg.ts)
+            .arg(&msg.id)
+            .arg(self.opts.dedupe_window.as_millis() as u64)
+            .arg(self.opts.history_max_len)
+            .arg(
+                self.opts
+                    .history_max_age
+                    .map_or(0, |d| d.as_millis() as u64),
+            )
+            .arg(self.publish_command())
+            .arg(deadline)
+            .arg(prefix)
+            .arg(suffix);
+        let inv = &inv;
+        let reply = self
+            .with_conn("the publish script", |mut c| async move {
+                inv.invoke_async::<Value>(&mut c).await
+            })
+            .await?;
+        let parts = strings(reply)?;
+        match parts.first().map(Vec::as_slice) {
+            Some(b"ok") => {
+                let offset = parse_u64(parts.get(1), "publish offset")?;
+                Ok(Published::Stored(msg.at(offset)))
+            }
+            Some(b"dup") => {
+                let first = parts
+                    .get(1)
+                    .ok_or_else(|| ClusterError::Protocol("publish: dup without ack".into()))?;
+                Ok(Published::Duplicate(parse_ack(first)?))
+            }
+            Some(b"expired") => Err(ClusterError::Timeout(format!(
+                "redis at {} ran the publish after its deadline ({half:?}): it was stalled (or \
+                 its clock jumped); nothing was stored",
+                self.target
+            ))),
+            _ => Err(ClusterError::Protocol(format!(
+                "publish script answered {:?}",
+                parts
+                    .iter()
+                    .map(|p| String::from_utf8_lossy(p))
+                    .collect::<Vec<_>>()
+            ))),
+        }
+    }
+
+    async fn subscribe(&self, shard: usize, room: String) -> Result<(), ClusterError> {
+        let _order = self.sub_lock.lock().await;
+        let first = {
+            let mut reg = lock(&self.registry);
+            let shards = reg.rooms.entry(room.clone()).or_default();
+            let first = shards.is_empty();
+            shards.insert(shard);
+            first
+        };
+        let conn = lock(&self.pubsub).clone();
+        if !first {
+            // Subscribed already, or pending until the link is back.
+            return match conn {
+                Some(_) => Ok(()),
+                None => Err(ClusterError::Unavailable(format!(
+                    "the pub/sub link to {} is down; {room:?} will be subscribed when it is back",
+                    self.target
+                ))),
+            };
+        }
+        let Some(mut conn) = conn else {
+            return Err(ClusterError::Unavailable(format!(
+                "the pub/sub link to {} is down; {room:?} will be subscribed when it is back",
+                self.target
+            )));
+        };
+        let channel = keys::channel(&room);
+        let result = self
+            .bounded(
+                "subscribe",
+                sub_command(&mut conn, self.opts.sharded, true, vec![channel]),
+            )
+            .await;
+        if let Err(e) = &result {
+            if !matches!(e, ClusterError::Unavailable(_) | ClusterError::Timeout(_)) {
+                let mut reg = lock(&self.registry);
+                if let Some(shards) = reg.rooms.get_mut(&room) {
+                    shards.remove(&shard);
+                    if shards.is_empty() {
+                        reg.rooms.remove(&room);
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    async fn unsubscribe(&self, shard: usize, room: String) -> Result<(), ClusterError> {
+        let _order = self.sub_lock.lock().await;
+        let last = {
+            let mut reg = lock(&self.registry);
+            match reg.rooms.get_mut(&room) {
+                None => false,
+                Some(shards) => {
+                    shards.remove(&shard);
+                    let last = shards.is_empty();
+                    if last {
+                        reg.rooms.remove(&room);
+                    }
+                    last
+                }
+            }
+        };
+        if !last {
+            return Ok(());
+        }
+        // Link down: nothing to undo, the resubscription will not include the room.
+        let Some(mut conn) = lock(&self.pubsub).clone() else {
+            return Ok(());
+        };
+        let channel = keys::channel(&room);
+        self.bounded(
+            "unsubscribe",
+            sub_command(&mut conn, self.opts.sharded, false, vec![channel]),
+        )
+        .await
+    }
+
+    /// Unsubscribes a channel that delivered a message no shard wants (a subscription left
+    /// over by a race with a reconnect), unless a shard registered it meanwhile.
+    async fn drop_stray(&self, room: String) {
+        let _order = self.sub_lock.lock().await;
+        if lock(&self.registry).rooms.contains_key(&room) {
+            return;
+        }
+        let Some(mut conn) = lock(&self.pubsub).clone() else {
+            return;
+        };
+        let channel = keys::channel(&room);
+        let _ = self
+            .bounded(
+                "unsubscribe",
+                sub_command(&mut conn, self.opts.sharded, false, vec![channel]),
+            )
+            .await;
+    }
+
+    /// `fut` (a pub/sub command) within `command_timeout`, its error classified.
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, ClusterError> {
+        let limit = self.opts.command_timeout;
+        match tokio::time::timeout(limit, fut).await {
+            Ok(r) => r.map_err(|e| self.classify(&e, what)),
+            Err(_) => Err(ClusterError::Timeout(format!(
+                "redis at {} did not confirm {what} within {limit:?}",
+                self.target
+            ))),
+        }
+    }
+
+    async fn presence_join(
+        &self,
+        room: String,
+        user: String,
+        name: Option<String>,
+    ) -> Result<bool, ClusterError> {
+        lock(&self.presence)
+            .entry(room.clone())
+            .or_default()
+            .insert(user.clone(), name.clone());
+        let payload = presence_payload(&room, &user, name.as_deref(), true, &self.opts.host_id)?;
+        let mut inv = self
+            .scripts
+            .presence_set
+            .key(keys::presence(&room, &self.opts.host_id));
+        inv.key(keys::presence_hosts(&room))
+            .arg(&self.opts.host_id)
+            .arg(self.opts.presence_ttl.as_millis() as u64)
+            .arg(keys::presence_prefix(&room))
+            .arg("join")
+            .arg(self.publish_command())
+            .arg(keys::channel(&room))
+            .arg(payload)
+            .arg(&user)
+            .arg(name.as_deref().unwrap_or(""));
+        let inv = &inv;
+        let reply = self
+            .with_conn("presence join", |mut c| async move {
+                inv.invoke_async::<i64>(&mut c).await
+            })
+            .await?;
+        Ok(reply == 1)
+    }
+
+    async fn presence_leave(&self, room: String, user: String) -> Result<bool, ClusterError> {
+        {
+            let mut presence = lock(&self.presence);
+            if let Some(users) = presence.get_mut(&room) {
+                users.remove(&user);
+                if users.is_empty() {
+                    presence.remove(&room);
+                }
+            }
+        }
+        let payload = presence_payload(&room, &user, None, false, &self.opts.host_id)?;
+        let mut inv = self
+            .scripts
+            .presence_leave
+            .key(keys::presence(&room, &self.opts.host_id));
+        inv.key(keys::presence_hosts(&room))
+            .arg(&self.opts.host_id)
+            .arg(keys::presence_prefix(&room))
+            .arg(&user)
+            .arg(self.publish_command())
+            .arg(keys::channel(&room))
+            .arg(payload);
+        let inv = &inv;
+        let reply = self
+            .with_conn("presence leave", |mut c| async move {
+                inv.invoke_async::<i64>(&mut c).await
+            })
+            .await?;
+        Ok(reply == 1)
+    }
+
+    async fn presence_list(&self, room: String) -> Result<Vec<PresenceEntry>, ClusterError> {
+        let mut inv = self.scripts.presence_list.key(keys::presence_hosts(&room));
+        inv.arg(keys::presence_prefix(&room));
+        let inv = &inv;
+        let reply = self
+            .with_conn("presence list", |mut c| async move {
+                inv.invoke_async::<Value>(&mut c).await
+            })
+            .await?;
+        let flat = strings(reply)?;
+        let mut users: HashMap<String, Option<String>> = HashMap::new();
+        for pair in flat.chunks(2) {
+            let [user, name] = pair else {
+                return Err(ClusterError::Protocol("presence list: odd reply".into()));
+            };
+            let user = utf8(user.clone(), "presence user")?;
+            let name = utf8(name.clone(), "presence name")?;
+            let name = (!name.is_empty()).then_some(name);
+            let slot = users.entry(user).or_default();
+            if slot.is_none() {
+                *slot = name;
+            }
+        }
+        let mut out: Vec<PresenceEntry> = users
+            .into_iter()
+            .map(|(user, name)| PresenceEntry { user, name })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Rewrites this host's presence hash of every room it has users in, and refreshes the
+    /// expiries (also puts it back after Redis lost it).
+    async fn presence_refresh(&self) {
+        let rooms: Vec<(String, Vec<PresenceUser>)> = lock(&self.presence)
+            .iter()
+            .map(|(room, users)| {
+                (
+                    room.clone(),
+                    users.iter().map(|(u, n)| (u.clone(), n.clone())).collect(),
+                )
+            })
+            .collect();
+        for (room, users) in rooms {
+            let mut inv = self
+                .scripts
+                .presence_set
+                .key(keys::presence(&room, &self.opts.host_id));
+            inv.key(keys::presence_hosts(&room))
+                .arg(&self.opts.host_id)
+                .arg(self.opts.presence_ttl.as_millis() as u64)
+                .arg(keys::presence_prefix(&room))
+                .arg("refresh")
+                .arg(self.publish_command())
+                .arg(keys::channel(&room))
+                .arg("");
+            for (user, name) in &users {
+                inv.arg(user).arg(name.as_deref().unwrap_or(""));
+            }
+            let inv = &inv;
+            let refreshed = self
+                .with_conn("presence refresh", |mut c| async move {
+                    inv.invoke_async::<i64>(&mut c).await
+                })
+                .await;
+            if let Err(e) = refreshed {
+                tracing::debug!(room = %room, error = %e, "presence refresh failed");
+                return;
+            }
+        }
+    }
+
+    /// Sends `event` to every shard's stream, forgetting the streams that were dropped.
+    fn broadcast(&self, event: ClusterEvent) {
+        let mut reg = lock(&self.registry);
+        reg.shards
+            .retain(|_, tx| tx.unbounded_send(event.clone()).is_ok());
+    }
+
+    /// Hands a room's event to the shards that subscribed the room. `false` when none did.
+    fn deliver(&self, room: &str, event: ClusterEvent) -> bool {
+        let mut reg = lock(&self.registry);
+        let Some(shards) = reg.rooms.get(room) else {
+            return false;
+        };
+        let shards: Vec<usize> = shards.iter().copied().collect();
+        for shard in shards {
+            let gone = match reg.shards.get(&shard) {
+                Some(tx) => tx.unbounded_send(event.clone()).is_err(),
+                None => false,
+            };
+            if gone {
+                reg.shards.remove(&shard);
+            }
+        }
+        true
+    }
+}
+
+/// Builds a client for `opts` (RESP3 when `resp3`), with the TLS files when `rediss://`.
+pub(crate) fn build_client(opts: &RedisOptions, resp3: bool) -> Result<Client, ClusterError> {
+    let target = redact_url(&opts.url);
+    let info = opts
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| ClusterError::Config(format!("bad redis.url {target}: {e}")))?;
+    let settings = info.redis_settings().clone();
+    let settings = if resp3 {
+        settings.set_protocol(ProtocolVersion::RESP3)
+    } else {
+        settings.set_protocol(ProtocolVersion::RESP2)
+    };
+    let info = info.set_redis_settings(settings);
+    let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+    let files = [&opts.tls_ca_file, &opts.tls_cert_file, &opts.tls_key_file];
+    if !tls {
+        if files.iter().any(|f| f.is_some()) {
+            return Err(ClusterError::Config(format!(
+                "TLS files are set but redis.url {target} is not rediss://"
+            )));
+        }
+        return Client::open(info).map_err(|e| ClusterError::Config(format!("{target}: {e}")));
+    }
+    // rustls needs a process-wide crypto provider; only `ring` is compiled in. Installing it
+    // again (another client, another test) is refused harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if files.iter().all(|f| f.is_none()) {
+        return Client::open(info).map_err(|e| ClusterError::Config(format!("{target}: {e}")));
+    }
+    let read = |path: &std::path::PathBuf, what: &str| {
+        std::fs::read(path).map_err(|e| {
+            ClusterError::Config(format!("cannot read {what} {}: {e}", path.display()))
+        })
+    };
+    let root_cert = opts
+        .tls_ca_file
+        .as_ref()
+        .map(|p| read(p, "redis.tls_ca_file"))
+        .transpose()?;
+    let client_tls = match (&opts.tls_cert_file, &opts.tls_key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert, "redis.tls_cert_file")?,
+            client_key: read(key, "redis.tls_key_file")?,
+        }),
+        _ => {
+            return Err(ClusterError::Config(
+                "redis.tls_cert_file and redis.tls_key_file go together".into(),
+            ))
+        }
+    };
+    Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| ClusterError::Config(format!("TLS settings for {target}: {e}")))
+}
+
+/// See [`Shared::classify`].
+pub(crate) fn classify(
+    e: &RedisError,
+    target: &str,
+    what: &str,
+    timeout: Duration,
+) -> ClusterError {
+    let code = e.code().unwrap_or("");
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    if e.kind() == ErrorKind::AuthenticationFailed
+        || matches!(code, "WRONGPASS" | "NOAUTH")
+        || lower.contains("wrongpass")
+        || lower.contains("noauth")
+    {
+        return ClusterError::Auth(format!(
+            "redis at {target} refused the credentials ({text}); check the user and password in \
+             redis.url (or REDIS_PASSWORD)"
+        ));
+    }
+    if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) || code == "NOPERM" {
+        return ClusterError::Auth(format!(
+            "the redis user lacks a permission for {what} ({text}); it needs keys and channels \
+             `corelay:*` and the read, write, pubsub and scripting commands"
+        ));
+    }
+    if lower.contains("certificate")
+        || lower.contains("tls")
+        || lower.contains("handshake")
+        || lower.contains("peer sent no certificates")
+    {
+        return ClusterError::Tls(format!("TLS with redis at {target} failed: {text}"));
+    }
+    if e.is_timeout() {
+        return ClusterError::Timeout(format!(
+            "redis at {target} did not answer {what} within {timeout:?}"
+        ));
+    }
+    if e.is_connection_refusal() {
+        return ClusterError::Unavailable(format!(
+            "cannot reach redis at {target}: connection refused (is redis-server running there?)"
+        ));
+    }
+    match e.kind() {
+        ErrorKind::Io => ClusterError::Unavailable(format!("redis at {target}, {what}: {text}")),
+        ErrorKind::InvalidClientConfig => {
+            ClusterError::Config(format!("redis.url {target}: {text}"))
+        }
+        ErrorKind::RESP3NotSupported => ClusterError::Config(format!(
+            "redis at {target} does not speak RESP3 (Redis 6 or newer is needed): {text}"
+        )),
+        ErrorKind::Server(_) | ErrorKind::Extension => {
+            ClusterError::Server(format!("redis at {target} refused {what}: {text}"))
+        }
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => {
+            ClusterError::Protocol(format!("redis at {target}, {what}: {text}"))
+        }
+        _ => ClusterError::Unavailable(format!("redis at {target}, {what}: {text}")),
+    }
+}
+
+/// The delay before reconnect attempt `failures` (≥ 1): `reconnect_min · 2^(failures-1)`,
+/// capped at `reconnect_max`, then a random part of it (between half and all) as jitter.
+fn backoff(opts: &RedisOptions, failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(20);
+    let base = opts
+        .reconnect_min
+        .saturating_mul(1u32 << exp)
+        .min(opts.reconnect_max);
+    let mut r = [0u8; 4];
+    crate::ids::random_bytes(&mut r);
+    let fraction = 0.5 + 0.5 * (u32::from_le_bytes(r) as f64 / u32::MAX as f64);
+    base.mul_f64(fraction)
+}
+
+/// SUBSCRIBE/UNSUBSCRIBE (or SSUBSCRIBE/SUNSUBSCRIBE) `channels` on a RESP3 connection.
+async fn sub_command(
+    conn: &mut MultiplexedConnection,
+    sharded: bool,
+    subscribe: bool,
+    channels: Vec<String>,
+) -> redis::RedisResult<()> {
+    if channels.is_empty() {
+        return Ok(());
+    }
+    if !sharded {
+        return if subscribe {
+            conn.subscribe(channels).await
+        } else {
+            conn.unsubscribe(channels).await
+        };
+    }
+    // The client has no SSUBSCRIBE of its own; one channel per command gets one
+    // confirmation per command, which is what the connection expects. They go out
+    // pipelined, all at once.
+    let name = if subscribe {
+        "SSUBSCRIBE"
+    } else {
+        "SUNSUBSCRIBE"
+    };
+    let calls = channels.into_iter().map(|ch| {
+        let mut c = conn.clone();
+        async move {
+            redis::cmd(name)
+                .arg(ch)
+                .query_async::<Value>(&mut c)
+                .await
+                .map(|_| ())
+        }
+    });
+    futures::future::try_join_all(calls).await.map(|_| ())
+}
+
+/// A live pub/sub connection and its push stream.
+struct Link {
+    conn: MultiplexedConnection,
+    pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+}
+
+/// Why [`run_link`] returned.
+enum LinkEnd {
+    Stop,
+    Lost(String),
+}
+
+/// Opens the pub/sub connection and subscribes the probe channel and every registered room.
+async fn connect_link(shared: &Shared) -> Result<Link, ClusterError> {
+    let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(shared.opts.connect_timeout))
+        .set_response_timeout(Some(shared.opts.command_timeout))
+        .set_push_sender(tx);
+    let mut conn = shared
+        .sub_client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| shared.classify(&e, "connect (pub/sub)"))?;
+    let _order = shared.sub_lock.lock().await;
+    let rooms: Vec<String> = lock(&shared.registry)
+        .rooms
+        .keys()
+        .map(|r| keys::channel(r))
+        .collect();
+    shared
+        .bounded(
+            "subscribe (probe channel)",
+            sub_command(
+                &mut conn,
+                shared.opts.sharded,
+                true,
+                vec![keys::ping(&shared.opts.host_id)],
+            ),
+        )
+        .await?;
+    for chunk in rooms.chunks(SUBSCRIBE_CHUNK) {
+        shared
+            .bounded(
+                "subscribe (rooms)",
+                sub_command(&mut conn, shared.opts.sharded, true, chunk.to_vec()),
+            )
+            .await?;
+    }
+    *lock(&shared.pubsub) = Some(conn.clone());
+    Ok(Link { conn, pushes })
+}
+
+/// The supervisor: keeps the pub/sub link up, dispatches, probes, reconnects.
+async fn supervise(shared: Arc<Shared>, first: Link, mut stop: oneshot::Receiver<()>) {
+    let mut link = Some(first);
+    let mut failures: u32 = 0;
+    let mut announced_down = false;
+    loop {
+        let current = match link.take() {
+            Some(l) => l,
+            None => match connect_link(&shared).await {
+                Ok(l) => l,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let delay = backoff(&shared.opts, failures);
+                    tracing::debug!(error = %e, ?delay, "redis pub/sub reconnect failed");
+                    let sleep = tokio::time::sleep(delay).fuse();
+                    futures::pin_mut!(sleep);
+                    let stopped = futures::select_biased! {
+                        _ = stop => true,
+                        _ = sleep => false,
+                    };
+                    if stopped || shared.closed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        failures = 0;
+        shared.connected.store(true, Ordering::Release);
+        if announced_down {
+            tracing::info!(target = %shared.target, "redis pub/sub link is back; rooms resubscribed");
+            shared.broadcast(ClusterEvent::Reconnected);
+        }
+        match run_link(&shared, current, &mut stop).await {
+            LinkEnd::Stop => {
+                shared.connected.store(false, Ordering::Release);
+                *lock(&shared.pubsub) = None;
+                lock(&shared.cmd).conn = None;
+                return;
+            }
+            LinkEnd::Lost(reason) => {
+                shared.connected.store(false, Ordering::Release);
+                shared.rtt_us.store(NO_RTT, Ordering::Release);
+                *lock(&shared.pubsub) = None;
+                shared.cmd_reset(&reason);
+                tracing::warn!(%reason, "redis pub/sub link down; reconnecting");
+                shared.broadcast(ClusterEvent::Down { reason });
+                announced_down = true;
+            }
+        }
+    }
+}
+
+/// One event of the connected loop.
+enum Tick {
+    Stop,
+    Push(Option<redis::PushInfo>),
+    Probe,
+}
+
+/// Serves one live pub/sub connection until it is lost or the supervisor is stopped.
+async fn run_link(
+    shared: &Arc<Shared>,
+    mut link: Link,
+    mut stop: &mut oneshot::Receiver<()>,
+) -> LinkEnd {
+    let mut probe = tokio::time::interval(shared.opts.ping_interval);
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ping_channel = keys::ping(&shared.opts.host_id);
+    let mut pending: Option<(u64, Instant)> = None;
+    let mut nonce: u64 = 0;
+    let refresh_every = (shared.opts.presence_ttl / 3).max(Duration::from_millis(50));
+    let mut last_refresh = Instant::now();
+    let mut last_clock = Instant::now();
+    loop {
+        let next = {
+            let push = link.pushes.recv().fuse();
+            let tick = probe.tick().fuse();
+            futures::pin_mut!(push, tick);
+            futures::select_biased! {
+                _ = stop => Tick::Stop,
+                p = push => Tick::Push(p),
+                _ = tick => Tick::Probe,
+            }
+        };
+        match next {
+            Tick::Stop => return LinkEnd::Stop,
+            Tick::Push(None) => {
+                return LinkEnd::Lost(format!(
+                    "the pub/sub connection to {} closed",
+                    shared.target
+                ))
+            }
+            Tick::Push(Some(push)) => match push.kind {
+                PushKind::Disconnection => {
+                    return LinkEnd::Lost(format!(
+                        "lost the pub/sub connection to {}",
+                        shared.target
+                    ))
+                }
+                PushKind::Message | PushKind::SMessage => {
+                    on_message(shared, push.data, &ping_channel, &mut pending)
+                }
+                _ => {}
+            },
+            Tick::Probe => {
+                if let Some((_, sent)) = pending {
+                    if sent.elapsed() > shared.opts.command_timeout {
+                        return LinkEnd::Lost(format!(
+                            "no pub/sub echo from redis at {} within {:?}",
+                            shared.target, shared.opts.command_timeout
+                        ));
+                    }
+                } else {
+                    nonce += 1;
+                    pending = Some((nonce, Instant::now()));
+                    let sent = shared
+                        .bounded(
+                            "the pub/sub probe",
+                            redis::cmd(shared.publish_command())
+                                .arg(&ping_channel)
+                                .arg(format!("q{nonce}"))
+                                .query_async::<Value>(&mut link.conn),
+                        )
+                        .await;
+                    if let Err(e) = sent {
+                        return LinkEnd::Lost(e.to_string());
+                    }
+                }
+                chores(shared, &mut last_refresh, refresh_every, &mut last_clock);
+            }
+        }
+    }
+}
+
+/// Background work started from the probe tick: bring the command connection back when it
+/// is down, refresh presence when due. Each runs as its own task, one at a time.
+fn chores(
+    shared: &Arc<Shared>,
+    last_refresh: &mut Instant,
+    refresh_every: Duration,
+    last_clock: &mut Instant,
+) {
+    if last_clock.elapsed() >= CLOCK_EVERY && !shared.measuring.swap(true, Ordering::AcqRel) {
+        *last_clock = Instant::now();
+        let s = shared.clone();
+        tokio::spawn(async move {
+            if let Ok((_, mut conn)) = s.cmd_conn().await {
+                s.measure_clock(&mut conn).await;
+            }
+            s.measuring.store(false, Ordering::Release);
+        });
+    }
+    let cmd_down = lock(&shared.cmd).conn.is_none();
+    if cmd_down && !shared.cmd_reviving.swap(true, Ordering::AcqRel) {
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(s.opts.command_timeout, s.cmd_conn()).await;
+            s.cmd_reviving.store(false, Ordering::Release);
+        });
+    }
+    if last_refresh.elapsed() >= refresh_every && !shared.refreshing.swap(true, Ordering::AcqRel) {
+        *last_refresh = Instant::now();
+        let s = shared.clone();
+        tokio::spawn(async move {
+            s.presence_refresh().await;
+            s.refreshing.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// A message push: the probe's echo, or a room's event for its shards.
+fn on_message(
+    shared: &Arc<Shared>,
+    data: Vec<Value>,
+    ping_channel: &str,
+    pending: &mut Option<(u64, Instant)>,
+) {
+    let mut it = data.into_iter();
+    let (Some(channel), Some(payload)) = (it.next(), it.next()) else {
+        tracing::debug!("malformed pub/sub message push");
+        return;
+    };
+    let (Some(channel), Some(payload)) = (bytes(channel), bytes(payload)) else {
+        tracing::debug!("pub/sub message with non-string parts");
+        return;
+    };
+    if channel == ping_channel.as_bytes() {
+        if let Some(n) = payload
+            .strip_prefix(b"q")
+            .and_then(|n| std::str::from_utf8(n).ok())
+        {
+            if let (Ok(n), Some((want, sent))) = (n.parse::<u64>(), *pending) {
+                if n == want {
+                    let us = sent.elapsed().as_micros().min(u128::from(NO_RTT - 1)) as u64;
+                    shared.rtt_us.store(us, Ordering::Release);
+                    *pending = None;
+                }
+            }
+        }
+        return;
+    }
+    let Some(room) = keys::room_of_channel(&channel) else {
+        tracing::debug!(channel = %String::from_utf8_lossy(&channel), "message on an unknown channel");
+        return;
+    };
+    let event = match decode_event(room, &payload) {
+        Ok(event) => event,
+        Err(e) => {
+            tracing::warn!(room, error = %e, "undecodable message on a room channel; dropped");
+            return;
+        }
+    };
+    if !shared.deliver(room, event) && lock(&shared.strays).insert(room.to_owned()) {
+        let s = shared.clone();
+        let room = room.to_owned();
+        tokio::spawn(async move {
+            s.drop_stray(room.clone()).await;
+            lock(&s.strays).remove(&room);
+        });
+    }
+}
+
+/// Decodes a room channel's payload: `m` + message JSON, or `p` + presence JSON.
+pub(crate) fn decode_event(room: &str, payload: &[u8]) -> Result<ClusterEvent, String> {
+    match payload.split_first() {
+        Some((b'm', json)) => {
+            let m: StoredMessage = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+            if m.room != room {
+                return Err(format!(
+                    "message for room {:?} on the channel of {room:?}",
+                    m.room
+                ));
+            }
+            Ok(ClusterEvent::Message(m))
+        }
+        Some((b'p', json)) => {
+            let p: PresenceWire = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+            if p.room != room {
+                return Err(format!(
+                    "presence for room {:?} on the channel of {room:?}",
+                    p.room
+                ));
+            }
+            Ok(ClusterEvent::Presence {
+                room: p.room,
+                user: p.user,
+                name: p.name,
+                online: p.online,
+                host: p.host,
+            })
+        }
+        _ => Err("unknown payload tag".into()),
+    }
+}
+
+/// The message's channel payload around its offset: `m{"room":…,"offset":` and
+/// `,"id":…,"user":…,"text":…,"ts":…[,"cid":…]}` (the script puts the offset between).
+fn message_payload_parts(m: &NewMessage) -> Result<(String, String), ClusterError> {
+    let j = |s: &str| serde_json::to_string(s).map_err(|e| ClusterError::Protocol(e.to_string()));
+    let prefix = format!("m{{\"room\":{},\"offset\":", j(&m.room)?);
+    let mut suffix = format!(
+        ",\"id\":{},\"user\":{},\"text\":{},\"ts\":{}",
+        j(&m.id)?,
+        j(&m.user)?,
+        j(&m.text)?,
+        m.ts
+    );
+    if let Some(cid) = &m.cid {
+        suffix.push_str(",\"cid\":");
+        suffix.push_str(&j(cid)?);
+    }
+    suffix.push('}');
+    Ok((prefix, suffix))
+}
+
+/// A presence event's channel payload.
+fn presence_payload(
+    room: &str,
+    user: &str,
+    name: Option<&str>,
+    online: bool,
+    host: &str,
+) -> Result<String, ClusterError> {
+    let wire = PresenceWire {
+        room: room.to_owned(),
+        user: user.to_owned(),
+        name: name.map(str::to_owned),
+        online,
+        host: host.to_owned(),
+    };
+    serde_json::to_string(&wire)
+        .map(|j| format!("p{j}"))
+        .map_err(|e| ClusterError::Protocol(e.to_string()))
+}
+
+/// The bytes of a string-like reply value.
+pub(crate) fn bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        Value::Okay => Some(b"OK".to_vec()),
+        _ => None,
+    }
+}
+
+/// An array reply of strings.
+pub(crate) fn strings(v: Value) -> Result<Vec<Vec<u8>>, ClusterError> {
+    match v {
+        Value::Array(items) | Value::Set(items) => items
+            .into_iter()
+            .map(|i| bytes(i).ok_or_else(|| ClusterError::Protocol("expected a string".into())))
+            .collect(),
+        Value::Nil => Ok(Vec::new()),
+        other => Err(ClusterError::Protocol(format!(
+            "expected an array, got {other:?}"
+        ))),
+    }
+}
+
+/// UTF-8 text of a reply part.
+pub(crate) fn utf8(b: Vec<u8>, what: &str) -> Result<String, ClusterError> {
+    String::from_utf8(b).map_err(|_| ClusterError::Protocol(format!("{what} is not UTF-8")))
+}
+
+/// A decimal number reply part.
+pub(crate) fn parse_u64(b: Option<&Vec<u8>>, what: &str) -> Result<u64, ClusterError> {
+    b.and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| ClusterError::Protocol(format!("{what} is not a number")))
+}
+
+/// A dedupe key's value, `<offset>:<ts>:<id>`.
+pub(crate) fn parse_ack(v: &[u8]) -> Result<Ack, ClusterError> {
+    let bad = || ClusterError::Protocol("malformed dedupe record".into());
+    let s = std::str::from_utf8(v).map_err(|_| bad())?;
+    let mut parts = s.splitn(3, ':');
+    let offset = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let ts = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let id = parts.next().ok_or_else(bad)?.to_owned();
+    Ok(Ack { offset, id, ts })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_message(cid: Option<&str>) -> NewMessage {
+        NewMessage {
+            room: "r.1".into(),
+            user: "ü\"ser".into(),
+            text: "line\n\"quoted\" \\ 🎉".into(),
+            cid: cid.map(str::to_owned),
+            ts: 1_700_000_000_123,
+            id: "01ABC".into(),
+        }
+    }
+
+    #[test]
+    fn message_payload_decodes_to_the_stored_message() {
+        for cid in [None, Some(""), Some("c:1")] {
+            let m = new_message(cid);
+            let (prefix, suffix) = message_payload_parts(&m).expect("parts");
+            let payload = format!("{prefix}{}{suffix}", 18_446_744_073_709_551_615u64);
+            let event = decode_event("r.1", payload.as_bytes()).expect("decode");
+            assert_eq!(event, ClusterEvent::Message(m.at(u64::MAX)));
+        }
+        assert!(decode_event("other", b"m{\"room\":\"r.1\"}").is_err());
+        assert!(decode_event("r.1", b"x{}").is_err());
+        assert!(decode_event("r.1", b"").is_err());
+        assert!(decode_event("r.1", b"m{not json").is_err());
+    }
+
+    #[test]
+    fn presence_payload_round_trip() {
+        let p = presence_payload("r", "u", Some("N"), true, "h1").expect("payload");
+        assert_eq!(
+            decode_event("r", p.as_bytes()),
+            Ok(ClusterEvent::Presence {
+                room: "r".into(),
+                user: "u".into(),
+                name: Some("N".into()),
+                online: true,
+                host: "h1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn acks_parse_with_colons_in_the_id() {
+        assert_eq!(
+            parse_ack(b"12:1700:id:with:colons"),
+            Ok(Ack {
+                offset: 12,
+                id: "id:with:colons".into(),
+                ts: 1700
+            })
+        );
+        assert!(parse_ack(b"x:1:id").is_err());
+        assert!(parse_ack(b"1:2").is_err());
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let opts = RedisOptions::new("redis://h");
+        for failures in 1..40 {
+            let d = backoff(&opts, failures);
+            let base = opts
+                .reconnect_min
+                .saturating_mul(1 << (failures - 1).min(20))
+                .min(opts.reconnect_max);
+            assert!(d >= base / 2 && d <= base, "{failures}: {d:?} vs {base:?}");
+        }
+    }
+
+    #[test]
+    fn a_tls_file_without_rediss_is_refused() {
+        let mut opts = RedisOptions::new("redis://127.0.0.1:1");
+        opts.tls_ca_file = Some("/nonexistent".into());
+        assert!(matches!(
+            build_client(&opts, false),
+            Err(ClusterError::Config(_))
+        ));
+        let mut opts = RedisOptions::new("rediss://127.0.0.1:1");
+        opts.tls_ca_file = Some("/nonexistent/ca.pem".into());
+        let err = build_client(&opts, false)
+            .map(|_| ())
+            .expect_err("unreadable");
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        assert!(matches!(
+            build_client(&RedisOptions::new("http://x"), false),
+            Err(ClusterError::Config(_))
+        ));
+    }
+}

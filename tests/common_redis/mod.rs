@@ -1,0 +1,398 @@
+//! Test helper: a real `redis-server` on a free loopback port, in its own temporary
+//! directory, stopped (SIGKILL) when the [`RedisServer`] is dropped — also when the test
+//! panics. No mocks. As a last resort the kernel kills a server when the thread that
+//! (re)started it exits (`PR_SET_PDEATHSIG`), so even a hung test leaves none behind.
+//!
+//! `redis-server` must be installed (Debian package `redis-server`; `scripts/test.sh`
+//! installs it). TLS servers need `openssl` to make their certificates.
+#![allow(dead_code)]
+
+use std::io::Read as _;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a server may take to say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A running `redis-server`, killed on drop.
+pub struct RedisServer {
+    /// The port it listens on (the TLS port for a TLS server).
+    pub port: u16,
+    /// Its working directory (AOF files, log).
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+    starts: u32,
+    tls: bool,
+}
+
+/// A free TCP port on loopback (free when asked; the server binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The path of `redis-server`, or a panic that says how to get it.
+fn redis_server_bin() -> String {
+    for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
+        if Path::new(candidate).exists() {
+            return candidate.to_owned();
+        }
+    }
+    panic!("redis-server not found: apt-get install redis-server (scripts/test.sh does it)");
+}
+
+impl RedisServer {
+    /// A plain server with no persistence.
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// A plain server with extra command-line options (e.g. `["--requirepass", "pw"]`).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        RedisServer::launch(extra, false)
+    }
+
+    /// A server that keeps its data across [`RedisServer::restart`] (AOF, fsync always).
+    pub fn start_persistent() -> RedisServer {
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
+
+    /// A TLS-only server (`--port 0 --tls-port P`) with `tls`'s server certificate, not
+    /// asking clients for certificates unless `extra` says so.
+    pub fn start_tls(tls: &TlsFiles, extra: &[&str]) -> RedisServer {
+        let mut args: Vec<String> = vec![
+            "--tls-cert-file".into(),
+            tls.server_cert.display().to_string(),
+            "--tls-key-file".into(),
+            tls.server_key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            tls.ca_cert.display().to_string(),
+        ];
+        if !extra.contains(&"--tls-auth-clients") {
+            args.extend(["--tls-auth-clients".into(), "no".into()]);
+        }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        RedisServer::launch(&refs, true)
+    }
+
+    fn launch(extra: &[&str], tls: bool) -> RedisServer {
+        let mut last_log = String::new();
+        // A port picked free may be taken before redis binds it: try a few.
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                port: free_port(),
+                dir: tempfile::tempdir().expect("tempdir"),
+                args: extra.iter().map(|s| (*s).to_owned()).collect(),
+                child: None,
+                starts: 0,
+                tls,
+            };
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("redis-server did not start:\n{last_log}");
+    }
+
+    /// Starts the process on `self.port` and waits until it is ready; on failure the log.
+    fn spawn(&mut self) -> Result<(), String> {
+        self.starts += 1;
+        let log = self.dir.path().join(format!("redis-{}.log", self.starts));
+        let mut cmd = Command::new(redis_server_bin());
+        cmd.arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(&log)
+            .arg("--save")
+            .arg("")
+            .arg("--daemonize")
+            .arg("no")
+            .arg("--protected-mode")
+            .arg("no");
+        if self.tls {
+            cmd.arg("--port")
+                .arg("0")
+                .arg("--tls-port")
+                .arg(self.port.to_string());
+        } else {
+            cmd.arg("--port").arg(self.port.to_string());
+        }
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe. If the thread that started the server dies
+        // (a test thread that panicked past its guards, or the whole test process), the
+        // kernel kills the server: no redis-server outlives its test.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run redis-server: {e}"))?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Ready to accept connections")
+                && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            {
+                self.child = Some(child);
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("redis-server exited ({status}):\n{text}"));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "redis-server not ready after {READY_TIMEOUT:?}:\n{text}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>` (or `rediss://localhost:<port>` for a TLS server, the
+    /// name its certificate carries).
+    pub fn url(&self) -> String {
+        if self.tls {
+            format!("rediss://localhost:{}", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+    }
+
+    /// The URL with credentials and a db index.
+    pub fn url_with(&self, userinfo: &str, db: u32) -> String {
+        let scheme_host = if self.tls {
+            format!("rediss://{userinfo}@localhost")
+        } else {
+            format!("redis://{userinfo}@127.0.0.1")
+        };
+        format!("{scheme_host}:{}/{db}", self.port)
+    }
+
+    /// SIGKILLs the server and waits for it (no-op when not running).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, with the same options and directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        // The port was just released; the kernel may need a moment (TIME_WAIT is fine for
+        // listening sockets with SO_REUSEADDR, which redis sets).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(log) if Instant::now() > deadline => panic!("restart failed:\n{log}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// SIGSTOPs the server: it keeps its sockets but answers nothing.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONTs a paused server.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let child = self.child.as_ref().expect("server running");
+        // SAFETY: kill(2) with our own child's pid.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill({sig}) failed");
+    }
+
+    /// Runs one command with a blocking client (setup and inspection in tests): the
+    /// reply, or the server's error text.
+    pub fn cmd(&self, url: &str, args: &[&str]) -> Result<redis::Value, String> {
+        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+        let mut con = client
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query::<redis::Value>(&mut con)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The server's log so far (all starts).
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for n in 1..=self.starts {
+            if let Ok(mut f) = std::fs::File::open(self.dir.path().join(format!("redis-{n}.log"))) {
+                let _ = f.read_to_string(&mut out);
+            }
+        }
+        out
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A stopped process dies of SIGKILL too; SIGCONT first anyway, harmless.
+            // SAFETY: kill(2) with our own child's pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGCONT);
+            }
+        }
+        self.kill();
+    }
+}
+
+/// A throwaway CA, a server certificate for `localhost` / 127.0.0.1 signed by it, and a
+/// client certificate signed by it, made with the `openssl` command.
+pub struct TlsFiles {
+    /// Where the files are (removed on drop).
+    pub dir: tempfile::TempDir,
+    /// The CA certificate (PEM): what clients trust.
+    pub ca_cert: PathBuf,
+    /// The server's certificate (PEM).
+    pub server_cert: PathBuf,
+    /// The server's key (PEM).
+    pub server_key: PathBuf,
+    /// A client certificate (PEM) for servers that ask for one.
+    pub client_cert: PathBuf,
+    /// The client certificate's key (PEM).
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Generates the files, or `Err` saying why it cannot (no `openssl`).
+    pub fn generate() -> Result<TlsFiles, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let p = |name: &str| dir.path().join(name);
+        let openssl = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .map_err(|e| format!("cannot run openssl: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "openssl {args:?} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        };
+        std::fs::write(
+            p("server.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::write(
+            p("client.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=clientAuth\n",
+        )
+        .map_err(|e| e.to_string())?;
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=corelay test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ])?;
+        for who in ["server", "client"] {
+            let (key, csr, crt, ext) = (
+                format!("{who}.key"),
+                format!("{who}.csr"),
+                format!("{who}.crt"),
+                format!("{who}.ext"),
+            );
+            let subj = if who == "server" {
+                "/CN=localhost".to_owned()
+            } else {
+                "/CN=corelay test client".to_owned()
+            };
+            openssl(&[
+                "req", "-newkey", "rsa:2048", "-nodes", "-subj", &subj, "-keyout", &key, "-out",
+                &csr,
+            ])?;
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &crt,
+                "-extfile",
+                &ext,
+            ])?;
+        }
+        Ok(TlsFiles {
+            ca_cert: p("ca.crt"),
+            server_cert: p("server.crt"),
+            server_key: p("server.key"),
+            client_cert: p("client.crt"),
+            client_key: p("client.key"),
+            dir,
+        })
+    }
+}
+
+/// Runs `body` on its own thread and fails the test if it takes longer than `limit` (the
+/// body's own panics are passed on). Keep the [`RedisServer`]s outside the body, so that a
+/// timeout drops them with the test.
+pub fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("bounded-test-body".into())
+        .spawn(move || {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
+            let _ = tx.send(out);
+        })
+        .expect("spawn the test body");
+    match rx.recv_timeout(limit) {
+        Ok(Ok(out)) => {
+            let _ = handle.join();
+            out
+        }
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => panic!("test body still running after {limit:?}"),
+    }
+}
