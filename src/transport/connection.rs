@@ -90,12 +90,18 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
         let answer =
             if raw_echo || req.path == eio_path || req.path == eio_path.trim_end_matches('/') {
                 match engineio_request(&shard, stream, req, buf, raw_echo).await {
-                    Some((s, b)) => {
+                    Next::Http(s, b) => {
                         stream = s;
                         buf = b;
                         continue;
                     }
-                    None => return,
+                    Next::Upgrade(upgrade) => {
+                        // A task of its own: this HTTP task's state (request, buffers) is
+                        // freed instead of living as long as the WebSocket does.
+                        glommio::spawn_local(run_websocket(shard, upgrade)).detach();
+                        return;
+                    }
+                    Next::Done => return,
                 }
             } else if req.path.starts_with("/api/") {
                 let answer = api::handle(&shard, &req, &mut stream, &mut buf).await;
@@ -170,15 +176,34 @@ fn cors_headers(shard: &Shard, req: &Request) -> String {
     format!("Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\nVary: Origin\r\n")
 }
 
-/// Handles a request on the Engine.IO path. Returns the stream when the connection goes
-/// on serving HTTP, `None` when it was upgraded, handed over or closed.
+/// A WebSocket upgrade, ready to run.
+struct Upgrade {
+    stream: TcpStream,
+    key: String,
+    leftover: Vec<u8>,
+    /// The polling session being upgraded, or `None` for a new session.
+    session: Option<Rc<Session>>,
+    raw_echo: bool,
+}
+
+/// What follows an Engine.IO request.
+enum Next {
+    /// Serve the next HTTP request on this connection.
+    Http(TcpStream, Vec<u8>),
+    /// Switch the connection to WebSocket.
+    Upgrade(Upgrade),
+    /// The connection is closed or handed to another shard.
+    Done,
+}
+
+/// Handles a request on the Engine.IO path.
 async fn engineio_request(
     shard: &Rc<Shard>,
     mut stream: TcpStream,
     req: Request,
     mut buf: Vec<u8>,
     raw_echo: bool,
-) -> Option<(TcpStream, Vec<u8>)> {
+) -> Next {
     let cors = cors_headers(shard, &req);
     let respond = |status: u16, content_type: &str, body: &[u8], keep_alive: bool| {
         let mut resp = http::response(status, content_type, body, keep_alive);
@@ -199,8 +224,10 @@ async fn engineio_request(
             let at = resp.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
             resp.splice(at..at, extra.bytes());
         }
-        stream.write_all(&resp).await.ok()?;
-        return req.keep_alive().then_some((stream, buf));
+        if stream.write_all(&resp).await.is_err() || !req.keep_alive() {
+            return Next::Done;
+        }
+        return Next::Http(stream, buf);
     }
     let reject = |e: HandshakeError| (400u16, "application/json", e.body().into_bytes());
     let eio = &shard.ctx.config.engineio;
@@ -231,8 +258,13 @@ async fn engineio_request(
             if transport == Transport::WebSocket {
                 match websocket_key(&req) {
                     Some(key) => {
-                        run_websocket(shard.clone(), stream, &key, buf, None, raw_echo).await;
-                        return None;
+                        return Next::Upgrade(Upgrade {
+                            stream,
+                            key,
+                            leftover: buf,
+                            session: None,
+                            raw_echo,
+                        })
                     }
                     None => break 'answer reject(HandshakeError::BadRequest),
                 }
@@ -252,7 +284,7 @@ async fn engineio_request(
         match crate::ids::shard_of_sid(&sid) {
             Some(owner) if owner < shard.count && owner != shard.id => {
                 hand_over(shard, owner, &stream, req, buf);
-                return None;
+                return Next::Done;
             }
             Some(owner) if owner == shard.id => {}
             _ => break 'answer reject(HandshakeError::SessionIdUnknown),
@@ -266,8 +298,13 @@ async fn engineio_request(
             }
             match websocket_key(&req) {
                 Some(key) => {
-                    run_websocket(shard.clone(), stream, &key, buf, Some(session), raw_echo).await;
-                    return None;
+                    return Next::Upgrade(Upgrade {
+                        stream,
+                        key,
+                        leftover: buf,
+                        session: Some(session),
+                        raw_echo,
+                    })
                 }
                 None => break 'answer reject(HandshakeError::BadRequest),
             }
@@ -288,7 +325,7 @@ async fn engineio_request(
                     Some(a) => (a.status, a.content_type, a.body),
                     None => {
                         shard.end_session(&session, CloseReason::Gone);
-                        return None;
+                        return Next::Done;
                     }
                 }
             }
@@ -311,9 +348,9 @@ async fn engineio_request(
                             false,
                         );
                         let _ = stream.write_all(&resp).await;
-                        return None;
+                        return Next::Done;
                     }
-                    Err(_) => return None,
+                    Err(_) => return Next::Done,
                 }
             }
             _ => reject(HandshakeError::BadHandshakeMethod),
@@ -325,8 +362,10 @@ async fn engineio_request(
     let keep_alive =
         req.keep_alive() && !upgrade_attempt && (req.method != "POST" || status == 200);
     let resp = respond(status, content_type, &body, keep_alive);
-    stream.write_all(&resp).await.ok()?;
-    keep_alive.then_some((stream, buf))
+    if stream.write_all(&resp).await.is_err() || !keep_alive {
+        return Next::Done;
+    }
+    Next::Http(stream, buf)
 }
 
 /// Resolves when the client closes its side of the connection. Bytes that arrive
@@ -390,11 +429,12 @@ fn health(shard: &Shard) -> (u16, Vec<u8>) {
         .collect();
     let store_ok = shard.store.health().is_ok();
     let body = serde_json::json!({
-        "status": "ok",
+        // Redis down in cluster mode: still serving (reads, typing), sends refused.
+        "status": if m.redis_down() { "degraded" } else { "ok" },
         "shards": shards,
         "connections": m.connections(),
         "rooms": m.rooms(),
-        "redis": null,
+        "redis": m.redis_json(),
         "store": {"ok": store_ok},
     });
     (200, body.to_string().into_bytes())
@@ -402,16 +442,16 @@ fn health(shard: &Shard) -> (u16, Vec<u8>) {
 
 /// Runs a WebSocket until it ends: a new session, or the upgrade of a polling one
 /// (`2probe` / `3probe`, then `5`).
-async fn run_websocket(
-    shard: Rc<Shard>,
-    mut stream: TcpStream,
-    key: &str,
-    leftover: Vec<u8>,
-    upgrading: Option<Rc<Session>>,
-    raw_echo: bool,
-) {
+async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
+    let Upgrade {
+        mut stream,
+        key,
+        leftover,
+        session: upgrading,
+        raw_echo,
+    } = upgrade;
     if stream
-        .write_all(&websocket::upgrade_response(key))
+        .write_all(&websocket::upgrade_response(&key))
         .await
         .is_err()
     {
@@ -419,6 +459,7 @@ async fn run_websocket(
     }
     let eio = &shard.ctx.config.engineio;
     let mut reader = FrameReader::new(eio.max_payload, &leftover);
+    drop((key, leftover));
     let session = match upgrading {
         Some(session) => {
             if !probe(&shard, &session, &mut stream, &mut reader).await {

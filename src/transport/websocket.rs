@@ -106,7 +106,8 @@ impl ReadError {
     }
 }
 
-const INITIAL_BUFFER: usize = 1024;
+/// The read buffer of an idle connection; it grows for larger messages and shrinks back.
+const INITIAL_BUFFER: usize = 256;
 
 /// Reads client frames into messages. Keeps a small buffer while idle and grows it
 /// only up to the message limit.
