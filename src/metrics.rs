@@ -59,6 +59,8 @@ type CounterOf = fn(&ShardMetrics) -> &AtomicU64;
 /// All shards' counters, shared by `Arc` across shards.
 pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
+    /// The Redis link in cluster mode (unset on a single host), for `/healthz` and `/metrics`.
+    pub redis: std::sync::OnceLock<crate::cluster::redis::RedisCluster>,
 }
 
 impl Metrics {
@@ -66,7 +68,24 @@ impl Metrics {
     pub fn new(n: usize) -> Metrics {
         Metrics {
             shards: (0..n).map(|_| ShardMetrics::default()).collect(),
+            redis: std::sync::OnceLock::new(),
         }
+    }
+
+    /// `/healthz`'s `redis`: `null` on a single host, else `{connected, pubsub_roundtrip_ms}`.
+    pub fn redis_json(&self) -> serde_json::Value {
+        match self.redis.get() {
+            None => serde_json::Value::Null,
+            Some(c) => serde_json::json!({
+                "connected": c.is_connected(),
+                "pubsub_roundtrip_ms": c.last_roundtrip_ms(),
+            }),
+        }
+    }
+
+    /// Whether cluster mode runs with the Redis link down (serving, degraded).
+    pub fn redis_down(&self) -> bool {
+        self.redis.get().is_some_and(|c| !c.is_connected())
     }
 
     /// Open connections summed over shards.
@@ -171,7 +190,7 @@ impl Metrics {
         let _ = writeln!(out, "{name}_count {count}");
 
         let _ = writeln!(out, "# HELP corelay_store_up Whether the history store answered its last operation.\n# TYPE corelay_store_up gauge\ncorelay_store_up {}", u8::from(store_ok));
-        let _ = writeln!(out, "# HELP corelay_redis_connected Whether Redis is connected (0 on a single host).\n# TYPE corelay_redis_connected gauge\ncorelay_redis_connected 0");
+        let _ = writeln!(out, "# HELP corelay_redis_connected Whether Redis is connected (0 on a single host).\n# TYPE corelay_redis_connected gauge\ncorelay_redis_connected {}", u8::from(self.redis.get().is_some_and(|c| c.is_connected())));
         out
     }
 }
