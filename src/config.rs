@@ -21,6 +21,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub history: HistoryConfig,
     pub redis: RedisConfig,
+    pub presence: PresenceConfig,
     pub store: StoreConfig,
     pub scylla: ScyllaConfig,
     pub log: LogConfig,
@@ -151,19 +152,73 @@ impl Default for LimitsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HistoryConfig {
     pub max_replay: usize,
+    /// Most messages kept per room in the Redis store (approximate; 0: unbounded).
+    pub max_len: u64,
+    /// Oldest message kept per room in the Redis store (unset: no age limit).
+    pub max_age: Option<HumanDuration>,
 }
 
 impl Default for HistoryConfig {
     fn default() -> Self {
-        HistoryConfig { max_replay: 1000 }
+        HistoryConfig {
+            max_replay: 1000,
+            max_len: 10_000,
+            max_age: None,
+        }
+    }
+}
+
+/// Cluster-wide presence (`[presence]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// How long a host's presence records survive without a refresh (a dead host's users
+    /// stop counting after this).
+    pub ttl: HumanDuration,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            ttl: HumanDuration(Duration::from_secs(30)),
+        }
     }
 }
 
 /// Redis between hosts; `url` unset = single-host mode.
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     pub url: Option<String>,
+    /// Sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis >= 7, Redis Cluster).
+    pub sharded: bool,
+    /// PEM CA file for `rediss://` (unset: the system's trust store).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate, when the server asks for one.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// Limit on one connection attempt (TLS and AUTH included).
+    pub connect_timeout: HumanDuration,
+    /// Limit on one Redis call.
+    pub command_timeout: HumanDuration,
+    /// How often the pub/sub link is probed with a round trip.
+    pub ping_interval: HumanDuration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: None,
+            sharded: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            connect_timeout: HumanDuration(Duration::from_secs(2)),
+            command_timeout: HumanDuration(Duration::from_secs(2)),
+            ping_interval: HumanDuration(Duration::from_secs(1)),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -171,6 +226,13 @@ impl std::fmt::Debug for RedisConfig {
         // The URL may carry a password.
         f.debug_struct("RedisConfig")
             .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("sharded", &self.sharded)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("ping_interval", &self.ping_interval)
             .finish()
     }
 }
@@ -352,7 +414,8 @@ pub enum ConfigError {
 }
 
 const SECTIONS: &[&str] = &[
-    "server", "engineio", "auth", "limits", "history", "redis", "store", "scylla", "log",
+    "server", "engineio", "auth", "limits", "history", "redis", "presence", "store", "scylla",
+    "log",
 ];
 
 impl Config {
@@ -447,6 +510,17 @@ impl Config {
         if self.history.max_replay == 0 {
             return bad("history.max_replay must be positive".into());
         }
+        if self.redis.command_timeout.0.is_zero()
+            || self.redis.connect_timeout.0.is_zero()
+            || self.redis.ping_interval.0.is_zero()
+        {
+            return bad(
+                "redis.connect_timeout, command_timeout and ping_interval must be positive".into(),
+            );
+        }
+        if self.presence.ttl.0 < Duration::from_secs(1) {
+            return bad("presence.ttl must be at least 1s".into());
+        }
         if let Some(secret) = &self.auth.jwt_secret {
             if secret.len() < 16 {
                 return bad("auth.jwt_secret must be at least 16 bytes".into());
@@ -463,6 +537,24 @@ impl Config {
         self.engineio.max_payload = 1_000_000;
         self.engineio.connect_timeout = HumanDuration(Duration::from_millis(1000));
         self.server.cors_origins = vec!["*".to_string()];
+    }
+
+    /// The cluster layer's options, when `redis.url` is set (cluster mode).
+    pub fn redis_options(&self) -> Option<crate::cluster::RedisOptions> {
+        let url = self.redis.url.as_ref()?;
+        let mut o = crate::cluster::RedisOptions::new(url.clone());
+        o.sharded = self.redis.sharded;
+        o.tls_ca_file = self.redis.tls_ca_file.clone();
+        o.tls_cert_file = self.redis.tls_cert_file.clone();
+        o.tls_key_file = self.redis.tls_key_file.clone();
+        o.connect_timeout = self.redis.connect_timeout.0;
+        o.command_timeout = self.redis.command_timeout.0;
+        o.ping_interval = self.redis.ping_interval.0;
+        o.dedupe_window = self.limits.dedupe_window.0;
+        o.history_max_len = self.history.max_len;
+        o.history_max_age = self.history.max_age.map(|d| d.0);
+        o.presence_ttl = self.presence.ttl.0;
+        Some(o)
     }
 
     /// The number of shards to run: configured, or one per available core.
@@ -559,6 +651,35 @@ mod tests {
         assert!(e.to_string().contains("mongo"), "{e}");
         let e = Config::from_toml_and_env("[server\n", env(&[])).unwrap_err();
         assert!(e.to_string().starts_with("invalid configuration"), "{e}");
+    }
+
+    #[test]
+    fn cluster_keys() {
+        let c = Config::from_toml_and_env("", env(&[])).unwrap();
+        assert_eq!(c.history.max_len, 10_000);
+        assert_eq!(c.history.max_age, None);
+        assert_eq!(c.presence.ttl.0, Duration::from_secs(30));
+        assert!(c.redis_options().is_none());
+        let c = Config::from_toml_and_env(
+            "[redis]\nurl = \"redis://:pw@h:1/0\"\ncommand_timeout = \"500ms\"\n[history]\nmax_age = \"1d\"",
+            env(&[
+                ("CORELAY_REDIS_SHARDED", "true"),
+                ("CORELAY_PRESENCE_TTL", "10s"),
+                ("CORELAY_HISTORY_MAX_LEN", "50"),
+                ("CORELAY_REDIS_TLS_CA_FILE", "/etc/ca.pem"),
+            ]),
+        )
+        .unwrap();
+        let o = c.redis_options().unwrap();
+        assert!(o.sharded);
+        assert_eq!(o.command_timeout, Duration::from_millis(500));
+        assert_eq!(o.presence_ttl, Duration::from_secs(10));
+        assert_eq!(o.history_max_len, 50);
+        assert_eq!(o.history_max_age, Some(Duration::from_secs(86_400)));
+        assert_eq!(o.tls_ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert!(!format!("{c:?}").contains(":pw@"));
+        let e = Config::from_toml_and_env("[presence]\nttl = \"0s\"", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("presence.ttl"), "{e}");
     }
 
     #[test]

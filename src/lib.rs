@@ -9,6 +9,7 @@ pub mod auth;
 pub mod bridge;
 pub mod chat;
 pub mod cluster;
+pub mod notify;
 pub mod config;
 pub mod conformance;
 pub mod ids;

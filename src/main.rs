@@ -1,4 +1,4 @@
-//! The `corelay` command: `serve`, `token`, `schema`.
+//! The `corelay` command: `serve`, `check`, `token`, `schema`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +47,19 @@ enum Command {
         /// CORS *, echo events, raw Engine.IO echo at /engine.io/).
         #[arg(long)]
         conformance: bool,
+    },
+    /// Reach Redis (PING, a pub/sub round trip) and open the configured store; exit 0 or
+    /// say what is wrong.
+    Check {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Redis URL (overrides redis.url).
+        #[arg(long)]
+        redis: Option<String>,
+        /// History store (overrides store.kind).
+        #[arg(long, value_enum)]
+        store: Option<StoreKind>,
     },
     /// Mint a JWT with the configured secret (for tests and operations).
     Token {
@@ -137,16 +150,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if conformance {
                 cfg.enable_conformance();
             }
+            seed_redis_url(&mut cfg)?;
             cfg.validate()?;
             init_logging(cfg.log.format);
-            if cfg.redis.url.is_some() {
-                bail!("cluster mode (redis.url) is not available in this build yet; unset redis.url / CORELAY_REDIS_URL to run a single host");
-            }
             corelay::server::run(cfg, |addr, shards| {
                 println!("listening on {addr} shards={shards}");
                 tracing::info!(%addr, shards, "listening");
             })?;
             Ok(())
+        }
+        Command::Check {
+            config,
+            redis,
+            store,
+        } => {
+            let mut cfg = Config::load(config.as_deref())?;
+            if let Some(v) = redis {
+                cfg.redis.url = Some(v);
+            }
+            if let Some(v) = store {
+                cfg.store.kind = v;
+            }
+            seed_redis_url(&mut cfg)?;
+            cfg.validate()?;
+            check(&cfg)
         }
         Command::Token {
             config,
@@ -217,6 +244,73 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// The seed's `REDIS_HOST`/`REDIS_PORT`/`REDIS_PASSWORD`/`REDIS_DB`, when `redis.url` is unset.
+fn seed_redis_url(cfg: &mut Config) -> anyhow::Result<()> {
+    if cfg.redis.url.is_none() {
+        cfg.redis.url = corelay::cluster::url_from_env()?;
+    }
+    Ok(())
+}
+
+/// `corelay check`: one verdict per line; an error (exit 1) naming what failed.
+fn check(cfg: &Config) -> anyhow::Result<()> {
+    let mut failed: Vec<&str> = Vec::new();
+    let cluster = cfg.redis_options();
+    match &cluster {
+        None => println!("redis: not configured (single host)"),
+        Some(options) => {
+            let bridge = corelay::bridge::Bridge::global()?;
+            let report = futures::executor::block_on(corelay::cluster::check(options, &bridge));
+            println!("{report}");
+            if !report.ok() {
+                failed.push("redis");
+            }
+        }
+    }
+    let store = match (cfg.store.kind, &cluster) {
+        (StoreKind::Embedded, Some(_)) => Err(
+            "the embedded store is local to one host; use store.kind = \"redis\" or \"scylla\" in cluster mode".to_string(),
+        ),
+        (StoreKind::Memory, _) => Ok("memory (nothing kept across restarts)".to_string()),
+        (StoreKind::Embedded, None) => {
+            match corelay::store::Store::open_embedded(&cfg.server.data_dir, cfg.store.durability) {
+                Ok(s) => {
+                    let _ = futures::executor::block_on(s.close());
+                    Ok(format!("embedded at {}", cfg.server.data_dir.display()))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        (StoreKind::Redis, None) => {
+            Err("store \"redis\" needs redis.url (--redis, CORELAY_REDIS_URL)".to_string())
+        }
+        (StoreKind::Redis, Some(_)) if failed.contains(&"redis") => {
+            Err("redis store: Redis is not reachable (see above)".to_string())
+        }
+        (StoreKind::Redis, Some(_)) => Ok("redis (streams in the cluster's Redis)".to_string()),
+        (StoreKind::Scylla, _) => match corelay::store::Store::open_scylla(&cfg.scylla) {
+            Ok(s) => {
+                let _ = futures::executor::block_on(s.close());
+                Ok(format!("scylla at [{}]", cfg.scylla.nodes.join(", ")))
+            }
+            Err(e) => Err(e.to_string()),
+        },
+    };
+    match store {
+        Ok(what) => println!("store: ok: {what}"),
+        Err(why) => {
+            println!("store: FAILED: {why}");
+            failed.push("store");
+        }
+    }
+    if failed.is_empty() {
+        println!("all checks passed");
+        Ok(())
+    } else {
+        bail!("check failed: {}", failed.join(", "))
     }
 }
 

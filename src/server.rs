@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
 
 use crate::auth::Authenticator;
+use crate::cluster::redis::RedisCluster;
 use crate::config::{Config, StoreKind};
 use crate::metrics::Metrics;
 use crate::shard::runtime::{self, StartError};
@@ -20,8 +21,19 @@ use crate::store::{Store, StoreError};
 pub enum ServeError {
     #[error("dev mode (no auth.jwt_secret / CORELAY_JWT_SECRET) only listens on loopback, not {0}: set a secret or listen on 127.0.0.1")]
     DevModeNotLoopback(SocketAddr),
-    #[error("store {0:?} needs a cluster (redis.url) and is not available in this build yet; use \"embedded\" or \"memory\"")]
-    StoreUnavailable(StoreKind),
+    #[error("store \"redis\" keeps history in the cluster's Redis: set redis.url (--redis, CORELAY_REDIS_URL) or use \"embedded\" on one host")]
+    RedisStoreWithoutRedis,
+    #[error("the embedded store is local to one host; use store.kind = \"redis\" or \"scylla\" in cluster mode (redis.url is set)")]
+    EmbeddedInCluster,
+    #[error("the memory store is local to one process; use store.kind = \"redis\" in cluster mode (redis.url is set)")]
+    MemoryInCluster,
+    #[error("store \"scylla\" in cluster mode is not available in this build yet; use store.kind = \"redis\" in cluster mode")]
+    ScyllaInCluster,
+    #[error("cannot reach Redis at {url}: {source} (cluster mode needs Redis at start; check redis.url, or run `corelay check`)")]
+    Redis {
+        url: String,
+        source: crate::cluster::ClusterError,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -64,6 +76,22 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         tracing::warn!("dev mode: no JWT secret set; clients connect as {{\"user\":\"name\"}} and may join every room");
     }
     runtime::check_io_uring()?;
+    let cluster = match config.redis_options() {
+        None => None,
+        Some(options) => {
+            match config.store.kind {
+                StoreKind::Redis => {}
+                StoreKind::Embedded => return Err(ServeError::EmbeddedInCluster),
+                StoreKind::Memory => return Err(ServeError::MemoryInCluster),
+                StoreKind::Scylla => return Err(ServeError::ScyllaInCluster),
+            }
+            let url = options.redacted_url();
+            let cluster = RedisCluster::connect_blocking(options)
+                .map_err(|source| ServeError::Redis { url, source })?;
+            tracing::info!(host = cluster.host_id(), "cluster mode: connected to redis");
+            Some(cluster)
+        }
+    };
     let store = match config.store.kind {
         StoreKind::Memory => Store::memory(),
         StoreKind::Embedded => {
@@ -72,7 +100,10 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         // Its errors already say what is wrong ("cannot reach ScyllaDB at [nodes]: …",
         // "… run `corelay schema apply`", a bucket_size mismatch).
         StoreKind::Scylla => Store::open_scylla(&config.scylla)?,
-        other => return Err(ServeError::StoreUnavailable(other)),
+        StoreKind::Redis => match &cluster {
+            Some(c) => Store::redis(c),
+            None => return Err(ServeError::RedisStoreWithoutRedis),
+        },
     };
     let shards = config.shard_count();
     let (addr, fds) = runtime::bind_listeners(config.server.listen, shards)?;
@@ -85,8 +116,16 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         id_prefix: u32::from_ne_bytes(prefix),
         draining: AtomicBool::new(false),
     });
+    if let Some(c) = &cluster {
+        let _ = ctx.metrics.redis.set(c.clone());
+    }
     watch_signals(ctx.clone())?;
-    let result = runtime::run_shards(ctx, store.clone(), fds, || on_ready(addr, shards));
+    let result = runtime::run_shards(ctx, store.clone(), cluster.clone(), fds, || {
+        on_ready(addr, shards)
+    });
     let _ = futures::executor::block_on(store.close());
+    if let Some(c) = &cluster {
+        c.close();
+    }
     Ok(result?)
 }

@@ -6,6 +6,15 @@
 //! time (so a room's joins and deliveries are strictly ordered), and the *writer* takes
 //! every publish queued since its last write, assigns offsets and appends them to the
 //! store as one batch. Acks and deliveries go out only after the batch is durable.
+//!
+//! Cluster mode (`redis.url` set): the writer runs Redis's publish script per message, in
+//! order (it dedupes by `cid`, assigns the offset, appends to the room's stream and
+//! publishes), and acks with its answer. Delivery comes only from the room's subscription,
+//! this host's own publishes included, strictly by offset: a gap is read from the store,
+//! and after a lost link (`Reconnected`) every loaded room catches up from the store.
+//! Presence goes through Redis (`presence_join/leave/list`); a host ignores its own
+//! presence echoes. A room is subscribed while loaded, i.e. while it has members here or
+//! publishes in flight; the service task does every subscribe and unsubscribe, in order.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -24,6 +33,8 @@ use super::events::{
 };
 use super::mesh::{HomeCmd, MemberMsg, ReplyTo, ShardMsg};
 use super::session::{ConnRef, User};
+use crate::cluster::redis::RedisCluster;
+use crate::cluster::{ClusterError, ClusterEvent, NewMessage, Published};
 use crate::ids::{now_ms, MessageIds};
 use crate::metrics::ShardMetrics;
 use crate::protocol::socketio::{encode_ack, encode_event};
@@ -88,30 +99,60 @@ pub enum HomeEvent {
     Cmd(HomeCmd),
     Written(Vec<(Settled, StoredMessage)>),
     Failed(Vec<Settled>, StoreError),
+    /// Cluster mode: the publish script answered (or failed) for one message.
+    Published(Settled, Result<Published, ClusterError>),
+    /// Cluster mode: an event of this shard's Redis subscription.
+    Cluster(ClusterEvent),
 }
+
+/// Extra catch-up checks after the Redis link comes back (500 ms apart).
+const CATCH_UP_ROUNDS: u32 = 2;
 
 /// The home-shard state of one shard.
 pub struct Home {
     rooms: RefCell<HashMap<Arc<str>, RoomState>>,
+    /// Cluster mode: catch-up checks done since the last `Reconnected` from the link.
+    catch_up_rounds: std::cell::Cell<u32>,
     /// Publishes accepted and not yet settled, over all rooms.
     inflight: std::cell::Cell<usize>,
     pending: RefCell<VecDeque<Pending>>,
     writer_waker: RefCell<Option<Waker>>,
     events: LocalSender<HomeEvent>,
     ids: MessageIds,
+    /// Cluster mode: Redis assigns offsets and carries every delivery (`None`: one host).
+    cluster: Option<RedisCluster>,
+    /// Cluster mode: ids of messages this shard published for a connection, waiting for
+    /// their echo through Redis (so the sender's own socket is skipped).
+    own_ids: RefCell<HashMap<String, ConnRef>>,
+    /// Cluster mode: rooms evicted whose subscription is to be dropped by the service task
+    /// (which also subscribes, so Redis sees the changes in order).
+    unsubscribe: RefCell<Vec<Arc<str>>>,
 }
 
 impl Home {
     /// A home with no rooms loaded; `events` feeds the service task.
-    pub fn new(events: LocalSender<HomeEvent>, ids: MessageIds) -> Home {
+    pub fn new(
+        events: LocalSender<HomeEvent>,
+        ids: MessageIds,
+        cluster: Option<RedisCluster>,
+    ) -> Home {
         Home {
             rooms: RefCell::new(HashMap::new()),
+            catch_up_rounds: std::cell::Cell::new(0),
             inflight: std::cell::Cell::new(0),
             pending: RefCell::new(VecDeque::new()),
             writer_waker: RefCell::new(None),
             events,
             ids,
+            cluster,
+            own_ids: RefCell::new(HashMap::new()),
+            unsubscribe: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Queues an event of this shard's Redis subscription for the service task.
+    pub fn enqueue_cluster(&self, event: ClusterEvent) {
+        let _ = self.events.try_send(HomeEvent::Cluster(event));
     }
 
     /// Queues a command for the service task (from this shard or another).
@@ -142,6 +183,13 @@ fn error_frame(ack_id: u64, err: &ChatError) -> Bytes {
 fn unavailable(e: &StoreError) -> ChatError {
     ChatError::new(ErrorCode::Unavailable, format!("history store: {e}"))
 }
+
+fn cluster_unavailable(e: &ClusterError) -> ChatError {
+    ChatError::new(ErrorCode::Unavailable, format!("cluster: {e}"))
+}
+
+/// The most messages read from the store per catch-up read.
+const CATCH_UP_READ: usize = 1000;
 
 impl Shard {
     /// Sends an ack body to whoever asked.
@@ -196,13 +244,30 @@ impl Shard {
         &self.ctx.metrics.shards[self.id]
     }
 
-    /// Makes sure a room is loaded (its latest offset read from the store).
-    async fn load_room(&self, room: &Arc<str>) -> Result<(), StoreError> {
+    /// Makes sure a room is loaded (its latest offset read from the store). In cluster
+    /// mode the room's channel is subscribed first, so that every message after the
+    /// latest offset read here reaches this shard.
+    async fn load_room(&self, room: &Arc<str>) -> Result<(), ChatError> {
         if self.home.rooms.borrow().contains_key(room) {
             return Ok(());
         }
-        let latest = self.store.latest_offset(room).await;
-        let latest = latest.inspect_err(|_| ShardMetrics::inc(&self.metrics().store_errors))?;
+        if let Some(cluster) = &self.home.cluster {
+            match cluster.subscribe(self.id, room).await {
+                // Registered: subscribed again when the link is back (`Reconnected`).
+                Ok(()) | Err(ClusterError::Unavailable(_) | ClusterError::Timeout(_)) => {}
+                Err(e) => return Err(cluster_unavailable(&e)),
+            }
+        }
+        let latest = match self.store.latest_offset(room).await {
+            Ok(latest) => latest,
+            Err(e) => {
+                ShardMetrics::inc(&self.metrics().store_errors);
+                if self.home.cluster.is_some() {
+                    self.home.unsubscribe.borrow_mut().push(room.clone());
+                }
+                return Err(unavailable(&e));
+            }
+        };
         let mut rooms = self.home.rooms.borrow_mut();
         // Another command may have loaded it while we waited.
         rooms.entry(room.clone()).or_insert_with(|| RoomState {
@@ -233,6 +298,27 @@ impl Shard {
             self.metrics()
                 .home_rooms
                 .store(rooms.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            if self.home.cluster.is_some() {
+                self.home.unsubscribe.borrow_mut().push(room.clone());
+            }
+        }
+    }
+
+    /// Drops the subscriptions of rooms evicted meanwhile (unless loaded again).
+    async fn drop_subscriptions(&self) {
+        let Some(cluster) = &self.home.cluster else {
+            return;
+        };
+        loop {
+            let Some(room) = self.home.unsubscribe.borrow_mut().pop() else {
+                return;
+            };
+            if self.home.rooms.borrow().contains_key(&room) {
+                continue;
+            }
+            if let Err(e) = cluster.unsubscribe(self.id, &room).await {
+                tracing::debug!(shard = self.id, %room, error = %e, "unsubscribe failed");
+            }
         }
     }
 
@@ -243,7 +329,10 @@ impl Shard {
                 HomeEvent::Cmd(cmd) => self.handle_cmd(cmd).await,
                 HomeEvent::Written(done) => self.deliver(done),
                 HomeEvent::Failed(failed, err) => self.fail(failed, &err),
+                HomeEvent::Published(settled, result) => self.settle_published(settled, result),
+                HomeEvent::Cluster(event) => self.on_cluster_event(event).await,
             }
+            self.drop_subscriptions().await;
         }
     }
 
@@ -257,7 +346,7 @@ impl Shard {
                 ack_id,
             } => self.join(room, conn, user, since, ack_id).await,
             HomeCmd::Leave { room, conn, ack_id } => {
-                self.leave(&room, conn);
+                self.leave_and_announce(&room, conn).await;
                 self.reply(ReplyTo::Conn { conn, ack_id }, super::events::OK_ACK);
             }
             HomeCmd::Publish {
@@ -274,6 +363,24 @@ impl Shard {
                         let frame = text_frame(&encode_event("typing", &typing_json(&room, &user)));
                         self.broadcast(&room, &r.per_shard, frame, Some(conn), true);
                     }
+                }
+            }
+            HomeCmd::Presence { room, reply } if self.home.cluster.is_some() => {
+                let Some(cluster) = &self.home.cluster else {
+                    return;
+                };
+                match cluster.presence_list(&room).await {
+                    Ok(list) => {
+                        let users: Vec<PresentUser> = list
+                            .into_iter()
+                            .map(|p| PresentUser {
+                                user: p.user,
+                                name: p.name,
+                            })
+                            .collect();
+                        self.reply(reply, &presence_ack_json(&users));
+                    }
+                    Err(e) => self.reply_error(reply, &cluster_unavailable(&e)),
                 }
             }
             HomeCmd::Presence { room, reply } => {
@@ -322,9 +429,10 @@ impl Shard {
             );
         };
         if let Err(e) = self.load_room(&room).await {
-            refuse(unavailable(&e));
+            refuse(e);
             return;
         }
+        let mut announce = false;
         let offset = {
             let mut rooms = self.home.rooms.borrow_mut();
             let Some(r) = rooms.get_mut(&room) else {
@@ -339,7 +447,10 @@ impl Shard {
                     name: user.name.clone(),
                 });
                 p.connections += 1;
-                if p.connections == 1 {
+                if p.connections == 1 && self.home.cluster.is_some() {
+                    // Cluster-wide: announced only if no other host has the user here.
+                    announce = true;
+                } else if p.connections == 1 {
                     let frame = text_frame(&encode_event(
                         "presence",
                         &presence_event_json(&room, &user.id, true),
@@ -349,6 +460,28 @@ impl Shard {
             }
             r.delivered
         };
+        if announce {
+            if let Some(cluster) = &self.home.cluster {
+                match cluster
+                    .presence_join(&room, &user.id, user.name.as_deref())
+                    .await
+                {
+                    Ok(true) => {
+                        let frame = text_frame(&encode_event(
+                            "presence",
+                            &presence_event_json(&room, &user.id, true),
+                        ));
+                        if let Some(r) = self.home.rooms.borrow().get(&room) {
+                            self.broadcast(&room, &r.per_shard, frame, Some(conn), false);
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::debug!(shard = self.id, %room, error = %e, "presence_join failed");
+                    }
+                }
+            }
+        }
         let missed = match since {
             None => None,
             Some(since) if since >= offset => Some((Vec::new(), false)),
@@ -367,7 +500,7 @@ impl Shard {
                     Err(e) => {
                         ShardMetrics::inc(&self.metrics().store_errors);
                         // The member is in the room but cannot get its backlog: undo the join.
-                        self.leave(&room, conn);
+                        self.leave_and_announce(&room, conn).await;
                         refuse(unavailable(&e));
                         return;
                     }
@@ -391,14 +524,39 @@ impl Shard {
         );
     }
 
-    /// Removes a connection from a room (no-op if it is not a member).
-    fn leave(&self, room: &Arc<str>, conn: ConnRef) {
+    /// Removes a connection from a room and, in cluster mode, tells Redis when it was the
+    /// user's last one on this host (the offline event goes out if it was the last anywhere).
+    async fn leave_and_announce(&self, room: &Arc<str>, conn: ConnRef) {
+        let Some(user) = self.leave(room, conn) else {
+            return;
+        };
+        let Some(cluster) = &self.home.cluster else {
+            return;
+        };
+        match cluster.presence_leave(room, &user).await {
+            Ok(true) => {
+                let frame = text_frame(&encode_event(
+                    "presence",
+                    &presence_event_json(room, &user, false),
+                ));
+                if let Some(r) = self.home.rooms.borrow().get(room) {
+                    self.broadcast(room, &r.per_shard, frame, None, false);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!(shard = self.id, %room, error = %e, "presence_leave failed"),
+        }
+    }
+
+    /// Removes a connection from a room (no-op if it is not a member). Returns the user
+    /// when it was their last connection in the room (the offline event is sent here on
+    /// one host; in cluster mode the caller asks Redis first).
+    fn leave(&self, room: &Arc<str>, conn: ConnRef) -> Option<Arc<str>> {
+        let mut last = None;
         {
             let mut rooms = self.home.rooms.borrow_mut();
-            let Some(r) = rooms.get_mut(room) else { return };
-            let Some(user) = r.members.remove(&conn) else {
-                return;
-            };
+            let r = rooms.get_mut(room)?;
+            let user = r.members.remove(&conn)?;
             r.per_shard[conn.shard] = r.per_shard[conn.shard].saturating_sub(1);
             let gone = match r.users.get_mut(&user) {
                 Some(p) => {
@@ -409,14 +567,18 @@ impl Shard {
             };
             if gone {
                 r.users.remove(&user);
-                let frame = text_frame(&encode_event(
-                    "presence",
-                    &presence_event_json(room, &user, false),
-                ));
-                self.broadcast(room, &r.per_shard, frame, None, false);
+                if self.home.cluster.is_none() {
+                    let frame = text_frame(&encode_event(
+                        "presence",
+                        &presence_event_json(room, &user, false),
+                    ));
+                    self.broadcast(room, &r.per_shard, frame, None, false);
+                }
+                last = Some(user);
             }
         }
         self.evict_if_idle(room);
+        last
     }
 
     async fn publish(
@@ -428,7 +590,12 @@ impl Shard {
         to: ReplyTo,
     ) {
         if let Err(e) = self.load_room(&room).await {
-            self.reply_error(to, &unavailable(&e));
+            self.reply_error(to, &e);
+            return;
+        }
+        if self.home.cluster.is_some() {
+            // Redis dedupes by cid (the publish script) and assigns the offset.
+            self.queue_publish(room, user, text, cid, to);
             return;
         }
         let window = self.ctx.config.limits.dedupe_window.0.as_millis() as u64;
@@ -501,6 +668,18 @@ impl Shard {
                 }
             }
         }
+        self.queue_publish(room, user, text, cid, to);
+    }
+
+    /// Hands a publish to the writer task.
+    fn queue_publish(
+        &self,
+        room: Arc<str>,
+        user: Arc<str>,
+        text: String,
+        cid: Option<String>,
+        to: ReplyTo,
+    ) {
         {
             let mut rooms = self.home.rooms.borrow_mut();
             let Some(r) = rooms.get_mut(&room) else {
@@ -539,6 +718,10 @@ impl Shard {
                 let n = pending.len().min(MAX_BATCH);
                 pending.drain(..n).collect()
             };
+            if let Some(cluster) = &self.home.cluster {
+                self.publish_to_cluster(cluster, batch).await;
+                continue;
+            }
             self.reload_failed_rooms(&batch).await;
             let mut firsts: Vec<(Arc<str>, u64)> = Vec::new();
             let mut settled = Vec::with_capacity(batch.len());
@@ -588,6 +771,210 @@ impl Shard {
                 }
             };
             let _ = self.home.events.try_send(event);
+        }
+    }
+
+    /// Cluster mode: runs the publish script for each message, one after another (so one
+    /// connection's messages are accepted in the order it sent them), and hands each
+    /// outcome to the service task. Delivery comes back through the subscription.
+    async fn publish_to_cluster(&self, cluster: &RedisCluster, batch: Vec<Pending>) {
+        for p in batch {
+            let ts = now_ms();
+            let id = self.home.ids.next(ts);
+            if let Some(conn) = p.to.conn() {
+                self.home.own_ids.borrow_mut().insert(id.clone(), conn);
+            }
+            let result = cluster
+                .publish(NewMessage {
+                    room: p.room.to_string(),
+                    user: p.user.to_string(),
+                    text: p.text,
+                    cid: p.cid.clone(),
+                    ts,
+                    id: id.clone(),
+                })
+                .await;
+            if !matches!(result, Ok(Published::Stored(_))) {
+                self.home.own_ids.borrow_mut().remove(&id);
+            }
+            let settled = Settled {
+                room: p.room,
+                user: p.user,
+                cid: p.cid,
+                to: p.to,
+            };
+            let _ = self
+                .home
+                .events
+                .try_send(HomeEvent::Published(settled, result));
+        }
+    }
+
+    /// Cluster mode: acks one publish (the first ack for a duplicate cid) or refuses it.
+    fn settle_published(&self, s: Settled, result: Result<Published, ClusterError>) {
+        if let Some(r) = self.home.rooms.borrow_mut().get_mut(&s.room) {
+            r.inflight -= 1;
+        }
+        self.home.inflight.set(self.home.inflight.get() - 1);
+        match result {
+            Ok(published) => {
+                if matches!(published, Published::Stored(_)) {
+                    ShardMetrics::inc(&self.metrics().messages_in);
+                }
+                let ack = published.ack();
+                let json = message_ack_json(&StoredMessage {
+                    room: s.room.to_string(),
+                    offset: ack.offset,
+                    id: ack.id,
+                    user: s.user.to_string(),
+                    text: String::new(),
+                    ts: ack.ts,
+                    cid: s.cid,
+                });
+                self.reply(s.to, &json);
+            }
+            Err(e) => {
+                ShardMetrics::inc(&self.metrics().store_errors);
+                self.reply_error(s.to, &cluster_unavailable(&e));
+            }
+        }
+        self.evict_if_idle(&s.room);
+    }
+
+    /// Cluster mode: one event of this shard's subscription.
+    async fn on_cluster_event(&self, event: ClusterEvent) {
+        match event {
+            ClusterEvent::Message(m) => {
+                let room: Arc<str> = Arc::from(m.room.as_str());
+                let delivered = self.home.rooms.borrow().get(&room).map(|r| r.delivered);
+                let Some(delivered) = delivered else {
+                    self.home.own_ids.borrow_mut().remove(&m.id);
+                    return;
+                };
+                if m.offset <= delivered {
+                    return; // Delivered already (a catch-up read got it first).
+                }
+                if m.offset > delivered + 1 {
+                    self.catch_up(&room, m.offset - 1).await;
+                }
+                self.deliver_in_order(&room, vec![m]);
+            }
+            ClusterEvent::Presence {
+                room,
+                user,
+                online,
+                host,
+                ..
+            } => {
+                let Some(cluster) = &self.home.cluster else {
+                    return;
+                };
+                if host == cluster.host_id() {
+                    return; // Our own: the local members were told already.
+                }
+                let room: Arc<str> = Arc::from(room.as_str());
+                if let Some(r) = self.home.rooms.borrow().get(&room) {
+                    let frame = text_frame(&encode_event(
+                        "presence",
+                        &presence_event_json(&room, &user, online),
+                    ));
+                    self.broadcast(&room, &r.per_shard, frame, None, false);
+                }
+            }
+            ClusterEvent::Down { reason } => {
+                tracing::warn!(shard = self.id, %reason, "redis link down: sends refused until it is back");
+            }
+            ClusterEvent::Reconnected => {
+                let rooms: Vec<Arc<str>> = self.home.rooms.borrow().keys().cloned().collect();
+                tracing::info!(
+                    shard = self.id,
+                    rooms = rooms.len(),
+                    "redis link back: delivering what was missed"
+                );
+                let mut failed = false;
+                for room in rooms {
+                    match self.store.latest_offset(&room).await {
+                        Ok(latest) => self.catch_up(&room, latest).await,
+                        Err(e) => {
+                            failed = true;
+                            ShardMetrics::inc(&self.metrics().store_errors);
+                            tracing::warn!(shard = self.id, %room, error = %e, "catch-up failed; retrying");
+                        }
+                    }
+                }
+                // The command link and the subscription come back separately: check again
+                // shortly (and keep retrying while the store cannot answer), so a message
+                // published in between is delivered live and not only through `since`.
+                let again = self.home.catch_up_rounds.get();
+                if failed || again < CATCH_UP_ROUNDS {
+                    self.home
+                        .catch_up_rounds
+                        .set(if failed { 0 } else { again + 1 });
+                    if let Some(shard) = self.this() {
+                        glommio::spawn_local(async move {
+                            glommio::timer::sleep(std::time::Duration::from_millis(500)).await;
+                            shard.home.enqueue_cluster(ClusterEvent::Reconnected);
+                        })
+                        .detach();
+                    }
+                } else {
+                    self.home.catch_up_rounds.set(0);
+                }
+            }
+        }
+    }
+
+    /// Cluster mode: delivers a loaded room's messages from the store up to offset `upto`.
+    /// Offsets the store no longer has (trimmed) are skipped: members see the gap.
+    async fn catch_up(&self, room: &Arc<str>, upto: u64) {
+        loop {
+            let delivered = self.home.rooms.borrow().get(room).map(|r| r.delivered);
+            let Some(delivered) = delivered else { return };
+            if delivered >= upto {
+                return;
+            }
+            let want = ((upto - delivered) as usize).min(CATCH_UP_READ);
+            match self
+                .store
+                .read(room, HistoryQuery::After(delivered), want)
+                .await
+            {
+                Ok(mut msgs) => {
+                    msgs.retain(|m| m.offset > delivered && m.offset <= upto);
+                    if msgs.is_empty() {
+                        if let Some(r) = self.home.rooms.borrow_mut().get_mut(room) {
+                            r.delivered = r.delivered.max(upto);
+                        }
+                        return;
+                    }
+                    tracing::debug!(shard = self.id, %room, count = msgs.len(), after = delivered, "delivering from the store");
+                    self.deliver_in_order(room, msgs);
+                }
+                Err(e) => {
+                    ShardMetrics::inc(&self.metrics().store_errors);
+                    tracing::warn!(shard = self.id, %room, error = %e, "catch-up read failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Cluster mode: fans out messages (oldest first) above the room's delivered offset.
+    fn deliver_in_order(&self, room: &Arc<str>, msgs: Vec<StoredMessage>) {
+        let mut payload = Vec::with_capacity(256);
+        let mut rooms = self.home.rooms.borrow_mut();
+        let Some(r) = rooms.get_mut(room) else { return };
+        for m in msgs {
+            let except = self.home.own_ids.borrow_mut().remove(&m.id);
+            if m.offset <= r.delivered {
+                continue;
+            }
+            r.delivered = m.offset;
+            payload.clear();
+            payload.extend_from_slice(b"42[\"message\",");
+            write_message_json(&mut payload, &m);
+            payload.push(b']');
+            self.broadcast(room, &r.per_shard, text_frame(&payload), except, false);
         }
     }
 

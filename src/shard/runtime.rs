@@ -17,6 +17,7 @@ use thiserror::Error;
 use super::{Context, Shard};
 use crate::chat::home::Home;
 use crate::chat::mesh::ShardMsg;
+use crate::cluster::redis::RedisCluster;
 use crate::ids::MessageIds;
 use crate::store::Store;
 
@@ -96,6 +97,7 @@ pub fn bind_listeners(
 pub fn run_shards(
     ctx: Arc<Context>,
     store: Store,
+    cluster: Option<RedisCluster>,
     fds: Vec<RawFd>,
     on_ready: impl FnOnce(),
 ) -> Result<(), StartError> {
@@ -116,6 +118,7 @@ pub fn run_shards(
         };
         let ctx = ctx.clone();
         let store = store.clone();
+        let cluster = cluster.clone();
         let mesh = mesh.clone();
         let ready = ready_tx.clone();
         let builder = LocalExecutorBuilder::new(placement)
@@ -125,7 +128,9 @@ pub fn run_shards(
             .preempt_timer(Duration::from_millis(10));
         let handle = builder
             .spawn(move || async move {
-                if let Err(e) = shard_main(shard, count, ctx, store, mesh, fd, &ready).await {
+                if let Err(e) =
+                    shard_main(shard, count, ctx, store, cluster, mesh, fd, &ready).await
+                {
                     let _ = ready.send(Err(e));
                 }
             })
@@ -160,11 +165,13 @@ pub fn run_shards(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn shard_main(
     id: usize,
     count: usize,
     ctx: Arc<Context>,
     store: Store,
+    cluster: Option<RedisCluster>,
     mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
     fd: RawFd,
     ready: &std::sync::mpsc::Sender<Result<usize, StartError>>,
@@ -210,8 +217,20 @@ async fn shard_main(
     }
 
     let (home_tx, home_rx) = local_channel::new_unbounded();
-    let home = Home::new(home_tx, MessageIds::new(ctx.id_prefix, id));
+    // Cluster mode: this shard's subscription stream, taken before any room is subscribed.
+    let cluster_events = cluster.as_ref().map(|c| c.subscriber(id));
+    let home = Home::new(home_tx, MessageIds::new(ctx.id_prefix, id), cluster);
     let shard = Rc::new_cyclic(|me| Shard::new(id, count, ctx, store, home, outboxes, me.clone()));
+    if let Some(mut events) = cluster_events {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            use futures::StreamExt as _;
+            while let Some(event) = events.next().await {
+                shard.home.enqueue_cluster(event);
+            }
+        })
+        .detach();
+    }
 
     for (_peer, rx) in receivers.streams() {
         let shard = shard.clone();
