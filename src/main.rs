@@ -155,6 +155,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             init_logging(cfg.log.format);
             corelay::server::run(cfg, |addr, shards| {
                 println!("listening on {addr} shards={shards}");
+                // systemd (Type=notify): ready once every shard accepts.
+                if let Err(e) = corelay::notify::notify("READY=1") {
+                    tracing::warn!(error = %e, "sd_notify READY failed");
+                }
                 tracing::info!(%addr, shards, "listening");
             })?;
             Ok(())

@@ -55,6 +55,7 @@ fn watch_signals(ctx: Arc<Context>) -> Result<(), ServeError> {
                     eprintln!("corelay: second signal ({signal}): exiting now");
                     std::process::exit(1);
                 }
+                let _ = crate::notify::notify("STOPPING=1");
                 tracing::info!(
                     signal,
                     "draining: closing connections with 1012 (send the signal again to exit now)"

@@ -109,3 +109,22 @@ fn second_signal_exits_at_once() {
     server.signal(libc::SIGINT);
     assert_eq!(server.wait_exit(Duration::from_secs(3)), Some(1));
 }
+
+#[test]
+fn systemd_is_told_ready_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut server = start(
+        &dir.path().join("data"),
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("READY=1 from the server");
+    assert_eq!(&buf[..n], b"READY=1");
+    server.signal(libc::SIGTERM);
+    let n = sock.recv(&mut buf).expect("STOPPING=1 from the server");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert_eq!(server.wait_exit(Duration::from_secs(10)), Some(0));
+}
