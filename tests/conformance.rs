@@ -19,7 +19,10 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn server() -> (std::sync::MutexGuard<'static, ()>, Server) {
     let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    (guard, Server::start_with(&[], &["--store", "memory", "--conformance"], false))
+    (
+        guard,
+        Server::start_with(&[], &["--store", "memory", "--conformance"], false),
+    )
 }
 
 fn open_polling(port: u16, base: &str) -> String {
