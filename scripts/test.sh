@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # The Redis cluster layer's tests start real servers (TLS ones with openssl-made certificates).
 [ -x /usr/bin/redis-server ] || missing+=(redis-server)

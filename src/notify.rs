@@ -64,19 +64,17 @@ pub fn notify_socket(socket: &OsStr, state: &str) -> io::Result<()> {
             sock.send_to_addr(state.as_bytes(), &addr)?
         }
         _ => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{NOTIFY_SOCKET_ENV}={socket:?} is neither an absolute path nor an @abstract name"
-                ),
-            ))
+            let what = "is neither an absolute path nor an @abstract name";
+            let message = format!("{NOTIFY_SOCKET_ENV}={socket:?} {what}");
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, message));
         }
     };
     if sent != state.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::WriteZero,
-            format!("short notification datagram: {sent} of {} bytes", state.len()),
-        ));
+        let message = format!(
+            "short notification datagram: {sent} of {} bytes",
+            state.len()
+        );
+        return Err(io::Error::new(io::ErrorKind::WriteZero, message));
     }
     Ok(())
 }

@@ -36,7 +36,7 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot start shard {shard}: {message} (is the locked-memory limit `ulimit -l` large enough for {shards} shards × server.io_memory?)")]
+    #[error("cannot start shard {shard}: {message} (is the locked-memory limit `ulimit -l` large enough for 3 × {shards} shards × server.io_memory?)")]
     Executor {
         shard: usize,
         shards: usize,

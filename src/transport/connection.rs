@@ -116,7 +116,11 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
                     ("GET", "/metrics") => (
                         200,
                         "text/plain; version=0.0.4",
-                        shard.ctx.metrics.render_prometheus(true).into_bytes(),
+                        shard
+                            .ctx
+                            .metrics
+                            .render_prometheus(shard.store.health().is_ok())
+                            .into_bytes(),
                     ),
                     _ => (
                         404,
