@@ -432,16 +432,29 @@ fn health(shard: &Shard) -> (u16, Vec<u8>) {
         })
         .collect();
     let store_ok = shard.store.health().is_ok();
+    // 503 only when this process no longer serves (draining): load balancers take it out.
+    // With Redis down it still serves (reads, local typing) and says "degraded".
+    let (code, status) = if shard
+        .ctx
+        .draining
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        (503, "draining")
+    } else if m.redis_down() {
+        (200, "degraded")
+    } else {
+        (200, "ok")
+    };
     let body = serde_json::json!({
         // Redis down in cluster mode: still serving (reads, typing), sends refused.
-        "status": if m.redis_down() { "degraded" } else { "ok" },
+        "status": status,
         "shards": shards,
         "connections": m.connections(),
         "rooms": m.rooms(),
         "redis": m.redis_json(),
         "store": {"ok": store_ok},
     });
-    (200, body.to_string().into_bytes())
+    (code, body.to_string().into_bytes())
 }
 
 /// Runs a WebSocket until it ends: a new session, or the upgrade of a polling one
