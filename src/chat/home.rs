@@ -854,8 +854,18 @@ impl Shard {
                 if m.offset <= delivered {
                     return; // Delivered already (a catch-up read got it first).
                 }
-                if m.offset > delivered + 1 {
-                    self.catch_up(&room, m.offset - 1).await;
+                if m.offset > delivered + 1 && !self.catch_up(&room, m.offset - 1).await {
+                    // The gap cannot be read yet (the command link may still be coming
+                    // back): hold this message and try again shortly. Delivering it now
+                    // would skip the gap for good.
+                    if let Some(shard) = self.this() {
+                        glommio::spawn_local(async move {
+                            glommio::timer::sleep(std::time::Duration::from_millis(200)).await;
+                            shard.home.enqueue_cluster(ClusterEvent::Message(m));
+                        })
+                        .detach();
+                    }
+                    return;
                 }
                 self.deliver_in_order(&room, vec![m]);
             }
@@ -894,7 +904,11 @@ impl Shard {
                 let mut failed = false;
                 for room in rooms {
                     match self.store.latest_offset(&room).await {
-                        Ok(latest) => self.catch_up(&room, latest).await,
+                        Ok(latest) => {
+                            if !self.catch_up(&room, latest).await {
+                                failed = true;
+                            }
+                        }
                         Err(e) => {
                             failed = true;
                             ShardMetrics::inc(&self.metrics().store_errors);
@@ -925,13 +939,16 @@ impl Shard {
     }
 
     /// Cluster mode: delivers a loaded room's messages from the store up to offset `upto`.
-    /// Offsets the store no longer has (trimmed) are skipped: members see the gap.
-    async fn catch_up(&self, room: &Arc<str>, upto: u64) {
+    /// Offsets the store no longer has (trimmed) are skipped: members see the gap. False
+    /// when the store could not be read (nothing was skipped; try again later).
+    async fn catch_up(&self, room: &Arc<str>, upto: u64) -> bool {
         loop {
             let delivered = self.home.rooms.borrow().get(room).map(|r| r.delivered);
-            let Some(delivered) = delivered else { return };
+            let Some(delivered) = delivered else {
+                return true;
+            };
             if delivered >= upto {
-                return;
+                return true;
             }
             let want = ((upto - delivered) as usize).min(CATCH_UP_READ);
             match self
@@ -945,7 +962,7 @@ impl Shard {
                         if let Some(r) = self.home.rooms.borrow_mut().get_mut(room) {
                             r.delivered = r.delivered.max(upto);
                         }
-                        return;
+                        return true;
                     }
                     tracing::debug!(shard = self.id, %room, count = msgs.len(), after = delivered, "delivering from the store");
                     self.deliver_in_order(room, msgs);
@@ -953,7 +970,7 @@ impl Shard {
                 Err(e) => {
                     ShardMetrics::inc(&self.metrics().store_errors);
                     tracing::warn!(shard = self.id, %room, error = %e, "catch-up read failed");
-                    return;
+                    return false;
                 }
             }
         }
