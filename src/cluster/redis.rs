@@ -757,6 +757,30 @@ impl Shared {
         }
     }
 
+    /// The `presence_set` script call for this host's users in `room`: `mode` is "join" or
+    /// "refresh", `payload` the presence event to publish ("" for none). Callers append the
+    /// (user, name) pairs.
+    fn presence_set_call(
+        &self,
+        room: &str,
+        mode: &str,
+        payload: impl redis::ToRedisArgs,
+    ) -> redis::ScriptInvocation<'_> {
+        let mut inv = self
+            .scripts
+            .presence_set
+            .key(keys::presence(room, &self.opts.host_id));
+        inv.key(keys::presence_hosts(room))
+            .arg(&self.opts.host_id)
+            .arg(self.opts.presence_ttl.as_millis() as u64)
+            .arg(keys::presence_prefix(room))
+            .arg(mode)
+            .arg(self.publish_command())
+            .arg(keys::channel(room))
+            .arg(payload);
+        inv
+    }
+
     async fn presence_join(
         &self,
         room: String,
@@ -768,20 +792,8 @@ impl Shared {
             .or_default()
             .insert(user.clone(), name.clone());
         let payload = presence_payload(&room, &user, name.as_deref(), true, &self.opts.host_id)?;
-        let mut inv = self
-            .scripts
-            .presence_set
-            .key(keys::presence(&room, &self.opts.host_id));
-        inv.key(keys::presence_hosts(&room))
-            .arg(&self.opts.host_id)
-            .arg(self.opts.presence_ttl.as_millis() as u64)
-            .arg(keys::presence_prefix(&room))
-            .arg("join")
-            .arg(self.publish_command())
-            .arg(keys::channel(&room))
-            .arg(payload)
-            .arg(&user)
-            .arg(name.as_deref().unwrap_or(""));
+        let mut inv = self.presence_set_call(&room, "join", payload);
+        inv.arg(&user).arg(name.as_deref().unwrap_or(""));
         let inv = &inv;
         let reply = self
             .with_conn("presence join", |mut c| async move {
@@ -866,18 +878,7 @@ impl Shared {
             })
             .collect();
         for (room, users) in rooms {
-            let mut inv = self
-                .scripts
-                .presence_set
-                .key(keys::presence(&room, &self.opts.host_id));
-            inv.key(keys::presence_hosts(&room))
-                .arg(&self.opts.host_id)
-                .arg(self.opts.presence_ttl.as_millis() as u64)
-                .arg(keys::presence_prefix(&room))
-                .arg("refresh")
-                .arg(self.publish_command())
-                .arg(keys::channel(&room))
-                .arg("");
+            let mut inv = self.presence_set_call(&room, "refresh", "");
             for (user, name) in &users {
                 inv.arg(user).arg(name.as_deref().unwrap_or(""));
             }
