@@ -614,29 +614,7 @@ fn auth_with_a_password_and_with_an_acl_user() {
         }
 
         // An ACL user limited to corelay's keys and channels and the commands it needs.
-        server
-            .cmd(
-                &admin_db0,
-                &[
-                    "ACL",
-                    "SETUSER",
-                    "corelay",
-                    "on",
-                    ">user-pw",
-                    "resetkeys",
-                    "~corelay:*",
-                    "resetchannels",
-                    "&corelay:*",
-                    "-@all",
-                    "+@read",
-                    "+@write",
-                    "+@pubsub",
-                    "+@scripting",
-                    "+@connection",
-                    "+time",
-                ],
-            )
-            .expect("acl setuser");
+        server.add_corelay_user(&admin_db0, "corelay", "user-pw");
         let acl_url = server.url_with("corelay:user-pw", 0);
         let user = connect(opts(&acl_url), &bridge);
         let mut urx = user.subscriber(0);
