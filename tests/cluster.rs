@@ -26,8 +26,46 @@ const ENV: &[(&str, &str)] = &[
 ];
 
 fn host(redis: &RedisServer) -> Server {
-    let url = redis.url();
-    Server::start_with(ENV, &["--redis", &url, "--store", "redis"], true)
+    host_at(&redis.url(), &[])
+}
+
+/// A host against Redis at `url`, with extra environment (TLS files).
+fn host_at(url: &str, env: &[(&str, &str)]) -> Server {
+    let mut all = ENV.to_vec();
+    all.extend_from_slice(env);
+    Server::start_with(&all, &["--redis", url, "--store", "redis"], true)
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `limit`.
+fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every offset in the room's history, read with `history {after}` pages.
+fn history_offsets(c: &mut WsClient, room: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    loop {
+        let after = out.last().copied().unwrap_or(0);
+        let h = c.emit_ack(
+            "history",
+            json!({"room": room, "after": after, "limit": 100}),
+        );
+        assert_eq!(h["ok"], true, "{h}");
+        let page: Vec<u64> = h["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["offset"].as_u64().expect("offset"))
+            .collect();
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+    }
 }
 
 fn client(server: &Server, user: &str) -> WsClient {
@@ -466,7 +504,7 @@ fn check_against_a_live_and_a_dead_redis() {
 }
 
 #[test]
-fn serve_refuses_local_stores_and_an_unreachable_redis() {
+fn serve_refuses_local_stores_and_a_bad_redis_url() {
     within(Duration::from_secs(60), || {
         let redis = RedisServer::start();
         let url = redis.url();
@@ -482,14 +520,127 @@ fn serve_refuses_local_stores_and_an_unreachable_redis() {
         ]);
         assert!(!ok, "{text}");
         assert!(text.contains("store.kind = \"redis\""), "{text}");
-        let dead = format!("redis://127.0.0.1:{}", common::free_port());
+        // A bad URL is a configuration error: refused. (An unreachable Redis is not: see
+        // `a_host_started_without_redis_serves_degraded_then_joins_the_cluster`.)
         let (ok, text) = corelay(&[
-            "serve", "--listen", &listen, "--redis", &dead, "--store", "redis",
+            "serve",
+            "--listen",
+            &listen,
+            "--redis",
+            "redis://127.0.0.1:notaport",
+            "--store",
+            "redis",
         ]);
         assert!(!ok, "{text}");
-        assert!(text.contains("cannot reach Redis"), "{text}");
+        assert!(text.contains("cannot use Redis"), "{text}");
+        assert!(text.contains("bad redis.url"), "{text}");
         let (ok, text) = corelay(&["serve", "--listen", &listen, "--store", "redis"]);
         assert!(!ok, "{text}");
         assert!(text.contains("set redis.url"), "{text}");
+    });
+}
+
+#[test]
+fn a_host_started_without_redis_serves_degraded_then_joins_the_cluster() {
+    within(Duration::from_secs(120), || {
+        // A port with nothing listening: start a server to own it, then stop it.
+        let mut redis = RedisServer::start_with(&["--requirepass", "hunter2"]);
+        redis.kill();
+        let url = redis.url_with(":hunter2", 0);
+        let a = host_at(&url, &[]);
+        // Ready, with a warning that names the URL without its password.
+        let warning = a.startup.join("\n");
+        assert!(
+            warning.contains("cannot reach redis") && warning.contains("serving degraded"),
+            "{warning}"
+        );
+        assert!(
+            warning.contains(&format!("redis://:***@127.0.0.1:{}", redis.port)),
+            "{warning}"
+        );
+        assert!(!warning.contains("hunter2"), "{warning}");
+        let h = a.health();
+        assert_eq!(h["status"], "degraded", "{h}");
+        assert_eq!(h["redis"]["connected"], false, "{h}");
+        assert_eq!(a.metric("corelay_redis_connected"), 0.0);
+
+        // Joins, typing and leaves work on this host; sends and history need Redis.
+        let mut alice = client(&a, "alice");
+        let mut ann = client(&a, "ann");
+        assert_eq!(join(&mut alice, "up")["offset"], 0);
+        join(&mut ann, "up");
+        let mut leaver = client(&a, "leaver");
+        join(&mut leaver, "up");
+        let left = leaver.emit_ack("leave", json!({"room": "up"}));
+        assert_eq!(left["ok"], true, "{left}");
+        alice.send_text("42[\"typing\",{\"room\":\"up\"}]");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ev = ann.next_event(left).expect("typing reaches ann");
+            if ev[0] == "typing" {
+                assert_eq!(ev[1], json!({"room": "up", "user": "alice"}));
+                break;
+            }
+        }
+        let ack = alice.emit_ack("message", json!({"room": "up", "text": "early"}));
+        assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+        let ack = ann.emit_ack("join", json!({"room": "other", "since": 0}));
+        assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+
+        // Redis comes up on that port: the host connects, subscribes and serves fully.
+        redis.restart();
+        let started = Instant::now();
+        wait_until(Duration::from_secs(20), "host A never saw redis", || {
+            a.health()["status"] == "ok"
+        });
+        let b = host_at(&url, &[]);
+        let mut bob = client(&b, "bob");
+        join(&mut bob, "up");
+        // Retried with one cid, as a client should: a retry is never stored twice.
+        let ack = loop {
+            let ack = alice.emit_ack(
+                "message",
+                json!({"room": "up", "text": "hello", "cid": "hello-1"}),
+            );
+            if ack["ok"] == true {
+                break ack;
+            }
+            assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "sends still refused: {ack}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        eprintln!(
+            "first send accepted {:?} after redis started",
+            started.elapsed()
+        );
+        assert_eq!(ack["offset"], 1, "{ack}");
+        for (name, c) in [("bob", &mut bob), ("ann", &mut ann)] {
+            let m = next_message(c, Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("{name} did not get alice's message"));
+            assert_eq!(m["offset"], 1, "{name}: {m}");
+            assert_eq!(m["text"], "hello", "{name}: {m}");
+        }
+        // And the other way: A subscribed its rooms.
+        let back = bob.emit_ack("message", json!({"room": "up", "text": "hi alice"}));
+        assert_eq!(back["ok"], true, "{back}");
+        for (name, c) in [("alice", &mut alice), ("ann", &mut ann)] {
+            let m = next_message(c, Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("{name} did not get bob's message"));
+            assert_eq!(m["offset"], 2, "{name}: {m}");
+        }
+        // A's presence (joined while Redis was down) was written once it came up.
+        wait_until(Duration::from_secs(10), "alice never present", || {
+            let pr = bob.emit_ack("presence", json!({"room": "up"}));
+            let users: Vec<&str> = pr["users"]
+                .as_array()
+                .map(|u| u.iter().filter_map(|u| u["user"].as_str()).collect())
+                .unwrap_or_default();
+            users == ["alice", "ann", "bob"]
+        });
+        assert_eq!(history_offsets(&mut bob, "up"), [1, 2]);
     });
 }
