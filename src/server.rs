@@ -31,10 +31,14 @@ pub enum ServeError {
     ScyllaInCluster,
     /// Redis refused this configuration (credentials, TLS, URL): retrying cannot help. A
     /// Redis that is merely unreachable at start is not an error (the host serves degraded).
-    #[error("cannot use Redis at {url}: {source} (check redis.url and the redis.tls_* settings, or run `corelay check`)")]
+    /// (`error` is not a `#[source]`: its text is in this message already, and `{:#}`
+    /// would print it twice.)
+    #[error(
+        "cluster mode cannot use Redis at {url}: {error} (`corelay check` tests the connection)"
+    )]
     Redis {
         url: String,
-        source: crate::cluster::ClusterError,
+        error: crate::cluster::ClusterError,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -90,10 +94,10 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
             }
             let url = options.redacted_url();
             let (cluster, down) =
-                RedisCluster::connect_or_retry_blocking(options).map_err(|source| {
+                RedisCluster::connect_or_retry_blocking(options).map_err(|error| {
                     ServeError::Redis {
                         url: url.clone(),
-                        source,
+                        error,
                     }
                 })?;
             match down {

@@ -552,6 +552,7 @@ fn serve_refuses_local_stores_and_a_bad_redis_url() {
         ]);
         assert!(!ok, "{text}");
         assert!(text.contains("cannot use Redis"), "{text}");
+        assert_eq!(text.matches("bad redis.url").count(), 1, "said once: {text}");
         assert!(text.contains("bad redis.url"), "{text}");
         let (ok, text) = corelay(&["serve", "--listen", &listen, "--store", "redis"]);
         assert!(!ok, "{text}");
