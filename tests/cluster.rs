@@ -1,8 +1,10 @@
 //! Cluster mode end to end: a real `redis-server` per test (see `common_redis`) and two or
 //! three `corelay serve --redis … --store redis` processes, with real WebSocket clients.
 //! Cross-host delivery and presence, concurrent senders on three hosts (one contiguous
-//! offset sequence everywhere), Redis killed and restarted mid-traffic (no acked message
-//! lost), the start-up refusals, and `corelay check`. Every test body is bounded in time.
+//! offset sequence everywhere), Redis killed and restarted mid-traffic or SIGSTOPped past
+//! its timeouts (no acked message lost), a host started before its Redis (degraded, then
+//! joining the cluster), AUTH, ACL users and TLS through `serve`, the start-up refusals,
+//! and `corelay check`. Every test body is bounded in time.
 
 mod common;
 mod common_redis;

@@ -15,6 +15,9 @@
 //! Presence goes through Redis (`presence_join/leave/list`); a host ignores its own
 //! presence echoes. A room is subscribed while loaded, i.e. while it has members here or
 //! publishes in flight; the service task does every subscribe and unsubscribe, in order.
+//! A join while Redis is down loads the room without its offset (`RoomState::synced`), so
+//! members can join, type and leave; delivery resumes at the room's real offsets once the
+//! store answers again.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

@@ -61,8 +61,9 @@ const CLOCK_EVERY: Duration = Duration::from_secs(60);
 /// subscriptions, presence, and the connection the [Redis history
 /// store](crate::store::redis::RedisStore) reads through.
 ///
-/// One per process: connect it once on the main thread ([`RedisCluster::connect_blocking`])
-/// and move a clone into each shard. Cheap to clone, `Send + Sync`.
+/// One per process: connect it once on the main thread ([`RedisCluster::connect_blocking`],
+/// or [`RedisCluster::connect_or_retry_blocking`] to start while Redis is still down) and
+/// move a clone into each shard. Cheap to clone, `Send + Sync`.
 #[derive(Clone)]
 pub struct RedisCluster {
     inner: Arc<Handle>,
