@@ -29,10 +29,16 @@ pub enum ServeError {
     MemoryInCluster,
     #[error("store \"scylla\" in cluster mode is not available in this build yet; use store.kind = \"redis\" in cluster mode")]
     ScyllaInCluster,
-    #[error("cannot reach Redis at {url}: {source} (cluster mode needs Redis at start; check redis.url, or run `corelay check`)")]
+    /// Redis refused this configuration (credentials, TLS, URL): retrying cannot help. A
+    /// Redis that is merely unreachable at start is not an error (the host serves degraded).
+    /// (`error` is not a `#[source]`: its text is in this message already, and `{:#}`
+    /// would print it twice.)
+    #[error(
+        "cluster mode cannot use Redis at {url}: {error} (`corelay check` tests the connection)"
+    )]
     Redis {
         url: String,
-        source: crate::cluster::ClusterError,
+        error: crate::cluster::ClusterError,
     },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -87,9 +93,26 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
                 StoreKind::Scylla => return Err(ServeError::ScyllaInCluster),
             }
             let url = options.redacted_url();
-            let cluster = RedisCluster::connect_blocking(options)
-                .map_err(|source| ServeError::Redis { url, source })?;
-            tracing::info!(host = cluster.host_id(), "cluster mode: connected to redis");
+            let (cluster, down) =
+                RedisCluster::connect_or_retry_blocking(options).map_err(|error| {
+                    ServeError::Redis {
+                        url: url.clone(),
+                        error,
+                    }
+                })?;
+            match down {
+                None => {
+                    tracing::info!(host = cluster.host_id(), %url, "cluster mode: connected to redis")
+                }
+                // Serve anyway, as after losing Redis mid-run: the link keeps reconnecting.
+                Some(e) => tracing::warn!(
+                    host = cluster.host_id(),
+                    %url,
+                    error = %e,
+                    "cluster mode: cannot reach redis at {url} yet; serving degraded (sends get \
+                     `unavailable`, /healthz says degraded) and reconnecting with backoff"
+                ),
+            }
             Some(cluster)
         }
     };

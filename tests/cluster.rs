@@ -2,8 +2,10 @@
 //! three `corelay serve --redis … --store redis` processes, with real WebSocket clients.
 //! Cross-host delivery, typing and presence (a killed host's users go offline once for
 //! every survivor member), concurrent senders on three hosts (one contiguous offset
-//! sequence everywhere), Redis killed and restarted mid-traffic (no acked message
-//! lost), the start-up refusals, and `corelay check`. Every test body is bounded in time.
+//! sequence everywhere), Redis killed and restarted mid-traffic or SIGSTOPped past its
+//! timeouts (no acked message lost), a host started before its Redis (degraded, then
+//! joining the cluster), AUTH, ACL users and TLS through `serve`, the start-up refusals,
+//! and `corelay check`. Every test body is bounded in time.
 
 mod common;
 mod common_redis;
@@ -27,8 +29,65 @@ const ENV: &[(&str, &str)] = &[
 ];
 
 fn host(redis: &RedisServer) -> Server {
-    let url = redis.url();
-    Server::start_with(ENV, &["--redis", &url, "--store", "redis"], true)
+    host_at(&redis.url(), &[])
+}
+
+/// A host against Redis at `url`, with extra environment (TLS files).
+fn host_at(url: &str, env: &[(&str, &str)]) -> Server {
+    let mut all = ENV.to_vec();
+    all.extend_from_slice(env);
+    Server::start_with(&all, &["--redis", url, "--store", "redis"], true)
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `limit`.
+fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what} (waited {limit:?})");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every offset in the room's history, read with `history {after}` pages.
+fn history_offsets(c: &mut WsClient, room: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    loop {
+        let after = out.last().copied().unwrap_or(0);
+        let h = c.emit_ack(
+            "history",
+            json!({"room": room, "after": after, "limit": 100}),
+        );
+        assert_eq!(h["ok"], true, "{h}");
+        let page: Vec<u64> = h["messages"]
+            .as_array()
+            .expect("messages")
+            .iter()
+            .map(|m| m["offset"].as_u64().expect("offset"))
+            .collect();
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+    }
+}
+
+/// Sends `text` to `room` as one message on each host's client in turn and checks that
+/// every other client receives it live.
+fn crosses_hosts(clients: &mut [WsClient], room: &str) {
+    for from in 0..clients.len() {
+        let text = format!("from {from}");
+        let ack = clients[from].emit_ack("message", json!({"room": room, "text": text}));
+        assert_eq!(ack["ok"], true, "{ack}");
+        for (i, c) in clients.iter_mut().enumerate() {
+            if i == from {
+                continue;
+            }
+            let m = next_message(c, Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("client {i} did not get the message of {from}"));
+            assert_eq!(m["offset"], ack["offset"], "{m}");
+            assert_eq!(m["text"], text.as_str(), "{m}");
+        }
+    }
 }
 
 fn client(server: &Server, user: &str) -> WsClient {
@@ -607,7 +666,7 @@ fn check_against_a_live_and_a_dead_redis() {
 }
 
 #[test]
-fn serve_refuses_local_stores_and_an_unreachable_redis() {
+fn serve_refuses_local_stores_and_a_bad_redis_url() {
     within(Duration::from_secs(60), || {
         let redis = RedisServer::start();
         let url = redis.url();
@@ -623,14 +682,384 @@ fn serve_refuses_local_stores_and_an_unreachable_redis() {
         ]);
         assert!(!ok, "{text}");
         assert!(text.contains("store.kind = \"redis\""), "{text}");
-        let dead = format!("redis://127.0.0.1:{}", common::free_port());
+        // A bad URL is a configuration error: refused. (An unreachable Redis is not: see
+        // `a_host_started_without_redis_serves_degraded_then_joins_the_cluster`.)
         let (ok, text) = corelay(&[
-            "serve", "--listen", &listen, "--redis", &dead, "--store", "redis",
+            "serve",
+            "--listen",
+            &listen,
+            "--redis",
+            "redis://127.0.0.1:notaport",
+            "--store",
+            "redis",
         ]);
         assert!(!ok, "{text}");
-        assert!(text.contains("cannot reach Redis"), "{text}");
+        assert!(text.contains("cannot use Redis"), "{text}");
+        assert_eq!(
+            text.matches("bad redis.url").count(),
+            1,
+            "said once: {text}"
+        );
+        assert!(text.contains("bad redis.url"), "{text}");
         let (ok, text) = corelay(&["serve", "--listen", &listen, "--store", "redis"]);
         assert!(!ok, "{text}");
         assert!(text.contains("set redis.url"), "{text}");
+    });
+}
+
+#[test]
+fn a_host_started_without_redis_serves_degraded_then_joins_the_cluster() {
+    within(Duration::from_secs(120), || {
+        // The room has history (offsets 1..=3) in a Redis that keeps its data; then Redis
+        // stops and host A starts with nothing listening on Redis's port.
+        let mut redis = RedisServer::start_with(&[
+            "--requirepass",
+            "hunter2",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ]);
+        let url = redis.url_with(":hunter2", 0);
+        {
+            let early = host_at(&url, &[]);
+            let mut c = client(&early, "early");
+            join(&mut c, "up");
+            for n in 1..=3 {
+                let ack = c.emit_ack("message", json!({"room": "up", "text": format!("{n}")}));
+                assert_eq!(ack["offset"], n, "{ack}");
+            }
+        }
+        redis.kill();
+        let a = host_at(&url, &[]);
+        // Ready, with a warning that names the URL without its password.
+        let warning = a.startup.join("\n");
+        assert!(
+            warning.contains("cannot reach redis") && warning.contains("serving degraded"),
+            "{warning}"
+        );
+        assert!(
+            warning.contains(&format!("redis://:***@127.0.0.1:{}", redis.port)),
+            "{warning}"
+        );
+        assert!(!warning.contains("hunter2"), "{warning}");
+        let h = a.health();
+        assert_eq!(h["status"], "degraded", "{h}");
+        assert_eq!(h["redis"]["connected"], false, "{h}");
+        assert_eq!(a.metric("corelay_redis_connected"), 0.0);
+
+        // Joins, typing and leaves work on this host; sends and history need Redis.
+        let mut alice = client(&a, "alice");
+        let mut ann = client(&a, "ann");
+        // Its offset is unknown here: 0, and live delivery resumes at the real offsets.
+        assert_eq!(join(&mut alice, "up")["offset"], 0);
+        join(&mut ann, "up");
+        let mut leaver = client(&a, "leaver");
+        join(&mut leaver, "up");
+        let left = leaver.emit_ack("leave", json!({"room": "up"}));
+        assert_eq!(left["ok"], true, "{left}");
+        alice.send_text("42[\"typing\",{\"room\":\"up\"}]");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ev = ann.next_event(left).expect("typing reaches ann");
+            if ev[0] == "typing" {
+                assert_eq!(ev[1], json!({"room": "up", "user": "alice"}));
+                break;
+            }
+        }
+        let ack = alice.emit_ack("message", json!({"room": "up", "text": "early"}));
+        assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+        let ack = ann.emit_ack("join", json!({"room": "other", "since": 0}));
+        assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+
+        // Redis comes up on that port: the host connects, subscribes and serves fully.
+        redis.restart();
+        let started = Instant::now();
+        wait_until(Duration::from_secs(20), "host A never saw redis", || {
+            a.health()["status"] == "ok"
+        });
+        let b = host_at(&url, &[]);
+        let mut bob = client(&b, "bob");
+        join(&mut bob, "up");
+        // Retried with one cid, as a client should: a retry is never stored twice.
+        let ack = loop {
+            let ack = alice.emit_ack(
+                "message",
+                json!({"room": "up", "text": "hello", "cid": "hello-1"}),
+            );
+            if ack["ok"] == true {
+                break ack;
+            }
+            assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "sends still refused: {ack}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        eprintln!(
+            "first send accepted {:?} after redis started",
+            started.elapsed()
+        );
+        assert_eq!(ack["offset"], 4, "{ack}");
+        // The members who joined while Redis was down get the new message, not the old
+        // history (they read that with `history` if they want it).
+        for (name, c) in [("bob", &mut bob), ("ann", &mut ann)] {
+            let m = next_message(c, Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("{name} did not get alice's message"));
+            assert_eq!(m["offset"], 4, "{name}: {m}");
+            assert_eq!(m["text"], "hello", "{name}: {m}");
+        }
+        // And the other way: A subscribed its rooms.
+        let back = bob.emit_ack("message", json!({"room": "up", "text": "hi alice"}));
+        assert_eq!(back["ok"], true, "{back}");
+        for (name, c) in [("alice", &mut alice), ("ann", &mut ann)] {
+            let m = next_message(c, Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("{name} did not get bob's message"));
+            assert_eq!(m["offset"], 5, "{name}: {m}");
+        }
+        // A's presence (joined while Redis was down) was written once it came up (the
+        // killed early host still counts until its presence expires).
+        wait_until(Duration::from_secs(5), "alice never present", || {
+            let pr = bob.emit_ack("presence", json!({"room": "up"}));
+            let users: Vec<&str> = pr["users"]
+                .as_array()
+                .map(|u| u.iter().filter_map(|u| u["user"].as_str()).collect())
+                .unwrap_or_default();
+            ["alice", "ann", "bob"].iter().all(|u| users.contains(u))
+        });
+        assert_eq!(history_offsets(&mut bob, "up"), [1, 2, 3, 4, 5]);
+        assert_eq!(history_offsets(&mut ann, "up"), [1, 2, 3, 4, 5]);
+    });
+}
+
+#[test]
+fn a_redis_paused_past_its_timeouts_loses_no_acked_message() {
+    within(Duration::from_secs(180), || {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let redis = RedisServer::start();
+        let hosts = [host(&redis), host(&redis), host(&redis)];
+        let mut readers: Vec<WsClient> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let mut c = client(h, &format!("reader{i}"));
+                join(&mut c, "p");
+                c
+            })
+            .collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let senders: Vec<_> = hosts
+            .iter()
+            .map(|h| h.port)
+            .enumerate()
+            .map(|(i, port)| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut c = WsClient::connect(port, &token(&format!("s{i}"), Some(&["*"])));
+                    join(&mut c, "p");
+                    let (mut acked, mut refused, mut n) = (Vec::new(), 0u32, 0u32);
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let ack =
+                            c.emit_ack("message", json!({"room": "p", "text": format!("{i}:{n}")}));
+                        if ack["ok"] == true {
+                            acked.push(ack["offset"].as_u64().expect("offset"));
+                        } else {
+                            assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+                            refused += 1;
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    (acked, refused)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(500));
+        // Stalled past the command timeout and the probe: every host sees the link down.
+        redis.pause();
+        let paused = Instant::now();
+        for (i, h) in hosts.iter().enumerate() {
+            wait_until(
+                Duration::from_secs(15),
+                &format!("host {i} never degraded"),
+                || {
+                    let hl = h.health();
+                    hl["status"] == "degraded" && hl["redis"]["connected"] == false
+                },
+            );
+        }
+        // Stay stopped a while longer, so that commands queue up in Redis's sockets.
+        std::thread::sleep(Duration::from_secs(3).saturating_sub(paused.elapsed()));
+        redis.resume();
+        for (i, h) in hosts.iter().enumerate() {
+            wait_until(
+                Duration::from_secs(30),
+                &format!("host {i} never ok again"),
+                || h.health()["status"] == "ok",
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1000));
+        stop.store(true, Ordering::Relaxed);
+        let mut acked: BTreeSet<u64> = BTreeSet::new();
+        let mut refused = 0;
+        for s in senders {
+            let (a, r) = s.join().expect("sender");
+            assert!(a.windows(2).all(|w| w[0] < w[1]), "{a:?}");
+            acked.extend(a);
+            refused += r;
+        }
+        assert!(refused > 0, "no send was refused while redis was stopped");
+        let max = *acked.iter().max().expect("some acked");
+        eprintln!(
+            "acked {} messages (max offset {max}), {refused} refused",
+            acked.len()
+        );
+
+        // A new message after the resume reaches everyone.
+        let mut late = client(&hosts[1], "late");
+        join(&mut late, "p");
+        let last = late.emit_ack("message", json!({"room": "p", "text": "after"}));
+        assert_eq!(last["ok"], true, "{last}");
+        let last_offset = last["offset"].as_u64().expect("offset");
+        acked.insert(last_offset);
+
+        // The room's history is one contiguous run of offsets holding every acked message.
+        let history = history_offsets(&mut readers[0], "p");
+        assert_eq!(
+            history,
+            (1..=history.len() as u64).collect::<Vec<u64>>(),
+            "history has gaps"
+        );
+        let stored: BTreeSet<u64> = history.iter().copied().collect();
+        let missing: Vec<&u64> = acked.difference(&stored).collect();
+        assert!(missing.is_empty(), "acked but not in history: {missing:?}");
+
+        for (i, r) in readers.iter_mut().enumerate() {
+            let mut live: Vec<u64> = Vec::new();
+            while live.last().copied().unwrap_or(0) < last_offset {
+                match next_message(r, Duration::from_secs(10)) {
+                    Some(m) => live.push(m["offset"].as_u64().expect("offset")),
+                    None => break,
+                }
+            }
+            assert_eq!(
+                live.last(),
+                Some(&last_offset),
+                "reader{i}: the message after"
+            );
+            assert!(
+                live.windows(2).all(|w| w[0] < w[1]),
+                "reader{i}: out of order or twice: {live:?}"
+            );
+            // What was not delivered live, the member reads back with `join {since}`.
+            let got: BTreeSet<u64> = live.iter().copied().collect();
+            let missed_live: Vec<u64> = acked.difference(&got).copied().collect();
+            if let Some(&first) = missed_live.first() {
+                eprintln!("reader{i} missed {} acked messages live", missed_live.len());
+                let mut again = client(&hosts[i], &format!("reader{i}"));
+                let ack = again.emit_ack("join", json!({"room": "p", "since": first - 1}));
+                assert_eq!(ack["ok"], true, "{ack}");
+                assert_eq!(ack["truncated"], false, "{ack}");
+                let recovered: BTreeSet<u64> = ack["missed"]
+                    .as_array()
+                    .expect("missed")
+                    .iter()
+                    .map(|m| m["offset"].as_u64().expect("offset"))
+                    .collect();
+                let lost: Vec<&u64> = missed_live
+                    .iter()
+                    .filter(|o| !recovered.contains(o))
+                    .collect();
+                assert!(lost.is_empty(), "reader{i} cannot recover {lost:?}");
+            }
+        }
+    });
+}
+
+#[test]
+fn serve_with_a_password_and_with_an_acl_user() {
+    within(Duration::from_secs(120), || {
+        let redis = RedisServer::start_with(&["--requirepass", "s3cret p@ss"]);
+        let admin = redis.url_with(":s3cret%20p%40ss", 0);
+        let hosts = [host_at(&admin, &[]), host_at(&admin, &[])];
+        let mut clients: Vec<WsClient> = hosts.iter().map(|h| client(h, "u")).collect();
+        for c in clients.iter_mut() {
+            join(c, "pw");
+        }
+        crosses_hosts(&mut clients, "pw");
+        drop(clients);
+        drop(hosts);
+
+        redis.add_corelay_user(&admin, "corelay", "user-pw");
+        let acl = redis.url_with("corelay:user-pw", 0);
+        let hosts = [host_at(&acl, &[]), host_at(&acl, &[])];
+        let mut clients: Vec<WsClient> = hosts.iter().map(|h| client(h, "v")).collect();
+        for c in clients.iter_mut() {
+            join(c, "acl");
+        }
+        crosses_hosts(&mut clients, "acl");
+        let pr = clients[0].emit_ack("presence", json!({"room": "acl"}));
+        assert_eq!(pr["users"][0]["user"], "v", "{pr}");
+        assert_eq!(pr["users"].as_array().map(Vec::len), Some(1), "{pr}");
+
+        // Refused credentials are a configuration error: `serve` refuses to start, saying
+        // so, without the password.
+        let listen = format!("127.0.0.1:{}", common::free_port());
+        for bad in [
+            redis.url_with(":wrong-pw", 0),
+            redis.url_with("corelay:wrong-pw", 0),
+        ] {
+            let (ok, text) = corelay(&[
+                "serve", "--listen", &listen, "--redis", &bad, "--store", "redis",
+            ]);
+            assert!(!ok, "{text}");
+            assert!(text.contains("refused the credentials"), "{text}");
+            assert!(!text.contains("wrong-pw"), "{text}");
+        }
+    });
+}
+
+#[test]
+fn serve_over_tls_with_a_private_ca() {
+    within(Duration::from_secs(120), || {
+        let tls = common_redis::TlsFiles::generate()
+            .unwrap_or_else(|e| panic!("cannot make test certificates: {e}"));
+        let redis = RedisServer::start_tls(&tls, &[]);
+        let url = redis.url();
+        assert!(url.starts_with("rediss://"), "{url}");
+        let ca = tls.ca_cert.display().to_string();
+        let env = [("CORELAY_REDIS_TLS_CA_FILE", ca.as_str())];
+        let hosts = [host_at(&url, &env), host_at(&url, &env)];
+        let mut clients: Vec<WsClient> = hosts.iter().map(|h| client(h, "t")).collect();
+        for c in clients.iter_mut() {
+            join(c, "tls");
+        }
+        crosses_hosts(&mut clients, "tls");
+        let h = hosts[1].health();
+        assert_eq!(h["status"], "ok", "{h}");
+
+        // A CA the server's certificate does not chain to (system roots only) is a
+        // configuration error: refused at start, saying it is about TLS.
+        let listen = format!("127.0.0.1:{}", common::free_port());
+        let (ok, text) = corelay(&[
+            "serve", "--listen", &listen, "--redis", &url, "--store", "redis",
+        ]);
+        assert!(!ok, "{text}");
+        assert!(text.contains("TLS"), "{text}");
+        // An unreadable CA file: refused, naming it.
+        let out = Command::new(env!("CARGO_BIN_EXE_corelay"))
+            .args([
+                "serve", "--listen", &listen, "--redis", &url, "--store", "redis",
+            ])
+            .env("CORELAY_JWT_SECRET", common::SECRET)
+            .env("CORELAY_REDIS_TLS_CA_FILE", "/nonexistent/ca.pem")
+            .output()
+            .expect("run corelay");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(text.contains("/nonexistent/ca.pem"), "{text}");
     });
 }

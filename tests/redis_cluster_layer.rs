@@ -565,6 +565,69 @@ fn connect_to_a_dead_redis_fails_clearly() {
 }
 
 #[test]
+fn connect_or_retry_waits_for_a_redis_that_is_not_up_yet() {
+    let mut server = RedisServer::start_with(&["--requirepass", "pw"]);
+    server.kill();
+    within(Duration::from_secs(60), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let url = server.url_with(":pw", 0);
+        // Refreshed every 10 s: presence shows within the test only if written on reconnect.
+        let mut o = opts(&url);
+        o.presence_ttl = Duration::from_secs(30);
+        let started = Instant::now();
+        let (cluster, down) = block_on(RedisCluster::connect_or_retry(o, bridge.clone()))
+            .expect("an unreachable redis is not an error");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let down = down.expect("the reason it is down");
+        println!("{down}");
+        assert!(down.is_transient(), "{down:?}");
+        assert!(!cluster.is_connected());
+        let mut events = cluster.subscriber(0);
+        // Registered while down: subscribed once the link is up.
+        let err = block_on(cluster.subscribe(0, "r")).expect_err("link down");
+        assert!(matches!(err, ClusterError::Unavailable(_)), "{err:?}");
+        block_on(cluster.presence_join("r", "alice", None)).expect_err("no redis yet");
+        let err = block_on(cluster.publish(msg("r", "alice", "early", None))).expect_err("down");
+        assert!(matches!(err, ClusterError::Unavailable(_)), "{err:?}");
+
+        server.restart();
+        wait_event(&mut events, Duration::from_secs(10), "Reconnected", |e| {
+            *e == ClusterEvent::Reconnected
+        });
+        assert!(cluster.is_connected());
+        // The presence kept locally is written on reconnect, without waiting for a refresh.
+        let present = eventually(Duration::from_secs(3), || {
+            block_on(cluster.presence_list("r")).is_ok_and(|l| l.len() == 1)
+        });
+        assert!(present, "alice's presence was not written on reconnect");
+        let m = stored(block_on(cluster.publish(msg("r", "alice", "hi", None))).expect("publish"));
+        assert_eq!(
+            wait_event(&mut events, Duration::from_secs(3), "the message", |e| {
+                matches!(e, ClusterEvent::Message(_))
+            }),
+            ClusterEvent::Message(m)
+        );
+
+        // What no retry can fix is still an error.
+        let err = block_on(RedisCluster::connect_or_retry(
+            opts(&server.url_with(":wrong", 0)),
+            bridge.clone(),
+        ))
+        .map(|_| ())
+        .expect_err("wrong password");
+        assert!(matches!(err, ClusterError::Auth(_)), "{err:?}");
+        let err = block_on(RedisCluster::connect_or_retry(
+            opts("redis://127.0.0.1:notaport"),
+            bridge.clone(),
+        ))
+        .map(|_| ())
+        .expect_err("bad url");
+        assert!(matches!(err, ClusterError::Config(_)), "{err:?}");
+        bridge.shutdown();
+    });
+}
+
+#[test]
 fn auth_with_a_password_and_with_an_acl_user() {
     let server = RedisServer::start_with(&["--requirepass", "s3cret p@ss"]);
     within(Duration::from_secs(60), move || {
@@ -614,29 +677,7 @@ fn auth_with_a_password_and_with_an_acl_user() {
         }
 
         // An ACL user limited to corelay's keys and channels and the commands it needs.
-        server
-            .cmd(
-                &admin_db0,
-                &[
-                    "ACL",
-                    "SETUSER",
-                    "corelay",
-                    "on",
-                    ">user-pw",
-                    "resetkeys",
-                    "~corelay:*",
-                    "resetchannels",
-                    "&corelay:*",
-                    "-@all",
-                    "+@read",
-                    "+@write",
-                    "+@pubsub",
-                    "+@scripting",
-                    "+@connection",
-                    "+time",
-                ],
-            )
-            .expect("acl setuser");
+        server.add_corelay_user(&admin_db0, "corelay", "user-pw");
         let acl_url = server.url_with("corelay:user-pw", 0);
         let user = connect(opts(&acl_url), &bridge);
         let mut urx = user.subscriber(0);

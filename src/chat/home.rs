@@ -17,6 +17,9 @@
 //! its own presence and typing echoes. The offline events of a dead host's users come from
 //! whichever host's presence script reaps it, and are told to every host's members. A room is subscribed while loaded, i.e. while it has members here or
 //! publishes in flight; the service task does every subscribe and unsubscribe, in order.
+//! A join while Redis is down loads the room without its offset (`RoomState::synced`), so
+//! members can join, type and leave; delivery resumes at the room's real offsets once the
+//! store answers again.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -77,6 +80,22 @@ struct RoomState {
     /// A write failed: the store may or may not hold it (a timeout can land late), so the
     /// next offset is read back from the store before this room's next batch.
     reload_next: bool,
+    /// Cluster mode: `false` while the room's latest offset is unknown (it was loaded while
+    /// the store, i.e. Redis, could not be read; `delivered` is 0 then). Members may join
+    /// (without `since`), type and leave; live delivery starts at the latest offset once
+    /// the store answers or from the first message the subscription brings.
+    synced: bool,
+}
+
+impl RoomState {
+    /// A room loaded without its offset learns it; no-op once known.
+    fn learn_offset(&mut self, latest: u64) {
+        if !self.synced {
+            self.synced = true;
+            self.delivered = self.delivered.max(latest);
+            self.next = self.next.max(latest + 1);
+        }
+    }
 }
 
 /// A publish waiting for the writer.
@@ -249,9 +268,16 @@ impl Shard {
     /// Makes sure a room is loaded (its latest offset read from the store). In cluster
     /// mode the room's channel is subscribed first, so that every message after the
     /// latest offset read here reaches this shard.
-    async fn load_room(&self, room: &Arc<str>) -> Result<(), ChatError> {
-        if self.home.rooms.borrow().contains_key(room) {
-            return Ok(());
+    ///
+    /// `allow_unsynced` (cluster mode, joins): when the store cannot be read (Redis is
+    /// down), load the room anyway with its offset unknown (see [`RoomState::synced`]) so
+    /// that members can join and type locally; a later call tries the store again.
+    async fn load_room(&self, room: &Arc<str>, allow_unsynced: bool) -> Result<(), ChatError> {
+        let loaded = self.home.rooms.borrow().get(room).map(|r| r.synced);
+        match loaded {
+            Some(true) => return Ok(()),
+            Some(false) => return self.sync_room(room, allow_unsynced).await,
+            None => {}
         }
         if let Some(cluster) = &self.home.cluster {
             match cluster.subscribe(self.id, room).await {
@@ -260,8 +286,13 @@ impl Shard {
                 Err(e) => return Err(cluster_unavailable(&e)),
             }
         }
-        let latest = match self.store.latest_offset(room).await {
-            Ok(latest) => latest,
+        let (latest, synced) = match self.store.latest_offset(room).await {
+            Ok(latest) => (latest, true),
+            Err(e) if allow_unsynced && self.home.cluster.is_some() => {
+                ShardMetrics::inc(&self.metrics().store_errors);
+                tracing::debug!(shard = self.id, %room, error = %e, "room loaded without its offset (store unreachable)");
+                (0, false)
+            }
             Err(e) => {
                 ShardMetrics::inc(&self.metrics().store_errors);
                 if self.home.cluster.is_some() {
@@ -271,8 +302,8 @@ impl Shard {
             }
         };
         let mut rooms = self.home.rooms.borrow_mut();
-        // Another command may have loaded it while we waited.
-        rooms.entry(room.clone()).or_insert_with(|| RoomState {
+        // Another command may have loaded it while we waited (perhaps without its offset).
+        let r = rooms.entry(room.clone()).or_insert_with(|| RoomState {
             next: latest + 1,
             delivered: latest,
             inflight: 0,
@@ -283,11 +314,44 @@ impl Shard {
             cid_expiry: VecDeque::new(),
             loaded_at: now_ms(),
             reload_next: false,
+            synced,
         });
+        if synced {
+            r.learn_offset(latest);
+        }
         self.metrics()
             .home_rooms
             .store(rooms.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A loaded room whose offset is unknown: asks the store for it again. An error only
+    /// when the store still cannot answer and the caller needs the offset.
+    async fn sync_room(&self, room: &Arc<str>, allow_unsynced: bool) -> Result<(), ChatError> {
+        match self.store.latest_offset(room).await {
+            Ok(latest) => {
+                self.mark_synced(room, latest);
+                Ok(())
+            }
+            Err(e) => {
+                ShardMetrics::inc(&self.metrics().store_errors);
+                if allow_unsynced {
+                    Ok(())
+                } else {
+                    Err(unavailable(&e))
+                }
+            }
+        }
+    }
+
+    /// Cluster mode: a room loaded without its offset learns it (`latest`, from the store
+    /// or just below the first message its subscription brought). Live delivery goes on
+    /// from there; its members see older messages as a gap they can read with `history`.
+    /// No-op for a room that knows its offset already.
+    fn mark_synced(&self, room: &Arc<str>, latest: u64) {
+        if let Some(r) = self.home.rooms.borrow_mut().get_mut(room) {
+            r.learn_offset(latest);
+        }
     }
 
     fn evict_if_idle(&self, room: &Arc<str>) {
@@ -434,7 +498,7 @@ impl Shard {
                 }),
             );
         };
-        if let Err(e) = self.load_room(&room).await {
+        if let Err(e) = self.load_room(&room, since.is_none()).await {
             refuse(e);
             return;
         }
@@ -595,7 +659,7 @@ impl Shard {
         cid: Option<String>,
         to: ReplyTo,
     ) {
-        if let Err(e) = self.load_room(&room).await {
+        if let Err(e) = self.load_room(&room, false).await {
             self.reply_error(to, &e);
             return;
         }
@@ -857,6 +921,14 @@ impl Shard {
                     self.home.own_ids.borrow_mut().remove(&m.id);
                     return;
                 };
+                // Loaded while Redis was down: live delivery starts with this message.
+                self.mark_synced(&room, m.offset.saturating_sub(1));
+                let delivered = self
+                    .home
+                    .rooms
+                    .borrow()
+                    .get(&room)
+                    .map_or(delivered, |r| r.delivered);
                 if m.offset <= delivered {
                     return; // Delivered already (a catch-up read got it first).
                 }
@@ -924,6 +996,8 @@ impl Shard {
                 for room in rooms {
                     match self.store.latest_offset(&room).await {
                         Ok(latest) => {
+                            // A room loaded while Redis was down starts from `latest`.
+                            self.mark_synced(&room, latest);
                             if !self.catch_up(&room, latest).await {
                                 failed = true;
                             }

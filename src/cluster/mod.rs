@@ -213,6 +213,18 @@ pub enum ClusterError {
     Closed,
 }
 
+impl ClusterError {
+    /// Whether retrying later can succeed without changing the configuration: Redis is
+    /// not reachable or did not answer in time. Refused credentials, TLS and configuration
+    /// errors are not transient.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ClusterError::Unavailable(_) | ClusterError::Timeout(_)
+        )
+    }
+}
+
 /// How to reach Redis and how the cluster layer behaves. `RedisOptions::new(url)` gives the
 /// defaults.
 #[derive(Clone)]

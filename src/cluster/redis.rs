@@ -66,8 +66,9 @@ const TYPING_INFLIGHT_MAX: usize = 1024;
 /// subscriptions, presence, and the connection the [Redis history
 /// store](crate::store::redis::RedisStore) reads through.
 ///
-/// One per process: connect it once on the main thread ([`RedisCluster::connect_blocking`])
-/// and move a clone into each shard. Cheap to clone, `Send + Sync`.
+/// One per process: connect it once on the main thread ([`RedisCluster::connect_blocking`],
+/// or [`RedisCluster::connect_or_retry_blocking`] to start while Redis is still down) and
+/// move a clone into each shard. Cheap to clone, `Send + Sync`.
 #[derive(Clone)]
 pub struct RedisCluster {
     inner: Arc<Handle>,
@@ -209,7 +210,7 @@ impl RedisCluster {
                 let link = connect_link(&s).await?;
                 s.cmd_conn().await?;
                 s.connected.store(true, Ordering::Release);
-                tokio::spawn(supervise(s, link, stop_rx));
+                tokio::spawn(supervise(s, Some(link), stop_rx));
                 Ok(())
             })
             .await
@@ -229,6 +230,62 @@ impl RedisCluster {
     pub fn connect_blocking(options: RedisOptions) -> Result<RedisCluster, ClusterError> {
         let bridge = Bridge::global().map_err(|e| ClusterError::Unavailable(e.to_string()))?;
         futures::executor::block_on(RedisCluster::connect(options, bridge))
+    }
+
+    /// Like [`RedisCluster::connect`], but a Redis that cannot be reached *yet* (connection
+    /// refused, timed out: [`ClusterError::is_transient`]) is not an error: the cluster is
+    /// returned down, with the reason, and its supervisor keeps reconnecting with backoff.
+    /// Once the link is up it subscribes every registered room, writes this host's presence
+    /// and sends [`ClusterEvent::Reconnected`] to every shard, as after a link lost mid-run.
+    /// For `corelay serve`, which serves degraded rather than refusing to start.
+    ///
+    /// Errors that no retry can fix (bad URL or TLS files, refused credentials, a failed
+    /// TLS handshake, a Redis without RESP3) are still returned.
+    pub async fn connect_or_retry(
+        options: RedisOptions,
+        bridge: Bridge,
+    ) -> Result<(RedisCluster, Option<ClusterError>), ClusterError> {
+        let shared = Arc::new(Shared::new(options)?);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let s = shared.clone();
+        let down = bridge
+            .spawn(async move {
+                let (link, down) = match connect_link(&s).await {
+                    Ok(link) => match s.cmd_conn().await {
+                        Ok(_) => (Some(link), None),
+                        // The supervisor's chores bring the command connection back.
+                        Err(e) if e.is_transient() => (Some(link), Some(e)),
+                        Err(e) => return Err(e),
+                    },
+                    Err(e) if e.is_transient() => {
+                        lock(&s.cmd).last_error = Some(e.clone());
+                        (None, Some(e))
+                    }
+                    Err(e) => return Err(e),
+                };
+                s.connected.store(link.is_some(), Ordering::Release);
+                tokio::spawn(supervise(s, link, stop_rx));
+                Ok(down)
+            })
+            .await
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))??;
+        let cluster = RedisCluster {
+            inner: Arc::new(Handle {
+                shared,
+                bridge,
+                stop: Mutex::new(Some(stop_tx)),
+            }),
+        };
+        Ok((cluster, down))
+    }
+
+    /// [`RedisCluster::connect_or_retry`] on the process-wide bridge, blocking the calling
+    /// thread (the main thread before the shards start).
+    pub fn connect_or_retry_blocking(
+        options: RedisOptions,
+    ) -> Result<(RedisCluster, Option<ClusterError>), ClusterError> {
+        let bridge = Bridge::global().map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+        futures::executor::block_on(RedisCluster::connect_or_retry(options, bridge))
     }
 
     /// The options it was connected with.
@@ -605,6 +662,21 @@ impl Shared {
         let mut st = lock(&self.cmd);
         if st.conn.as_ref().is_some_and(|(g, _)| *g == generation) {
             st.conn = None;
+        }
+    }
+
+    /// The pub/sub link is back after being down: Redis answers again, so the command
+    /// connection is tried at once (not after the rest of its backoff), and this host's
+    /// presence is written right away (it was kept locally meanwhile, or never written when
+    /// Redis was down at start) rather than at the next periodic refresh.
+    fn relink(self: &Arc<Self>) {
+        lock(&self.cmd).retry_at = None;
+        if !self.refreshing.swap(true, Ordering::AcqRel) {
+            let s = self.clone();
+            tokio::spawn(async move {
+                s.presence_refresh().await;
+                s.refreshing.store(false, Ordering::Release);
+            });
         }
     }
 
@@ -1225,11 +1297,13 @@ async fn connect_link(shared: &Shared) -> Result<Link, ClusterError> {
     Ok(Link { conn, pushes })
 }
 
-/// The supervisor: keeps the pub/sub link up, dispatches, probes, reconnects.
-async fn supervise(shared: Arc<Shared>, first: Link, mut stop: oneshot::Receiver<()>) {
-    let mut link = Some(first);
+/// The supervisor: keeps the pub/sub link up, dispatches, probes, reconnects. Without a
+/// `first` link (Redis unreachable at start) it starts by reconnecting, and announces
+/// [`ClusterEvent::Reconnected`] once connected, as after a lost link.
+async fn supervise(shared: Arc<Shared>, first: Option<Link>, mut stop: oneshot::Receiver<()>) {
+    let mut announced_down = first.is_none();
+    let mut link = first;
     let mut failures: u32 = 0;
-    let mut announced_down = false;
     loop {
         let current = match link.take() {
             Some(l) => l,
@@ -1256,6 +1330,7 @@ async fn supervise(shared: Arc<Shared>, first: Link, mut stop: oneshot::Receiver
         shared.connected.store(true, Ordering::Release);
         if announced_down {
             tracing::info!(target = %shared.target, "redis pub/sub link is back; rooms resubscribed");
+            shared.relink();
             shared.broadcast(ClusterEvent::Reconnected);
         }
         match run_link(&shared, current, &mut stop).await {

@@ -21,6 +21,8 @@ pub struct Server {
     pub port: u16,
     child: Child,
     pub output: mpsc::Receiver<String>,
+    /// What it printed before its ready line (start-up warnings).
+    pub startup: Vec<String>,
 }
 
 /// A free TCP port on loopback.
@@ -75,10 +77,11 @@ impl Server {
             });
         }
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut startup = Vec::new();
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(line) if line.contains("listening on") => break,
-                Ok(_) => {}
+                Ok(line) => startup.push(line),
                 Err(_) => {
                     if let Ok(Some(status)) = child.try_wait() {
                         panic!("corelay exited during start: {status}");
@@ -91,6 +94,7 @@ impl Server {
             port,
             child,
             output: rx,
+            startup,
         }
     }
 

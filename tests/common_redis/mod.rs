@@ -241,6 +241,36 @@ impl RedisServer {
             .map_err(|e| e.to_string())
     }
 
+    /// Creates (or resets) ACL user `user` with password `password`, limited to what
+    /// corelay needs: keys and channels `corelay:*` and the read, write, pub/sub, scripting
+    /// and connection commands, plus TIME. `admin_url` is a URL with admin rights.
+    pub fn add_corelay_user(&self, admin_url: &str, user: &str, password: &str) {
+        let pw = format!(">{password}");
+        self.cmd(
+            admin_url,
+            &[
+                "ACL",
+                "SETUSER",
+                user,
+                "reset",
+                "on",
+                &pw,
+                "resetkeys",
+                "~corelay:*",
+                "resetchannels",
+                "&corelay:*",
+                "-@all",
+                "+@read",
+                "+@write",
+                "+@pubsub",
+                "+@scripting",
+                "+@connection",
+                "+time",
+            ],
+        )
+        .expect("ACL SETUSER");
+    }
+
     /// The server's log so far (all starts).
     pub fn log(&self) -> String {
         let mut out = String::new();
