@@ -1,7 +1,8 @@
 //! Cluster mode end to end: a real `redis-server` per test (see `common_redis`) and two or
 //! three `corelay serve --redis … --store redis` processes, with real WebSocket clients.
-//! Cross-host delivery and presence, concurrent senders on three hosts (one contiguous
-//! offset sequence everywhere), Redis killed and restarted mid-traffic (no acked message
+//! Cross-host delivery, typing and presence (a killed host's users go offline once for
+//! every survivor member), concurrent senders on three hosts (one contiguous offset
+//! sequence everywhere), Redis killed and restarted mid-traffic (no acked message
 //! lost), the start-up refusals, and `corelay check`. Every test body is bounded in time.
 
 mod common;
@@ -390,42 +391,182 @@ fn lost_pubsub_links_are_caught_up_from_the_store() {
     });
 }
 
+/// Every event `[name, payload]` a client receives within `window`.
+fn events_within(c: &mut WsClient, window: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + window;
+    let mut out = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return out;
+        }
+        match c.next_event(left) {
+            Ok(ev) => out.push(ev),
+            Err(_) => return out,
+        }
+    }
+}
+
+/// The payloads of the events named `name` among `events`.
+fn named(events: &[Value], name: &str) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|e| e[0] == name)
+        .map(|e| e[1].clone())
+        .collect()
+}
+
+/// The users of a room's `presence` ack.
+fn present(c: &mut WsClient, room: &str) -> Vec<String> {
+    let pr = c.emit_ack("presence", json!({ "room": room }));
+    assert_eq!(pr["ok"], true, "{pr}");
+    pr["users"]
+        .as_array()
+        .expect("users")
+        .iter()
+        .map(|u| u["user"].as_str().expect("user").to_owned())
+        .collect()
+}
+
 #[test]
-fn a_killed_host_drops_out_of_presence_and_the_others_keep_going() {
+fn typing_crosses_hosts_and_not_to_the_sender() {
     within(Duration::from_secs(60), || {
+        let mut redis = RedisServer::start();
+        let (a, b, c) = (host(&redis), host(&redis), host(&redis));
+        let mut alice = client(&a, "alice");
+        let mut alice2 = client(&a, "alice");
+        let mut andy = client(&a, "andy");
+        let mut bob = client(&b, "bob");
+        let mut carol = client(&c, "carol");
+        for cl in [&mut alice, &mut alice2, &mut andy, &mut bob, &mut carol] {
+            join(cl, "t");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        for cl in [&mut alice, &mut alice2, &mut andy, &mut bob, &mut carol] {
+            events_within(cl, Duration::from_millis(100));
+        }
+
+        let ack = alice.emit_ack("typing", json!({"room": "t"}));
+        assert_eq!(ack, json!({"ok": true}));
+        let want = json!({"room": "t", "user": "alice"});
+        // Every other connection, on every host (alice's second one included), once.
+        for (name, cl) in [
+            ("alice2", &mut alice2),
+            ("andy", &mut andy),
+            ("bob", &mut bob),
+            ("carol", &mut carol),
+        ] {
+            let got = named(&events_within(cl, Duration::from_millis(1500)), "typing");
+            assert_eq!(got, vec![want.clone()], "{name}");
+        }
+        let own = named(
+            &events_within(&mut alice, Duration::from_millis(300)),
+            "typing",
+        );
+        assert!(own.is_empty(), "the typer got its own notice: {own:?}");
+
+        // The other way round, without an ack: typing needs none.
+        carol.send_text(r#"42["typing",{"room":"t"}]"#);
+        for cl in [&mut alice, &mut bob] {
+            let got = named(&events_within(cl, Duration::from_millis(1500)), "typing");
+            assert_eq!(got, vec![json!({"room": "t", "user": "carol"})]);
+        }
+        // Typing is not a message: no offset was used.
+        let m = bob.emit_ack("message", json!({"room": "t", "text": "x"}));
+        assert_eq!(m["offset"], 1, "{m}");
+
+        // Redis down: local typing still works, remote notices are dropped silently.
+        redis.kill();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.health()["redis"]["connected"] != false {
+            assert!(Instant::now() < deadline, "healthz never saw redis down");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for cl in [&mut alice, &mut andy, &mut bob] {
+            events_within(cl, Duration::from_millis(100));
+        }
+        let ack = alice.emit_ack("typing", json!({"room": "t"}));
+        assert_eq!(ack, json!({"ok": true}));
+        let got = named(
+            &events_within(&mut andy, Duration::from_millis(1000)),
+            "typing",
+        );
+        assert_eq!(got, vec![want.clone()], "local typing with redis down");
+        let got = named(
+            &events_within(&mut bob, Duration::from_millis(500)),
+            "typing",
+        );
+        assert!(got.is_empty(), "{got:?}");
+    });
+}
+
+#[test]
+fn a_killed_hosts_user_goes_offline_once_for_every_survivor_member() {
+    within(Duration::from_secs(90), || {
+        const TTL: Duration = Duration::from_secs(2);
         let redis = RedisServer::start();
         let url = redis.url();
         let mut env = ENV.to_vec();
         env.push(("CORELAY_PRESENCE_TTL", "2s"));
         let start = || Server::start_with(&env, &["--redis", &url, "--store", "redis"], true);
         let (a, b, c) = (start(), start(), start());
-        let mut ca = client(&a, "alice");
-        let mut cb = client(&b, "bob");
-        let mut cc = client(&c, "carol");
-        for cl in [&mut ca, &mut cb, &mut cc] {
+        // Bob is only on B; dave is on B and on C.
+        let mut bob = client(&b, "bob");
+        let mut dave_b = client(&b, "dave");
+        let mut survivors: Vec<(&str, WsClient)> = vec![
+            ("alice", client(&a, "alice")),
+            ("amy", client(&a, "amy")),
+            ("carol", client(&c, "carol")),
+            ("cid", client(&c, "cid")),
+            ("dave", client(&c, "dave")),
+        ];
+        join(&mut bob, "room");
+        join(&mut dave_b, "room");
+        for (_, cl) in survivors.iter_mut() {
             join(cl, "room");
         }
-        let users = |cl: &mut WsClient| -> Vec<String> {
-            let pr = cl.emit_ack("presence", json!({"room": "room"}));
-            pr["users"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|u| u["user"].as_str().unwrap().to_owned())
-                .collect()
-        };
-        assert_eq!(users(&mut ca), ["alice", "bob", "carol"]);
-        b.signal(libc::SIGKILL);
-        drop(cb);
-        // Bob's host stops refreshing: he stops counting within presence.ttl.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while users(&mut ca) != ["alice", "carol"] {
-            assert!(Instant::now() < deadline, "bob still present");
-            std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            present(&mut survivors[0].1, "room"),
+            ["alice", "amy", "bob", "carol", "cid", "dave"]
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        for (_, cl) in survivors.iter_mut() {
+            events_within(cl, Duration::from_millis(100));
         }
-        let ack = ca.emit_ack("message", json!({"room": "room", "text": "still here"}));
+
+        let killed = Instant::now();
+        b.signal(libc::SIGKILL);
+        drop((bob, dave_b));
+        // Within ttl + a refresh interval (ttl/3) + a probe tick, and slack.
+        let bound = TTL + TTL / 3 + Duration::from_millis(1500);
+        let mut slowest = Duration::ZERO;
+        for (name, cl) in survivors.iter_mut() {
+            let p = next_presence(cl, bound.saturating_sub(killed.elapsed()))
+                .unwrap_or_else(|| panic!("{name}: no offline event within {bound:?}"));
+            assert_eq!(
+                p,
+                json!({"room": "room", "user": "bob", "online": false}),
+                "{name}"
+            );
+            slowest = slowest.max(killed.elapsed());
+        }
+        eprintln!("every survivor member had bob's offline event {slowest:?} after the kill (ttl {TTL:?})");
+        // Exactly one each, and none for dave (still connected through C).
+        std::thread::sleep(TTL);
+        for (name, cl) in survivors.iter_mut() {
+            let more = named(&events_within(cl, Duration::from_millis(200)), "presence");
+            assert!(more.is_empty(), "{name}: more presence events: {more:?}");
+        }
+        assert_eq!(
+            present(&mut survivors[2].1, "room"),
+            ["alice", "amy", "carol", "cid", "dave"]
+        );
+        // The others keep going.
+        let ack = survivors[0]
+            .1
+            .emit_ack("message", json!({"room": "room", "text": "still here"}));
         assert_eq!(ack["ok"], true, "{ack}");
-        let m = next_message(&mut cc, Duration::from_secs(5)).expect("carol gets it");
+        let m = next_message(&mut survivors[2].1, Duration::from_secs(5)).expect("carol gets it");
         assert_eq!(m["offset"], ack["offset"]);
         drop(b);
     });

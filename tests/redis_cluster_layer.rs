@@ -827,6 +827,118 @@ fn presence_across_hosts_expires_with_a_dead_host() {
     });
 }
 
+/// The presence events of `rx` within `limit`: (user, online, host), other events skipped.
+fn presence_events(
+    rx: &mut UnboundedReceiver<ClusterEvent>,
+    limit: Duration,
+) -> Vec<(String, bool, String)> {
+    let deadline = Instant::now() + limit;
+    let mut out = Vec::new();
+    while let Some(ev) = next_event(rx, deadline.saturating_duration_since(Instant::now())) {
+        if let ClusterEvent::Presence {
+            user, online, host, ..
+        } = ev
+        {
+            out.push((user, online, host));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_dead_hosts_users_are_announced_offline_once() {
+    let server = RedisServer::start();
+    within(Duration::from_secs(60), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let [a, b, c] = [(); 3].map(|_| connect(opts(&server.url()), &bridge));
+        let mut rb = b.subscriber(0);
+        let mut rc = c.subscriber(0);
+        block_on(b.subscribe(0, "r")).expect("subscribe");
+        block_on(c.subscribe(0, "r")).expect("subscribe");
+        block_on(a.presence_join("r", "carol", Some("Carol"))).expect("join");
+        block_on(a.presence_join("r", "dave", None)).expect("join");
+        block_on(b.presence_join("r", "dave", None)).expect("join");
+        block_on(b.presence_join("r", "bob", None)).expect("join");
+        block_on(c.presence_join("r", "cid", None)).expect("join");
+        for rx in [&mut rb, &mut rc] {
+            let online = presence_events(rx, Duration::from_millis(300));
+            assert_eq!(online.len(), 4, "{online:?}");
+        }
+
+        // A dies (stops refreshing). B and C keep refreshing: whichever reaps A first
+        // publishes carol's offline event, once; dave stays online through B.
+        let died = Instant::now();
+        a.close();
+        let first = wait_event(&mut rb, Duration::from_secs(5), "carol offline", |e| {
+            matches!(e, ClusterEvent::Presence { .. })
+        });
+        let took = died.elapsed();
+        assert_eq!(
+            first,
+            ClusterEvent::Presence {
+                room: "r".into(),
+                user: "carol".into(),
+                name: None,
+                online: false,
+                host: a.host_id().to_owned(),
+            }
+        );
+        // Within ttl (1.5 s) + a refresh interval (0.5 s) + a probe tick (0.1 s), and slack.
+        assert!(took < Duration::from_millis(3000), "{took:?}");
+        eprintln!("offline event {took:?} after the host died (ttl 1.5 s)");
+        let want = vec![("carol".to_owned(), false, a.host_id().to_owned())];
+        assert_eq!(presence_events(&mut rc, Duration::from_millis(500)), want);
+        assert_eq!(presence_events(&mut rb, Duration::from_millis(10)), vec![]);
+        let users: Vec<String> = block_on(c.presence_list("r"))
+            .expect("list")
+            .into_iter()
+            .map(|p| p.user)
+            .collect();
+        assert_eq!(users, ["bob", "cid", "dave"]);
+        // Nothing more, however long: the dead host was reaped once.
+        assert_eq!(presence_events(&mut rc, Duration::from_secs(2)), vec![]);
+
+        // B is only cut off for longer than the ttl (its expiry is forced into the past):
+        // C's refresh reaps it (bob and dave offline), and B's next refresh announces them
+        // online again, as B (whose own members never heard they were gone).
+        server
+            .cmd(
+                &server.url(),
+                &["ZADD", "corelay:{r}:presence:hosts", "1", b.host_id()],
+            )
+            .expect("zadd");
+        let mut got = presence_events(&mut rc, Duration::from_secs(3));
+        got.sort();
+        let bh = b.host_id().to_owned();
+        assert_eq!(
+            got,
+            vec![
+                ("bob".to_owned(), false, bh.clone()),
+                ("bob".to_owned(), true, bh.clone()),
+                ("dave".to_owned(), false, bh.clone()),
+                ("dave".to_owned(), true, bh.clone()),
+            ]
+        );
+        // B's user leaving now is an ordinary offline event; nothing is left to re-announce.
+        assert!(block_on(b.presence_leave("r", "bob")).expect("leave"));
+        assert_eq!(
+            presence_events(&mut rc, Duration::from_secs(2)),
+            vec![("bob".to_owned(), false, bh)]
+        );
+        let reaped: Vec<String> = match server
+            .cmd(&server.url(), &["KEYS", "corelay:{r}:reaped:*"])
+            .expect("keys")
+        {
+            redis::Value::Array(v) => v.into_iter().map(|k| format!("{k:?}")).collect(),
+            other => panic!("{other:?}"),
+        };
+        // A's set stays (A never comes back); B's was cleared by its refresh.
+        assert_eq!(reaped.len(), 1, "{reaped:?}");
+        assert!(reaped[0].contains(a.host_id()), "{reaped:?}");
+        bridge.shutdown();
+    });
+}
+
 #[test]
 fn check_against_live_stalled_and_dead_redis() {
     let server = RedisServer::start_with(&["--requirepass", "pw"]);

@@ -12,8 +12,10 @@
 //! publishes), and acks with its answer. Delivery comes only from the room's subscription,
 //! this host's own publishes included, strictly by offset: a gap is read from the store,
 //! and after a lost link (`Reconnected`) every loaded room catches up from the store.
-//! Presence goes through Redis (`presence_join/leave/list`); a host ignores its own
-//! presence echoes. A room is subscribed while loaded, i.e. while it has members here or
+//! Presence goes through Redis (`presence_join/leave/list`), and so does typing (a
+//! volatile `t` notice on the room's channel, outside the offset order); a host ignores
+//! its own presence and typing echoes. The offline events of a dead host's users come from
+//! whichever host's presence script reaps it, and are told to every host's members. A room is subscribed while loaded, i.e. while it has members here or
 //! publishes in flight; the service task does every subscribe and unsubscribe, in order.
 
 use std::cell::RefCell;
@@ -362,6 +364,10 @@ impl Shard {
                     if r.members.contains_key(&conn) {
                         let frame = text_frame(&encode_event("typing", &typing_json(&room, &user)));
                         self.broadcast(&room, &r.per_shard, frame, Some(conn), true);
+                        if let Some(cluster) = &self.home.cluster {
+                            // The other hosts' members; dropped while Redis is down.
+                            cluster.publish_typing(&room, &user);
+                        }
                     }
                 }
             }
@@ -889,6 +895,19 @@ impl Shard {
                         &presence_event_json(&room, &user, online),
                     ));
                     self.broadcast(&room, &r.per_shard, frame, None, false);
+                }
+            }
+            ClusterEvent::Typing { room, user, host } => {
+                let Some(cluster) = &self.home.cluster else {
+                    return;
+                };
+                if host == cluster.host_id() {
+                    return; // Our own: the local members were told already.
+                }
+                let room: Arc<str> = Arc::from(room.as_str());
+                if let Some(r) = self.home.rooms.borrow().get(&room) {
+                    let frame = text_frame(&encode_event("typing", &typing_json(&room, &user)));
+                    self.broadcast(&room, &r.per_shard, frame, None, true);
                 }
             }
             ClusterEvent::Down { reason } => {

@@ -14,7 +14,14 @@
 //!   [`RedisCluster::subscriber`](redis::RedisCluster::subscriber).
 //! - presence: [`presence_join`](redis::RedisCluster::presence_join),
 //!   [`presence_leave`](redis::RedisCluster::presence_leave),
-//!   [`presence_list`](redis::RedisCluster::presence_list).
+//!   [`presence_list`](redis::RedisCluster::presence_list). A host that stops refreshing
+//!   (killed, or cut off from Redis) expires after `presence_ttl`; the next presence script
+//!   run in that room by any host reaps it and publishes, once, the offline event of each
+//!   of its users who is present through no live host. Every host refreshes the rooms it
+//!   has users in every `presence_ttl / 3`, so the offline events go out within about
+//!   `presence_ttl · 4/3` after a host dies, with no sweep over the cluster's other rooms.
+//! - typing: [`publish_typing`](redis::RedisCluster::publish_typing) sends a typing notice
+//!   on the room's channel, fire and forget (no offset, nothing stored).
 //! - [`check`] for `corelay check`.
 //!
 //! The history of a room lives in the same Redis stream the publish script writes;
@@ -30,9 +37,10 @@
 //! | `corelay:{room}:offset` | string | the room's latest offset (INCR); never expires |
 //! | `corelay:{room}:stream` | stream | recent messages; entry id `<offset>-0`, fields `id user text ts [cid]`; trimmed by count (`MAXLEN ~`) and age |
 //! | `corelay:{room}:cid:<len(user)>:<user>:<cid>` | string | `<offset>:<ts>:<id>`, the first ack of an idempotent send; expires after the dedupe window |
-//! | `corelay:{room}:presence:<host>` | hash | user → display name, of the users connected through that host; expires after `presence_ttl` unless refreshed |
-//! | `corelay:{room}:presence:hosts` | zset | host → expiry time (Redis clock, ms) |
-//! | channel `corelay:{room}` | pub/sub | `m` + message JSON, `p` + presence JSON |
+//! | `corelay:{room}:presence:<host>` | hash | user → display name, of the users connected through that host; kept 3 × `presence_ttl` unless refreshed (so that a reap finds the users of an expired host) |
+//! | `corelay:{room}:presence:hosts` | zset | host → expiry time (Redis clock, ms): now + `presence_ttl` at each refresh |
+//! | `corelay:{room}:reaped:<host>` | set | users of an expired host that a reap announced offline; deleted when the host refreshes again (it announces them online), else kept an hour |
+//! | channel `corelay:{room}` | pub/sub | `m` + message JSON (offset order), `p` + presence JSON, `t` + typing JSON (volatile) |
 //! | channel `corelay:ping:<host>` | pub/sub | this host's round-trip probe |
 //!
 //! The user id is length-prefixed in the dedupe key so that user `a:b` with cid `c` and user
@@ -148,6 +156,17 @@ pub enum ClusterEvent {
         /// `true`: came online; `false`: went offline.
         online: bool,
         /// The announcing host's id ([`RedisCluster::host_id`](redis::RedisCluster::host_id)).
+        host: String,
+    },
+    /// A user is typing in a room, as announced by `host` (volatile: no offset, never
+    /// stored, dropped when Redis is down). A home shard ignores its own host's notices
+    /// (it told its local members already).
+    Typing {
+        /// The room.
+        room: String,
+        /// The user id.
+        user: String,
+        /// The announcing host's id.
         host: String,
     },
     /// The pub/sub link to Redis is down (`reason` says why): messages published meanwhile
@@ -400,6 +419,16 @@ pub(crate) mod keys {
     /// The room's zset of hosts with presence, scored by expiry.
     pub fn presence_hosts(room: &str) -> String {
         format!("corelay:{{{room}}}:presence:hosts")
+    }
+
+    /// The users a reap of `host` announced offline in the room (see the presence scripts).
+    pub fn reaped(room: &str, host: &str) -> String {
+        format!("corelay:{{{room}}}:reaped:{host}")
+    }
+
+    /// The prefix of the room's reaped sets (the script appends the host id).
+    pub fn reaped_prefix(room: &str) -> String {
+        format!("corelay:{{{room}}}:reaped:")
     }
 
     /// The room's pub/sub channel.

@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,11 @@ const NO_RTT: u64 = u64::MAX;
 const SUBSCRIBE_CHUNK: usize = 1000;
 /// How often the offset between Redis's clock and this host's is measured again.
 const CLOCK_EVERY: Duration = Duration::from_secs(60);
+/// How long Redis remembers the users of a reaped host that were announced offline (so
+/// that the host, if it was only cut off, announces them online again when it is back).
+const REAPED_KEEP: Duration = Duration::from_secs(3600);
+/// Most typing notices on their way to Redis at once; more are dropped (they are volatile).
+const TYPING_INFLIGHT_MAX: usize = 1024;
 
 /// The process's link to Redis: offsets and publishing (the publish script), per-shard
 /// subscriptions, presence, and the connection the [Redis history
@@ -123,6 +128,8 @@ struct Shared {
     presence: Mutex<HashMap<String, HashMap<String, Option<String>>>>,
     /// A presence refresh is running.
     refreshing: AtomicBool,
+    /// Typing notices handed to the bridge and not yet sent.
+    typing_inflight: AtomicUsize,
     /// The pub/sub link is up (subscribed, and the last probe answered in time).
     connected: AtomicBool,
     /// Last probe round trip in µs, or [`NO_RTT`].
@@ -166,6 +173,17 @@ struct PresenceWire {
     name: Option<String>,
     online: bool,
     host: String,
+}
+
+/// The wire form of a typing notice on a room channel (after the `t` tag).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TypingWire<'a> {
+    #[serde(borrow)]
+    room: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    user: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    host: std::borrow::Cow<'a, str>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -331,6 +349,53 @@ impl RedisCluster {
             .await
     }
 
+    /// Sends a typing notice for `user` in `room` to the other hosts, on the room's channel
+    /// (`t` + JSON: the subscribers tell it from a message by its first byte; no offset,
+    /// nothing stored). Fire and forget: returns at once, `false` when the notice was
+    /// dropped because the link to Redis is down, the client is closed, or too many
+    /// notices are on their way already. A failed send is dropped silently too (logged at
+    /// debug level): typing is volatile.
+    pub fn publish_typing(&self, room: &str, user: &str) -> bool {
+        let shared = &self.inner.shared;
+        if shared.closed.load(Ordering::Acquire) || !shared.connected.load(Ordering::Acquire) {
+            return false;
+        }
+        if shared.typing_inflight.fetch_add(1, Ordering::AcqRel) >= TYPING_INFLIGHT_MAX {
+            shared.typing_inflight.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let wire = TypingWire {
+            room: room.into(),
+            user: user.into(),
+            host: shared.opts.host_id.as_str().into(),
+        };
+        let mut payload = b"t".to_vec();
+        if serde_json::to_writer(&mut payload, &wire).is_err() {
+            shared.typing_inflight.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        let channel = keys::channel(room);
+        let s = shared.clone();
+        // Handed over at once; runs to completion without anyone awaiting it.
+        drop(self.inner.bridge.spawn(async move {
+            let cmd = s.publish_command();
+            let sent = s
+                .with_conn("typing", |mut c| async move {
+                    redis::cmd(cmd)
+                        .arg(channel)
+                        .arg(payload)
+                        .query_async::<Value>(&mut c)
+                        .await
+                })
+                .await;
+            s.typing_inflight.fetch_sub(1, Ordering::AcqRel);
+            if let Err(e) = sent {
+                tracing::debug!(error = %e, "typing notice dropped");
+            }
+        }));
+        true
+    }
+
     /// Stops the supervisor and closes the connections; later calls on any clone fail with
     /// [`ClusterError::Closed`]. Harmless to call twice.
     pub fn close(&self) {
@@ -432,6 +497,7 @@ impl Shared {
             strays: Mutex::new(HashSet::new()),
             presence: Mutex::new(HashMap::new()),
             refreshing: AtomicBool::new(false),
+            typing_inflight: AtomicUsize::new(0),
             connected: AtomicBool::new(false),
             rtt_us: AtomicU64::new(NO_RTT),
             skew_ms: AtomicI64::new(0),
@@ -771,13 +837,17 @@ impl Shared {
             .presence_set
             .key(keys::presence(room, &self.opts.host_id));
         inv.key(keys::presence_hosts(room))
+            .key(keys::reaped(room, &self.opts.host_id))
             .arg(&self.opts.host_id)
             .arg(self.opts.presence_ttl.as_millis() as u64)
             .arg(keys::presence_prefix(room))
             .arg(mode)
             .arg(self.publish_command())
             .arg(keys::channel(room))
-            .arg(payload);
+            .arg(payload)
+            .arg(room)
+            .arg(keys::reaped_prefix(room))
+            .arg(REAPED_KEEP.as_millis() as u64);
         inv
     }
 
@@ -819,12 +889,16 @@ impl Shared {
             .presence_leave
             .key(keys::presence(&room, &self.opts.host_id));
         inv.key(keys::presence_hosts(&room))
+            .key(keys::reaped(&room, &self.opts.host_id))
             .arg(&self.opts.host_id)
             .arg(keys::presence_prefix(&room))
             .arg(&user)
             .arg(self.publish_command())
             .arg(keys::channel(&room))
-            .arg(payload);
+            .arg(payload)
+            .arg(&room)
+            .arg(keys::reaped_prefix(&room))
+            .arg(REAPED_KEEP.as_millis() as u64);
         let inv = &inv;
         let reply = self
             .with_conn("presence leave", |mut c| async move {
@@ -1374,9 +1448,24 @@ fn on_message(
     }
 }
 
-/// Decodes a room channel's payload: `m` + message JSON, or `p` + presence JSON.
+/// Decodes a room channel's payload: `m` + message JSON, `p` + presence JSON, or `t` +
+/// typing JSON.
 pub(crate) fn decode_event(room: &str, payload: &[u8]) -> Result<ClusterEvent, String> {
     match payload.split_first() {
+        Some((b't', json)) => {
+            let t: TypingWire = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+            if t.room != room {
+                return Err(format!(
+                    "typing for room {:?} on the channel of {room:?}",
+                    t.room
+                ));
+            }
+            Ok(ClusterEvent::Typing {
+                room: t.room.into_owned(),
+                user: t.user.into_owned(),
+                host: t.host.into_owned(),
+            })
+        }
         Some((b'm', json)) => {
             let m: StoredMessage = serde_json::from_slice(json).map_err(|e| e.to_string())?;
             if m.room != room {
@@ -1537,6 +1626,42 @@ mod tests {
                 name: Some("N".into()),
                 online: true,
                 host: "h1".into()
+            })
+        );
+    }
+
+    #[test]
+    fn typing_payload_is_told_apart_by_its_tag() {
+        let json = serde_json::to_string(&TypingWire {
+            room: "r".into(),
+            user: "ü\"s/er".into(),
+            host: "h1".into(),
+        })
+        .expect("json");
+        assert_eq!(
+            decode_event("r", format!("t{json}").as_bytes()),
+            Ok(ClusterEvent::Typing {
+                room: "r".into(),
+                user: "ü\"s/er".into(),
+                host: "h1".into()
+            })
+        );
+        assert!(decode_event("other", format!("t{json}").as_bytes()).is_err());
+        assert!(decode_event("r", b"t{\"room\":\"r\"}").is_err());
+    }
+
+    #[test]
+    fn presence_payload_from_the_reap_script_decodes() {
+        // What Redis's cjson writes: any key order, `/` escaped, no name.
+        let p = br#"p{"online":false,"host":"h\/2","user":"a\"b","room":"r"}"#;
+        assert_eq!(
+            decode_event("r", p),
+            Ok(ClusterEvent::Presence {
+                room: "r".into(),
+                user: "a\"b".into(),
+                name: None,
+                online: false,
+                host: "h/2".into()
             })
         );
     }

@@ -54,6 +54,51 @@ local function trim_age(stream, max_age_ms, now)
     batch = 100
   end
 end
+
+-- Whether `user` is in the presence hash of one of the `hosts` other than `except`.
+local function present_on(prefix, hosts, user, except)
+  for _, h in ipairs(hosts) do
+    if h ~= except and redis.call('HEXISTS', prefix .. h, user) == 1 then return true end
+  end
+  return false
+end
+
+-- A presence event's channel payload (`p` + JSON, as the hosts decode it).
+local function presence_event(room, user, name, online, host)
+  local e = {room = room, user = user, online = online, host = host}
+  if name ~= nil and name ~= '' then e['name'] = name end
+  return 'p' .. cjson.encode(e)
+end
+
+-- Reaps the room's hosts whose presence expired (dead, or cut off from Redis for longer
+-- than the ttl): removes them and their hashes, and publishes the offline event of each of
+-- their users who is present through no live host, once per user (this script is the only
+-- one that sees those hosts: the removal is atomic). The users announced offline are
+-- remembered per reaped host (`reaped_prefix .. host`, kept `keep_ms`), so that a host that
+-- was only cut off announces them online again when it refreshes (see PRESENCE_SET_BODY).
+-- The hashes outlive their host's expiry (see PRESENCE_SET_BODY), so the users are known.
+local function reap(hosts_key, prefix, reaped_prefix, keep_ms, now, room, pubcmd, channel)
+  local dead = redis.call('ZRANGEBYSCORE', hosts_key, '-inf', now)
+  if #dead == 0 then return end
+  redis.call('ZREMRANGEBYSCORE', hosts_key, '-inf', now)
+  local live = redis.call('ZRANGE', hosts_key, 0, -1)
+  local told = {}
+  for _, h in ipairs(dead) do
+    local users = redis.call('HKEYS', prefix .. h)
+    redis.call('DEL', prefix .. h)
+    local tomb = reaped_prefix .. h
+    for _, u in ipairs(users) do
+      if not present_on(prefix, live, u, nil) then
+        redis.call('SADD', tomb, u)
+        if not told[u] then
+          told[u] = true
+          redis.call(pubcmd, channel, presence_event(room, u, nil, false, h))
+        end
+      end
+    end
+    if redis.call('EXISTS', tomb) == 1 then redis.call('PEXPIRE', tomb, keep_ms) end
+  end
+end
 "#;
 
 /// The publish script.
@@ -173,67 +218,87 @@ return {'ok', string.format('%d', #write)}
 "#;
 
 /// Presence: this host's users of one room enter (join), or the whole hash is rewritten
-/// (refresh, also after Redis lost it).
+/// (refresh, also after Redis lost it). Either way expired hosts are reaped first (see
+/// `reap`), and users of this host that a reap announced offline while it was cut off
+/// are announced online again (unless present through another live host).
 ///
-/// KEYS: 1 this host's hash, 2 the hosts zset. ARGV: 1 host id, 2 ttl ms, 3 hash prefix,
-/// 4 mode (`join`, `refresh`), 5 publish command, 6 channel, 7 payload (join: the online
-/// event), then user/name pairs (join: one; refresh: all of this host's, possibly none).
+/// KEYS: 1 this host's hash, 2 the hosts zset, 3 this host's reaped set. ARGV: 1 host id,
+/// 2 ttl ms, 3 hash prefix, 4 mode (`join`, `refresh`), 5 publish command, 6 channel,
+/// 7 payload (join: the online event), 8 room, 9 reaped prefix, 10 how long reaped sets are
+/// kept (ms), then user/name pairs (join: one; refresh: all of this host's, possibly none).
+///
+/// The host's expiry (its zset score) is now + ttl; its hash and the zset are kept three
+/// ttls, so that a reap after the host's expiry still finds its users.
 ///
 /// Returns 1 when a joining user was not present through any live host before (the online
 /// event was published), else 0.
 const PRESENCE_SET_BODY: &str = r#"
 local now = now_ms()
 local ttl = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local prefix = ARGV[3]
+reap(KEYS[2], prefix, ARGV[9], ARGV[10], now, ARGV[8], ARGV[5], ARGV[6])
 local announced = 0
+local joining = nil
 if ARGV[4] == 'join' then
-  local user = ARGV[8]
-  local present = false
-  for _, h in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    if redis.call('HEXISTS', ARGV[3] .. h, user) == 1 then present = true break end
-  end
-  redis.call('HSET', KEYS[1], user, ARGV[9])
+  joining = ARGV[11]
+  local hosts = redis.call('ZRANGE', KEYS[2], 0, -1)
+  local present = present_on(prefix, hosts, joining, nil)
+  redis.call('HSET', KEYS[1], joining, ARGV[12])
   if not present then
     redis.call(ARGV[5], ARGV[6], ARGV[7])
     announced = 1
   end
 else
   redis.call('DEL', KEYS[1])
-  for i = 8, #ARGV, 2 do
+  for i = 11, #ARGV, 2 do
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[1], ttl * 3)
   redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
 else
   redis.call('ZREM', KEYS[2], ARGV[1])
 end
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl * 3)
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  local hosts = redis.call('ZRANGE', KEYS[2], 0, -1)
+  for _, u in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+    if u ~= joining and redis.call('HEXISTS', KEYS[1], u) == 1
+      and not present_on(prefix, hosts, u, ARGV[1]) then
+      local name = redis.call('HGET', KEYS[1], u)
+      redis.call(ARGV[5], ARGV[6], presence_event(ARGV[8], u, name, true, ARGV[1]))
+    end
+  end
+  redis.call('DEL', KEYS[3])
 end
 return announced
 "#;
 
-/// Presence: a user's last connection through this host left the room.
+/// Presence: a user's last connection through this host left the room (expired hosts are
+/// reaped first, see `reap`).
 ///
-/// KEYS: 1 this host's hash, 2 the hosts zset. ARGV: 1 host id, 2 hash prefix, 3 user,
-/// 4 publish command, 5 channel, 6 payload (the offline event).
+/// KEYS: 1 this host's hash, 2 the hosts zset, 3 this host's reaped set. ARGV: 1 host id,
+/// 2 hash prefix, 3 user, 4 publish command, 5 channel, 6 payload (the offline event),
+/// 7 room, 8 reaped prefix, 9 how long reaped sets are kept (ms).
 ///
-/// Returns 1 when the user is now present through no live host (the offline event was
-/// published), else 0 (still online elsewhere, or was not here at all).
+/// Returns 1 when the user is now present through no live host, else 0 (still online
+/// elsewhere, or was not here at all). The offline event was published when 1, except
+/// when a reap of this host (while it was cut off) announced it already: then this host's
+/// own members, who ignore events about this host, are still to be told.
 const PRESENCE_LEAVE_BODY: &str = r#"
 local now = now_ms()
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+reap(KEYS[2], ARGV[2], ARGV[8], ARGV[9], now, ARGV[7], ARGV[4], ARGV[5])
+local reaped = redis.call('SREM', KEYS[3], ARGV[3])
 local removed = redis.call('HDEL', KEYS[1], ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
 end
-if removed == 0 then return 0 end
-for _, h in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if h ~= ARGV[1] and redis.call('HEXISTS', ARGV[2] .. h, ARGV[3]) == 1 then return 0 end
-end
-redis.call(ARGV[4], ARGV[5], ARGV[6])
+if removed == 0 and reaped == 0 then return 0 end
+if present_on(ARGV[2], redis.call('ZRANGE', KEYS[2], 0, -1), ARGV[3], ARGV[1]) then return 0 end
+if removed == 1 then redis.call(ARGV[4], ARGV[5], ARGV[6]) end
 return 1
 "#;
 

@@ -66,17 +66,25 @@ process.on("exit", () => {
  * @param {number} [o.shards=2]
  * @param {object} [o.env] extra environment (CORELAY_* overrides etc.)
  * @param {string[]} [o.args] extra command-line arguments
+ * @param {string} [o.store="memory"] history store (`--store`): "redis" for a cluster host
  * @param {string|null} [o.secret] JWT secret; null = dev mode (no CORELAY_JWT_SECRET)
  * @param {number} [o.readyTimeoutMs=15000]
  */
-export async function startServer({ shards = 2, env = {}, args = [], secret, readyTimeoutMs = 15000 } = {}) {
+export async function startServer({
+  shards = 2,
+  env = {},
+  args = [],
+  store = "memory",
+  secret,
+  readyTimeoutMs = 15000,
+} = {}) {
   if (!existsSync(BIN)) throw new Error(`corelay binary not found at ${BIN} (set CORELAY_BIN or build it)`);
   if (secret === undefined) secret = "e2e-secret-" + randomBytes(12).toString("hex");
   let lastErr;
   for (let attempt = 0; attempt < 3; attempt++) {
     const port = await freePort();
     try {
-      return await spawnServer({ port, shards, env, args, secret, readyTimeoutMs });
+      return await spawnServer({ port, shards, env, args, store, secret, readyTimeoutMs });
     } catch (e) {
       lastErr = e;
       // Only retry when another process grabbed the port between our probe and the bind.
@@ -98,7 +106,7 @@ function serverEnv(env, secret) {
   return out;
 }
 
-function spawnServer({ port, shards, env, args, secret, readyTimeoutMs }) {
+function spawnServer({ port, shards, env, args, store, secret, readyTimeoutMs }) {
   const cwd = mkdtempSync(path.join(os.tmpdir(), "corelay-e2e-"));
   const fullEnv = serverEnv(env, secret);
   const argv = [
@@ -108,7 +116,7 @@ function spawnServer({ port, shards, env, args, secret, readyTimeoutMs }) {
     "--shards",
     String(shards),
     "--store",
-    "memory",
+    store,
     ...args,
   ];
   const proc = spawn(BIN, argv, { cwd, env: fullEnv, stdio: ["ignore", "pipe", "pipe"] });
