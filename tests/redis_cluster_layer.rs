@@ -266,6 +266,77 @@ fn cid_dedupe_returns_the_first_ack_and_stores_nothing() {
 }
 
 #[test]
+fn a_batch_is_one_publish_after_another_per_room() {
+    let server = RedisServer::start();
+    within(Duration::from_secs(30), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let cluster = connect(opts(&server.url()), &bridge);
+        let mut events = cluster.subscriber(0);
+        block_on(cluster.subscribe(0, "b1")).expect("subscribe b1");
+        block_on(cluster.subscribe(0, "b2")).expect("subscribe b2");
+        let before =
+            stored(block_on(cluster.publish(msg("b1", "u", "zero", Some("c0")))).expect("c0"));
+        assert_eq!(before.offset, 1);
+
+        // Two rooms interleaved; a cid repeated inside the batch and one sent before it.
+        let batch = vec![
+            msg("b1", "u", "one", Some("c1")),
+            msg("b2", "v", "first in b2", None),
+            msg("b1", "u", "one again", Some("c1")),
+            msg("b1", "u", "zero again", Some("c0")),
+            msg("b1", "w", "two", None),
+            msg("b2", "v", "second in b2", Some("x")),
+        ];
+        let results = block_on(cluster.publish_batch(batch.clone()));
+        assert_eq!(results.len(), batch.len());
+        let one = stored(results[0].clone().expect("one"));
+        assert_eq!((one.offset, one.text.as_str()), (2, "one"));
+        let b2_first = stored(results[1].clone().expect("b2 first"));
+        assert_eq!(b2_first.offset, 1);
+        let dup_in_batch = results[2].clone().expect("dup in batch");
+        assert_eq!(
+            dup_in_batch,
+            Published::Duplicate(Published::Stored(one.clone()).ack())
+        );
+        let dup_before = results[3].clone().expect("dup of an earlier send");
+        assert_eq!(
+            dup_before,
+            Published::Duplicate(Published::Stored(before.clone()).ack())
+        );
+        let two = stored(results[4].clone().expect("two"));
+        assert_eq!((two.offset, two.user.as_str()), (3, "w"));
+        let b2_second = stored(results[5].clone().expect("b2 second"));
+        assert_eq!(b2_second.offset, 2);
+
+        // Published in offset order per room, each stored message once, duplicates never.
+        let mut got: Vec<(String, u64)> = Vec::new();
+        while let Some(ev) = next_event(&mut events, Duration::from_millis(500)) {
+            if let ClusterEvent::Message(m) = ev {
+                got.push((m.room.clone(), m.offset));
+            }
+        }
+        let in_room = |room: &str| -> Vec<u64> {
+            got.iter()
+                .filter(|(r, _)| r == room)
+                .map(|(_, o)| *o)
+                .collect()
+        };
+        assert_eq!(in_room("b1"), vec![1, 2, 3]);
+        assert_eq!(in_room("b2"), vec![1, 2]);
+        let store = Store::redis(&cluster);
+        let texts: Vec<String> = block_on(store.read("b1", HistoryQuery::Latest, 10))
+            .expect("read")
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
+        assert_eq!(texts, vec!["zero", "one", "two"]);
+        // An empty batch is no call at all.
+        assert!(block_on(cluster.publish_batch(Vec::new())).is_empty());
+        bridge.shutdown();
+    });
+}
+
+#[test]
 fn subscribers_receive_in_offset_order() {
     let server = RedisServer::start();
     within(Duration::from_secs(60), move || {

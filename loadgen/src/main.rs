@@ -22,6 +22,7 @@ use corelay_loadgen::report::Summary;
 use corelay_loadgen::scenarios::churn::ChurnOpts;
 use corelay_loadgen::scenarios::connect::{self, ConnectOpts};
 use corelay_loadgen::scenarios::fanout::{self, Extra, FanoutOpts};
+use corelay_loadgen::scenarios::floor;
 use corelay_loadgen::scenarios::history::HistoryOpts;
 use corelay_loadgen::scenarios::{Env, RunOutput};
 use corelay_loadgen::stats::{Errors, SharedHist};
@@ -96,6 +97,25 @@ enum Command {
         /// `join {since}` asks for this many messages back.
         #[arg(long, default_value_t = 50)]
         since_back: u64,
+    },
+    /// No server: the kernel's CPU cost of one small loopback write, the floor under any
+    /// server's CPU per delivery measured on this host.
+    Floor {
+        /// Connected socket pairs the writes go round-robin over.
+        #[arg(long, default_value_t = 1000)]
+        sockets: usize,
+        /// Messages per second, paced evenly.
+        #[arg(short = 'r', long, default_value_t = 45_000.0)]
+        rate: f64,
+        /// Bytes per message.
+        #[arg(long, default_value_t = 150)]
+        frame_bytes: usize,
+        /// Messages per write (more than 1: frames that queued up between two writes).
+        #[arg(long, default_value_t = 1)]
+        per_write: usize,
+        /// How long to write (at most 10 minutes).
+        #[arg(short = 'd', long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
     },
     /// Plot HDR histogram files (from --hdr-out) on one percentile chart.
     Plot {
@@ -247,6 +267,27 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("wrote {}", out.display());
             return Ok(0);
         }
+        Command::Floor {
+            sockets,
+            rate,
+            frame_bytes,
+            per_write,
+            duration,
+        } => {
+            if *duration > Duration::from_secs(600) {
+                anyhow::bail!("--duration is at most 10 minutes");
+            }
+            let report = floor::run(&floor::FloorOpts {
+                sockets: *sockets,
+                rate: *rate,
+                frame_bytes: *frame_bytes,
+                per_write: *per_write,
+                duration: *duration,
+            })?;
+            print!("{}", report.human());
+            println!("{}", serde_json::to_string(&report)?);
+            return Ok(0);
+        }
         Command::Fanout { common, fanout } => (common, "fanout", 0, fanout.run_time()),
         Command::Connect { common, hold, .. } => (common, "connect", 0, *hold),
         Command::Churn {
@@ -391,7 +432,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     });
                     fanout::run(env2, fanout.opts(common.connections), extra, base2).await
                 }
-                Command::Plot { .. } => unreachable!("handled above"),
+                Command::Plot { .. } | Command::Floor { .. } => unreachable!("handled above"),
             }
         };
         tokio::time::timeout(deadline, fut).await

@@ -358,9 +358,30 @@ impl RedisCluster {
     /// On error nothing was stored, except after a [`ClusterError::Timeout`] whose reply
     /// was lost (see there): a retry with the same `cid` is safe.
     pub async fn publish(&self, msg: NewMessage) -> Result<Published, ClusterError> {
-        let shared = self.inner.shared.clone();
-        self.on_bridge(async move { shared.publish(msg).await })
+        self.publish_batch(vec![msg])
             .await
+            .pop()
+            .unwrap_or_else(|| Err(ClusterError::Protocol("publish: no reply".into())))
+    }
+
+    /// Publishes several messages in one round trip to Redis: one script call per room,
+    /// all in flight at once. Each room's messages get consecutive offsets in the order
+    /// given (a batch is the same as publishing them one after another); the results come
+    /// back in the order given. A home shard sends whatever queued while its previous
+    /// batch was out.
+    pub async fn publish_batch(
+        &self,
+        msgs: Vec<NewMessage>,
+    ) -> Vec<Result<Published, ClusterError>> {
+        let n = msgs.len();
+        let shared = self.inner.shared.clone();
+        match self
+            .on_bridge(async move { Ok(shared.publish_batch(msgs).await) })
+            .await
+        {
+            Ok(results) => results,
+            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
+        }
     }
 
     /// Marks `user` present in `room` through this host (call it when the user's first
@@ -719,25 +740,78 @@ impl Shared {
         classify(e, &self.target, what, self.opts.command_timeout)
     }
 
-    async fn publish(&self, msg: NewMessage) -> Result<Published, ClusterError> {
-        let (prefix, suffix) = message_payload_parts(&msg)?;
+    /// Publishes messages of any rooms: one script call per room, the rooms' calls in
+    /// flight together on the multiplexed connection (one round trip in all). Each room's
+    /// messages get consecutive offsets in the order given. One result per message, in
+    /// the order given.
+    async fn publish_batch(&self, msgs: Vec<NewMessage>) -> Vec<Result<Published, ClusterError>> {
+        let mut by_room: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            match by_room.iter_mut().find(|(room, _)| *room == m.room) {
+                Some((_, idx)) => idx.push(i),
+                None => by_room.push((m.room.clone(), vec![i])),
+            }
+        }
+        let msgs = &msgs;
+        let calls = by_room.iter().map(|(_, idx)| async move {
+            let group: Vec<&NewMessage> = idx.iter().map(|&i| &msgs[i]).collect();
+            (idx, self.publish_room(&group).await)
+        });
+        let mut results: Vec<Option<Result<Published, ClusterError>>> =
+            (0..msgs.len()).map(|_| None).collect();
+        for (idx, outcome) in futures::future::join_all(calls).await {
+            match outcome {
+                Ok(each) => {
+                    for (&i, r) in idx.iter().zip(each) {
+                        results[i] = Some(r);
+                    }
+                }
+                Err(e) => {
+                    for &i in idx {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ClusterError::Protocol("publish: no reply".into()))))
+            .collect()
+    }
+
+    /// One publish script call for messages of one room (see `PUBLISH_BODY`): a result per
+    /// message, or one error for all of them (nothing stored, or unknown after a timeout:
+    /// the sender retries with its cid).
+    async fn publish_room(
+        &self,
+        msgs: &[&NewMessage],
+    ) -> Result<Vec<Result<Published, ClusterError>>, ClusterError> {
+        let Some(room) = msgs.first().map(|m| m.room.as_str()) else {
+            return Ok(Vec::new());
+        };
+        // A message whose payload cannot be built fails alone; the others go.
+        let mut parts = Vec::with_capacity(msgs.len());
+        let mut results: Vec<Option<Result<Published, ClusterError>>> = Vec::new();
+        for m in msgs {
+            match message_payload_parts(m) {
+                Ok(p) => {
+                    parts.push((*m, p));
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
         let half = self.opts.command_timeout / 2;
         // In Redis's clock: the script refuses to run after it (see `ClusterError::Timeout`).
         let deadline = self.redis_now_ms().saturating_add(half.as_millis() as u64);
-        let cid_key = match &msg.cid {
-            Some(cid) => keys::cid(&msg.room, &msg.user, cid),
-            None => keys::cid(&msg.room, "", ""),
-        };
-        let mut inv = self.scripts.publish.key(keys::offset(&msg.room));
-        inv.key(keys::stream(&msg.room))
-            .key(cid_key)
-            .arg(keys::channel(&msg.room))
-            .arg(if msg.cid.is_some() { "1" } else { "0" })
-            .arg(msg.cid.as_deref().unwrap_or(""))
-            .arg(&msg.user)
-            .arg(&msg.text)
-            .arg(msg.ts)
-            .arg(&msg.id)
+        let mut inv = self.scripts.publish.key(keys::offset(room));
+        inv.key(keys::stream(room));
+        for (m, _) in &parts {
+            if let Some(cid) = &m.cid {
+                inv.key(keys::cid(room, &m.user, cid));
+            }
+        }
+        inv.arg(keys::channel(room))
             .arg(self.opts.dedupe_window.as_millis() as u64)
             .arg(self.opts.history_max_len)
             .arg(
@@ -747,39 +821,58 @@ impl Shared {
             )
             .arg(self.publish_command())
             .arg(deadline)
-            .arg(prefix)
-            .arg(suffix);
+            .arg(parts.len());
+        for (m, (prefix, suffix)) in &parts {
+            inv.arg(if m.cid.is_some() { "1" } else { "0" })
+                .arg(m.cid.as_deref().unwrap_or(""))
+                .arg(&m.user)
+                .arg(&m.text)
+                .arg(m.ts)
+                .arg(&m.id)
+                .arg(prefix)
+                .arg(suffix);
+        }
         let inv = &inv;
         let reply = self
             .with_conn("the publish script", |mut c| async move {
                 inv.invoke_async::<Value>(&mut c).await
             })
             .await?;
-        let parts = strings(reply)?;
-        match parts.first().map(Vec::as_slice) {
-            Some(b"ok") => {
-                let offset = parse_u64(parts.get(1), "publish offset")?;
-                Ok(Published::Stored(msg.at(offset)))
-            }
-            Some(b"dup") => {
-                let first = parts
-                    .get(1)
-                    .ok_or_else(|| ClusterError::Protocol("publish: dup without ack".into()))?;
-                Ok(Published::Duplicate(parse_ack(first)?))
-            }
-            Some(b"expired") => Err(ClusterError::Timeout(format!(
+        let Value::Array(replies) = reply else {
+            return Err(ClusterError::Protocol(format!(
+                "publish script answered {reply:?}"
+            )));
+        };
+        let replies = replies
+            .into_iter()
+            .map(strings)
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(b"expired") = replies.first().and_then(|r| r.first()).map(Vec::as_slice) {
+            // Comes alone: the script did nothing.
+            return Err(ClusterError::Timeout(format!(
                 "redis at {} ran the publish after its deadline ({half:?}): it was stalled (or \
                  its clock jumped); nothing was stored",
                 self.target
-            ))),
-            _ => Err(ClusterError::Protocol(format!(
-                "publish script answered {:?}",
-                parts
-                    .iter()
-                    .map(|p| String::from_utf8_lossy(p))
-                    .collect::<Vec<_>>()
-            ))),
+            )));
         }
+        if replies.len() != parts.len() {
+            return Err(ClusterError::Protocol(format!(
+                "publish script answered {} replies for {} messages",
+                replies.len(),
+                parts.len()
+            )));
+        }
+        let mut replies = replies.into_iter().zip(parts.iter().map(|(m, _)| *m));
+        Ok(results
+            .into_iter()
+            .map(|r| match r {
+                Some(failed) => failed,
+                None => match replies.next() {
+                    Some((reply, m)) => published(m, &reply),
+                    None => Err(ClusterError::Protocol("publish: no reply".into())),
+                },
+            })
+            .collect())
     }
 
     async fn subscribe(&self, shard: usize, room: String) -> Result<(), ClusterError> {
@@ -1589,6 +1682,29 @@ fn message_payload_parts(m: &NewMessage) -> Result<(String, String), ClusterErro
     }
     suffix.push('}');
     Ok((prefix, suffix))
+}
+
+/// One message's reply of the publish script: `ok <offset>` or `dup <first ack>`.
+fn published(msg: &NewMessage, reply: &[Vec<u8>]) -> Result<Published, ClusterError> {
+    match reply.first().map(Vec::as_slice) {
+        Some(b"ok") => {
+            let offset = parse_u64(reply.get(1), "publish offset")?;
+            Ok(Published::Stored(msg.at(offset)))
+        }
+        Some(b"dup") => {
+            let first = reply
+                .get(1)
+                .ok_or_else(|| ClusterError::Protocol("publish: dup without ack".into()))?;
+            Ok(Published::Duplicate(parse_ack(first)?))
+        }
+        _ => Err(ClusterError::Protocol(format!(
+            "publish script answered {:?}",
+            reply
+                .iter()
+                .map(|p| String::from_utf8_lossy(p))
+                .collect::<Vec<_>>()
+        ))),
+    }
 }
 
 /// A presence event's channel payload.

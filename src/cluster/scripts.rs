@@ -101,51 +101,71 @@ local function reap(hosts_key, prefix, reaped_prefix, keep_ms, now, room, pubcmd
 end
 "#;
 
-/// The publish script.
+/// The publish script, for one room's messages (one or many: a home shard sends whatever
+/// queued for the room while its previous call was out, so one round trip carries a batch).
 ///
-/// KEYS: 1 offset counter, 2 stream, 3 dedupe key (looked at only when ARGV[2] is `1`).
-/// ARGV: 1 channel, 2 has cid (`0`/`1`), 3 cid, 4 user, 5 text, 6 ts, 7 id, 8 dedupe window
-/// ms, 9 stream max len (0: none), 10 max age ms (0: none), 11 `PUBLISH` or `SPUBLISH`,
-/// 12 deadline (Redis clock ms; 0: none), 13 payload prefix, 14 payload suffix (the payload
-/// is prefix .. offset .. suffix).
+/// KEYS: 1 offset counter, 2 stream, 3.. the dedupe keys of the messages that carry a cid,
+/// in message order.
+/// ARGV: 1 channel, 2 dedupe window ms, 3 stream max len (0: none), 4 max age ms (0: none),
+/// 5 `PUBLISH` or `SPUBLISH`, 6 deadline (Redis clock ms; 0: none), 7 message count n, then
+/// 8 values per message (message i from ARGV[8 + 8 * i]): has cid (`0`/`1`), cid, user, text,
+/// ts, id, payload prefix, payload suffix (the channel payload is prefix .. offset .. suffix).
 ///
-/// Returns `{'ok', offset}`, `{'dup', '<offset>:<ts>:<id>'}` (the first ack, nothing done) or
-/// `{'expired', now}` (past the deadline: the caller gave up already, nothing done).
+/// Returns one reply per message, in order: `{'ok', offset}`, or `{'dup',
+/// '<offset>:<ts>:<id>'}` (the first send's ack; nothing done for this one). Past the
+/// deadline it returns `{{'expired', now}}` and does nothing (the caller gave up already).
+/// The messages get consecutive offsets in the order given, and are published in that
+/// order: a batch is the same as its messages published one after another.
 const PUBLISH_BODY: &str = r#"
 local now = now_ms()
-local deadline = tonumber(ARGV[12])
+local deadline = tonumber(ARGV[6])
 if deadline > 0 and now > deadline then
-  return {'expired', string.format('%d', now)}
+  return {{'expired', string.format('%d', now)}}
 end
-local has_cid = ARGV[2] == '1'
-if has_cid then
-  local first = redis.call('GET', KEYS[3])
-  if first then return {'dup', first} end
-end
-local offset = redis.call('INCR', KEYS[1])
+local channel, window, max_len, pubcmd = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
+local n = tonumber(ARGV[7])
 local last = last_offset(KEYS[2])
-if last >= offset then
-  -- The counter fell behind the stream (lost or reset): never reuse an offset.
-  offset = last + 1
-  redis.call('SET', KEYS[1], string.format('%d', offset))
+local replies = {}
+local next_key = 3
+for i = 0, n - 1 do
+  local b = 8 + 8 * i
+  local has_cid = ARGV[b] == '1'
+  local cid_key = nil
+  if has_cid then
+    cid_key = KEYS[next_key]
+    next_key = next_key + 1
+  end
+  local first = cid_key and redis.call('GET', cid_key)
+  if first then
+    replies[#replies + 1] = {'dup', first}
+  else
+    local offset = redis.call('INCR', KEYS[1])
+    if last >= offset then
+      -- The counter fell behind the stream (lost or reset): never reuse an offset.
+      offset = last + 1
+      redis.call('SET', KEYS[1], string.format('%d', offset))
+    end
+    last = offset
+    local off = string.format('%d', offset)
+    local fields = {'id', ARGV[b + 5], 'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4]}
+    if has_cid then
+      fields[#fields + 1] = 'cid'
+      fields[#fields + 1] = ARGV[b + 1]
+    end
+    if max_len > 0 then
+      redis.call('XADD', KEYS[2], 'MAXLEN', '~', max_len, off .. '-0', unpack(fields))
+    else
+      redis.call('XADD', KEYS[2], off .. '-0', unpack(fields))
+    end
+    if has_cid and window > 0 then
+      redis.call('SET', cid_key, off .. ':' .. ARGV[b + 4] .. ':' .. ARGV[b + 5], 'PX', window)
+    end
+    redis.call(pubcmd, channel, ARGV[b + 6] .. off .. ARGV[b + 7])
+    replies[#replies + 1] = {'ok', off}
+  end
 end
-local off = string.format('%d', offset)
-local fields = {'id', ARGV[7], 'user', ARGV[4], 'text', ARGV[5], 'ts', ARGV[6]}
-if has_cid then
-  fields[#fields + 1] = 'cid'
-  fields[#fields + 1] = ARGV[3]
-end
-if tonumber(ARGV[9]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[9], off .. '-0', unpack(fields))
-else
-  redis.call('XADD', KEYS[2], off .. '-0', unpack(fields))
-end
-if has_cid and tonumber(ARGV[8]) > 0 then
-  redis.call('SET', KEYS[3], off .. ':' .. ARGV[6] .. ':' .. ARGV[7], 'PX', ARGV[8])
-end
-trim_age(KEYS[2], tonumber(ARGV[10]), now)
-redis.call(ARGV[11], ARGV[1], ARGV[13] .. off .. ARGV[14])
-return {'ok', off}
+trim_age(KEYS[2], tonumber(ARGV[4]), now)
+return replies
 "#;
 
 /// The store's append script, for one room's part of a batch.

@@ -5,10 +5,12 @@
 //! - [`connect`]: C idle connections held for T seconds; connect times, memory per connection.
 //! - [`churn`]: `fanout` plus connections opened and closed at a steady rate.
 //! - [`history`]: `fanout` plus `join {since}` and `history` reads at a steady rate.
+//! - [`floor`]: no server; the kernel's cost of one small loopback write.
 
 pub mod churn;
 pub mod connect;
 pub mod fanout;
+pub mod floor;
 pub mod history;
 pub mod member;
 
