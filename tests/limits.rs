@@ -117,11 +117,11 @@ fn the_extra_connection_of_a_user_is_refused_across_shards_and_transports() {
 }
 
 #[test]
-fn a_ping_timeout_frees_the_slot() {
+fn a_ping_timeout_and_a_transport_error_free_the_slot_once() {
     let server = Server::start(&[
         ("CORELAY_LIMITS_MAX_CONNECTIONS_PER_USER", "1"),
-        ("CORELAY_ENGINEIO_PING_INTERVAL", "400"),
-        ("CORELAY_ENGINEIO_PING_TIMEOUT", "300"),
+        ("CORELAY_ENGINEIO_PING_INTERVAL", "1000"),
+        ("CORELAY_ENGINEIO_PING_TIMEOUT", "500"),
     ]);
     let alice = token("alice", Some(&["*"]));
     let mut silent = WsClient::connect(server.port, &alice);
@@ -130,13 +130,32 @@ fn a_ping_timeout_frees_the_slot() {
     let (_refused, reply) = try_connect(server.port, &alice);
     assert_eq!(reply, REFUSED);
     assert!(
-        started.elapsed() < Duration::from_millis(400),
-        "too slow to test"
+        started.elapsed() < SECOND,
+        "refused before any ping was due"
     );
-    // The silent client keeps its socket open: only the server's ping timeout can free it.
-    let back = connect_eventually(server.port, &alice, 5 * SECOND);
-    assert!(started.elapsed() >= Duration::from_millis(500));
-    drop(back);
+    // The silent client keeps its socket open: only the server's ping timeout (a ping
+    // after 1 s, no pong within 0.5 s) can free the slot.
+    let mut back = connect_eventually(server.port, &alice, 5 * SECOND);
+    assert!(started.elapsed() >= Duration::from_millis(1200));
+    // Released once only: the limit holds again.
+    let (_refused, reply) = try_connect(server.port, &alice);
+    assert_eq!(reply, REFUSED);
+    // A transport error (an invalid packet: the server closes with 1002) frees it too.
+    back.send_text("zzz");
+    assert_eq!(back.expect_closed(2 * SECOND), Some(1002));
+    let mut again = connect_eventually(server.port, &alice, 5 * SECOND);
+    let (_refused, reply) = try_connect(server.port, &alice);
+    assert_eq!(reply, REFUSED);
+    // A second CONNECT on a connected session keeps one count, not two and not none.
+    again.send_text(&format!("40{{\"token\":\"{alice}\"}}"));
+    assert!(again
+        .recv_text(5 * SECOND)
+        .unwrap()
+        .starts_with("40{\"sid\":"));
+    let (_refused, reply) = try_connect(server.port, &alice);
+    assert_eq!(reply, REFUSED);
+    drop(again);
+    connect_eventually(server.port, &alice, 5 * SECOND);
     // The server closed the silent connection (after its ping, with 1000).
     let mut saw_ping = false;
     loop {
