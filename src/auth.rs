@@ -37,6 +37,31 @@ pub const MAX_USER_BYTES: usize = 128;
 /// Clock-skew allowance, in seconds, when checking `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
 
+/// A credential from a client (a room token): usable as a `&str`, never shown by
+/// `Debug`, so it cannot reach a log line through a `?value`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a credential.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret(<{} bytes>)", self.0.len())
+    }
+}
+
 /// Who a connection is, after CONNECT.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Identity {

@@ -129,6 +129,15 @@ pub struct LimitsConfig {
     /// Time a client has to send a complete HTTP request head (slow-loris guard), and the
     /// longest an idle keep-alive HTTP connection is kept.
     pub handshake_timeout: HumanDuration,
+    /// Socket.IO connections one user may hold at once in this process (0: unlimited);
+    /// a CONNECT past it gets `too_many_connections`.
+    pub max_connections_per_user: u32,
+    /// New Engine.IO sessions per second one source address may open, sustained
+    /// (0: no limit); past it the handshake gets HTTP 429.
+    pub connect_rate_per_ip: f64,
+    /// New sessions one source address may open at once above `connect_rate_per_ip`
+    /// (0: no limit).
+    pub connect_burst_per_ip: f64,
 }
 
 impl Default for LimitsConfig {
@@ -143,6 +152,9 @@ impl Default for LimitsConfig {
             outbound_queue_bytes: 4 << 20,
             max_connections: 100_000,
             handshake_timeout: HumanDuration(Duration::from_secs(10)),
+            max_connections_per_user: 64,
+            connect_rate_per_ip: 100.0,
+            connect_burst_per_ip: 20_000.0,
         }
     }
 }
@@ -413,6 +425,11 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The highest `limits.connect_rate_per_ip` (the limiter's clock ticks every 10 µs).
+pub const MAX_CONNECT_RATE: f64 = 100_000.0;
+/// The highest `limits.connect_burst_per_ip`.
+pub const MAX_CONNECT_BURST: f64 = 1_000_000.0;
+
 const SECTIONS: &[&str] = &[
     "server", "engineio", "auth", "limits", "history", "redis", "presence", "store", "scylla",
     "log",
@@ -506,6 +523,17 @@ impl Config {
             return bad(
                 "limits.outbound_queue must be >= 8 and outbound_queue_bytes >= 65536".into(),
             );
+        }
+        if !(l.connect_rate_per_ip >= 0.0 && l.connect_rate_per_ip <= MAX_CONNECT_RATE) {
+            return bad(format!(
+                "limits.connect_rate_per_ip must be between 0 (off) and {MAX_CONNECT_RATE}"
+            ));
+        }
+        let burst = l.connect_burst_per_ip;
+        if !(burst == 0.0 || (1.0..=MAX_CONNECT_BURST).contains(&burst)) {
+            return bad(format!(
+                "limits.connect_burst_per_ip must be 0 (off) or between 1 and {MAX_CONNECT_BURST}"
+            ));
         }
         if self.history.max_replay == 0 {
             return bad("history.max_replay must be positive".into());
@@ -614,6 +642,9 @@ mod tests {
         assert_eq!(c.limits.max_text_bytes, 4096);
         assert_eq!(c.limits.max_rooms_per_conn, 100);
         assert_eq!(c.limits.dedupe_window.0, Duration::from_secs(600));
+        assert_eq!(c.limits.max_connections_per_user, 64);
+        assert_eq!(c.limits.connect_rate_per_ip, 100.0);
+        assert_eq!(c.limits.connect_burst_per_ip, 20_000.0);
         assert_eq!(c.history.max_replay, 1000);
         assert_eq!(c.store.kind, StoreKind::Embedded);
         assert!(c.redis.url.is_none());
@@ -649,6 +680,15 @@ mod tests {
         assert!(e.to_string().contains("server.shards"), "{e}");
         let e = Config::from_toml_and_env("", env(&[("CORELAY_STORE_KIND", "mongo")])).unwrap_err();
         assert!(e.to_string().contains("mongo"), "{e}");
+        let e =
+            Config::from_toml_and_env("[limits]\nconnect_rate_per_ip = -1", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("connect_rate_per_ip"), "{e}");
+        let e = Config::from_toml_and_env(
+            "[limits]\nconnect_rate_per_ip = 5\nconnect_burst_per_ip = 0.5",
+            env(&[]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("connect_burst_per_ip"), "{e}");
         let e = Config::from_toml_and_env("[server\n", env(&[])).unwrap_err();
         assert!(e.to_string().starts_with("invalid configuration"), "{e}");
     }

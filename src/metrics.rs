@@ -27,6 +27,10 @@ pub struct ShardMetrics {
     pub slow_consumer_closes: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub store_errors: AtomicU64,
+    /// New sessions refused with HTTP 429 for their source address's connect rate.
+    pub connect_rate_limited: AtomicU64,
+    /// Socket.IO CONNECTs refused for `limits.max_connections_per_user`.
+    pub user_limit_refusals: AtomicU64,
     /// 1 while this shard's home has publishes not yet acked (read during a drain).
     pub home_busy: AtomicU64,
     fanout_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -104,7 +108,7 @@ impl Metrics {
     /// The Prometheus text exposition (version 0.0.4).
     pub fn render_prometheus(&self, store_ok: bool) -> String {
         let mut out = String::with_capacity(4096);
-        let per_shard: [(&str, &str, &str, CounterOf); 8] = [
+        let per_shard: [(&str, &str, &str, CounterOf); 10] = [
             ("corelay_connections", "gauge", "Open connections.", |s| {
                 &s.connections
             }),
@@ -149,6 +153,18 @@ impl Metrics {
                 "counter",
                 "History store operations that failed.",
                 |s| &s.store_errors,
+            ),
+            (
+                "corelay_connect_rate_limited_total",
+                "counter",
+                "New sessions refused with HTTP 429: their source address opened sessions faster than limits.connect_rate_per_ip.",
+                |s| &s.connect_rate_limited,
+            ),
+            (
+                "corelay_user_limit_refusals_total",
+                "counter",
+                "Socket.IO CONNECTs refused with too_many_connections: the user already held limits.max_connections_per_user.",
+                |s| &s.user_limit_refusals,
             ),
         ];
         for (name, kind, help, get) in per_shard {

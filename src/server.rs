@@ -133,8 +133,13 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
     let (addr, fds) = runtime::bind_listeners(config.server.listen, shards)?;
     let mut prefix = [0u8; 4];
     crate::ids::random_bytes(&mut prefix);
+    let connect_limiter = crate::transport::connect_limit::ConnectLimiter::new(
+        config.limits.connect_rate_per_ip,
+        config.limits.connect_burst_per_ip,
+    );
     let ctx = Arc::new(Context {
         metrics: Metrics::new(shards),
+        connect_limiter,
         auth,
         config,
         id_prefix: u32::from_ne_bytes(prefix),

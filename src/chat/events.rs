@@ -65,7 +65,8 @@ pub enum ChatRequest {
     Join {
         room: String,
         since: Option<u64>,
-        token: Option<String>,
+        /// A room token (a credential: its `Debug` is redacted).
+        token: Option<crate::auth::Secret>,
     },
     Leave {
         room: String,
@@ -187,7 +188,7 @@ fn parse_request(
         "join" => ChatRequest::Join {
             room,
             since: opt_u64("since")?,
-            token: opt_str("token")?.map(str::to_string),
+            token: opt_str("token")?.map(crate::auth::Secret::new),
         },
         "leave" => ChatRequest::Leave { room },
         "typing" => ChatRequest::Typing { room },

@@ -10,8 +10,10 @@ use super::events::{
     self, error_ack_json, history_ack_json, parse_event, ChatError, ChatRequest, ErrorCode, Parsed,
     PayloadLimits,
 };
-use super::mesh::{HomeCmd, ReplyTo};
+use super::mesh::{HomeCmd, ReplyTo, UserCmd};
 use super::session::{CloseReason, Session, User};
+use crate::auth::Identity;
+use crate::metrics::ShardMetrics;
 use crate::protocol::socketio::{self, encode_ack, PacketKind};
 use crate::shard::Shard;
 use crate::store::HistoryStore;
@@ -44,7 +46,7 @@ pub fn on_socketio(
     mut data: Vec<u8>,
 ) -> Flow {
     if state.binary.is_some() {
-        tracing::debug!(sid = %session.sid, "text packet while binary attachments were expected");
+        tracing::debug!("text packet while binary attachments were expected");
         return PROTOCOL_ERROR;
     }
     let (kind, namespace, ack_id, attachments, body_at) = match socketio::parse(&data) {
@@ -56,7 +58,7 @@ pub fn on_socketio(
             data.len() - p.data.len(),
         ),
         Err(e) => {
-            tracing::debug!(sid = %session.sid, error = %e, "invalid Socket.IO packet");
+            tracing::debug!(error = %e, "invalid Socket.IO packet");
             return PROTOCOL_ERROR;
         }
     };
@@ -70,6 +72,7 @@ pub fn on_socketio(
     match kind {
         PacketKind::Disconnect => {
             shard.leave_all(session);
+            shard.release_user(session);
             *session.user.borrow_mut() = None;
             Flow::Continue
         }
@@ -79,7 +82,7 @@ pub fn on_socketio(
             };
             match parse_event(&mut data[body_at..], limits) {
                 Err(e) => {
-                    tracing::debug!(sid = %session.sid, error = e.0, "invalid event");
+                    tracing::debug!(error = e.0, "invalid event");
                     PROTOCOL_ERROR
                 }
                 Ok(Parsed::Refused(err)) => {
@@ -121,7 +124,7 @@ pub fn on_binary(
 ) -> Flow {
     match state.binary.take() {
         None => {
-            tracing::debug!(sid = %session.sid, "binary frame without a binary packet");
+            tracing::debug!("binary frame without a binary packet");
             PROTOCOL_ERROR
         }
         Some((1, ack_id)) => {
@@ -165,43 +168,100 @@ fn on_connect(shard: &Shard, session: &Rc<Session>, namespace: &str, body: &[u8]
         match serde_json::from_slice::<serde_json::Value>(body) {
             Ok(v @ serde_json::Value::Object(_)) => Some(v),
             _ => {
-                tracing::debug!(sid = %session.sid, "CONNECT payload is not a JSON object");
+                tracing::debug!("CONNECT payload is not a JSON object");
                 return PROTOCOL_ERROR;
             }
         }
     };
     match shard.ctx.auth.authenticate(auth.as_ref()) {
         Ok(identity) => {
+            if session.pending_user.borrow().is_some() {
+                tracing::debug!("CONNECT while the previous one is being admitted: ignored");
+                return Flow::Continue;
+            }
             let user = User {
                 id: Arc::from(identity.user.as_str()),
                 name: identity.name.as_deref().map(Arc::from),
             };
-            *session.user.borrow_mut() = Some((user, Rc::new(identity)));
-            let mut t = session.timers.get();
-            t.connect_deadline = None;
-            session.timers.set(t);
-            // The Socket.IO session id is distinct from the Engine.IO one, as in Socket.IO.
-            let sid = crate::ids::new_sid(shard.id);
-            session.push(text_frame(&socketio::encode_connect_ok(&sid)), false);
+            // A second CONNECT replaces the identity: the old one's count goes first.
+            shard.release_user(session);
+            let identity = Rc::new(identity);
+            if shard.ctx.config.limits.max_connections_per_user == 0 {
+                connected(shard, session, user, identity, false);
+            } else {
+                // Counted by the user's owner shard; `on_admitted` completes the CONNECT
+                // (at once when this shard is the owner).
+                *session.user.borrow_mut() = None;
+                let conn = session.conn_ref(shard.id);
+                let id = user.id.clone();
+                *session.pending_user.borrow_mut() = Some((user, identity));
+                shard.to_user_owner(UserCmd::Acquire { user: id, conn });
+            }
         }
         Err(e) => {
-            tracing::debug!(sid = %session.sid, reason = %e, "CONNECT refused");
+            tracing::debug!(reason = %e, "CONNECT refused");
             let mut body =
                 b"44{\"message\":\"unauthorized\",\"data\":{\"code\":\"unauthorized\",\"reason\":"
                     .to_vec();
             socketio::write_json_str(&mut body, &e.to_string());
             body.extend_from_slice(b"}}");
             session.push(text_frame(&body), false);
-            if session.user.borrow().is_none() {
-                let mut t = session.timers.get();
-                let retry =
-                    Instant::now() + RETRY_CONNECT.min(shard.ctx.config.engineio.connect_timeout.0);
-                t.connect_deadline = Some(t.connect_deadline.map_or(retry, |d| d.min(retry)));
-                session.timers.set(t);
-            }
+            close_unless_connected(shard, session);
         }
     }
     Flow::Continue
+}
+
+/// The owner shard's answer to a CONNECT's count: complete the CONNECT, or refuse it
+/// with `too_many_connections` (the session is then closed like an unauthorized one).
+pub fn on_admitted(
+    shard: &Shard,
+    session: &Rc<Session>,
+    (user, identity): (User, Rc<Identity>),
+    admitted: bool,
+) {
+    let _entered = session.span.enter();
+    if admitted {
+        connected(shard, session, user, identity, true);
+        return;
+    }
+    ShardMetrics::inc(&shard.stats().user_limit_refusals);
+    tracing::debug!(
+        limit = shard.ctx.config.limits.max_connections_per_user,
+        "CONNECT refused: the user has too many connections"
+    );
+    session.push(
+        text_frame(&socketio::encode_connect_error("/", "too_many_connections")),
+        false,
+    );
+    close_unless_connected(shard, session);
+}
+
+/// Completes a CONNECT: the session now acts as `user`.
+fn connected(shard: &Shard, session: &Session, user: User, identity: Rc<Identity>, counted: bool) {
+    session
+        .span
+        .record("user", tracing::field::display(&user.id));
+    session.counted.set(counted);
+    *session.user.borrow_mut() = Some((user, identity));
+    let mut t = session.timers.get();
+    t.connect_deadline = None;
+    session.timers.set(t);
+    // The Socket.IO session id is distinct from the Engine.IO one, as in Socket.IO.
+    let sid = crate::ids::new_sid(shard.id);
+    session.push(text_frame(&socketio::encode_connect_ok(&sid)), false);
+    tracing::debug!("connected");
+}
+
+/// After a refused CONNECT, a session that is not connected is closed unless it sends
+/// another CONNECT soon.
+fn close_unless_connected(shard: &Shard, session: &Session) {
+    if session.user.borrow().is_none() {
+        let mut t = session.timers.get();
+        let retry = Instant::now() + RETRY_CONNECT.min(shard.ctx.config.engineio.connect_timeout.0);
+        t.connect_deadline = Some(t.connect_deadline.map_or(retry, |d| d.min(retry)));
+        session.timers.set(t);
+    }
 }
 
 fn refuse(session: &Session, ack_id: Option<u64>, err: &ChatError) {

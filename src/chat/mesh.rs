@@ -74,6 +74,16 @@ pub enum HomeCmd {
     Presence { room: Arc<str>, reply: ReplyTo },
 }
 
+/// A request to the shard that owns a user's connection count (`home_of(user)`).
+#[derive(Debug)]
+pub enum UserCmd {
+    /// Count one more connection of `user` if under the limit; answered with
+    /// `MemberMsg::Admitted`.
+    Acquire { user: Arc<str>, conn: ConnRef },
+    /// One counted connection of `user` is no longer connected.
+    Release { user: Arc<str> },
+}
+
 /// A message to the shard that holds connections.
 #[derive(Debug)]
 pub enum MemberMsg {
@@ -95,6 +105,13 @@ pub enum MemberMsg {
         frame: Bytes,
         admitted: bool,
     },
+    /// The answer to `UserCmd::Acquire`: whether the connection was counted (and may
+    /// complete its Socket.IO CONNECT).
+    Admitted {
+        conn: u64,
+        user: Arc<str>,
+        admitted: bool,
+    },
     /// A connection whose request names a session this shard owns: serve it here.
     Adopt {
         fd: std::os::fd::RawFd,
@@ -108,6 +125,7 @@ pub enum MemberMsg {
 pub enum ShardMsg {
     Home(HomeCmd),
     Member(MemberMsg),
+    Users(UserCmd),
 }
 
 #[cfg(test)]

@@ -213,6 +213,14 @@ pub struct Session {
     pub out: RefCell<Outbound>,
     /// Set once the Socket.IO CONNECT succeeded.
     pub user: RefCell<Option<(User, Rc<Identity>)>>,
+    /// An authenticated CONNECT waiting for its user's owner shard to count it
+    /// (`limits.max_connections_per_user`).
+    pub pending_user: RefCell<Option<(User, Rc<Identity>)>>,
+    /// The user's owner shard counted this connection: release it exactly once.
+    pub counted: Cell<bool>,
+    /// This connection's tracing span (`conn{shard, sid, user}`): every log line about the
+    /// connection is emitted inside it, by its own tasks or with `in_scope`.
+    pub span: tracing::Span,
     /// Rooms this connection is a member of (delivery reaches it).
     pub joined: RefCell<HashSet<Arc<str>>>,
     /// Rooms asked for and not yet confirmed by their home shard.
@@ -222,7 +230,7 @@ pub struct Session {
 }
 
 impl Session {
-    /// A new session with an empty queue.
+    /// A new session with an empty queue (and no span: see [`Session::with_span`]).
     pub fn new(
         id: u64,
         sid: String,
@@ -246,11 +254,20 @@ impl Session {
                 limits.outbound_queue_bytes,
             )),
             user: RefCell::new(None),
+            pending_user: RefCell::new(None),
+            counted: Cell::new(false),
+            span: tracing::Span::none(),
             joined: RefCell::new(HashSet::new()),
             joining: RefCell::new(HashSet::new()),
             bucket: Cell::new(TokenBucket::new(limits.send_rate, limits.send_burst, now)),
             timers: Cell::new(timers),
         }
+    }
+
+    /// Sets the session's tracing span.
+    pub fn with_span(mut self, span: tracing::Span) -> Session {
+        self.span = span;
+        self
     }
 
     /// Queues a frame; on overflow the connection is closed as a slow consumer.

@@ -129,6 +129,15 @@ impl HandshakeError {
     }
 }
 
+/// An Engine.IO-style JSON error body with a message of the server's own, as
+/// engine.io sends for a refused request: `{"code":N,"message":"..."}`.
+pub fn error_body(code: HandshakeError, message: &str) -> Vec<u8> {
+    let mut out = format!("{{\"code\":{},\"message\":", code.code()).into_bytes();
+    crate::protocol::socketio::write_json_str(&mut out, message);
+    out.push(b'}');
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +175,10 @@ mod tests {
         assert_eq!(
             HandshakeError::UnsupportedProtocolVersion.body(),
             r#"{"code":5,"message":"Unsupported protocol version"}"#
+        );
+        assert_eq!(
+            error_body(HandshakeError::Forbidden, "slow \"down\""),
+            br#"{"code":4,"message":"slow \"down\""}"#
         );
     }
 }

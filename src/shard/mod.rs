@@ -14,8 +14,9 @@ use glommio::channels::local_channel::LocalSender;
 
 use crate::auth::Authenticator;
 use crate::chat::home::Home;
-use crate::chat::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg};
+use crate::chat::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg, UserCmd};
 use crate::chat::session::{CloseReason, ConnRef, Queued, Session, Timers, Transport};
+use crate::chat::users::UserCounts;
 use crate::config::Config;
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::store::Store;
@@ -31,6 +32,8 @@ pub struct Context {
     /// Set by the first SIGTERM/SIGINT: shards stop accepting, finish what is in
     /// flight, close connections with 1012 and stop.
     pub draining: std::sync::atomic::AtomicBool,
+    /// New sessions per source address (`limits.connect_rate_per_ip`), for every shard.
+    pub connect_limiter: crate::transport::connect_limit::ConnectLimiter,
 }
 
 /// One shard's state. Lives in an `Rc` on its own thread.
@@ -40,6 +43,8 @@ pub struct Shard {
     pub ctx: Arc<Context>,
     pub store: Store,
     pub home: Home,
+    /// Connection counts of the users whose owner this shard is.
+    pub users: UserCounts,
     sessions: RefCell<HashMap<u64, Rc<Session>>>,
     /// Engine.IO sid → session id, for polling requests and upgrades.
     by_sid: RefCell<HashMap<String, u64>>,
@@ -69,6 +74,7 @@ impl Shard {
             ctx,
             store,
             home,
+            users: UserCounts::default(),
             sessions: RefCell::new(HashMap::new()),
             by_sid: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
@@ -108,6 +114,43 @@ impl Shard {
         match msg {
             ShardMsg::Home(cmd) => self.home.enqueue(cmd),
             ShardMsg::Member(m) => self.handle_member(m),
+            ShardMsg::Users(cmd) => self.handle_users(cmd),
+        }
+    }
+
+    /// Sends a request to the shard that owns its user's connection count.
+    pub fn to_user_owner(&self, cmd: UserCmd) {
+        let (UserCmd::Acquire { user, .. } | UserCmd::Release { user }) = &cmd;
+        let owner = home_of(user, self.count);
+        self.send(owner, ShardMsg::Users(cmd));
+    }
+
+    fn handle_users(&self, cmd: UserCmd) {
+        match cmd {
+            UserCmd::Acquire { user, conn } => {
+                let limit = self.ctx.config.limits.max_connections_per_user;
+                let admitted = self.users.acquire(user.clone(), limit);
+                self.send(
+                    conn.shard,
+                    ShardMsg::Member(MemberMsg::Admitted {
+                        conn: conn.id,
+                        user,
+                        admitted,
+                    }),
+                );
+            }
+            UserCmd::Release { user } => self.users.release(&user),
+        }
+    }
+
+    /// Tells the owner shard that this connection's user no longer counts it (once).
+    pub fn release_user(&self, session: &Session) {
+        if !session.counted.replace(false) {
+            return;
+        }
+        let user = session.user.borrow().as_ref().map(|(u, _)| u.id.clone());
+        if let Some(user) = user {
+            self.to_user_owner(UserCmd::Release { user });
         }
     }
 
@@ -146,6 +189,27 @@ impl Shard {
                 if let Some(s) = self.sessions.borrow().get(&conn) {
                     if s.push(frame, false) == Queued::Overflow {
                         ShardMetrics::inc(&self.stats().slow_consumer_closes);
+                    }
+                }
+            }
+            MemberMsg::Admitted {
+                conn,
+                user,
+                admitted,
+            } => {
+                let session = self.sessions.borrow().get(&conn).cloned();
+                let pending = session
+                    .as_ref()
+                    .and_then(|s| s.pending_user.borrow_mut().take());
+                match (session, pending) {
+                    (Some(session), Some(pending)) if pending.0.id == user => {
+                        crate::chat::handler::on_admitted(self, &session, pending, admitted);
+                    }
+                    _ => {
+                        // The connection ended (or gave up) while the count was on the way.
+                        if admitted {
+                            self.to_user_owner(UserCmd::Release { user });
+                        }
                     }
                 }
             }
@@ -212,14 +276,20 @@ impl Shard {
             connect_deadline: Some(now + eio.connect_timeout.0),
             close_deadline: None,
         };
-        let session = Rc::new(Session::new(
-            id,
-            crate::ids::new_sid(self.id),
-            transport,
-            &self.ctx.config.limits,
-            timers,
-            now,
-        ));
+        let sid = crate::ids::new_sid(self.id);
+        let span = tracing::info_span!(
+            parent: None,
+            "conn",
+            shard = self.id,
+            sid = %sid,
+            user = tracing::field::Empty,
+        );
+        let session = Rc::new(
+            Session::new(id, sid, transport, &self.ctx.config.limits, timers, now).with_span(span),
+        );
+        session
+            .span
+            .in_scope(|| tracing::debug!(?transport, "session opened"));
         self.sessions.borrow_mut().insert(id, session.clone());
         self.by_sid.borrow_mut().insert(session.sid.clone(), id);
         let stats = self.stats();
@@ -268,14 +338,19 @@ impl Shard {
         self.sessions.borrow().get(&id).cloned()
     }
 
-    /// Forgets a connection that has ended.
+    /// Forgets a connection that has ended (every way a session ends comes here).
     pub fn close_session(&self, session: &Rc<Session>) {
         self.leave_all(session);
+        self.release_user(session);
         self.by_sid.borrow_mut().remove(&session.sid);
         if self.sessions.borrow_mut().remove(&session.id).is_some() {
             self.stats()
                 .connections
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            let reason = session.out.borrow().closing();
+            session
+                .span
+                .in_scope(|| tracing::debug!(?reason, "session closed"));
         }
     }
 
@@ -355,9 +430,14 @@ impl Shard {
                     }
                     continue;
                 }
-                if t.connect_deadline.is_some_and(|d| now >= d)
-                    || t.pong_deadline.is_some_and(|d| now >= d)
-                {
+                let connect_late = t.connect_deadline.is_some_and(|d| now >= d);
+                if connect_late || t.pong_deadline.is_some_and(|d| now >= d) {
+                    s.span.in_scope(|| {
+                        tracing::debug!(
+                            timer = if connect_late { "connect" } else { "ping" },
+                            "timed out"
+                        )
+                    });
                     self.end_session(&s, CloseReason::Timeout);
                     continue;
                 }

@@ -12,7 +12,9 @@ use std::rc::Rc;
 
 use futures::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use glommio::net::TcpStream;
+use tracing::Instrument as _;
 
+use super::connect_limit::RetryAfter;
 use super::http::{self, HttpError, Request};
 use super::polling;
 use super::websocket::{self, FrameReader, Message};
@@ -159,6 +161,29 @@ fn at_capacity(shard: &Shard) -> bool {
     shard.ctx.metrics.connections() >= shard.ctx.config.limits.max_connections
 }
 
+/// Takes a new session from the connection's source address's bucket
+/// (`limits.connect_rate_per_ip`).
+fn admit_source(shard: &Shard, stream: &TcpStream) -> Result<(), RetryAfter> {
+    let limiter = &shard.ctx.connect_limiter;
+    if !limiter.enabled() {
+        return Ok(());
+    }
+    // A socket without a peer address is already gone; its request fails on its own.
+    let Ok(peer) = stream.peer_addr() else {
+        return Ok(());
+    };
+    limiter
+        .check(peer.ip(), std::time::Instant::now())
+        .inspect_err(|retry| {
+            tracing::debug!(
+                shard = shard.id,
+                peer = %peer.ip(),
+                retry_after_ms = retry.0.as_millis() as u64,
+                "new session refused: connect rate of its address"
+            );
+        })
+}
+
 /// The 503 for a new session past the connection limit.
 const AT_CAPACITY: &[u8] = br#"{"error":{"code":"unavailable","message":"the server is at its connection limit; try another host or later"}}"#;
 
@@ -259,6 +284,22 @@ async fn engineio_request(
             {
                 break 'answer (503, "application/json", AT_CAPACITY.to_vec());
             }
+            if let Err(retry) = admit_source(shard, &stream) {
+                ShardMetrics::inc(&shard.stats().connect_rate_limited);
+                let mut resp = respond(
+                    429,
+                    "application/json",
+                    &engineio::error_body(
+                        HandshakeError::Forbidden,
+                        "Too many new connections from this address; retry later",
+                    ),
+                    false,
+                );
+                let at = resp.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+                resp.splice(at..at, format!("Retry-After: {}\r\n", retry.secs()).bytes());
+                let _ = stream.write_all(&resp).await;
+                return Next::Done;
+            }
             if transport == Transport::WebSocket {
                 match websocket_key(&req) {
                     Some(key) => {
@@ -318,7 +359,9 @@ async fn engineio_request(
                 // Wait for packets, watching the connection: a client that gives up on
                 // its GET ends the session (as Engine.IO does).
                 let answer = {
-                    let get = std::pin::pin!(polling::get(shard, &session));
+                    let get = std::pin::pin!(
+                        polling::get(shard, &session).instrument(session.span.clone())
+                    );
                     let gone = std::pin::pin!(client_gone(&mut stream, &mut buf));
                     match futures::future::select(get, gone).await {
                         futures::future::Either::Left((a, _)) => Some(a),
@@ -340,7 +383,9 @@ async fn engineio_request(
                     .unwrap_or(0);
                 match http::read_body(&mut stream, &mut buf, len, eio.max_payload).await {
                     Ok(body) => {
-                        let a = polling::post(shard, &session, body);
+                        let a = session
+                            .span
+                            .in_scope(|| polling::post(shard, &session, body));
                         (a.status, a.content_type, a.body)
                     }
                     Err(HttpError::BodyTooLarge) => {
@@ -458,7 +503,8 @@ fn health(shard: &Shard) -> (u16, Vec<u8>) {
 }
 
 /// Runs a WebSocket until it ends: a new session, or the upgrade of a polling one
-/// (`2probe` / `3probe`, then `5`).
+/// (`2probe` / `3probe`, then `5`). Everything after the session is known runs in the
+/// session's span.
 async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
     let Upgrade {
         mut stream,
@@ -479,7 +525,10 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
     drop((key, leftover));
     let session = match upgrading {
         Some(session) => {
-            if !probe(&shard, &session, &mut stream, &mut reader).await {
+            let probed = probe(&session, &mut stream, &mut reader)
+                .instrument(session.span.clone())
+                .await;
+            if !probed {
                 if session.transport.get() == Transport::Upgrading {
                     session.transport.set(Transport::Polling);
                 }
@@ -488,6 +537,9 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
             session.fd.set(Some(stream.as_raw_fd()));
             session.transport.set(Transport::WebSocket);
             session.wake();
+            session
+                .span
+                .in_scope(|| tracing::debug!("upgraded to websocket"));
             session
         }
         None => {
@@ -505,16 +557,30 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
             session
         }
     };
+    let span = session.span.clone();
+    read_loop(shard, session, stream, reader)
+        .instrument(span)
+        .await;
+}
 
+/// Reads the client's frames until the session ends, with a writer task beside it.
+async fn read_loop(
+    shard: Rc<Shard>,
+    session: Rc<Session>,
+    stream: TcpStream,
+    mut reader: FrameReader,
+) {
     let (mut reader_half, writer_half) = stream.split();
-    let writer = glommio::spawn_local(write_loop(session.clone(), writer_half));
+    let writer = glommio::spawn_local(
+        write_loop(session.clone(), writer_half).instrument(session.span.clone()),
+    );
     loop {
         let msg = match reader.next(&mut reader_half).await {
             Ok(m) => m,
             Err(e) => {
                 match e.close_code() {
                     Some(code) => {
-                        tracing::debug!(shard = shard.id, sid = %session.sid, error = %e, "closing connection");
+                        tracing::debug!(error = %e, "closing connection");
                         ShardMetrics::inc(&shard.stats().protocol_errors);
                         session.close(CloseReason::Protocol(code));
                     }
@@ -550,12 +616,7 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
 
 /// The upgrade probe on a new WebSocket for a polling session. True once the client
 /// sent `5` (upgrade); false if the probe failed (the polling session goes on).
-async fn probe(
-    shard: &Shard,
-    session: &Rc<Session>,
-    stream: &mut TcpStream,
-    reader: &mut FrameReader,
-) -> bool {
+async fn probe(session: &Rc<Session>, stream: &mut TcpStream, reader: &mut FrameReader) -> bool {
     loop {
         let Ok(msg) = reader.next(stream).await else {
             return false;
@@ -582,7 +643,7 @@ async fn probe(
                 }
             }
             _ => {
-                tracing::debug!(shard = shard.id, sid = %session.sid, "unexpected packet during upgrade");
+                tracing::debug!("unexpected packet during upgrade");
                 let _ = stream
                     .write_all(&websocket::close_frame(websocket::close_code::PROTOCOL))
                     .await;

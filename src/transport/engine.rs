@@ -13,7 +13,7 @@ use crate::shard::Shard;
 /// Handles one Engine.IO text packet.
 pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow {
     let Some(packet) = engineio::parse_text(&data) else {
-        tracing::debug!(shard = shard.id, sid = %session.sid, "invalid Engine.IO packet");
+        tracing::debug!("invalid Engine.IO packet");
         return Flow::Close(CloseReason::Protocol(close_code::PROTOCOL));
     };
     match packet.kind {

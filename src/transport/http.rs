@@ -11,14 +11,33 @@ const DRAIN_LIMIT: usize = 1 << 20;
 pub const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 
-/// A parsed request head.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A parsed request head. Its `Debug` hides credentials (`Authorization`, `Cookie`).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Request {
     pub method: String,
     pub path: String,
     pub query: String,
     /// Header names lower-cased.
     pub headers: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<(&str, &str)> = self
+            .headers
+            .iter()
+            .map(|(n, v)| match n.as_str() {
+                "authorization" | "cookie" | "proxy-authorization" => (n.as_str(), "<redacted>"),
+                _ => (n.as_str(), v.as_str()),
+            })
+            .collect();
+        f.debug_struct("Request")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field("query", &self.query)
+            .field("headers", &headers)
+            .finish()
+    }
 }
 
 impl Request {
@@ -201,6 +220,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         413 => "Payload Too Large",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
@@ -269,6 +289,22 @@ mod tests {
             block_on(read_request(&mut io, &mut buf)),
             Err(HttpError::HeadTooLarge)
         ));
+    }
+
+    #[test]
+    fn debug_hides_credentials() {
+        let raw = b"POST /api/rooms/a/messages HTTP/1.1\r\nAuthorization: Bearer k3y-s3cret\r\nCookie: s=c00kie\r\nX-A: b\r\n\r\n".to_vec();
+        let mut io = futures::io::Cursor::new(raw);
+        let req = block_on(read_request(&mut io, &mut Vec::new())).unwrap();
+        let shown = format!("{req:?}");
+        assert!(
+            !shown.contains("k3y-s3cret") && !shown.contains("c00kie"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("x-a") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 
     #[test]
