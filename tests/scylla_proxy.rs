@@ -1602,3 +1602,124 @@ fn composed_store_reads_recent_from_the_stream_and_older_from_scylla() {
     cluster.close();
     bridge.shutdown();
 }
+
+/// Two real `corelay serve --store scylla` hosts sharing a real `redis-server` and the fake
+/// node (no real ScyllaDB): a send is acked once the fake holds its row, and delivered to
+/// the other host. While the node refuses writes, a send gets `unavailable` and its row is
+/// not there (nothing acked); it was published, though (the other host's member sees it
+/// live, as with any cluster publish). Once the node is back, the host's background rewrite
+/// puts the row in without any retry, and the sender's retry with the same `cid` gets the
+/// first offset back. History reads come back whole from either host.
+#[test]
+fn two_hosts_ack_only_what_scylla_holds() {
+    use common::{token, WsClient};
+    use serde_json::json;
+    common_redis::within(Duration::from_secs(120), || {
+        let redis = common_redis::RedisServer::start();
+        let url = redis.url();
+        let mut node = FakeNode::start("corelay");
+        let nodes = node.addr.to_string();
+        let env = [
+            ("CORELAY_SCYLLA_NODES", nodes.as_str()),
+            ("CORELAY_SCYLLA_BUCKET_SIZE", "4"),
+            ("CORELAY_SCYLLA_REQUEST_TIMEOUT", "1s"),
+            ("CORELAY_SCYLLA_CONSISTENCY", "quorum"),
+            ("CORELAY_REDIS_COMMAND_TIMEOUT", "1s"),
+        ];
+        let host =
+            || common::Server::start_with(&env, &["--redis", &url, "--store", "scylla"], true);
+        let (a, b) = (host(), host());
+        let mut alice = WsClient::connect(a.port, &token("alice", Some(&["*"])));
+        let mut bob = WsClient::connect(b.port, &token("bob", Some(&["*"])));
+        for c in [&mut alice, &mut bob] {
+            let ack = c.emit_ack("join", json!({ "room": "lobby" }));
+            assert_eq!(ack["ok"], true, "{ack}");
+        }
+        let fake = node.fake.clone();
+        let row = |offset: i64| {
+            fake.lock()
+                .expect("fake")
+                .messages
+                .get(&("lobby".to_owned(), offset / 4, offset))
+                .map(|r| r.2.clone())
+        };
+        let next_message = |c: &mut WsClient| loop {
+            let ev = c.next_event(Duration::from_secs(5)).expect("an event");
+            if ev[0] == "message" {
+                return ev[1].clone();
+            }
+        };
+
+        let ack = alice.emit_ack(
+            "message",
+            json!({"room": "lobby", "text": "one", "cid": "c1"}),
+        );
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert_eq!(ack["offset"], 1, "{ack}");
+        assert_eq!(row(1).as_deref(), Some("one"), "acked: in ScyllaDB");
+        let m = next_message(&mut bob);
+        assert_eq!(
+            (m["offset"].as_u64(), m["text"].as_str()),
+            (Some(1), Some("one"))
+        );
+
+        node.prepend(vec![RequestRule(
+            carries("insert_message"),
+            RequestReaction::forge().server_error(),
+        )]);
+        let ack = alice.emit_ack(
+            "message",
+            json!({"room": "lobby", "text": "two", "cid": "c2"}),
+        );
+        println!("{ack}");
+        assert_eq!(ack["ok"], false, "{ack}");
+        assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+        assert_eq!(row(2), None, "not acked: not in ScyllaDB");
+        let m = next_message(&mut bob);
+        assert_eq!(
+            (m["offset"].as_u64(), m["text"].as_str()),
+            (Some(2), Some("two"))
+        );
+
+        node.clear_prepended();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while row(2).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the background rewrite never landed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(row(2).as_deref(), Some("two"));
+        let ack = alice.emit_ack(
+            "message",
+            json!({"room": "lobby", "text": "two", "cid": "c2"}),
+        );
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert_eq!(ack["offset"], 2, "the retry gets the first offset: {ack}");
+
+        let ack = bob.emit_ack("message", json!({"room": "lobby", "text": "three"}));
+        assert_eq!(ack["offset"], 3, "{ack}");
+        assert_eq!(row(3).as_deref(), Some("three"));
+        assert_eq!(
+            node.fake
+                .lock()
+                .expect("fake")
+                .latest
+                .get("lobby")
+                .map(|l| l.0),
+            Some(3)
+        );
+        for c in [&mut alice, &mut bob] {
+            let ack = c.emit_ack("history", json!({"room": "lobby"}));
+            let texts: Vec<&str> = ack["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .filter_map(|m| m["text"].as_str())
+                .collect();
+            assert_eq!(texts, ["one", "two", "three"], "{ack}");
+        }
+        assert_eq!(a.health()["store"]["ok"], true, "{}", a.health());
+    });
+}

@@ -965,7 +965,20 @@ impl Shard {
                 ShardMetrics::inc(&self.metrics().store_errors);
                 let err = match &e {
                     PublishError::Cluster(e) => cluster_unavailable(e),
-                    PublishError::Store(e) => unavailable(e),
+                    PublishError::Store(e) if s.cid.is_some() => ChatError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "history store: {e} (the message was published but is not durable \
+                             yet: a retry with the same cid gets its ack once it is)"
+                        ),
+                    ),
+                    PublishError::Store(e) => ChatError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "history store: {e} (the message was published but is not durable \
+                             yet; send a cid to make retries safe)"
+                        ),
+                    ),
                 };
                 self.reply_error(s.to, &err);
             }
