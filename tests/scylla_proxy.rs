@@ -1392,7 +1392,7 @@ fn a_failing_cluster_append_is_unavailable_and_never_committed() {
             .expect_err("commit fails")
     });
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
-    assert!(node.fake.lock().expect("fake").latest.get("f").is_none());
+    assert!(!node.fake.lock().expect("fake").latest.contains_key("f"));
     node.clear_prepended();
     let s = store.clone();
     on_shard(move || async move {
