@@ -189,9 +189,11 @@ impl Home {
         let _ = self.events.try_send(HomeEvent::Cmd(cmd));
     }
 
-    /// Whether every accepted publish has been settled (acked or refused).
+    /// Whether every accepted publish has been settled (acked or refused), and no failed
+    /// durable write is waiting for its background retry (a drain waits for those too, up
+    /// to its deadline).
     pub fn is_idle(&self) -> bool {
-        self.inflight.get() == 0
+        self.inflight.get() == 0 && !self.persist_retrying.get()
     }
 
     /// Loaded rooms.
@@ -922,6 +924,9 @@ impl Shard {
                 match shard.store.persist_published(batch.clone()).await {
                     Ok(()) => {
                         tracing::info!(shard = shard.id, count, "background durable write done");
+                        if shard.home.unpersisted.borrow().is_empty() {
+                            break;
+                        }
                     }
                     Err(e) => {
                         tracing::debug!(shard = shard.id, count, error = %e, "background durable write failed; retrying");
