@@ -1495,6 +1495,8 @@ fn composed_store_reads_recent_from_the_stream_and_older_from_scylla() {
     check(After(15), 3, 16..=18);
     check(After(17), 50, 18..=20);
     check(Before(20), 2, 18..=19);
+    check(After(20), 10, 0..=0); // offset 0 never exists: nothing
+    check(After(99), 10, 0..=0);
     assert_eq!(
         reads_so_far(),
         n,

@@ -173,6 +173,11 @@ impl ClusterStore {
         {
             return Ok(recent);
         }
+        // Nothing in the stream above `after`: when Redis has handed out no offset above it
+        // either, there is nothing anywhere (a client polling for news costs no ScyllaDB read).
+        if recent.is_empty() && after >= self.recent.latest_offset(room).await? {
+            return Ok(recent);
+        }
         let mut older = self
             .durable
             .read(room, HistoryQuery::After(after), limit)
