@@ -1723,5 +1723,17 @@ fn two_hosts_ack_only_what_scylla_holds() {
             assert_eq!(texts, ["one", "two", "three"], "{ack}");
         }
         assert_eq!(a.health()["store"]["ok"], true, "{}", a.health());
+
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_corelay"))
+            .args(["check", "--redis", &url, "--store", "scylla"])
+            .envs(env)
+            .output()
+            .expect("run corelay check");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains(&format!("store: ok: scylla at [{nodes}] (cluster mode")),
+            "{text}"
+        );
     });
 }
