@@ -1611,7 +1611,9 @@ fn composed_store_reads_recent_from_the_stream_and_older_from_scylla() {
 /// not there (nothing acked); it was published, though (the other host's member sees it
 /// live, as with any cluster publish). Once the node is back, the host's background rewrite
 /// puts the row in without any retry, and the sender's retry with the same `cid` gets the
-/// first offset back. History reads come back whole from either host.
+/// first offset back. With the stream trimmed to its newest entry, `join {since: 0}` gets
+/// the older messages from the node; history reads come back whole from either host; and
+/// `corelay check` says the store runs in cluster mode.
 #[test]
 fn two_hosts_ack_only_what_scylla_holds() {
     use common::{token, WsClient};
@@ -1711,6 +1713,28 @@ fn two_hosts_ack_only_what_scylla_holds() {
                 .get("lobby")
                 .map(|l| l.0),
             Some(3)
+        );
+        // Only the newest message left in the stream: older history comes from the node.
+        redis
+            .cmd(&url, &["XTRIM", "corelay:{lobby}:stream", "MAXLEN", "1"])
+            .expect("trim");
+        let row_reads = || {
+            let seen = node.seen();
+            prepared_count(&seen, "read_desc") + prepared_count(&seen, "read_asc")
+        };
+        let reads = row_reads();
+        let mut carol = WsClient::connect(b.port, &token("carol", Some(&["*"])));
+        let ack = carol.emit_ack("join", json!({ "room": "lobby", "since": 0 }));
+        let missed: Vec<u64> = ack["missed"]
+            .as_array()
+            .expect("missed")
+            .iter()
+            .filter_map(|m| m["offset"].as_u64())
+            .collect();
+        assert_eq!(missed, [1, 2, 3], "{ack}");
+        assert!(
+            scylla_reads(&node.seen()) > reads,
+            "read below the stream's window"
         );
         for c in [&mut alice, &mut bob] {
             let ack = c.emit_ack("history", json!({"room": "lobby"}));
