@@ -1612,8 +1612,9 @@ fn composed_store_reads_recent_from_the_stream_and_older_from_scylla() {
 /// live, as with any cluster publish). Once the node is back, the host's background rewrite
 /// puts the row in without any retry, and the sender's retry with the same `cid` gets the
 /// first offset back. With the stream trimmed to its newest entry, `join {since: 0}` gets
-/// the older messages from the node; history reads come back whole from either host; and
-/// `corelay check` says the store runs in cluster mode.
+/// the older messages from the node; history reads come back whole from either host; after
+/// Redis lost all its data the next offset still continues the room (no row overwritten);
+/// and `corelay check` says the store runs in cluster mode.
 #[test]
 fn two_hosts_ack_only_what_scylla_holds() {
     use common::{token, WsClient};
@@ -1747,6 +1748,15 @@ fn two_hosts_ack_only_what_scylla_holds() {
             assert_eq!(texts, ["one", "two", "three"], "{ack}");
         }
         assert_eq!(a.health()["store"]["ok"], true, "{}", a.health());
+
+        // Redis loses everything (a restart without persistence): the next offset still
+        // continues the room's stream instead of overwriting message 1 in ScyllaDB.
+        redis.cmd(&url, &["FLUSHALL"]).expect("flushall");
+        let ack = alice.emit_ack("message", json!({"room": "lobby", "text": "four"}));
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert_eq!(ack["offset"], 4, "{ack}");
+        assert_eq!(row(1).as_deref(), Some("one"), "message 1 kept");
+        assert_eq!(row(4).as_deref(), Some("four"));
 
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_corelay"))
             .args(["check", "--redis", &url, "--store", "scylla"])

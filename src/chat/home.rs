@@ -817,15 +817,25 @@ impl Shard {
             if let Some(conn) = p.to.conn() {
                 self.home.own_ids.borrow_mut().insert(id.clone(), conn);
             }
+            // Never below what this host delivered already, even if Redis lost the room.
+            let floor = self
+                .home
+                .rooms
+                .borrow()
+                .get(&p.room)
+                .map_or(0, |r| r.delivered);
             let result = cluster
-                .publish(NewMessage {
-                    room: p.room.to_string(),
-                    user: p.user.to_string(),
-                    text: p.text,
-                    cid: p.cid.clone(),
-                    ts,
-                    id: id.clone(),
-                })
+                .publish_above(
+                    NewMessage {
+                        room: p.room.to_string(),
+                        user: p.user.to_string(),
+                        text: p.text,
+                        cid: p.cid.clone(),
+                        ts,
+                        id: id.clone(),
+                    },
+                    floor,
+                )
                 .await;
             if !matches!(result, Ok(Published::Stored(_))) {
                 self.home.own_ids.borrow_mut().remove(&id);

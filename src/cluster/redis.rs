@@ -283,8 +283,21 @@ impl RedisCluster {
     /// On error nothing was stored, except after a [`ClusterError::Timeout`] whose reply
     /// was lost (see there): a retry with the same `cid` is safe.
     pub async fn publish(&self, msg: NewMessage) -> Result<Published, ClusterError> {
+        self.publish_above(msg, 0).await
+    }
+
+    /// [`RedisCluster::publish`], with an offset of the room that the caller knows was
+    /// handed out already (a home shard's newest delivered one): the new offset is always
+    /// above it, even when Redis lost the room's counter and stream (restarted without
+    /// persistence). So offsets never go back for the members, and a durable store never
+    /// gets an offset it holds already.
+    pub async fn publish_above(
+        &self,
+        msg: NewMessage,
+        floor: u64,
+    ) -> Result<Published, ClusterError> {
         let shared = self.inner.shared.clone();
-        self.on_bridge(async move { shared.publish(msg).await })
+        self.on_bridge(async move { shared.publish(msg, floor).await })
             .await
     }
 
@@ -581,7 +594,7 @@ impl Shared {
         classify(e, &self.target, what, self.opts.command_timeout)
     }
 
-    async fn publish(&self, msg: NewMessage) -> Result<Published, ClusterError> {
+    async fn publish(&self, msg: NewMessage, floor: u64) -> Result<Published, ClusterError> {
         let (prefix, suffix) = message_payload_parts(&msg)?;
         let half = self.opts.command_timeout / 2;
         // In Redis's clock: the script refuses to run after it (see `ClusterError::Timeout`).
@@ -610,7 +623,8 @@ impl Shared {
             .arg(self.publish_command())
             .arg(deadline)
             .arg(prefix)
-            .arg(suffix);
+            .arg(suffix)
+            .arg(floor);
         let inv = &inv;
         let reply = self
             .with_conn("the publish script", |mut c| async move {

@@ -62,7 +62,8 @@ end
 /// ARGV: 1 channel, 2 has cid (`0`/`1`), 3 cid, 4 user, 5 text, 6 ts, 7 id, 8 dedupe window
 /// ms, 9 stream max len (0: none), 10 max age ms (0: none), 11 `PUBLISH` or `SPUBLISH`,
 /// 12 deadline (Redis clock ms; 0: none), 13 payload prefix, 14 payload suffix (the payload
-/// is prefix .. offset .. suffix).
+/// is prefix .. offset .. suffix), 15 floor: an offset the caller knows was handed out
+/// already (0: none); the new offset is always above it.
 ///
 /// Returns `{'ok', offset}`, `{'dup', '<offset>:<ts>:<id>'}` (the first ack, nothing done) or
 /// `{'expired', now}` (past the deadline: the caller gave up already, nothing done).
@@ -79,8 +80,11 @@ if has_cid then
 end
 local offset = redis.call('INCR', KEYS[1])
 local last = last_offset(KEYS[2])
+local floor = tonumber(ARGV[15]) or 0
+if floor > last then last = floor end
 if last >= offset then
-  -- The counter fell behind the stream (lost or reset): never reuse an offset.
+  -- The counter fell behind the stream or the caller's floor (lost or reset): never reuse
+  -- an offset.
   offset = last + 1
   redis.call('SET', KEYS[1], string.format('%d', offset))
 end
