@@ -871,18 +871,24 @@ impl Shard {
         if stored.is_empty() {
             return;
         }
-        let messages: Vec<StoredMessage> = stored
-            .iter()
-            .filter_map(|(_, p)| match p {
+        let stored_messages = || {
+            stored.iter().filter_map(|(_, p)| match p {
                 Published::Stored(m) => Some(m.clone()),
                 Published::Duplicate(_) => None,
             })
-            .collect();
-        let persisted = self.store.persist_published(messages.clone()).await;
+        };
+        // The `redis` store has them already (the script's stream write): no copy, no call.
+        let persisted = if self.store.persists_published() {
+            self.store
+                .persist_published(stored_messages().collect())
+                .await
+        } else {
+            Ok(())
+        };
         if let Err(e) = &persisted {
-            tracing::warn!(shard = self.id, count = messages.len(), error = %e,
+            tracing::warn!(shard = self.id, count = stored.len(), error = %e,
                 "published messages are not durable yet: senders get unavailable; writing them again in the background");
-            self.retry_persist_later(messages);
+            self.retry_persist_later(stored_messages().collect());
         }
         for (settled, published) in stored {
             let outcome = match &persisted {

@@ -215,6 +215,12 @@ impl Store {
         ))
     }
 
+    /// Whether [`Store::persist_published`] does anything: true only for [`Store::Cluster`]
+    /// (so the home shard copies nothing for the `redis` store).
+    pub fn persists_published(&self) -> bool {
+        matches!(self, Store::Cluster(_))
+    }
+
     /// Cluster mode: makes messages the publish script stored durable before their senders
     /// are acked. Writes them to ScyllaDB for [`Store::Cluster`]; a no-op for the others
     /// (for the `redis` store the script's stream write is the durable write).
