@@ -298,7 +298,12 @@ fn check(cfg: &Config) -> anyhow::Result<()> {
         (StoreKind::Scylla, _) => match corelay::store::Store::open_scylla(&cfg.scylla) {
             Ok(s) => {
                 let _ = futures::executor::block_on(s.close());
-                Ok(format!("scylla at [{}]", cfg.scylla.nodes.join(", ")))
+                let mode = if cluster.is_some() {
+                    " (cluster mode: offsets and the recent window in Redis)"
+                } else {
+                    ""
+                };
+                Ok(format!("scylla at [{}]{mode}", cfg.scylla.nodes.join(", ")))
             }
             Err(e) => Err(e.to_string()),
         },

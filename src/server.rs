@@ -23,12 +23,10 @@ pub enum ServeError {
     DevModeNotLoopback(SocketAddr),
     #[error("store \"redis\" keeps history in the cluster's Redis: set redis.url (--redis, CORELAY_REDIS_URL) or use \"embedded\" on one host")]
     RedisStoreWithoutRedis,
-    #[error("the embedded store is local to one host; use store.kind = \"redis\" or \"scylla\" in cluster mode (redis.url is set)")]
+    #[error("the embedded store is local to one host; use store.kind = \"redis\" (recent history) or \"scylla\" (unbounded history) in cluster mode (redis.url is set)")]
     EmbeddedInCluster,
-    #[error("the memory store is local to one process; use store.kind = \"redis\" in cluster mode (redis.url is set)")]
+    #[error("the memory store is local to one process; use store.kind = \"redis\" (recent history) or \"scylla\" (unbounded history) in cluster mode (redis.url is set)")]
     MemoryInCluster,
-    #[error("store \"scylla\" in cluster mode is not available in this build yet; use store.kind = \"redis\" in cluster mode")]
-    ScyllaInCluster,
     /// Redis refused this configuration (credentials, TLS, URL): retrying cannot help. A
     /// Redis that is merely unreachable at start is not an error (the host serves degraded).
     /// (`error` is not a `#[source]`: its text is in this message already, and `{:#}`
@@ -87,10 +85,9 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         None => None,
         Some(options) => {
             match config.store.kind {
-                StoreKind::Redis => {}
+                StoreKind::Redis | StoreKind::Scylla => {}
                 StoreKind::Embedded => return Err(ServeError::EmbeddedInCluster),
                 StoreKind::Memory => return Err(ServeError::MemoryInCluster),
-                StoreKind::Scylla => return Err(ServeError::ScyllaInCluster),
             }
             let url = options.redacted_url();
             let (cluster, down) =
@@ -123,7 +120,12 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         }
         // Its errors already say what is wrong ("cannot reach ScyllaDB at [nodes]: …",
         // "… run `corelay schema apply`", a bucket_size mismatch).
-        StoreKind::Scylla => Store::open_scylla(&config.scylla)?,
+        StoreKind::Scylla => match (&cluster, Store::open_scylla(&config.scylla)?) {
+            // In a cluster Redis assigns the offsets and keeps the recent window; ScyllaDB
+            // keeps everything (see store::cluster).
+            (Some(c), Store::Scylla(durable)) => Store::cluster(c, durable),
+            (_, store) => store,
+        },
         StoreKind::Redis => match &cluster {
             Some(c) => Store::redis(c),
             None => return Err(ServeError::RedisStoreWithoutRedis),

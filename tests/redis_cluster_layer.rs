@@ -287,7 +287,8 @@ fn a_batch_is_one_publish_after_another_per_room() {
             msg("b1", "w", "two", None),
             msg("b2", "v", "second in b2", Some("x")),
         ];
-        let results = block_on(cluster.publish_batch(batch.clone()));
+        let results =
+            block_on(cluster.publish_batch(batch.iter().map(|m| (m.clone(), 0)).collect()));
         assert_eq!(results.len(), batch.len());
         let one = stored(results[0].clone().expect("one"));
         assert_eq!((one.offset, one.text.as_str()), (2, "one"));
@@ -330,6 +331,17 @@ fn a_batch_is_one_publish_after_another_per_room() {
             .map(|m| m.text)
             .collect();
         assert_eq!(texts, vec!["zero", "one", "two"]);
+        // A floor (an offset the caller knows was handed out) lifts the room's counter;
+        // the room's highest floor in the batch counts.
+        let lifted = block_on(cluster.publish_batch(vec![
+            (msg("b2", "v", "after a floor", None), 10),
+            (msg("b2", "v", "next", None), 7),
+        ]));
+        let offsets: Vec<u64> = lifted
+            .into_iter()
+            .map(|r| stored(r.expect("lifted")).offset)
+            .collect();
+        assert_eq!(offsets, vec![11, 12]);
         // An empty batch is no call at all.
         assert!(block_on(cluster.publish_batch(Vec::new())).is_empty());
         bridge.shutdown();

@@ -13,6 +13,14 @@
 //! semantics (ORDER BY/LIMIT on real partitions, USING TIMESTAMP conflict resolution,
 //! logged batch atomicity, consistency levels on real replicas): the generic suite in
 //! `tests/store_suite.rs` runs against a real node when `CORELAY_TEST_SCYLLA` is set.
+//!
+//! Cluster mode (`store = "scylla"` with Redis): the cluster append path on the wire, the
+//! composed store (a real `redis-server` for the recent window, this fake for ScyllaDB),
+//! and two real `corelay serve` hosts sharing one Redis and the fake node, with a ScyllaDB
+//! failure in the middle. None of this is a real ScyllaDB round trip.
+
+mod common;
+mod common_redis;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -1188,4 +1196,578 @@ fn scylla_config_section() {
     let err =
         Config::from_toml_and_env("[scylla]\nnode = \"a:1\"", env(&[])).expect_err("unknown key");
     assert!(err.to_string().contains("node"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Cluster mode
+// ---------------------------------------------------------------------------------------
+
+/// How many reads of `messages` / `room_latest` the fake answered.
+fn scylla_reads(seen: &[Seen]) -> usize {
+    ["read_desc", "read_asc", "get_message", "get_latest"]
+        .iter()
+        .map(|n| prepared_count(seen, n))
+        .sum()
+}
+
+/// The cluster append path: hosts write a room's offsets out of order; each append writes
+/// the message rows (one UNLOGGED batch per partition) and then raises `room_latest` with
+/// `USING TIMESTAMP = offset`, without reading anything first and without cid rows (Redis
+/// dedupes in cluster mode). A lower commit arriving later does not lower `room_latest`;
+/// writing a message again rewrites the same row; offset 0 is refused before any I/O.
+#[test]
+fn cluster_appends_arrive_out_of_order_and_room_latest_only_rises() {
+    let ks = "corelay_cluster";
+    let node = FakeNode::start(ks);
+    let store = open(&node.config(ks)).expect("open");
+    let before = node.seen().len();
+    let s = store.clone();
+    on_shard(move || async move {
+        // Host B's 7 lands before host A's 5 and 6.
+        s.append_cluster(vec![msg("r", 7, "bob", Some("b7"))])
+            .await
+            .expect("append 7");
+        s.append_cluster(vec![msg("r", 5, "alice", None), msg("r", 6, "alice", None)])
+            .await
+            .expect("append 5, 6");
+        assert_eq!(s.latest_offset("r").await.expect("latest"), 7);
+        // A retry writes 6 again: same row, nothing else changes.
+        s.append_cluster(vec![msg("r", 6, "alice", None)])
+            .await
+            .expect("rewrite 6");
+        let got = s.read("r", HistoryQuery::After(4), 10).await.expect("read");
+        assert_eq!(offsets(&got), [5, 6, 7]);
+        assert_eq!(got[1], msg("r", 6, "alice", None));
+        match s.append_cluster(vec![msg("r", 0, "alice", None)]).await {
+            Err(StoreError::Invalid(why)) => assert!(why.contains("offset 0"), "{why}"),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        // Two rooms in one append: each room's commit point is its own highest offset.
+        s.append_cluster(vec![
+            msg("r", 9, "alice", None),
+            msg("q", 2, "bob", None),
+            msg("r", 8, "alice", None),
+        ])
+        .await
+        .expect("two rooms");
+        assert_eq!(s.latest_offset("r").await.expect("latest"), 9);
+        assert_eq!(s.latest_offset("q").await.expect("latest"), 2);
+        s.close().await.expect("close");
+    });
+
+    let fake = node.fake.lock().expect("fake");
+    assert_eq!(
+        fake.latest.get("r"),
+        Some(&(9, 9)),
+        "value and write timestamp"
+    );
+    assert!(fake.cids.is_empty(), "no cid rows in cluster mode");
+    let seen = &fake.seen[before..];
+    // Every write: rows, then the commit; no read of `room_latest` in between.
+    let writes: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| match s {
+            // Reads of the test's own checks; the driver's own metadata statements.
+            Seen::Execute { name, .. } => name != "get_latest" && !name.starts_with("read"),
+            Seen::Batch { .. } => true,
+            Seen::Prepare(_) => false,
+        })
+        .collect();
+    let names: Vec<String> = writes
+        .iter()
+        .map(|s| match s {
+            Seen::Execute { name, .. } => name.clone(),
+            Seen::Batch { kind, names, .. } => format!("batch{kind}:{}x{}", names[0], names.len()),
+            Seen::Prepare(_) => "prepare".into(),
+        })
+        .collect();
+    // One segment per append, each ending with its commit. Within an append the row
+    // writes run concurrently, so their order is not fixed.
+    let mut segments: Vec<Vec<&str>> = Vec::new();
+    let mut current = Vec::new();
+    for n in &names {
+        current.push(n.as_str());
+        if n.contains("set_latest") {
+            current.sort_unstable();
+            segments.push(std::mem::take(&mut current));
+        }
+    }
+    assert!(
+        current.is_empty(),
+        "a write after the last commit: {current:?}"
+    );
+    let expected: Vec<Vec<&str>> = vec![
+        vec!["insert_message", "set_latest"],
+        // 5 and 6 share bucket 1: one partition, one UNLOGGED batch.
+        vec!["batch1:insert_messagex2", "set_latest"],
+        vec!["insert_message", "set_latest"],
+        // r's 8 and 9 (bucket 2) and q's 2 (bucket 0): two partitions; both rooms
+        // committed in one LOGGED batch.
+        vec![
+            "batch0:set_latestx2",
+            "batch1:insert_messagex2",
+            "insert_message",
+        ],
+    ];
+    assert_eq!(segments, expected);
+}
+
+/// A cluster append that ScyllaDB does not take: `Unavailable` (within the timeout when
+/// the node stays silent; after the bounded retries on a server error), the commit point
+/// never sent. Written again once the node is back, the message is there.
+#[test]
+fn a_failing_cluster_append_is_unavailable_and_never_committed() {
+    let mut node = FakeNode::start("corelay");
+    let cfg = ScyllaConfig {
+        request_timeout: HumanDuration(Duration::from_secs(1)),
+        ..node.config("corelay")
+    };
+    let store = open(&cfg).expect("open");
+
+    node.prepend(vec![RequestRule(
+        carries("insert_message"),
+        RequestReaction::drop_frame(),
+    )]);
+    let s = store.clone();
+    let (result, elapsed) = on_shard(move || async move {
+        let start = Instant::now();
+        let r = s
+            .append_cluster(vec![msg("f", 3, "alice", Some("k"))])
+            .await;
+        (r, start.elapsed())
+    });
+    let err = result.expect_err("no answer");
+    println!("{err} (after {elapsed:?})");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("did not answer within 1000 ms"),
+        "{err}"
+    );
+    assert!(elapsed < Duration::from_millis(2_500), "{elapsed:?}");
+    assert!(matches!(store.health(), Err(StoreError::Unavailable(_))));
+
+    node.clear_prepended();
+    let (tx, mut attempts) = tokio::sync::mpsc::unbounded_channel();
+    node.prepend(vec![RequestRule(
+        carries("insert_message"),
+        RequestReaction::forge()
+            .server_error()
+            .with_feedback_when_performed(tx),
+    )]);
+    let s = store.clone();
+    let err = on_shard(move || async move {
+        s.append_cluster(vec![
+            msg("f", 1, "alice", Some("k")),
+            msg("f", 2, "bob", None),
+        ])
+        .await
+        .expect_err("server error")
+    });
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let mut n = 0;
+    while attempts.try_recv().is_ok() {
+        n += 1;
+    }
+    assert_eq!(
+        n,
+        1 + cfg.retries as usize,
+        "one attempt and `retries` retries"
+    );
+    assert_eq!(
+        prepared_count(&node.seen(), "set_latest"),
+        0,
+        "never committed"
+    );
+
+    // The commit itself fails: rows there, room_latest not raised; a rewrite completes it.
+    node.clear_prepended();
+    node.prepend(vec![RequestRule(
+        carries("set_latest"),
+        RequestReaction::forge().write_timeout(),
+    )]);
+    let s = store.clone();
+    let err = on_shard(move || async move {
+        s.append_cluster(vec![msg("f", 3, "alice", Some("k"))])
+            .await
+            .expect_err("commit fails")
+    });
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(!node.fake.lock().expect("fake").latest.contains_key("f"));
+    node.clear_prepended();
+    let s = store.clone();
+    on_shard(move || async move {
+        s.append_cluster(vec![msg("f", 3, "alice", Some("k"))])
+            .await
+            .expect("written again");
+        assert_eq!(s.latest_offset("f").await.expect("latest"), 3);
+        assert_eq!(
+            s.read("f", HistoryQuery::Latest, 5).await.expect("read"),
+            [msg("f", 3, "alice", Some("k"))]
+        );
+        s.health().expect("healthy again");
+        s.close().await.expect("close");
+    });
+}
+
+/// Publishes `n` messages to `room` through the cluster's script and persists them as the
+/// home shard does; returns them.
+async fn publish_n(
+    cluster: &corelay::cluster::redis::RedisCluster,
+    store: &corelay::store::Store,
+    room: &str,
+    n: u64,
+) -> Vec<StoredMessage> {
+    use corelay::cluster::{NewMessage, Published};
+    let mut out = Vec::new();
+    for i in 0..n {
+        let published = cluster
+            .publish(NewMessage {
+                room: room.to_owned(),
+                user: "alice".into(),
+                text: format!("hello {i}"),
+                cid: None,
+                ts: 5_000 + i,
+                id: format!("id-{room}-{i}"),
+            })
+            .await
+            .expect("publish");
+        match published {
+            Published::Stored(m) => out.push(m),
+            other => panic!("expected Stored, got {other:?}"),
+        }
+    }
+    store.persist_published(out.clone()).await.expect("persist");
+    out
+}
+
+/// The composed store of a cluster with ScyllaDB, with a real `redis-server` and the fake
+/// node: reads that the stream can answer never touch ScyllaDB; those reaching below the
+/// stream's window (trimmed here to its last 5 entries) are completed from ScyllaDB, seamlessly.
+/// A Redis counter behind ScyllaDB (a keyspace written by one host before) is raised at
+/// the room's first `latest_offset`, so the next publish continues the durable stream.
+/// A retried send whose first ScyllaDB write failed is written again from the stream.
+#[test]
+fn composed_store_reads_recent_from_the_stream_and_older_from_scylla() {
+    use corelay::cluster::{NewMessage, Published};
+    let redis = common_redis::RedisServer::start();
+    let url = redis.url();
+    let mut node = FakeNode::start("corelay");
+    let cfg = node.config("corelay");
+    let bridge = Bridge::start().expect("bridge");
+    let mut opts = corelay::cluster::RedisOptions::new(url.clone());
+    opts.history_max_len = 0;
+    let cluster = futures::executor::block_on(corelay::cluster::redis::RedisCluster::connect(
+        opts,
+        bridge.clone(),
+    ))
+    .expect("connect to redis");
+    let durable = open(&cfg).expect("open the fake node");
+    let store = corelay::store::Store::cluster(&cluster, durable);
+
+    let (c, s) = (cluster.clone(), store.clone());
+    let all = on_shard(move || async move { publish_n(&c, &s, "r", 20).await });
+    assert_eq!(offsets(&all), (1..=20).collect::<Vec<_>>());
+    assert_eq!(
+        node.fake.lock().expect("fake").messages.len(),
+        20,
+        "every published message in ScyllaDB"
+    );
+    redis
+        .cmd(&url, &["XTRIM", "corelay:{r}:stream", "MAXLEN", "5"])
+        .expect("trim");
+
+    let reads_so_far = || scylla_reads(&node.seen());
+    let check = |q: HistoryQuery, limit: usize, expect: std::ops::RangeInclusive<u64>| {
+        let s = store.clone();
+        let got = on_shard(move || async move { s.read("r", q, limit).await.expect("read") });
+        let want: Vec<StoredMessage> = all
+            .iter()
+            .filter(|m| expect.contains(&m.offset))
+            .cloned()
+            .collect();
+        assert_eq!(got, want, "{q:?} limit {limit}");
+    };
+    use HistoryQuery::{After, Before, Latest};
+    // Within the stream (16..=20): Redis only.
+    let n = reads_so_far();
+    check(Latest, 3, 18..=20);
+    check(Latest, 5, 16..=20);
+    check(After(15), 3, 16..=18);
+    check(After(17), 50, 18..=20);
+    check(Before(20), 2, 18..=19);
+    check(After(20), 10, 0..=0); // offset 0 never exists: nothing
+    check(After(99), 10, 0..=0);
+    assert_eq!(
+        reads_so_far(),
+        n,
+        "no ScyllaDB read for the stream's window"
+    );
+    // Reaching below it: completed from ScyllaDB.
+    check(Latest, 8, 13..=20);
+    check(Latest, 100, 1..=20);
+    check(Before(18), 6, 12..=17);
+    check(Before(10), 4, 6..=9);
+    check(After(10), 8, 11..=18);
+    check(After(0), 3, 1..=3);
+    check(After(12), 100, 13..=20);
+    assert!(reads_so_far() > n, "older history came from ScyllaDB");
+
+    let s = store.clone();
+    on_shard(move || async move {
+        assert_eq!(s.latest_offset("r").await.expect("latest"), 20);
+        assert!(s.read("none", Latest, 5).await.expect("read").is_empty());
+        assert!(s.read("r", Before(1), 5).await.expect("read").is_empty());
+        s.health().expect("healthy");
+    });
+
+    // A room ScyllaDB has up to 42 and Redis knows nothing of.
+    node.fake
+        .lock()
+        .expect("fake")
+        .latest
+        .insert("old".into(), (42, 42));
+    let (c, s) = (cluster.clone(), store.clone());
+    let next = on_shard(move || async move {
+        assert_eq!(s.latest_offset("old").await.expect("latest"), 42);
+        publish_n(&c, &s, "old", 1).await
+    });
+    assert_eq!(
+        offsets(&next),
+        [43],
+        "the counter continues ScyllaDB's stream"
+    );
+
+    // The first send's ScyllaDB write fails; the retry (same cid) writes it again.
+    node.prepend(vec![RequestRule(
+        carries("insert_message"),
+        RequestReaction::forge().server_error(),
+    )]);
+    let send = |text: &'static str| {
+        let (c, s) = (cluster.clone(), store.clone());
+        on_shard(move || async move {
+            let published = c
+                .publish(NewMessage {
+                    room: "r".into(),
+                    user: "bob".into(),
+                    text: text.into(),
+                    cid: Some("k1".into()),
+                    ts: 9_000,
+                    id: format!("id-{text}"),
+                })
+                .await
+                .expect("publish");
+            let durable = match &published {
+                Published::Stored(m) => s.persist_published(vec![m.clone()]).await,
+                Published::Duplicate(ack) => {
+                    s.persist_duplicate("r", "bob", "k1", ack.offset).await
+                }
+            };
+            (published, durable)
+        })
+    };
+    let (first, durable) = send("first");
+    assert!(
+        matches!(first, Published::Stored(ref m) if m.offset == 21),
+        "{first:?}"
+    );
+    assert!(
+        matches!(durable, Err(StoreError::Unavailable(_))),
+        "{durable:?}"
+    );
+    assert!(!node
+        .fake
+        .lock()
+        .expect("fake")
+        .messages
+        .contains_key(&("r".into(), 21 / 4, 21)));
+    node.clear_prepended();
+    let (retry, durable) = send("retry with other text");
+    assert!(
+        matches!(retry, Published::Duplicate(ref a) if a.offset == 21),
+        "{retry:?}"
+    );
+    durable.expect("written again");
+    let row = node
+        .fake
+        .lock()
+        .expect("fake")
+        .messages
+        .get(&("r".into(), 21 / 4, 21))
+        .cloned()
+        .expect("row 21 in ScyllaDB");
+    assert_eq!(
+        row.2, "first",
+        "the first send's message, read back from the stream"
+    );
+
+    futures::executor::block_on(store.close()).expect("close");
+    cluster.close();
+    bridge.shutdown();
+}
+
+/// Two real `corelay serve --store scylla` hosts sharing a real `redis-server` and the fake
+/// node (no real ScyllaDB): a send is acked once the fake holds its row, and delivered to
+/// the other host. While the node refuses writes, a send gets `unavailable` and its row is
+/// not there (nothing acked); it was published, though (the other host's member sees it
+/// live, as with any cluster publish). Once the node is back, the host's background rewrite
+/// puts the row in without any retry, and the sender's retry with the same `cid` gets the
+/// first offset back. With the stream trimmed to its newest entry, `join {since: 0}` gets
+/// the older messages from the node; history reads come back whole from either host; after
+/// Redis lost all its data the next offset still continues the room (no row overwritten);
+/// and `corelay check` says the store runs in cluster mode.
+#[test]
+fn two_hosts_ack_only_what_scylla_holds() {
+    use common::{token, WsClient};
+    use serde_json::json;
+    common_redis::within(Duration::from_secs(120), || {
+        let redis = common_redis::RedisServer::start();
+        let url = redis.url();
+        let mut node = FakeNode::start("corelay");
+        let nodes = node.addr.to_string();
+        let env = [
+            ("CORELAY_SCYLLA_NODES", nodes.as_str()),
+            ("CORELAY_SCYLLA_BUCKET_SIZE", "4"),
+            ("CORELAY_SCYLLA_REQUEST_TIMEOUT", "1s"),
+            ("CORELAY_SCYLLA_CONSISTENCY", "quorum"),
+            ("CORELAY_REDIS_COMMAND_TIMEOUT", "1s"),
+        ];
+        let host =
+            || common::Server::start_with(&env, &["--redis", &url, "--store", "scylla"], true);
+        let (a, b) = (host(), host());
+        let mut alice = WsClient::connect(a.port, &token("alice", Some(&["*"])));
+        let mut bob = WsClient::connect(b.port, &token("bob", Some(&["*"])));
+        for c in [&mut alice, &mut bob] {
+            let ack = c.emit_ack("join", json!({ "room": "lobby" }));
+            assert_eq!(ack["ok"], true, "{ack}");
+        }
+        let fake = node.fake.clone();
+        let row = |offset: i64| {
+            fake.lock()
+                .expect("fake")
+                .messages
+                .get(&("lobby".to_owned(), offset / 4, offset))
+                .map(|r| r.2.clone())
+        };
+        let next_message = |c: &mut WsClient| loop {
+            let ev = c.next_event(Duration::from_secs(5)).expect("an event");
+            if ev[0] == "message" {
+                return ev[1].clone();
+            }
+        };
+
+        let ack = alice.emit_ack(
+            "message",
+            json!({"room": "lobby", "text": "one", "cid": "c1"}),
+        );
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert_eq!(ack["offset"], 1, "{ack}");
+        assert_eq!(row(1).as_deref(), Some("one"), "acked: in ScyllaDB");
+        let m = next_message(&mut bob);
+        assert_eq!(
+            (m["offset"].as_u64(), m["text"].as_str()),
+            (Some(1), Some("one"))
+        );
+
+        node.prepend(vec![RequestRule(
+            carries("insert_message"),
+            RequestReaction::forge().server_error(),
+        )]);
+        let ack = alice.emit_ack(
+            "message",
+            json!({"room": "lobby", "text": "two", "cid": "c2"}),
+        );
+        println!("{ack}");
+        assert_eq!(ack["ok"], false, "{ack}");
+        assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+        assert_eq!(row(2), None, "not acked: not in ScyllaDB");
+        let m = next_message(&mut bob);
+        assert_eq!(
+            (m["offset"].as_u64(), m["text"].as_str()),
+            (Some(2), Some("two"))
+        );
+
+        node.clear_prepended();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while row(2).is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the background rewrite never landed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(row(2).as_deref(), Some("two"));
+        let ack = alice.emit_ack(
+            "message",
+            json!({"room": "lobby", "text": "two", "cid": "c2"}),
+        );
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert_eq!(ack["offset"], 2, "the retry gets the first offset: {ack}");
+
+        let ack = bob.emit_ack("message", json!({"room": "lobby", "text": "three"}));
+        assert_eq!(ack["offset"], 3, "{ack}");
+        assert_eq!(row(3).as_deref(), Some("three"));
+        assert_eq!(
+            node.fake
+                .lock()
+                .expect("fake")
+                .latest
+                .get("lobby")
+                .map(|l| l.0),
+            Some(3)
+        );
+        // Only the newest message left in the stream: older history comes from the node.
+        redis
+            .cmd(&url, &["XTRIM", "corelay:{lobby}:stream", "MAXLEN", "1"])
+            .expect("trim");
+        let row_reads = || {
+            let seen = node.seen();
+            prepared_count(&seen, "read_desc") + prepared_count(&seen, "read_asc")
+        };
+        let reads = row_reads();
+        let mut carol = WsClient::connect(b.port, &token("carol", Some(&["*"])));
+        let ack = carol.emit_ack("join", json!({ "room": "lobby", "since": 0 }));
+        let missed: Vec<u64> = ack["missed"]
+            .as_array()
+            .expect("missed")
+            .iter()
+            .filter_map(|m| m["offset"].as_u64())
+            .collect();
+        assert_eq!(missed, [1, 2, 3], "{ack}");
+        assert!(
+            scylla_reads(&node.seen()) > reads,
+            "read below the stream's window"
+        );
+        for c in [&mut alice, &mut bob] {
+            let ack = c.emit_ack("history", json!({"room": "lobby"}));
+            let texts: Vec<&str> = ack["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .filter_map(|m| m["text"].as_str())
+                .collect();
+            assert_eq!(texts, ["one", "two", "three"], "{ack}");
+        }
+        assert_eq!(a.health()["store"]["ok"], true, "{}", a.health());
+
+        // Redis loses everything (a restart without persistence): the next offset still
+        // continues the room's stream instead of overwriting message 1 in ScyllaDB.
+        redis.cmd(&url, &["FLUSHALL"]).expect("flushall");
+        let ack = alice.emit_ack("message", json!({"room": "lobby", "text": "four"}));
+        assert_eq!(ack["ok"], true, "{ack}");
+        assert_eq!(ack["offset"], 4, "{ack}");
+        assert_eq!(row(1).as_deref(), Some("one"), "message 1 kept");
+        assert_eq!(row(4).as_deref(), Some("four"));
+
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_corelay"))
+            .args(["check", "--redis", &url, "--store", "scylla"])
+            .envs(env)
+            .output()
+            .expect("run corelay check");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains(&format!("store: ok: scylla at [{nodes}] (cluster mode")),
+            "{text}"
+        );
+    });
 }

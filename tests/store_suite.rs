@@ -1,7 +1,8 @@
 //! The history store suite: one generic suite every backend must pass, run against the
 //! memory and embedded stores (and, where a node exists, ScyllaDB:
-//! `CORELAY_TEST_SCYLLA=host:port`), plus the embedded store's own cases (reopen,
-//! locking, unwritable paths, disk full).
+//! `CORELAY_TEST_SCYLLA=host:port`, plus ScyllaDB's cluster-mode path and the composed
+//! Redis + ScyllaDB store), plus the embedded store's own cases (reopen, locking,
+//! unwritable paths, disk full).
 //!
 //! Everything runs inside a glommio executor, like a shard, with `io_memory` kept at
 //! 512 KiB (the locked-memory limit here is 8 MiB).
@@ -488,6 +489,171 @@ fn scylla_store_passes_suite() {
     println!("{err}");
     assert!(err.to_string().contains("bucket_size 8"), "{err}");
     futures::executor::block_on(store.close()).expect("close");
+}
+
+/// A fresh keyspace on the live node (random name, schema applied with replication factor
+/// 1, a tiny bucket size so reads cross buckets), dropped when the guard goes.
+fn fresh_keyspace(node: &str) -> (ScyllaConfig, DropKeyspace) {
+    let bridge = Bridge::global().expect("bridge");
+    let mut suffix = [0u8; 6];
+    corelay::ids::random_bytes(&mut suffix);
+    let keyspace = format!(
+        "corelay_test_{}",
+        suffix
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    let cfg = ScyllaConfig {
+        nodes: vec![node.to_owned()],
+        keyspace: keyspace.clone(),
+        request_timeout: HumanDuration(Duration::from_secs(10)),
+        bucket_size: 8,
+        ..ScyllaConfig::default()
+    };
+    let guard = DropKeyspace {
+        bridge: bridge.clone(),
+        node: node.to_owned(),
+        keyspace,
+    };
+    futures::executor::block_on(scylla::apply_schema(&cfg, Some(1), bridge))
+        .expect("apply the schema");
+    (cfg, guard)
+}
+
+/// Cluster mode against ScyllaDB, when `CORELAY_TEST_SCYLLA=host:port` names a live node:
+/// two stores (two hosts) write one room's offsets concurrently and out of order through
+/// the cluster append path; a rewrite of a stored offset is the same row; `room_latest`
+/// never goes back (a host committing 40 after another committed 80 leaves 80: that is
+/// ScyllaDB's `USING TIMESTAMP` resolution, which only a real node can show). Then the
+/// composed store with a real `redis-server`: reads within the stream's window and below
+/// it, and a Redis counter behind ScyllaDB raised. Skipped (and says so) without a node.
+#[test]
+fn scylla_cluster_mode_passes() {
+    use corelay::cluster::{NewMessage, Published};
+    let Ok(node) = std::env::var("CORELAY_TEST_SCYLLA") else {
+        println!(
+            "skipped: set CORELAY_TEST_SCYLLA=host:port to run the cluster-mode ScyllaDB checks"
+        );
+        return;
+    };
+    let (cfg, _drop) = fresh_keyspace(&node);
+    let open = || match Store::open_scylla(&cfg).expect("open") {
+        Store::Scylla(s) => s,
+        other => panic!("expected a ScyllaDB store, got {other:?}"),
+    };
+    let (host_a, host_b) = (open(), open());
+
+    // Host A writes the odd offsets from the top down, host B the even ones from the
+    // bottom up, at the same time.
+    let writer = |store: scylla::ScyllaStore, offs: Vec<u64>| {
+        std::thread::spawn(move || {
+            on_shard(move || async move {
+                for o in offs {
+                    store
+                        .append_cluster(vec![msg("c", o, "alice", 1_000 + o, None)])
+                        .await
+                        .expect("cluster append");
+                }
+            })
+        })
+    };
+    let a = writer(
+        host_a.clone(),
+        (1..=80).filter(|o| o % 2 == 1).rev().collect(),
+    );
+    let b = writer(host_b.clone(), (1..=80).filter(|o| o % 2 == 0).collect());
+    a.join().expect("host a");
+    b.join().expect("host b");
+    let (sa, sb) = (host_a.clone(), host_b.clone());
+    on_shard(move || async move {
+        assert_eq!(sa.latest_offset("c").await.expect("latest"), 80);
+        assert_eq!(
+            read(&sb, "c", HistoryQuery::After(0), 1000).await,
+            (1..=80).collect::<Vec<_>>()
+        );
+        // A late, lower commit: room_latest stays.
+        sb.append_cluster(vec![msg("c", 40, "alice", 1_040, None)])
+            .await
+            .expect("rewrite 40");
+        assert_eq!(sa.latest_offset("c").await.expect("latest"), 80);
+        assert_eq!(
+            sa.read("c", HistoryQuery::Before(41), 1)
+                .await
+                .expect("read"),
+            [msg("c", 40, "alice", 1_040, None)],
+            "a rewrite is the same row"
+        );
+        assert!(matches!(
+            sa.append_cluster(vec![msg("c", 0, "alice", 1, None)]).await,
+            Err(StoreError::Invalid(_))
+        ));
+    });
+
+    // The composed store: a real redis-server for the window, ScyllaDB for the rest.
+    let server = common_redis::RedisServer::start();
+    let url = server.url();
+    let bridge = Bridge::start().expect("bridge");
+    let mut opts = corelay::cluster::RedisOptions::new(url.clone());
+    opts.history_max_len = 0;
+    let cluster = futures::executor::block_on(corelay::cluster::redis::RedisCluster::connect(
+        opts,
+        bridge.clone(),
+    ))
+    .expect("connect to redis");
+    let store = Store::cluster(&cluster, host_a);
+    let (c, s) = (cluster.clone(), store.clone());
+    on_shard(move || async move {
+        // Room c: ScyllaDB has 1..=80, Redis nothing: the counter is raised first.
+        assert_eq!(s.latest_offset("c").await.expect("latest"), 80);
+        let mut published = Vec::new();
+        for i in 0..20u64 {
+            match c
+                .publish(NewMessage {
+                    room: "c".into(),
+                    user: "bob".into(),
+                    text: format!("live {i}"),
+                    cid: None,
+                    ts: 2_000 + i,
+                    id: format!("live-{i}"),
+                })
+                .await
+                .expect("publish")
+            {
+                Published::Stored(m) => published.push(m),
+                other => panic!("expected Stored, got {other:?}"),
+            }
+        }
+        assert_eq!(offsets(&published), (81..=100).collect::<Vec<_>>());
+        s.persist_published(published).await.expect("persist");
+    });
+    server
+        .cmd(&url, &["XTRIM", "corelay:{c}:stream", "MAXLEN", "5"])
+        .expect("trim");
+    let s = store.clone();
+    on_shard(move || async move {
+        use HistoryQuery::{After, Before, Latest};
+        assert_eq!(read(&s, "c", Latest, 3).await, [98, 99, 100]);
+        assert_eq!(
+            read(&s, "c", Latest, 10).await,
+            (91..=100).collect::<Vec<_>>()
+        );
+        assert_eq!(read(&s, "c", Before(97), 4).await, [93, 94, 95, 96]);
+        assert_eq!(
+            read(&s, "c", After(75), 10).await,
+            (76..=85).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            read(&s, "c", After(94), 100).await,
+            (95..=100).collect::<Vec<_>>()
+        );
+        assert_eq!(s.latest_offset("c").await.expect("latest"), 100);
+        s.close().await.expect("close");
+    });
+    cluster.close();
+    bridge.shutdown();
+    drop(server);
+    futures::executor::block_on(host_b.close()).expect("close");
 }
 
 /// Drops a test keyspace when the test ends, also when it fails.

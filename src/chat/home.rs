@@ -9,7 +9,10 @@
 //!
 //! Cluster mode (`redis.url` set): the writer runs Redis's publish script per message, in
 //! order (it dedupes by `cid`, assigns the offset, appends to the room's stream and
-//! publishes), and acks with its answer. Delivery comes only from the room's subscription,
+//! publishes), and acks with its answer. With `store = "scylla"` the messages of a batch are
+//! written to ScyllaDB first (one group write; a retry's first send again), and acked only
+//! once that succeeded; a failed write answers `unavailable` and is retried in the
+//! background until ScyllaDB has it. Delivery comes only from the room's subscription,
 //! this host's own publishes included, strictly by offset: a gap is read from the store,
 //! and after a lost link (`Reconnected`) every loaded room catches up from the store.
 //! Presence goes through Redis (`presence_join/leave/list`), and so does typing (a
@@ -124,11 +127,28 @@ pub enum HomeEvent {
     Cmd(HomeCmd),
     Written(Vec<(Settled, StoredMessage)>),
     Failed(Vec<Settled>, StoreError),
-    /// Cluster mode: the publish script answered (or failed) for one message.
-    Published(Settled, Result<Published, ClusterError>),
+    /// Cluster mode: the publish script answered (or failed) for one message, and the
+    /// store made it durable (or failed to).
+    Published(Settled, Result<Published, PublishError>),
     /// Cluster mode: an event of this shard's Redis subscription.
     Cluster(ClusterEvent),
 }
+
+/// Why a cluster-mode publish was not acked.
+#[derive(Debug)]
+pub enum PublishError {
+    /// The publish script did not run (or its answer was lost): see [`ClusterError`].
+    Cluster(ClusterError),
+    /// The script stored and published the message, but the history store could not make
+    /// it durable (`store = "scylla"`): a retry with the same `cid` gets its offset back.
+    Store(StoreError),
+}
+
+/// Most published messages kept for a background retry of their ScyllaDB write, per shard.
+const MAX_UNPERSISTED: usize = 10_000;
+
+/// Delay between background retries of failed ScyllaDB writes.
+const PERSIST_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Extra catch-up checks after the Redis link comes back (500 ms apart).
 const CATCH_UP_ROUNDS: u32 = 2;
@@ -152,6 +172,12 @@ pub struct Home {
     /// Cluster mode: rooms evicted whose subscription is to be dropped by the service task
     /// (which also subscribes, so Redis sees the changes in order).
     unsubscribe: RefCell<Vec<Arc<str>>>,
+    /// Cluster mode with ScyllaDB: published messages whose durable write failed (their
+    /// senders got `unavailable`), written again in the background so the durable history
+    /// gets them even when no sender retries. Bounded by [`MAX_UNPERSISTED`].
+    unpersisted: RefCell<Vec<StoredMessage>>,
+    /// Whether the background retry of `unpersisted` is running.
+    persist_retrying: std::cell::Cell<bool>,
 }
 
 impl Home {
@@ -172,6 +198,8 @@ impl Home {
             cluster,
             own_ids: RefCell::new(HashMap::new()),
             unsubscribe: RefCell::new(Vec::new()),
+            unpersisted: RefCell::new(Vec::new()),
+            persist_retrying: std::cell::Cell::new(false),
         }
     }
 
@@ -186,9 +214,11 @@ impl Home {
         let _ = self.events.try_send(HomeEvent::Cmd(cmd));
     }
 
-    /// Whether every accepted publish has been settled (acked or refused).
+    /// Whether every accepted publish has been settled (acked or refused), and no failed
+    /// durable write is waiting for its background retry (a drain waits for those too, up
+    /// to its deadline).
     pub fn is_idle(&self) -> bool {
-        self.inflight.get() == 0
+        self.inflight.get() == 0 && !self.persist_retrying.get()
     }
 
     /// Loaded rooms.
@@ -855,8 +885,10 @@ impl Shard {
 
     /// Cluster mode: publishes the batch in one round trip to Redis (one script call per
     /// room; a room's messages get consecutive offsets in the order they were sent, so one
-    /// connection's messages are accepted in its order) and hands each outcome to the
-    /// service task, in order. Delivery comes back through the subscription.
+    /// connection's messages are accepted in its order), makes what it stored durable in
+    /// the history store (one group write for the batch; a no-op for the `redis` store) and
+    /// hands each outcome to the service task. Delivery comes back through the
+    /// subscription.
     async fn publish_to_cluster(&self, cluster: &RedisCluster, batch: Vec<Pending>) {
         let mut msgs = Vec::with_capacity(batch.len());
         let mut settle = Vec::with_capacity(batch.len());
@@ -866,14 +898,24 @@ impl Shard {
             if let Some(conn) = p.to.conn() {
                 self.home.own_ids.borrow_mut().insert(id.clone(), conn);
             }
-            msgs.push(NewMessage {
-                room: p.room.to_string(),
-                user: p.user.to_string(),
-                text: p.text,
-                cid: p.cid.clone(),
-                ts,
-                id: id.clone(),
-            });
+            // Never below what this host delivered already, even if Redis lost the room.
+            let floor = self
+                .home
+                .rooms
+                .borrow()
+                .get(&p.room)
+                .map_or(0, |r| r.delivered);
+            msgs.push((
+                NewMessage {
+                    room: p.room.to_string(),
+                    user: p.user.to_string(),
+                    text: p.text,
+                    cid: p.cid.clone(),
+                    ts,
+                    id: id.clone(),
+                },
+                floor,
+            ));
             let settled = Settled {
                 room: p.room,
                 user: p.user,
@@ -883,19 +925,126 @@ impl Shard {
             settle.push((settled, id));
         }
         let results = cluster.publish_batch(msgs).await;
+        let mut stored: Vec<(Settled, Published)> = Vec::new();
         for ((settled, id), result) in settle.into_iter().zip(results) {
             if !matches!(result, Ok(Published::Stored(_))) {
                 self.home.own_ids.borrow_mut().remove(&id);
             }
+            let outcome = match result {
+                Ok(published @ Published::Stored(_)) => {
+                    stored.push((settled, published));
+                    continue;
+                }
+                // The first send's durable write may have failed: write it again first.
+                Ok(Published::Duplicate(ack)) => match settled.cid.as_deref() {
+                    Some(cid) => self
+                        .store
+                        .persist_duplicate(&settled.room, &settled.user, cid, ack.offset)
+                        .await
+                        .map(|()| Published::Duplicate(ack))
+                        .map_err(PublishError::Store),
+                    None => Ok(Published::Duplicate(ack)),
+                },
+                Err(e) => Err(PublishError::Cluster(e)),
+            };
             let _ = self
                 .home
                 .events
-                .try_send(HomeEvent::Published(settled, result));
+                .try_send(HomeEvent::Published(settled, outcome));
+        }
+        if stored.is_empty() {
+            return;
+        }
+        let stored_messages = || {
+            stored.iter().filter_map(|(_, p)| match p {
+                Published::Stored(m) => Some(m.clone()),
+                Published::Duplicate(_) => None,
+            })
+        };
+        // The `redis` store has them already (the script's stream write): no copy, no call.
+        let persisted = if self.store.persists_published() {
+            self.store
+                .persist_published(stored_messages().collect())
+                .await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = &persisted {
+            tracing::warn!(shard = self.id, count = stored.len(), error = %e,
+                "published messages are not durable yet: senders get unavailable; writing them again in the background");
+            self.retry_persist_later(stored_messages().collect());
+        }
+        for (settled, published) in stored {
+            let outcome = match &persisted {
+                Ok(()) => Ok(published),
+                Err(e) => Err(PublishError::Store(e.clone())),
+            };
+            let _ = self
+                .home
+                .events
+                .try_send(HomeEvent::Published(settled, outcome));
         }
     }
 
+    /// Keeps published messages whose durable write failed, and makes sure a background
+    /// task writes them again (every [`PERSIST_RETRY`], until it succeeds). Past
+    /// [`MAX_UNPERSISTED`] the oldest are dropped, with an error in the log: they stay in
+    /// the Redis stream until it is trimmed, and a sender's retry with its `cid` still
+    /// writes its own.
+    fn retry_persist_later(&self, messages: Vec<StoredMessage>) {
+        {
+            let mut unpersisted = self.home.unpersisted.borrow_mut();
+            unpersisted.extend(messages);
+            if unpersisted.len() > MAX_UNPERSISTED {
+                let dropped = unpersisted.len() - MAX_UNPERSISTED;
+                unpersisted.drain(..dropped);
+                tracing::error!(
+                    shard = self.id,
+                    dropped,
+                    "too many messages waiting for their durable write: the oldest are no \
+                     longer retried (they stay in the Redis stream until trimmed)"
+                );
+            }
+        }
+        if self.home.persist_retrying.replace(true) {
+            return;
+        }
+        let Some(shard) = self.this() else {
+            self.home.persist_retrying.set(false);
+            return;
+        };
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(PERSIST_RETRY).await;
+                let batch = std::mem::take(&mut *shard.home.unpersisted.borrow_mut());
+                if batch.is_empty() {
+                    break;
+                }
+                let count = batch.len();
+                match shard.store.persist_published(batch.clone()).await {
+                    Ok(()) => {
+                        tracing::info!(shard = shard.id, count, "background durable write done");
+                        if shard.home.unpersisted.borrow().is_empty() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(shard = shard.id, count, error = %e, "background durable write failed; retrying");
+                        let mut unpersisted = shard.home.unpersisted.borrow_mut();
+                        let newer = std::mem::replace(&mut *unpersisted, batch);
+                        unpersisted.extend(newer);
+                        let excess = unpersisted.len().saturating_sub(MAX_UNPERSISTED);
+                        unpersisted.drain(..excess);
+                    }
+                }
+            }
+            shard.home.persist_retrying.set(false);
+        })
+        .detach();
+    }
+
     /// Cluster mode: acks one publish (the first ack for a duplicate cid) or refuses it.
-    fn settle_published(&self, s: Settled, result: Result<Published, ClusterError>) {
+    fn settle_published(&self, s: Settled, result: Result<Published, PublishError>) {
         if let Some(r) = self.home.rooms.borrow_mut().get_mut(&s.room) {
             r.inflight -= 1;
         }
@@ -919,7 +1068,24 @@ impl Shard {
             }
             Err(e) => {
                 ShardMetrics::inc(&self.metrics().store_errors);
-                self.reply_error(s.to, &cluster_unavailable(&e));
+                let err = match &e {
+                    PublishError::Cluster(e) => cluster_unavailable(e),
+                    PublishError::Store(e) if s.cid.is_some() => ChatError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "history store: {e} (the message was published but is not durable \
+                             yet: a retry with the same cid gets its ack once it is)"
+                        ),
+                    ),
+                    PublishError::Store(e) => ChatError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "history store: {e} (the message was published but is not durable \
+                             yet; send a cid to make retries safe)"
+                        ),
+                    ),
+                };
+                self.reply_error(s.to, &err);
             }
         }
         self.evict_if_idle(&s.room);

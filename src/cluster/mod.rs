@@ -48,7 +48,9 @@
 //!
 //! Redis must keep its data (AOF or RDB persistence, `maxmemory-policy noeviction`): the
 //! offset counter is the room's sequence for the whole cluster. A counter that is lost while
-//! the stream survives heals itself (the script never goes below the stream's last entry).
+//! the stream survives heals itself (the script never goes below the stream's last entry),
+//! and a host never gets an offset at or below the newest it delivered (the home shard passes
+//! it as a floor, [`RedisCluster::publish_above`](redis::RedisCluster::publish_above)).
 
 use std::fmt;
 use std::time::Duration;

@@ -358,7 +358,20 @@ impl RedisCluster {
     /// On error nothing was stored, except after a [`ClusterError::Timeout`] whose reply
     /// was lost (see there): a retry with the same `cid` is safe.
     pub async fn publish(&self, msg: NewMessage) -> Result<Published, ClusterError> {
-        self.publish_batch(vec![msg])
+        self.publish_above(msg, 0).await
+    }
+
+    /// [`RedisCluster::publish`], with an offset of the room that the caller knows was
+    /// handed out already (a home shard's newest delivered one): the new offset is always
+    /// above it, even when Redis lost the room's counter and stream (restarted without
+    /// persistence). So offsets never go back for the members, and a durable store never
+    /// gets an offset it holds already.
+    pub async fn publish_above(
+        &self,
+        msg: NewMessage,
+        floor: u64,
+    ) -> Result<Published, ClusterError> {
+        self.publish_batch(vec![(msg, floor)])
             .await
             .pop()
             .unwrap_or_else(|| Err(ClusterError::Protocol("publish: no reply".into())))
@@ -366,12 +379,13 @@ impl RedisCluster {
 
     /// Publishes several messages in one round trip to Redis: one script call per room,
     /// all in flight at once. Each room's messages get consecutive offsets in the order
-    /// given (a batch is the same as publishing them one after another); the results come
-    /// back in the order given. A home shard sends whatever queued while its previous
-    /// batch was out.
+    /// given (a batch is the same as publishing them one after another), above the highest
+    /// floor given with the room's messages (see [`RedisCluster::publish_above`]); the
+    /// results come back in the order given. A home shard sends whatever queued while its
+    /// previous batch was out.
     pub async fn publish_batch(
         &self,
-        msgs: Vec<NewMessage>,
+        msgs: Vec<(NewMessage, u64)>,
     ) -> Vec<Result<Published, ClusterError>> {
         let n = msgs.len();
         let shared = self.inner.shared.clone();
@@ -744,18 +758,25 @@ impl Shared {
     /// flight together on the multiplexed connection (one round trip in all). Each room's
     /// messages get consecutive offsets in the order given. One result per message, in
     /// the order given.
-    async fn publish_batch(&self, msgs: Vec<NewMessage>) -> Vec<Result<Published, ClusterError>> {
-        let mut by_room: Vec<(String, Vec<usize>)> = Vec::new();
-        for (i, m) in msgs.iter().enumerate() {
-            match by_room.iter_mut().find(|(room, _)| *room == m.room) {
-                Some((_, idx)) => idx.push(i),
-                None => by_room.push((m.room.clone(), vec![i])),
+    async fn publish_batch(
+        &self,
+        msgs: Vec<(NewMessage, u64)>,
+    ) -> Vec<Result<Published, ClusterError>> {
+        // Per room: the indexes of its messages and the highest floor given for it.
+        let mut by_room: Vec<(String, Vec<usize>, u64)> = Vec::new();
+        for (i, (m, floor)) in msgs.iter().enumerate() {
+            match by_room.iter_mut().find(|(room, _, _)| *room == m.room) {
+                Some((_, idx, f)) => {
+                    idx.push(i);
+                    *f = (*f).max(*floor);
+                }
+                None => by_room.push((m.room.clone(), vec![i], *floor)),
             }
         }
         let msgs = &msgs;
-        let calls = by_room.iter().map(|(_, idx)| async move {
-            let group: Vec<&NewMessage> = idx.iter().map(|&i| &msgs[i]).collect();
-            (idx, self.publish_room(&group).await)
+        let calls = by_room.iter().map(|(_, idx, floor)| async move {
+            let group: Vec<&NewMessage> = idx.iter().map(|&i| &msgs[i].0).collect();
+            (idx, self.publish_room(&group, *floor).await)
         });
         let mut results: Vec<Option<Result<Published, ClusterError>>> =
             (0..msgs.len()).map(|_| None).collect();
@@ -779,12 +800,13 @@ impl Shared {
             .collect()
     }
 
-    /// One publish script call for messages of one room (see `PUBLISH_BODY`): a result per
-    /// message, or one error for all of them (nothing stored, or unknown after a timeout:
-    /// the sender retries with its cid).
+    /// One publish script call for messages of one room (see `PUBLISH_BODY`), their offsets
+    /// above `floor`: a result per message, or one error for all of them (nothing stored,
+    /// or unknown after a timeout: the sender retries with its cid).
     async fn publish_room(
         &self,
         msgs: &[&NewMessage],
+        floor: u64,
     ) -> Result<Vec<Result<Published, ClusterError>>, ClusterError> {
         let Some(room) = msgs.first().map(|m| m.room.as_str()) else {
             return Ok(Vec::new());
@@ -821,6 +843,7 @@ impl Shared {
             )
             .arg(self.publish_command())
             .arg(deadline)
+            .arg(floor)
             .arg(parts.len());
         for (m, (prefix, suffix)) in &parts {
             inv.arg(if m.cid.is_some() { "1" } else { "0" })

@@ -107,9 +107,11 @@ end
 /// KEYS: 1 offset counter, 2 stream, 3.. the dedupe keys of the messages that carry a cid,
 /// in message order.
 /// ARGV: 1 channel, 2 dedupe window ms, 3 stream max len (0: none), 4 max age ms (0: none),
-/// 5 `PUBLISH` or `SPUBLISH`, 6 deadline (Redis clock ms; 0: none), 7 message count n, then
-/// 8 values per message (message i from ARGV[8 + 8 * i]): has cid (`0`/`1`), cid, user, text,
-/// ts, id, payload prefix, payload suffix (the channel payload is prefix .. offset .. suffix).
+/// 5 `PUBLISH` or `SPUBLISH`, 6 deadline (Redis clock ms; 0: none), 7 floor: an offset the
+/// caller knows was handed out already (0: none; the new offsets are always above it), 8
+/// message count n, then 8 values per message (message i from ARGV[9 + 8 * i]): has cid
+/// (`0`/`1`), cid, user, text, ts, id, payload prefix, payload suffix (the channel payload is
+/// prefix .. offset .. suffix).
 ///
 /// Returns one reply per message, in order: `{'ok', offset}`, or `{'dup',
 /// '<offset>:<ts>:<id>'}` (the first send's ack; nothing done for this one). Past the
@@ -123,12 +125,14 @@ if deadline > 0 and now > deadline then
   return {{'expired', string.format('%d', now)}}
 end
 local channel, window, max_len, pubcmd = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
-local n = tonumber(ARGV[7])
+local n = tonumber(ARGV[8])
 local last = last_offset(KEYS[2])
+local floor = tonumber(ARGV[7]) or 0
+if floor > last then last = floor end
 local replies = {}
 local next_key = 3
 for i = 0, n - 1 do
-  local b = 8 + 8 * i
+  local b = 9 + 8 * i
   local has_cid = ARGV[b] == '1'
   local cid_key = nil
   if has_cid then
@@ -141,7 +145,8 @@ for i = 0, n - 1 do
   else
     local offset = redis.call('INCR', KEYS[1])
     if last >= offset then
-      -- The counter fell behind the stream (lost or reset): never reuse an offset.
+      -- The counter fell behind the stream or the caller's floor (lost or reset): never
+      -- reuse an offset.
       offset = last + 1
       redis.call('SET', KEYS[1], string.format('%d', offset))
     end

@@ -2,7 +2,7 @@
 //! `history` and idempotent sends (`cid`) can be answered after the live fan-out is gone.
 //!
 //! One trait, [`HistoryStore`], is met by every backend (memory, embedded fjall, ScyllaDB,
-//! later redis), and one test suite (`tests/store_suite.rs`) checks them all the same
+//! Redis streams, and Redis + ScyllaDB composed for a cluster), and one test suite (`tests/store_suite.rs`) checks them all the same
 //! way. A shard holds the configured backend as one [`Store`] value (enum dispatch, no
 //! `dyn`), cloned from the value the main thread opened.
 //!
@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+pub mod cluster;
 pub mod embedded;
 pub mod memory;
 pub mod redis;
@@ -165,6 +166,9 @@ pub enum Store {
     Scylla(scylla::ScyllaStore),
     /// Redis streams: each room's recent history, written by the cluster's publish script.
     Redis(redis::RedisStore),
+    /// A cluster with ScyllaDB: recent history from the Redis streams, durable history in
+    /// ScyllaDB, written by the home shards at the offsets Redis assigned.
+    Cluster(cluster::ClusterStore),
 }
 
 impl Store {
@@ -199,12 +203,56 @@ impl Store {
         Store::Redis(redis::RedisStore::new(cluster))
     }
 
+    /// The store of a cluster with ScyllaDB (`store = "scylla"` and `redis.url` set): the
+    /// streams of `cluster`'s Redis for recent history, `durable` for all of it. No I/O.
+    pub fn cluster(
+        cluster: &crate::cluster::redis::RedisCluster,
+        durable: scylla::ScyllaStore,
+    ) -> Store {
+        Store::Cluster(cluster::ClusterStore::new(
+            redis::RedisStore::new(cluster),
+            durable,
+        ))
+    }
+
+    /// Whether [`Store::persist_published`] does anything: true only for [`Store::Cluster`]
+    /// (so the home shard copies nothing for the `redis` store).
+    pub fn persists_published(&self) -> bool {
+        matches!(self, Store::Cluster(_))
+    }
+
+    /// Cluster mode: makes messages the publish script stored durable before their senders
+    /// are acked. Writes them to ScyllaDB for [`Store::Cluster`]; a no-op for the others
+    /// (for the `redis` store the script's stream write is the durable write).
+    pub async fn persist_published(&self, batch: Vec<StoredMessage>) -> Result<(), StoreError> {
+        match self {
+            Store::Cluster(s) => s.persist(batch).await,
+            _ => Ok(()),
+        }
+    }
+
+    /// Cluster mode: a retried send the publish script answered with the first send's
+    /// `offset`; makes sure that message is durable before the retry is acked (see
+    /// [`cluster::ClusterStore::persist_duplicate`]). A no-op but for [`Store::Cluster`].
+    pub async fn persist_duplicate(
+        &self,
+        room: &str,
+        user: &str,
+        cid: &str,
+        offset: u64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Cluster(s) => s.persist_duplicate(room, user, cid, offset).await,
+            _ => Ok(()),
+        }
+    }
+
     /// Syncs everything appended so far to disk (a no-op for memory and ScyllaDB, whose
     /// acks already mean the replicas have it, per the consistency level). Useful with
     /// [`Durability::Buffered`] to bound what a machine crash can lose.
     pub async fn flush(&self) -> Result<(), StoreError> {
         match self {
-            Store::Memory(_) | Store::Scylla(_) | Store::Redis(_) => Ok(()),
+            Store::Memory(_) | Store::Scylla(_) | Store::Redis(_) | Store::Cluster(_) => Ok(()),
             Store::Embedded(s) => s.flush().await,
         }
     }
@@ -227,6 +275,7 @@ impl Store {
                 s.close();
                 Ok(())
             }
+            Store::Cluster(s) => s.close().await,
         }
     }
 
@@ -239,6 +288,7 @@ impl Store {
             Store::Embedded(s) => s.health(),
             Store::Scylla(s) => s.health(),
             Store::Redis(s) => s.health(),
+            Store::Cluster(s) => s.health(),
         }
     }
 }
@@ -250,6 +300,7 @@ impl HistoryStore for Store {
             Store::Embedded(s) => s.append(batch).await,
             Store::Scylla(s) => s.append(batch).await,
             Store::Redis(s) => s.append(batch).await,
+            Store::Cluster(s) => s.append(batch).await,
         }
     }
 
@@ -264,6 +315,7 @@ impl HistoryStore for Store {
             Store::Embedded(s) => s.read(room, query, limit).await,
             Store::Scylla(s) => s.read(room, query, limit).await,
             Store::Redis(s) => s.read(room, query, limit).await,
+            Store::Cluster(s) => s.read(room, query, limit).await,
         }
     }
 
@@ -273,6 +325,7 @@ impl HistoryStore for Store {
             Store::Embedded(s) => s.latest_offset(room).await,
             Store::Scylla(s) => s.latest_offset(room).await,
             Store::Redis(s) => s.latest_offset(room).await,
+            Store::Cluster(s) => s.latest_offset(room).await,
         }
     }
 
@@ -288,6 +341,7 @@ impl HistoryStore for Store {
             Store::Embedded(s) => s.find_cid(room, user, cid, not_before_ts).await,
             Store::Scylla(s) => s.find_cid(room, user, cid, not_before_ts).await,
             Store::Redis(s) => s.find_cid(room, user, cid, not_before_ts).await,
+            Store::Cluster(s) => s.find_cid(room, user, cid, not_before_ts).await,
         }
     }
 }

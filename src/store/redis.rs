@@ -40,6 +40,11 @@ use super::{HistoryQuery, HistoryStore, StoreError, StoredMessage};
 use crate::cluster::redis::{bytes, parse_ack, RedisCluster};
 use crate::cluster::{keys, ClusterError};
 
+/// Raises KEYS[1] (an offset counter) to ARGV[1] when lower; 1 when raised, else 0. Rare
+/// (room loads in `scylla` cluster mode, when ScyllaDB is ahead), so sent with EVAL.
+const RAISE_OFFSET: &str = "local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0 \
+if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) return 1 end return 0";
+
 /// Largest COUNT sent to Redis for one read.
 const MAX_COUNT: usize = 1 << 40;
 
@@ -151,6 +156,30 @@ impl RedisStore {
                     .iter()
                     .map(|p| String::from_utf8_lossy(p))
                     .collect::<Vec<_>>()
+            ))),
+        }
+    }
+
+    /// Raises the room's offset counter to `at_least` if it is lower (never lowers it).
+    /// Returns whether it was raised. For a durable store that holds offsets Redis no longer
+    /// knows (Redis lost its data, or the history was written before Redis was the
+    /// sequencer): the next publish then gets `at_least + 1`, never an offset in use.
+    pub async fn raise_offset(&self, room: &str, at_least: u64) -> Result<bool, StoreError> {
+        self.open()?;
+        let mut cmd = ::redis::cmd("EVAL");
+        cmd.arg(RAISE_OFFSET)
+            .arg(1)
+            .arg(keys::offset(room))
+            .arg(at_least.to_string());
+        match self
+            .cluster
+            .query("raising the offset counter", cmd)
+            .await
+            .map_err(store_error)?
+        {
+            Value::Int(n) => Ok(n == 1),
+            other => Err(StoreError::Corrupt(format!(
+                "raising the offset counter of room {room:?} answered {other:?}"
             ))),
         }
     }

@@ -52,9 +52,21 @@
 //! latest offset this process committed or read for the room (read from `room_latest` the
 //! first time, and again after any failure). On one host, where the home shard is the room's
 //! only writer, that is exactly the room's latest stored offset, and [`StoreError::OffsetConflict`]
-//! means what the trait says. In a cluster several hosts append to one room, so the check
-//! only covers this host's own appends: the commit point stays correct (a max register), but
-//! a reader may briefly see offset N committed by one host before N-1 of another host lands.
+//! means what the trait says. A cluster does not use this path (see *Cluster mode*).
+//!
+//! # Cluster mode
+//!
+//! With `redis.url` set, Redis's publish script assigns every offset (one counter per room,
+//! cluster-wide) and several hosts write the same room at once, so appends reach ScyllaDB
+//! out of offset order. They go through [`ScyllaStore::append_cluster`] instead: message
+//! rows written at the given offsets (idempotent: a rewrite is the same row), then
+//! `room_latest` raised with `USING TIMESTAMP = offset`, which makes it a max register
+//! whatever the arrival order: a host committing 6 after another committed 7 changes
+//! nothing. No lock, no read before the write, no lightweight transaction. Offsets are
+//! never reused (the counter only rises), so there are no stray rows to overwrite. Offsets
+//! below `room_latest` whose rows are still in flight (or whose write failed) read as a
+//! hole until they land; [`crate::store::cluster::ClusterStore`] reads recent history
+//! from the Redis stream for that reason, and ScyllaDB only below the stream's window.
 //!
 //! # Failures and timeouts
 //!
@@ -352,6 +364,24 @@ impl ScyllaStore {
             let _ = self.shared.bridge.spawn(async move { drop(conn) }).await;
         }
         Ok(())
+    }
+
+    /// Cluster mode (`store.kind = "scylla"` with `redis.url`): stores messages at the
+    /// offsets Redis's publish script gave them, whichever host sent them and in whatever
+    /// order they arrive. See *Cluster mode* in the module docs.
+    ///
+    /// Unlike [`HistoryStore::append`] there is no single-writer check: another host may
+    /// have committed higher offsets of the room already, and a message may be written
+    /// again (a retry with the same `cid`): the same primary key, so the same row. Each
+    /// room's `room_latest` only ever rises (a max register). `cid` rows are not written:
+    /// Redis dedupes in cluster mode. Fails with [`StoreError::Unavailable`] (nothing
+    /// acked; some rows may have landed, which a rewrite makes whole) or
+    /// [`StoreError::Invalid`] (offset 0 or above `i64::MAX`, nothing sent).
+    pub async fn append_cluster(&self, batch: Vec<StoredMessage>) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.call(append_cluster(self.shared.clone(), batch)).await
     }
 
     /// Runs one call on the bridge and records its outcome for `health`.
@@ -698,7 +728,11 @@ fn chunks<T>(rows: Vec<(T, usize)>, into: &mut Vec<Vec<T>>) {
 
 /// The write requests of an append, grouped by partition. Fails (before any I/O) on a
 /// message the schema cannot hold.
-fn jobs<'a>(shared: &Shared, batch: &'a [StoredMessage]) -> Result<Vec<Job<'a>>, StoreError> {
+fn jobs<'a>(
+    shared: &Shared,
+    batch: &'a [StoredMessage],
+    with_cids: bool,
+) -> Result<Vec<Job<'a>>, StoreError> {
     let mut messages: BTreeMap<(&str, i64), Vec<(MessageRow<'a>, usize)>> = BTreeMap::new();
     let mut cids: BTreeMap<(&str, &str), Vec<(CidRow<'a>, usize)>> = BTreeMap::new();
     for m in batch {
@@ -719,7 +753,7 @@ fn jobs<'a>(shared: &Shared, batch: &'a [StoredMessage]) -> Result<Vec<Job<'a>>,
             ),
             size,
         ));
-        if let Some(cid) = &m.cid {
+        if let Some(cid) = m.cid.as_ref().filter(|_| with_cids) {
             cids.entry((&m.room, &m.user))
                 .or_default()
                 .push(((&m.room, &m.user, cid, offset, ts, offset), size));
@@ -802,6 +836,42 @@ async fn commit(conn: &Conn, latest: &HashMap<&str, u64>) -> Result<(), StoreErr
     Ok(())
 }
 
+/// Runs an append's write requests, [`WRITE_CONCURRENCY`] at a time; the first failure
+/// ends it.
+async fn run_jobs(conn: &Conn, jobs: Vec<Job<'_>>) -> Result<(), StoreError> {
+    // Boxed: a stream over borrowing futures otherwise trips the compiler's `Send` check
+    // (higher-ranked lifetimes in the closure).
+    let writes: Vec<WriteFuture<'_>> = jobs
+        .into_iter()
+        .map(|job| -> WriteFuture<'_> { Box::pin(run_job(conn, job)) })
+        .collect();
+    stream::iter(writes)
+        .buffer_unordered(WRITE_CONCURRENCY)
+        .try_for_each(|()| async { Ok(()) })
+        .await
+}
+
+/// A cluster append, on the bridge (see [`ScyllaStore::append_cluster`]): the message
+/// rows, then each room's commit point raised to the batch's highest offset of that room.
+/// No lock, no read, no order check: every host may write any offset, in any order.
+async fn append_cluster(shared: Arc<Shared>, batch: Vec<StoredMessage>) -> Result<(), StoreError> {
+    let conn = shared.conn()?;
+    let mut highest: HashMap<&str, u64> = HashMap::new();
+    for m in &batch {
+        if m.offset == 0 {
+            return Err(StoreError::Invalid(format!(
+                "message {} of room {:?} has offset 0; offsets start at 1",
+                m.id, m.room
+            )));
+        }
+        let h = highest.entry(m.room.as_str()).or_insert(0);
+        *h = (*h).max(m.offset);
+    }
+    let jobs = jobs(&shared, &batch, false)?;
+    run_jobs(&conn, jobs).await?;
+    commit(&conn, &highest).await
+}
+
 /// An append, on the bridge: check, write the rows, commit (see the module docs).
 async fn append(shared: Arc<Shared>, batch: Vec<StoredMessage>) -> Result<(), StoreError> {
     let conn = shared.conn()?;
@@ -829,19 +899,10 @@ async fn append(shared: Arc<Shared>, batch: Vec<StoredMessage>) -> Result<(), St
             .copied()
             .ok_or_else(|| StoreError::Unavailable(format!("internal: room {room:?} not locked")))
     })?;
-    let jobs = jobs(&shared, &batch)?;
+    let jobs = jobs(&shared, &batch, true)?;
 
     let written: Result<(), StoreError> = async {
-        // Boxed: a stream over borrowing futures otherwise trips the compiler's `Send`
-        // check (higher-ranked lifetimes in the closure).
-        let writes: Vec<WriteFuture<'_>> = jobs
-            .into_iter()
-            .map(|job| -> WriteFuture<'_> { Box::pin(run_job(&conn, job)) })
-            .collect();
-        stream::iter(writes)
-            .buffer_unordered(WRITE_CONCURRENCY)
-            .try_for_each(|()| async { Ok(()) })
-            .await?;
+        run_jobs(&conn, jobs).await?;
         commit(&conn, &new_latest).await
     }
     .await;
