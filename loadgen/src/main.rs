@@ -116,6 +116,10 @@ enum Command {
         /// How long to write (at most 10 minutes).
         #[arg(short = 'd', long, default_value = "10s", value_parser = parse_duration)]
         duration: Duration,
+        /// `epoll`: the reader sleeps in epoll_wait like a real client (each write may pay
+        /// for a wake-up); `spin`: it never sleeps (the bare TCP cost).
+        #[arg(long, default_value = "epoll", value_parser = ["epoll", "spin"])]
+        reader: String,
     },
     /// Plot HDR histogram files (from --hdr-out) on one percentile chart.
     Plot {
@@ -273,11 +277,17 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             frame_bytes,
             per_write,
             duration,
+            reader,
         } => {
             if *duration > Duration::from_secs(600) {
                 anyhow::bail!("--duration is at most 10 minutes");
             }
             let report = floor::run(&floor::FloorOpts {
+                reader: if reader == "spin" {
+                    floor::Reader::Spin
+                } else {
+                    floor::Reader::Epoll
+                },
                 sockets: *sockets,
                 rate: *rate,
                 frame_bytes: *frame_bytes,

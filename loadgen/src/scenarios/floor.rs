@@ -10,6 +10,11 @@
 //! `getrusage(RUSAGE_THREAD)`) is divided by the writes and by the messages written.
 //! With `per_write > 1`, that many frames go out in one write: the saving a server gets
 //! when a member's frames queue up between two writes.
+//!
+//! Two readers: [`Reader::Epoll`] (the default) sleeps in `epoll_wait` like a real client
+//! (tokio, Node), so a write to an idle reader also pays for waking it up, which the
+//! kernel charges to the writer too; [`Reader::Spin`] sweeps the sockets without ever
+//! sleeping, the bare TCP cost with no wake-ups.
 
 use anyhow::{bail, Context as _};
 use serde::Serialize;
@@ -19,9 +24,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How the far ends are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reader {
+    /// One thread blocked in `epoll_wait` on every socket, as an event-loop client is.
+    Epoll,
+    /// One thread sweeping every socket with non-blocking reads, never sleeping long.
+    Spin,
+}
+
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct FloorOpts {
+    /// How the far ends are read.
+    pub reader: Reader,
     /// Connected socket pairs the writes go round-robin over.
     pub sockets: usize,
     /// Messages per second, paced evenly.
@@ -39,6 +56,8 @@ pub struct FloorOpts {
 pub struct FloorReport {
     /// Always `"floor"`.
     pub scenario: &'static str,
+    /// How the far ends were read.
+    pub reader: Reader,
     /// Socket pairs used.
     pub sockets: usize,
     /// Messages per write.
@@ -70,7 +89,7 @@ impl FloorReport {
     pub fn human(&self) -> String {
         format!(
             "== corelay-loadgen floor (no server: the kernel's cost of one loopback write)\n\
-             writes       {} writes of {} x {} bytes over {} sockets in {:.1} s ({:.0} msg/s)\n\
+             writes       {} writes of {} x {} bytes over {} sockets in {:.1} s ({:.0} msg/s), {:?} reader\n\
              writer cpu   user {:.3} s  sys {:.3} s\n\
              floor        {:.2} µs CPU per message ({:.2} µs per write)\n\
              read back    {} bytes\n",
@@ -80,6 +99,7 @@ impl FloorReport {
             self.sockets,
             self.wall_s,
             self.messages_per_sec,
+            self.reader,
             self.writer_user_s,
             self.writer_sys_s,
             self.cpu_us_per_message,
@@ -120,32 +140,10 @@ pub fn run(opts: &FloorOpts) -> anyhow::Result<FloorReport> {
     let done = Arc::new(AtomicBool::new(false));
     let reader = {
         let done = done.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut total = 0u64;
-            loop {
-                let finished = done.load(Ordering::Acquire);
-                let mut got = false;
-                for mut r in &readers {
-                    loop {
-                        match r.read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => {
-                                total += n as u64;
-                                got = true;
-                            }
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                            Err(_) => break,
-                        }
-                    }
-                }
-                if finished && !got {
-                    return total;
-                }
-                if !got {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
+        let mode = opts.reader;
+        std::thread::spawn(move || match mode {
+            Reader::Spin => read_spinning(&readers, &done),
+            Reader::Epoll => read_with_epoll(&readers, &done),
         })
     };
 
@@ -173,13 +171,14 @@ pub fn run(opts: &FloorOpts) -> anyhow::Result<FloorReport> {
     done.store(true, Ordering::Release);
     let bytes_read = reader
         .join()
-        .map_err(|_| anyhow::anyhow!("reader thread panicked"))?;
+        .map_err(|_| anyhow::anyhow!("reader thread panicked"))??;
 
     let messages = total_writes * opts.per_write as u64;
     let user = (u1 - u0).as_secs_f64();
     let sys = (s1 - s0).as_secs_f64();
     Ok(FloorReport {
         scenario: "floor",
+        reader: opts.reader,
         sockets: opts.sockets,
         per_write: opts.per_write,
         frame_bytes: opts.frame_bytes,
@@ -195,13 +194,96 @@ pub fn run(opts: &FloorOpts) -> anyhow::Result<FloorReport> {
     })
 }
 
+/// Reads everything a socket has now; the bytes read.
+fn drain(mut r: &TcpStream, buf: &mut [u8]) -> u64 {
+    let mut total = 0;
+    loop {
+        match r.read(buf) {
+            Ok(0) => return total,
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return total, // WouldBlock, or the pair is gone
+        }
+    }
+}
+
+/// Sweeps every socket until `done` and a sweep finds nothing; the bytes read.
+fn read_spinning(readers: &[TcpStream], done: &AtomicBool) -> anyhow::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let finished = done.load(Ordering::Acquire);
+        let got: u64 = readers.iter().map(|r| drain(r, &mut buf)).sum();
+        total += got;
+        if finished && got == 0 {
+            return Ok(total);
+        }
+        if got == 0 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+/// Waits in `epoll_wait` on every socket (level-triggered) and reads what is ready, until
+/// `done` and a wait times out; the bytes read.
+fn read_with_epoll(readers: &[TcpStream], done: &AtomicBool) -> anyhow::Result<u64> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain epoll calls on descriptors this function owns or borrows; the epoll
+    // descriptor is closed before returning.
+    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if ep < 0 {
+        bail!("epoll_create1: {}", std::io::Error::last_os_error());
+    }
+    for (i, r) in readers.iter().enumerate() {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: i as u64,
+        };
+        if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, r.as_raw_fd(), &mut ev) } < 0 {
+            let e = std::io::Error::last_os_error();
+            unsafe { libc::close(ep) };
+            bail!("epoll_ctl: {e}");
+        }
+    }
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 100) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            unsafe { libc::close(ep) };
+            bail!("epoll_wait: {e}");
+        }
+        if n == 0 && done.load(Ordering::Acquire) {
+            unsafe { libc::close(ep) };
+            return Ok(total);
+        }
+        for ev in &events[..n as usize] {
+            if let Some(r) = readers.get(ev.u64 as usize) {
+                total += drain(r, &mut buf);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_byte_written_is_read_back_and_cpu_is_counted() {
+        for reader in [Reader::Epoll, Reader::Spin] {
+            check(reader);
+        }
+    }
+
+    fn check(reader: Reader) {
         let r = run(&FloorOpts {
+            reader,
             sockets: 8,
             rate: 20_000.0,
             frame_bytes: 100,
