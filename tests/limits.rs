@@ -169,6 +169,29 @@ fn a_ping_timeout_and_a_transport_error_free_the_slot_once() {
 }
 
 /// A WebSocket handshake from `source`; the status line and head, and the body if refused.
+#[test]
+fn events_sent_right_behind_the_connect_are_handled_once_it_is_admitted() {
+    // Whichever shard owns the user's count (half of the users are owned by the other
+    // shard, whose answer comes over the mesh), a join sent in the same breath as the
+    // CONNECT is answered, after the CONNECT's own answer.
+    let server = Server::start(&[]);
+    for i in 0..12 {
+        let (mut c, _) = WsClient::open(server.port);
+        let user = format!("eager{i}");
+        c.send_text(&format!(
+            "40{}",
+            json!({"token": token(&user, Some(&["*"]))})
+        ));
+        c.send_text(&format!("421{}", json!(["join", {"room": "eager"}])));
+        let first = c
+            .recv_text(Duration::from_secs(5))
+            .expect("the CONNECT answer");
+        assert!(first.starts_with("40{\"sid\":"), "{user}: {first}");
+        let ack = c.wait_ack(1);
+        assert_eq!(ack["ok"], true, "{user}: {ack}");
+    }
+}
+
 fn handshake_from(source: Ipv4Addr, port: u16) -> (u16, String) {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();

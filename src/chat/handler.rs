@@ -11,7 +11,7 @@ use super::events::{
     PayloadLimits,
 };
 use super::mesh::{HomeCmd, ReplyTo, UserCmd};
-use super::session::{CloseReason, Session, User};
+use super::session::{CloseReason, Session, User, MAX_HELD_PACKETS};
 use crate::auth::Identity;
 use crate::metrics::ShardMetrics;
 use crate::protocol::socketio::{self, encode_ack, PacketKind};
@@ -64,6 +64,16 @@ pub fn on_socketio(
     };
     if kind == PacketKind::Connect {
         return on_connect(shard, session, &namespace, &data[body_at..]);
+    }
+    if namespace == "/" && session.pending_user.borrow().is_some() {
+        // Sent right behind the CONNECT that is being admitted: kept for `on_admitted`.
+        let mut held = session.held.borrow_mut();
+        if held.len() >= MAX_HELD_PACKETS {
+            tracing::debug!("too many packets before the CONNECT was answered");
+            return PROTOCOL_ERROR;
+        }
+        held.push(data);
+        return Flow::Continue;
     }
     if namespace != "/" || session.user.borrow().is_none() {
         // Like Socket.IO: packets for a namespace the client is not connected to are ignored.
@@ -221,8 +231,21 @@ pub fn on_admitted(
     admitted: bool,
 ) {
     let _entered = session.span.enter();
+    let held = std::mem::take(&mut *session.held.borrow_mut());
     if admitted {
         connected(shard, session, user, identity, true);
+        if held.is_empty() {
+            // Also the path where this shard owns the user: the answer comes at once,
+            // inside `on_connect`, while the parser is borrowed by the caller.
+            return;
+        }
+        let mut parser = session.parser.borrow_mut();
+        for packet in held {
+            if let Flow::Close(reason) = on_socketio(shard, session, &mut parser, packet) {
+                session.close(reason);
+                break;
+            }
+        }
         return;
     }
     ShardMetrics::inc(&shard.stats().user_limit_refusals);

@@ -13,6 +13,9 @@ use bytes::Bytes;
 
 use crate::auth::Identity;
 
+/// Most packets held while a CONNECT is being admitted; one more closes the connection
+/// (a client that floods before it is connected).
+pub const MAX_HELD_PACKETS: usize = 64;
 /// A connection's address across shards: its shard and its id there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnRef {
@@ -216,6 +219,10 @@ pub struct Session {
     /// An authenticated CONNECT waiting for its user's owner shard to count it
     /// (`limits.max_connections_per_user`).
     pub pending_user: RefCell<Option<(User, Rc<Identity>)>>,
+    /// Socket.IO packets that arrived while the CONNECT was being admitted (a client may
+    /// send its first events right behind the CONNECT): handled in order once it is, dropped
+    /// if it is refused. At most [`MAX_HELD_PACKETS`].
+    pub held: RefCell<Vec<Vec<u8>>>,
     /// The user's owner shard counted this connection: release it exactly once.
     pub counted: Cell<bool>,
     /// This connection's tracing span (`conn{shard, sid, user}`): every log line about the
@@ -255,6 +262,7 @@ impl Session {
             )),
             user: RefCell::new(None),
             pending_user: RefCell::new(None),
+            held: RefCell::new(Vec::new()),
             counted: Cell::new(false),
             span: tracing::Span::none(),
             joined: RefCell::new(HashSet::new()),
