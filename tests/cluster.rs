@@ -12,6 +12,8 @@ mod common_redis;
 
 use std::collections::BTreeSet;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{token, Server, WsClient};
@@ -88,6 +90,42 @@ fn crosses_hosts(clients: &mut [WsClient], room: &str) {
             assert_eq!(m["text"], text.as_str(), "{m}");
         }
     }
+}
+
+/// A sender thread per port, user `s<i>`, joined to `room` and sending as fast as acks
+/// come until `stop`: each returns the offsets acked and how many sends were refused (only
+/// `unavailable` is allowed; a refused send waits 20 ms).
+fn spawn_senders(
+    ports: &[u16],
+    room: &'static str,
+    stop: &Arc<AtomicBool>,
+) -> Vec<std::thread::JoinHandle<(Vec<u64>, u32)>> {
+    ports
+        .iter()
+        .copied()
+        .enumerate()
+        .map(|(i, port)| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = WsClient::connect(port, &token(&format!("s{i}"), Some(&["*"])));
+                join(&mut c, room);
+                let (mut acked, mut refused, mut n) = (Vec::new(), 0u32, 0u32);
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let ack =
+                        c.emit_ack("message", json!({"room": room, "text": format!("{i}:{n}")}));
+                    if ack["ok"] == true {
+                        acked.push(ack["offset"].as_u64().expect("offset"));
+                    } else {
+                        assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+                        refused += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                }
+                (acked, refused)
+            })
+        })
+        .collect()
 }
 
 fn client(server: &Server, user: &str) -> WsClient {
@@ -274,8 +312,6 @@ fn concurrent_senders_on_three_hosts_give_one_contiguous_sequence() {
 #[test]
 fn redis_restart_mid_traffic_loses_no_acked_message() {
     within(Duration::from_secs(120), || {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
         let mut redis = RedisServer::start_persistent();
         let (a, b) = (host(&redis), host(&redis));
         let mut reader = client(&b, "reader");
@@ -285,31 +321,7 @@ fn redis_restart_mid_traffic_loses_no_acked_message() {
 
         // A sender on each host, sending as fast as acks come, through the outage.
         let stop = Arc::new(AtomicBool::new(false));
-        let senders: Vec<_> = [a.port, b.port]
-            .into_iter()
-            .enumerate()
-            .map(|(i, port)| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    let mut c = WsClient::connect(port, &token(&format!("s{i}"), Some(&["*"])));
-                    join(&mut c, "r");
-                    let (mut acked, mut refused, mut n) = (Vec::new(), 0u32, 0u32);
-                    while !stop.load(Ordering::Relaxed) {
-                        n += 1;
-                        let ack =
-                            c.emit_ack("message", json!({"room": "r", "text": format!("{i}:{n}")}));
-                        if ack["ok"] == true {
-                            acked.push(ack["offset"].as_u64().unwrap());
-                        } else {
-                            assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
-                            refused += 1;
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                    }
-                    (acked, refused)
-                })
-            })
-            .collect();
+        let senders = spawn_senders(&[a.port, b.port], "r", &stop);
         std::thread::sleep(Duration::from_millis(500));
         redis.kill();
         // While Redis is down: still serving (degraded), sends refused, nothing stored.
@@ -395,8 +407,6 @@ fn redis_restart_mid_traffic_loses_no_acked_message() {
 #[test]
 fn lost_pubsub_links_are_caught_up_from_the_store() {
     within(Duration::from_secs(120), || {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
         let redis = RedisServer::start();
         let (a, b) = (host(&redis), host(&redis));
         let mut readers = [client(&a, "ra"), client(&b, "rb")];
@@ -837,8 +847,6 @@ fn a_host_started_without_redis_serves_degraded_then_joins_the_cluster() {
 #[test]
 fn a_redis_paused_past_its_timeouts_loses_no_acked_message() {
     within(Duration::from_secs(180), || {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
         let redis = RedisServer::start();
         let hosts = [host(&redis), host(&redis), host(&redis)];
         let mut readers: Vec<WsClient> = hosts
@@ -851,32 +859,8 @@ fn a_redis_paused_past_its_timeouts_loses_no_acked_message() {
             })
             .collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let senders: Vec<_> = hosts
-            .iter()
-            .map(|h| h.port)
-            .enumerate()
-            .map(|(i, port)| {
-                let stop = stop.clone();
-                std::thread::spawn(move || {
-                    let mut c = WsClient::connect(port, &token(&format!("s{i}"), Some(&["*"])));
-                    join(&mut c, "p");
-                    let (mut acked, mut refused, mut n) = (Vec::new(), 0u32, 0u32);
-                    while !stop.load(Ordering::Relaxed) {
-                        n += 1;
-                        let ack =
-                            c.emit_ack("message", json!({"room": "p", "text": format!("{i}:{n}")}));
-                        if ack["ok"] == true {
-                            acked.push(ack["offset"].as_u64().expect("offset"));
-                        } else {
-                            assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
-                            refused += 1;
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
-                    }
-                    (acked, refused)
-                })
-            })
-            .collect();
+        let ports: Vec<u16> = hosts.iter().map(|h| h.port).collect();
+        let senders = spawn_senders(&ports, "p", &stop);
         std::thread::sleep(Duration::from_millis(500));
         // Stalled past the command timeout and the probe: every host sees the link down.
         redis.pause();

@@ -279,7 +279,7 @@ fn a_batch_is_one_publish_after_another_per_room() {
         assert_eq!(before.offset, 1);
 
         // Two rooms interleaved; a cid repeated inside the batch and one sent before it.
-        let batch = vec![
+        let batch = [
             msg("b1", "u", "one", Some("c1")),
             msg("b2", "v", "first in b2", None),
             msg("b1", "u", "one again", Some("c1")),
