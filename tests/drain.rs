@@ -58,7 +58,16 @@ fn sigterm_drains_under_traffic() {
         let close = c.expect_closed(Duration::from_secs(5));
         (acked, close)
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Let traffic flow for a while, reading as a live client does: a listener that stopped
+    // reading would be cut as a slow consumer before the drain, and never see the 1012.
+    let until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < until {
+        match listener.recv_frame(Duration::from_millis(50)) {
+            Ok(f) => assert_ne!(f.opcode, 0x8, "closed before the drain"),
+            Err(ReadEnd::Timeout) => {}
+            Err(ReadEnd::Closed) => panic!("the listener was closed before the drain"),
+        }
+    }
     let signalled = Instant::now();
     server.signal(libc::SIGTERM);
     // The listener sees the 1012 close frame.
