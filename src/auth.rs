@@ -341,6 +341,11 @@ impl Keys {
                 }
             }
         }
+        // Likewise the library only refuses an `aud` it can read (a string or an array of
+        // strings): an `aud` of any other type must be refused too (found by fuzzing).
+        if claims.contains_key("aud") {
+            return Err(AuthError::InvalidClaim("aud"));
+        }
         Ok(claims)
     }
 
@@ -920,6 +925,24 @@ mod tests {
             assert_eq!(
                 connect(&auth(), &token),
                 Err(AuthError::InvalidClaim("name"))
+            );
+        }
+    }
+
+    #[test]
+    fn aud_claim_of_any_type_is_refused() {
+        for aud in [
+            json!(41020.5),
+            json!(7),
+            json!(null),
+            json!({"a": 1}),
+            json!([1, 2]),
+        ] {
+            let token = hs256(&json!({"sub": "u", "aud": aud}));
+            assert_eq!(
+                connect(&auth(), &token),
+                Err(AuthError::InvalidClaim("aud")),
+                "aud = {aud}"
             );
         }
     }
