@@ -1,10 +1,12 @@
-// Rolling restart: two corelay hosts in cluster mode (one real redis-server), clients on
-// host A. SIGTERM to A under traffic: A closes its WebSockets with 1012, the clients
-// (socket.io-client with reconnection on, pointed at host B as a load balancer would once
-// A leaves it) reconnect to B, rejoin with `since` and recover what they missed; the
-// sender retries unacked messages with the same cid. Every acked message is delivered to
-// every member exactly once, in offset order, and is in B's history; A exits 0 in time.
-// PROTOCOL.md "Wire" (1012), "Guarantees"; ARCHITECTURE.md "Process and operations".
+// A host leaves under traffic: corelay hosts in cluster mode (one real redis-server),
+// clients on the leaving host. Rolling restart: SIGTERM, the host closes its WebSockets
+// with 1012 and exits 0 in time. Crash: SIGKILL. Either way the clients (socket.io-client
+// with reconnection on, pointed at another host as a load balancer would once the first
+// leaves it) reconnect, rejoin with `since` and recover what they missed; the sender
+// retries unacked messages with the same cid. Every acked message is delivered to every
+// member exactly once, in offset order, and is in the history.
+// PROTOCOL.md "Wire" (1012), "Guarantees"; ARCHITECTURE.md "Process and operations",
+// "Between hosts".
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { after, before, describe, it } from "node:test";
@@ -13,7 +15,6 @@ import { assertOkAck, closeAll, connect, emitAck, guard, mintToken, sleep, start
 import { redisServerBin, startRedis } from "./redis.mjs";
 
 const SECRET = "e2e-rolling-" + randomBytes(12).toString("hex");
-const ROOM = "rolling";
 const ENV = {
   CORELAY_LIMITS_SEND_RATE: "10000",
   CORELAY_LIMITS_SEND_BURST: "10000",
@@ -30,11 +31,11 @@ const T = (fn) => guard(() => hosts, fn);
 const auth = (sub) => ({ token: mintToken(SECRET, { sub, rooms: ["*"] }) });
 
 /**
- * A socket.io-client on host A that reconnects to host B once A closes it (the load
- * balancer's job in production), rejoins ROOM with `since` = the last offset it saw, and
+ * A socket.io-client on host `from` that reconnects to `to` once `from` closes it (the
+ * load balancer's job in production), rejoins ROOM with `since` = the last offset it saw, and
  * records every message offset it is given, live or recovered, in arrival order.
  */
-function roamingMember(user, from, to) {
+function roamingMember(user, from, to, ROOM) {
   const socket = io(from.url, {
     transports: ["websocket"],
     forceNew: true,
@@ -84,11 +85,11 @@ function roamingMember(user, from, to) {
   return m;
 }
 
-describe("rolling restart: SIGTERM one host, its clients move to the other", { skip: SKIP }, () => {
+describe("a host leaves under traffic, its clients move to another", { skip: SKIP }, () => {
   before(async () => {
     redis = await startRedis();
     hosts = await Promise.all(
-      [0, 1].map(() => startServer({ store: "redis", args: ["--redis", redis.url], env: ENV, secret: SECRET })),
+      [0, 1, 2].map(() => startServer({ store: "redis", args: ["--redis", redis.url], env: ENV, secret: SECRET })),
     );
   });
   after(async () => {
@@ -99,108 +100,125 @@ describe("rolling restart: SIGTERM one host, its clients move to the other", { s
   });
 
   it(
-    "clients see 1012, reconnect to the second host and recover; every acked message reaches every member once, in order",
-    T(async () => {
-      const [a, b] = hosts;
-      const listener = roamingMember("listener", a, b);
-      const sender = roamingMember("sender", a, b);
-      await Promise.all([listener.joined, sender.joined]);
-      const observer = await connect(b.url, { auth: auth("observer") });
-      const seenByObserver = [];
-      observer.on("message", (msg) => msg.room === ROOM && seenByObserver.push(msg.offset));
-      assertOkAck(await emitAck(observer, "join", { room: ROOM }), "observer joins on B");
-
-      // The sender: one message at a time, each retried with its cid until acked.
-      const acked = new Map(); // cid -> offset
-      let stop = false;
-      let unavailable = 0;
-      const sending = (async () => {
-        for (let i = 1; !stop; i++) {
-          const cid = `c${i}`;
-          for (;;) {
-            if (!sender.ready) {
-              await sleep(10); // reconnecting: a client sends once it has rejoined
-              continue;
-            }
-            const epoch = sender.epoch;
-            let ack;
-            try {
-              // volatile: not buffered while disconnected (a buffered send would reach the
-              // new host before the rejoin); a lost one times out and is retried.
-              ack = await sender.socket.volatile.timeout(1000).emitWithAck("message", { room: ROOM, text: `t${i}`, cid });
-            } catch {
-              await sleep(20); // no ack (closed meanwhile): retry, the cid makes it safe
-              continue;
-            }
-            if (!ack.ok && ack.error?.code === "not_joined" && sender.epoch !== epoch) continue; // raced the rejoin
-            if (ack.ok) {
-              const before = acked.get(cid);
-              assert.ok(before === undefined || before === ack.offset, `cid ${cid} acked at two offsets`);
-              acked.set(cid, ack.offset);
-              break;
-            }
-            assert.equal(ack.error?.code, "unavailable", `a send may only fail as unavailable: ${JSON.stringify(ack)}`);
-            unavailable += 1;
-            await sleep(20);
-          }
-          await sleep(5);
-        }
-      })();
-
-      await sleep(700);
-      const ackedBeforeTerm = acked.size;
-      assert.ok(ackedBeforeTerm > 10, `traffic flows before the restart (${ackedBeforeTerm} acked)`);
-      a.stopping = true; // the exit is expected
-      const t0 = Date.now();
-      a.proc.kill("SIGTERM");
-      while (!a.exited && Date.now() - t0 < 8000) await sleep(20);
-      const exitMs = Date.now() - t0;
-      assert.deepEqual(a.exited, { code: 0, signal: null }, "host A exits 0 after SIGTERM");
-      assert.ok(exitMs < 6000, `host A exits within its shutdown timeout (${exitMs} ms)`);
-
-      // Both roaming clients were closed with 1012 and came back on B.
-      const end = Date.now() + 8000;
-      while ((listener.rejoined < 1 || sender.rejoined < 1) && Date.now() < end) await sleep(20);
-      for (const m of [listener, sender]) {
-        assert.ok(m.rejoined >= 1, `${m.user} reconnected to B and rejoined`);
-        assert.deepEqual(m.closes[0], { reason: "transport close", code: 1012 }, `${m.user}: closed with 1012`);
-      }
-      const atRejoin = acked.size;
-      while (acked.size < atRejoin + 30 && Date.now() < end + 5000) await sleep(20);
-      stop = true;
-      await sending;
-      assert.ok(acked.size >= atRejoin + 30, "sending goes on through host B");
-
-      // Every acked message reaches the listener (live or recovered) and the observer,
-      // exactly once and in offset order.
-      const offsets = [...acked.values()].sort((x, y) => x - y);
-      const top = offsets[offsets.length - 1];
-      const settle = Date.now() + 5000;
-      while ((listener.last < top || Math.max(0, ...seenByObserver) < top) && Date.now() < settle) await sleep(20);
-      for (const [who, got] of [
-        ["listener", listener.offsets],
-        ["observer", seenByObserver],
-      ]) {
-        for (let i = 1; i < got.length; i++) assert.ok(got[i] > got[i - 1], `${who}: offsets strictly increase (${got[i - 1]} then ${got[i]})`);
-        const have = new Set(got);
-        const missing = offsets.filter((o) => !have.has(o));
-        assert.deepEqual(missing, [], `${who} got every acked message`);
-      }
-      // The room's stream has no holes: offsets 1..top, every one in the observer's view.
-      assert.deepEqual(seenByObserver.filter((o) => o <= top), Array.from({ length: top }, (_, i) => i + 1));
-
-      // B's history holds every acked message with its text.
-      const texts = new Map();
-      for (let after = 0; after < top; ) {
-        const page = assertOkAck(await emitAck(observer, "history", { room: ROOM, after, limit: 100 }), "history page");
-        if (page.messages.length === 0) break;
-        for (const msg of page.messages) texts.set(msg.offset, msg.text);
-        after = page.messages[page.messages.length - 1].offset;
-      }
-      for (const [cid, offset] of acked) assert.equal(texts.get(offset), `t${cid.slice(1)}`, `history at ${offset}`);
-      process.stderr.write(
-        `rolling restart: ${acked.size} acked (${ackedBeforeTerm} before SIGTERM), ${unavailable} unavailable retries, host A exited ${exitMs} ms after SIGTERM\n`,
-      );
-    }),
+    "SIGTERM (rolling restart): clients see 1012, reconnect to another host and recover; every acked message reaches every member once, in order",
+    T(() => leaveUnderTraffic({ leaving: hosts[0], staying: hosts[1], room: "rolling", signal: "SIGTERM" })),
+  );
+  it(
+    "SIGKILL (crash): clients reconnect to another host and recover; every acked message reaches every member once, in order",
+    T(() => leaveUnderTraffic({ leaving: hosts[2], staying: hosts[1], room: "crash", signal: "SIGKILL" })),
   );
 });
+
+/**
+ * Clients of `leaving` (a listener and a sender) and an observer on `staying`, all in
+ * `room`; the sender sends one message at a time; then `leaving` gets `signal`.
+ */
+async function leaveUnderTraffic({ leaving: a, staying: b, room: ROOM, signal }) {
+  const listener = roamingMember("listener", a, b, ROOM);
+  const sender = roamingMember("sender", a, b, ROOM);
+  await Promise.all([listener.joined, sender.joined]);
+  const observer = await connect(b.url, { auth: auth("observer") });
+  const seenByObserver = [];
+  observer.on("message", (msg) => msg.room === ROOM && seenByObserver.push(msg.offset));
+  assertOkAck(await emitAck(observer, "join", { room: ROOM }), "observer joins on the staying host");
+
+  // The sender: one message at a time, each retried with its cid until acked.
+  const acked = new Map(); // cid -> offset
+  let stop = false;
+  let unavailable = 0;
+  const sending = (async () => {
+    for (let i = 1; !stop; i++) {
+      const cid = `c${i}`;
+      for (;;) {
+        if (!sender.ready) {
+          await sleep(10); // reconnecting: a client sends once it has rejoined
+          continue;
+        }
+        const epoch = sender.epoch;
+        let ack;
+        try {
+          // volatile: not buffered while disconnected (a buffered send would reach the
+          // new host before the rejoin); a lost one times out and is retried.
+          ack = await sender.socket.volatile.timeout(1000).emitWithAck("message", { room: ROOM, text: `t${i}`, cid });
+        } catch {
+          await sleep(20); // no ack (closed meanwhile): retry, the cid makes it safe
+          continue;
+        }
+        if (!ack.ok && ack.error?.code === "not_joined" && sender.epoch !== epoch) continue; // raced the rejoin
+        if (ack.ok) {
+          const before = acked.get(cid);
+          assert.ok(before === undefined || before === ack.offset, `cid ${cid} acked at two offsets`);
+          acked.set(cid, ack.offset);
+          break;
+        }
+        assert.equal(ack.error?.code, "unavailable", `a send may only fail as unavailable: ${JSON.stringify(ack)}`);
+        unavailable += 1;
+        await sleep(20);
+      }
+      await sleep(5);
+    }
+  })();
+
+  await sleep(700);
+  const ackedBeforeTerm = acked.size;
+  assert.ok(ackedBeforeTerm > 10, `traffic flows before the signal (${ackedBeforeTerm} acked)`);
+  a.stopping = true; // the exit is expected
+  const t0 = Date.now();
+  a.proc.kill(signal);
+  while (!a.exited && Date.now() - t0 < 8000) await sleep(20);
+  const exitMs = Date.now() - t0;
+  if (signal === "SIGTERM") {
+    assert.deepEqual(a.exited, { code: 0, signal: null }, "the host exits 0 after SIGTERM");
+    assert.ok(exitMs < 6000, `the host exits within its shutdown timeout (${exitMs} ms)`);
+  } else {
+    assert.deepEqual(a.exited, { code: null, signal: "SIGKILL" }, "the host was killed");
+  }
+
+  // Both roaming clients were closed with 1012 and came back on B.
+  const end = Date.now() + 8000;
+  while ((listener.rejoined < 1 || sender.rejoined < 1) && Date.now() < end) await sleep(20);
+  for (const m of [listener, sender]) {
+    assert.ok(m.rejoined >= 1, `${m.user} reconnected to the staying host and rejoined`);
+    if (signal === "SIGTERM") {
+      assert.deepEqual(m.closes[0], { reason: "transport close", code: 1012 }, `${m.user}: closed with 1012`);
+    } else {
+      assert.ok(/transport (close|error)/.test(m.closes[0]?.reason), `${m.user}: the transport dropped: ${JSON.stringify(m.closes[0])}`);
+    }
+  }
+  const atRejoin = acked.size;
+  while (acked.size < atRejoin + 30 && Date.now() < end + 5000) await sleep(20);
+  stop = true;
+  await sending;
+  assert.ok(acked.size >= atRejoin + 30, "sending goes on through the staying host");
+
+  // Every acked message reaches the listener (live or recovered) and the observer,
+  // exactly once and in offset order.
+  const offsets = [...acked.values()].sort((x, y) => x - y);
+  const top = offsets[offsets.length - 1];
+  const settle = Date.now() + 5000;
+  while ((listener.last < top || Math.max(0, ...seenByObserver) < top) && Date.now() < settle) await sleep(20);
+  for (const [who, got] of [
+    ["listener", listener.offsets],
+    ["observer", seenByObserver],
+  ]) {
+    for (let i = 1; i < got.length; i++) assert.ok(got[i] > got[i - 1], `${who}: offsets strictly increase (${got[i - 1]} then ${got[i]})`);
+    const have = new Set(got);
+    const missing = offsets.filter((o) => !have.has(o));
+    assert.deepEqual(missing, [], `${who} got every acked message`);
+  }
+  // The room's stream has no holes: offsets 1..top, every one in the observer's view.
+  assert.deepEqual(seenByObserver.filter((o) => o <= top), Array.from({ length: top }, (_, i) => i + 1));
+
+  // B's history holds every acked message with its text.
+  const texts = new Map();
+  for (let after = 0; after < top; ) {
+    const page = assertOkAck(await emitAck(observer, "history", { room: ROOM, after, limit: 100 }), "history page");
+    if (page.messages.length === 0) break;
+    for (const msg of page.messages) texts.set(msg.offset, msg.text);
+    after = page.messages[page.messages.length - 1].offset;
+  }
+  for (const [cid, offset] of acked) assert.equal(texts.get(offset), `t${cid.slice(1)}`, `history at ${offset}`);
+  process.stderr.write(
+    `${signal}: ${acked.size} acked (${ackedBeforeTerm} before the signal), ${unavailable} unavailable retries, the host was gone ${exitMs} ms after the signal\n`,
+  );
+}
