@@ -5,7 +5,7 @@
 #
 #   loadgen/soak.sh OUT_DIR
 #
-# Knobs (environment): DURATION=1800s RATE=2500 (msg/s; rooms of 10 => 9 deliveries each)
+# Knobs (environment): DURATION=1800s (seconds, with the s) RATE=2500 (msg/s; rooms of 10 => 9 deliveries each)
 # CONNS=1000 CHURN_RATE=50 CHURN_HOLD=1s WARMUP_S=900 (seconds of the run left out of the
 # flatness figure) SHARDS=2, CARGO_TARGET_DIR (where release binaries are; SKIP_BUILD=1 to
 # use them as they are). Bounded: the load generator stops after DURATION plus a grace.
@@ -43,8 +43,10 @@ start=$(date +%s)
 "$target_dir/release/corelay-loadgen" churn -t "127.0.0.1:$port" --secret "$secret" -c "$CONNS" -m 10 \
   -r "$RATE" --churn-rate "$CHURN_RATE" --churn-hold "$CHURN_HOLD" --warmup 10s -d "$DURATION" \
   --grace 5s --server-pid "$server" --no-progress --hdr-out "$out/soak.hdr" >"$out/loadgen.txt" 2>&1
-end=$(( $(date +%s) - start ))
 kill "$server"; wait "$server" || true
+# The load ran from about 10 s (after the 10 s warm-up of the loadgen) to 10 s + DURATION;
+# later samples see the connections closing.
+end=$(( 10 + ${DURATION%s} ))
 sed '$d' "$out/loadgen.txt"
 # Flatness after the warm-up, while the load ran (samples in seconds since start).
 awk -v from="$WARMUP_S" -v to="$end" '$1 >= from && $1 <= to {
