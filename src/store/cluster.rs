@@ -80,15 +80,7 @@ impl ClusterStore {
         cid: &str,
         offset: u64,
     ) -> Result<(), StoreError> {
-        let first = match offset.checked_sub(1) {
-            Some(below) => {
-                self.recent
-                    .read(room, HistoryQuery::After(below), 1)
-                    .await?
-            }
-            None => Vec::new(),
-        };
-        match first.into_iter().find(|m| m.offset == offset) {
+        match message_at(&self.recent, room, offset).await? {
             Some(m) if m.user == user && m.cid.as_deref() == Some(cid) => {
                 self.durable.append_cluster(vec![m]).await
             }
@@ -97,24 +89,13 @@ impl ClusterStore {
                  {offset}, which holds a message of user {:?} with cid {:?}",
                 m.user, m.cid
             ))),
-            None => {
-                let stored = match offset.checked_sub(1) {
-                    Some(below) => {
-                        self.durable
-                            .read(room, HistoryQuery::After(below), 1)
-                            .await?
-                    }
-                    None => Vec::new(),
-                };
-                if stored.first().is_some_and(|m| m.offset == offset) {
-                    Ok(())
-                } else {
-                    Err(StoreError::Unavailable(format!(
-                        "message {offset} of room {room:?} (user {user:?}, cid {cid:?}) is no \
-                         longer in the Redis stream and not in ScyllaDB"
-                    )))
-                }
-            }
+            None => match message_at(&self.durable, room, offset).await? {
+                Some(_) => Ok(()),
+                None => Err(StoreError::Unavailable(format!(
+                    "message {offset} of room {room:?} (user {user:?}, cid {cid:?}) is no \
+                     longer in the Redis stream and not in ScyllaDB"
+                ))),
+            },
         }
     }
 
@@ -258,4 +239,20 @@ impl HistoryStore for ClusterStore {
     ) -> Result<Option<StoredMessage>, StoreError> {
         self.recent.find_cid(room, user, cid, not_before_ts).await
     }
+}
+
+/// The message at exactly `offset` in `store`, if it holds it.
+async fn message_at<S: HistoryStore>(
+    store: &S,
+    room: &str,
+    offset: u64,
+) -> Result<Option<StoredMessage>, StoreError> {
+    let Some(below) = offset.checked_sub(1) else {
+        return Ok(None);
+    };
+    Ok(store
+        .read(room, HistoryQuery::After(below), 1)
+        .await?
+        .into_iter()
+        .find(|m| m.offset == offset))
 }
