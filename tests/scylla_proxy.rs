@@ -673,6 +673,29 @@ fn offsets(msgs: &[StoredMessage]) -> Vec<u64> {
     msgs.iter().map(|m| m.offset).collect()
 }
 
+/// After a write that kept failing: it was tried once plus `retries` times (one message per
+/// attempt on `attempts`) and the commit point was never written.
+fn assert_retried_never_committed(
+    attempts: &mut tokio::sync::mpsc::UnboundedReceiver<(RequestFrame, Option<u16>)>,
+    node: &FakeNode,
+    cfg: &ScyllaConfig,
+) {
+    let mut n = 0;
+    while attempts.try_recv().is_ok() {
+        n += 1;
+    }
+    assert_eq!(
+        n,
+        1 + cfg.retries as usize,
+        "one attempt and `retries` retries"
+    );
+    assert_eq!(
+        prepared_count(&node.seen(), "set_latest"),
+        0,
+        "never committed"
+    );
+}
+
 fn prepared_count(seen: &[Seen], name: &str) -> usize {
     seen.iter()
         .map(|s| match s {
@@ -1028,20 +1051,7 @@ fn a_server_error_is_unavailable_after_bounded_retries_and_nothing_is_visible() 
     println!("{err}");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(err.to_string().contains("Proxy-triggered error"), "{err}");
-    let mut n = 0;
-    while attempts.try_recv().is_ok() {
-        n += 1;
-    }
-    assert_eq!(
-        n,
-        1 + cfg.retries as usize,
-        "one attempt and `retries` retries"
-    );
-    assert_eq!(
-        prepared_count(&node.seen(), "set_latest"),
-        0,
-        "never committed"
-    );
+    assert_retried_never_committed(&mut attempts, &node, &cfg);
 
     node.clear_prepended();
     let s = store.clone();
@@ -1364,20 +1374,7 @@ fn a_failing_cluster_append_is_unavailable_and_never_committed() {
         .expect_err("server error")
     });
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
-    let mut n = 0;
-    while attempts.try_recv().is_ok() {
-        n += 1;
-    }
-    assert_eq!(
-        n,
-        1 + cfg.retries as usize,
-        "one attempt and `retries` retries"
-    );
-    assert_eq!(
-        prepared_count(&node.seen(), "set_latest"),
-        0,
-        "never committed"
-    );
+    assert_retried_never_committed(&mut attempts, &node, &cfg);
 
     // The commit itself fails: rows there, room_latest not raised; a rewrite completes it.
     node.clear_prepended();
