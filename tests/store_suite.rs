@@ -424,22 +424,8 @@ fn scylla_store_passes_suite() {
         return;
     };
     let bridge = Bridge::global().expect("bridge");
-    let mut suffix = [0u8; 6];
-    corelay::ids::random_bytes(&mut suffix);
-    let keyspace = format!(
-        "corelay_test_{}",
-        suffix
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
-    let cfg = ScyllaConfig {
-        nodes: vec![node.clone()],
-        keyspace: keyspace.clone(),
-        request_timeout: HumanDuration(Duration::from_secs(10)),
-        bucket_size: 8,
-        ..ScyllaConfig::default()
-    };
+    let cfg = test_keyspace_config(&node);
+    let keyspace = cfg.keyspace.clone();
 
     // A keyspace that does not exist yet: a clear error naming the fix.
     let err = Store::open_scylla(&cfg).expect_err("no schema yet");
@@ -491,10 +477,9 @@ fn scylla_store_passes_suite() {
     futures::executor::block_on(store.close()).expect("close");
 }
 
-/// A fresh keyspace on the live node (random name, schema applied with replication factor
-/// 1, a tiny bucket size so reads cross buckets), dropped when the guard goes.
-fn fresh_keyspace(node: &str) -> (ScyllaConfig, DropKeyspace) {
-    let bridge = Bridge::global().expect("bridge");
+/// Settings for a keyspace of a random name on the live node, with a tiny bucket size so
+/// reads cross buckets (the keyspace is not created here).
+fn test_keyspace_config(node: &str) -> ScyllaConfig {
     let mut suffix = [0u8; 6];
     corelay::ids::random_bytes(&mut suffix);
     let keyspace = format!(
@@ -504,13 +489,21 @@ fn fresh_keyspace(node: &str) -> (ScyllaConfig, DropKeyspace) {
             .map(|b| format!("{b:02x}"))
             .collect::<String>()
     );
-    let cfg = ScyllaConfig {
+    ScyllaConfig {
         nodes: vec![node.to_owned()],
-        keyspace: keyspace.clone(),
+        keyspace,
         request_timeout: HumanDuration(Duration::from_secs(10)),
         bucket_size: 8,
         ..ScyllaConfig::default()
-    };
+    }
+}
+
+/// A fresh keyspace on the live node (random name, schema applied with replication factor
+/// 1, a tiny bucket size so reads cross buckets), dropped when the guard goes.
+fn fresh_keyspace(node: &str) -> (ScyllaConfig, DropKeyspace) {
+    let bridge = Bridge::global().expect("bridge");
+    let cfg = test_keyspace_config(node);
+    let keyspace = cfg.keyspace.clone();
     let guard = DropKeyspace {
         bridge: bridge.clone(),
         node: node.to_owned(),
