@@ -6,7 +6,9 @@
 #
 # It builds corelay and corelay-loadgen (release), installs the peer's npm packages, starts
 # redis-server on a free port, then for each server setup
-#   corelay   (release build, --shards $SHARDS --store $STORE, send limit raised)
+#   corelay   (release build, --shards $SHARDS --store $STORE, send limit raised; with
+#             PIN=0, the default here, also --no-pin: the load generator and the other
+#             setups' processes share these cores, and pinned shards could not move away)
 #   corelay-2 (two corelay processes, --shards 1 each, cluster mode through the same Redis,
 #              --store redis: the many-hosts setup on one machine)
 #   peer-1    (one Node process)
@@ -23,7 +25,7 @@
 #
 # Knobs (environment): CONNS=1000 ROOM=10 RATES="500 2000 5000" ALL_SENDERS_RATE=1000
 # (empty: skip) DURATION=10s WARMUP=2s
-# GRACE=2s CONNECT_CONNS=5000 HOLD=5s SHARDS=2 STORE=memory THREADS=1 SKIP_BUILD=1
+# GRACE=2s CONNECT_CONNS=5000 HOLD=5s SHARDS=2 STORE=memory PIN=0 THREADS=1 SKIP_BUILD=1
 # CARGO_TARGET_DIR (where the release binaries are built).
 set -euo pipefail
 
@@ -44,6 +46,9 @@ CONNECT_CONNS=${CONNECT_CONNS:-5000}
 HOLD=${HOLD:-5s}
 SHARDS=${SHARDS:-2}
 STORE=${STORE:-memory}
+PIN=${PIN:-0}
+pin_args=()
+[ "$PIN" = 1 ] || pin_args=(--no-pin)
 THREADS=${THREADS:-1}
 SECRET=compare-secret-0123456789abcdef
 target_dir=${CARGO_TARGET_DIR:-$root/target}
@@ -121,7 +126,7 @@ start_setup() {
     corelay)
       local port; port=$(free_port)
       CORELAY_JWT_SECRET=$SECRET CORELAY_LIMITS_SEND_RATE=1000000 CORELAY_LIMITS_SEND_BURST=1000000 \
-        RUST_LOG=warn "$corelay" serve --listen "127.0.0.1:$port" --shards "$SHARDS" \
+        RUST_LOG=warn "$corelay" serve --listen "127.0.0.1:$port" --shards "$SHARDS" "${pin_args[@]}" \
         --store "$STORE" --data-dir "$runs/corelay-data" >"$runs/corelay.log" 2>&1 &
       SERVER_PIDS+=($!)
       pids+=($!)
@@ -211,7 +216,7 @@ for rate in $RATES; do
 done
 
 # --- table -------------------------------------------------------------------------------
-node - "$runs" "$out" "$RATES" "$setups" "--shards $SHARDS --store $STORE" "$THREADS" "$ALL_SENDERS_RATE" <<'EOF'
+node - "$runs" "$out" "$RATES" "$setups" "--shards $SHARDS --store $STORE${pin_args:+ ${pin_args[*]}}" "$THREADS" "$ALL_SENDERS_RATE" <<'EOF'
 const fs = require('fs');
 const path = require('path');
 const os = require('os');

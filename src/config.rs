@@ -34,6 +34,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Shards (one per core when unset).
     pub shards: Option<usize>,
+    /// Pin shard i to core i (the default). Turn it off when other busy processes share
+    /// the host: a pinned shard cannot move away from them, and its connections wait.
+    pub pin_shards: bool,
     pub data_dir: PathBuf,
     /// The Engine.IO path, `/socket.io/` by default.
     pub path: String,
@@ -54,6 +57,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shards: None,
+            pin_shards: true,
             data_dir: PathBuf::from("./data"),
             path: "/socket.io/".to_string(),
             io_memory: 512 * 1024,
@@ -648,6 +652,7 @@ mod tests {
         assert_eq!(c.history.max_replay, 1000);
         assert_eq!(c.store.kind, StoreKind::Embedded);
         assert!(c.redis.url.is_none());
+        assert!(c.server.pin_shards);
     }
 
     #[test]
@@ -659,6 +664,7 @@ mod tests {
                 ("CORELAY_JWT_SECRET", "0123456789abcdef0123"),
                 ("CORELAY_LIMITS_DEDUPE_WINDOW", "30s"),
                 ("CORELAY_STORE_KIND", "memory"),
+                ("CORELAY_SERVER_PIN_SHARDS", "false"),
                 ("CORELAY_TEST_SCYLLA", "ignored"),
                 ("PATH", "/bin"),
             ]),
@@ -670,6 +676,7 @@ mod tests {
         assert_eq!(c.auth.jwt_secret.as_deref(), Some("0123456789abcdef0123"));
         assert_eq!(c.limits.dedupe_window.0, Duration::from_secs(30));
         assert_eq!(c.store.kind, StoreKind::Memory);
+        assert!(!c.server.pin_shards);
     }
 
     #[test]

@@ -34,6 +34,10 @@ enum Command {
         /// Shards to run (default: one per core).
         #[arg(long)]
         shards: Option<usize>,
+        /// Let the kernel place the shards instead of pinning shard i to core i (for hosts
+        /// where other busy processes share the cores).
+        #[arg(long)]
+        no_pin: bool,
         /// Directory of the embedded store (default ./data).
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -126,6 +130,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             listen,
             shards,
+            no_pin,
             data_dir,
             redis,
             store,
@@ -137,6 +142,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(v) = shards {
                 cfg.server.shards = Some(v);
+            }
+            if no_pin {
+                cfg.server.pin_shards = false;
             }
             if let Some(v) = data_dir {
                 cfg.server.data_dir = v;

@@ -1,5 +1,5 @@
-//! Start-up refusals with a clear message and a non-zero exit: an unusable data
-//! directory (in use by another server, not writable).
+//! Start-up: refusals with a clear message and a non-zero exit (an unusable data
+//! directory: in use by another server, not writable), and where the shards run.
 
 mod common;
 
@@ -36,4 +36,70 @@ fn an_unwritable_data_dir_is_refused() {
     let err = serve_fails(&["--data-dir", "/proc/corelay-cannot-live-here"]);
     assert!(err.contains("cannot open store"), "{err}");
     assert!(err.contains("/proc/corelay-cannot-live-here"), "{err}");
+}
+
+/// The CPUs each shard of `pid` may run on, read from /proc (`Cpus_allowed_list`), in
+/// shard order. (glommio gives a shard's helper thread the shard's name too.)
+fn shard_cpus(pid: u32) -> Vec<String> {
+    let mut out = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("corelay-shard") {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(line) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            let cpus = line["Cpus_allowed_list:".len()..].trim().to_string();
+            let name = comm.trim().to_string();
+            if let Some(seen) = out.insert(name.clone(), cpus.clone()) {
+                assert_eq!(seen, cpus, "{name}'s threads");
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
+/// Shards are pinned one per core by default, and `--no-pin` (`server.pin_shards = false`)
+/// leaves them to the kernel: each shard thread may then run on every core the process may.
+#[test]
+fn shards_are_pinned_unless_told_not_to() {
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let all = own
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    // `Server` runs two shards; with fewer than two cores they are never pinned.
+    let cores = core_affinity::get_core_ids().unwrap_or_default().len();
+
+    let pinned = Server::start(&[]);
+    let cpus = shard_cpus(pinned.pid());
+    assert_eq!(cpus.len(), 2, "{cpus:?}");
+    if cores >= 2 {
+        for c in &cpus {
+            assert!(
+                c.parse::<usize>().is_ok(),
+                "a pinned shard runs on one core: {cpus:?}"
+            );
+        }
+        assert_ne!(cpus[0], cpus[1], "one core each: {cpus:?}");
+    } else {
+        eprintln!("one core: the pinned case is not checked here");
+    }
+    drop(pinned);
+
+    let unpinned = Server::start_with(&[], &["--store", "memory", "--no-pin"], true);
+    let cpus = shard_cpus(unpinned.pid());
+    assert_eq!(cpus.len(), 2, "{cpus:?}");
+    assert!(
+        cpus.iter().all(|c| *c == all),
+        "unpinned: {cpus:?}, process: {all}"
+    );
+    drop(unpinned);
+
+    let by_env = Server::start(&[("CORELAY_SERVER_PIN_SHARDS", "false")]);
+    let cpus = shard_cpus(by_env.pid());
+    assert!(cpus.iter().all(|c| *c == all), "unpinned by env: {cpus:?}");
 }

@@ -111,7 +111,7 @@ pub fn run_shards(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, StartError>>();
     let mut handles = Vec::with_capacity(count);
     for (shard, fd) in fds.into_iter().enumerate() {
-        let placement = if count <= cores.len() {
+        let placement = if ctx.config.server.pin_shards && count <= cores.len() {
             Placement::Fixed(cores[shard])
         } else {
             Placement::Unbound
