@@ -251,6 +251,7 @@ const metrics = [
   ['errors', 'errors'],
   ['server CPU %', 'server_cpu_pct'],
   ['server CPU µs/delivery', 'server_cpu_us_per_delivery'],
+  ['server user-space µs/delivery', 'server_user_us_per_delivery'],
   ['server RSS KiB', 'server_rss_kib'],
   ['loadgen CPU %', 'loadgen_cpu_pct'],
 ];

@@ -3,25 +3,32 @@
 use anyhow::{bail, Context};
 use std::time::Duration;
 
-/// Total CPU time (user + system, all threads) of process `pid`.
-pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+/// CPU time (all threads) of process `pid`: (user, system). The system part is the
+/// kernel working for the process (on loopback that includes most of TCP for both ends).
+pub fn cpu_times(pid: u32) -> anyhow::Result<(Duration, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| {
         format!("cannot read /proc/{pid}/stat (is --server-pid {pid} running?)")
     })?;
-    parse_cpu_ticks(&stat)
-        .map(|ticks| Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec()))
-        .with_context(|| format!("unexpected /proc/{pid}/stat format"))
+    let (user, system) =
+        parse_cpu_ticks(&stat).with_context(|| format!("unexpected /proc/{pid}/stat format"))?;
+    let secs = |ticks: u64| Duration::from_secs_f64(ticks as f64 / clock_ticks_per_sec());
+    Ok((secs(user), secs(system)))
 }
 
-/// utime + stime, in clock ticks, from the text of `/proc/<pid>/stat`.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+/// Total CPU time (user + system, all threads) of process `pid`.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    cpu_times(pid).map(|(user, system)| user + system)
+}
+
+/// (utime, stime), in clock ticks, from the text of `/proc/<pid>/stat`.
+fn parse_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     // The command name (field 2) is in parentheses and may contain anything: split after
     // the last ')'. Fields 14 (utime) and 15 (stime) are then at indexes 11 and 12.
     let rest = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 fn clock_ticks_per_sec() -> f64 {
@@ -51,6 +58,8 @@ fn parse_vm_rss(status: &str) -> Option<u64> {
 pub struct Sample {
     /// Summed CPU time.
     pub cpu: Duration,
+    /// The part of `cpu` spent in the processes' own code (the rest is the kernel's).
+    pub user: Duration,
     /// Summed RSS in KiB.
     pub rss_kib: u64,
 }
@@ -62,7 +71,9 @@ pub fn sample(pids: &[u32]) -> anyhow::Result<Option<Sample>> {
     }
     let mut s = Sample::default();
     for &pid in pids {
-        s.cpu += cpu_time(pid)?;
+        let (user, system) = cpu_times(pid)?;
+        s.cpu += user + system;
+        s.user += user;
         s.rss_kib += rss_kib(pid)?;
     }
     Ok(Some(s))
@@ -116,7 +127,7 @@ mod tests {
     #[test]
     fn parses_stat() {
         let stat = "1234 (my (odd) name) S 1 2 3 4 5 6 7 8 9 10 150 25 0 0 20 0 4 0 100 0 0";
-        assert_eq!(parse_cpu_ticks(stat), Some(175));
+        assert_eq!(parse_cpu_ticks(stat), Some((150, 25)));
         assert_eq!(parse_cpu_ticks("garbage"), None);
     }
 

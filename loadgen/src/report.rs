@@ -94,6 +94,9 @@ pub struct Summary {
     pub connect_max_ms: Option<f64>,
     /// Server CPU time in the window / deliveries, µs.
     pub server_cpu_us_per_delivery: Option<f64>,
+    /// The user-space part of `server_cpu_us_per_delivery` (the server's own code); the
+    /// rest is kernel time (syscalls, TCP).
+    pub server_user_us_per_delivery: Option<f64>,
     /// Server CPU use in the window, % of one core.
     pub server_cpu_pct: Option<f64>,
     /// Server RSS at the end of the window (or hold), KiB.
@@ -240,11 +243,14 @@ impl Summary {
         if self.server_rss_kib.is_some() {
             let _ = writeln!(
                 s,
-                "server       cpu {}% ({} µs/delivery), rss {} KiB ({} KiB/connection)",
+                "server       cpu {}% ({} µs/delivery, {} in user space), rss {} KiB ({} KiB/connection)",
                 self.server_cpu_pct
                     .map(|v| format!("{v:.0}"))
                     .unwrap_or_else(|| "-".into()),
                 self.server_cpu_us_per_delivery
+                    .map(|v| format!("{v:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+                self.server_user_us_per_delivery
                     .map(|v| format!("{v:.2}"))
                     .unwrap_or_else(|| "-".into()),
                 fmt_opt(self.server_rss_kib),
@@ -367,6 +373,7 @@ mod tests {
             "delivery_max_ms",
             "deliveries_per_sec",
             "server_cpu_us_per_delivery",
+            "server_user_us_per_delivery",
             "server_rss_kib",
             "kib_per_connection",
             "errors",

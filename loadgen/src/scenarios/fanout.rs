@@ -322,6 +322,8 @@ pub async fn run(
         summary.server_cpu_pct = Some(100.0 * cpu_us / 1e6 / secs.max(1e-9));
         if loss.received > 0 {
             summary.server_cpu_us_per_delivery = Some(cpu_us / loss.received as f64);
+            let user_us = b.user.saturating_sub(a.user).as_micros() as f64;
+            summary.server_user_us_per_delivery = Some(user_us / loss.received as f64);
         }
         summary.server_rss_kib = Some(b.rss_kib);
     }
