@@ -7,8 +7,9 @@
 # It builds corelay and corelay-loadgen (release), installs the peer's npm packages, starts
 # redis-server on a free port, then for each server setup
 #   corelay   (release build, --shards $SHARDS --store $STORE, send limit raised; with
-#             PIN=0, the default here, also --no-pin: the load generator and the other
-#             setups' processes share these cores, and pinned shards could not move away)
+#             PIN=0, the default here, also --no-pin, as for corelay-2: the load generator
+#             and Redis share these cores, and pinned shards could not move away from them;
+#             two --shards 1 processes would even both pin to the first core)
 #   corelay-2 (two corelay processes, --shards 1 each, cluster mode through the same Redis,
 #              --store redis: the many-hosts setup on one machine)
 #   peer-1    (one Node process)
@@ -141,7 +142,7 @@ start_setup() {
       for i in $(seq "$n"); do
         port=$(free_port)
         CORELAY_JWT_SECRET=$SECRET CORELAY_LIMITS_SEND_RATE=1000000 CORELAY_LIMITS_SEND_BURST=1000000 \
-          RUST_LOG=warn "$corelay" serve --listen "127.0.0.1:$port" --shards 1 \
+          RUST_LOG=warn "$corelay" serve --listen "127.0.0.1:$port" --shards 1 "${pin_args[@]}" \
           --redis "redis://127.0.0.1:$redis_port" --store redis >"$runs/$1-$i.log" 2>&1 &
         SERVER_PIDS+=($!)
         pids+=($!)
@@ -216,11 +217,11 @@ for rate in $RATES; do
 done
 
 # --- table -------------------------------------------------------------------------------
-node - "$runs" "$out" "$RATES" "$setups" "--shards $SHARDS --store $STORE${pin_args:+ ${pin_args[*]}}" "$THREADS" "$ALL_SENDERS_RATE" <<'EOF'
+node - "$runs" "$out" "$RATES" "$setups" "--shards $SHARDS --store $STORE${pin_args:+ ${pin_args[*]}}" "$THREADS" "$ALL_SENDERS_RATE" "${pin_args[*]}" <<'EOF'
 const fs = require('fs');
 const path = require('path');
 const os = require('os');
-const [runs, out, ratesArg, setupsArg, corelayArgs, lgThreads, allRate] = process.argv.slice(2);
+const [runs, out, ratesArg, setupsArg, corelayArgs, lgThreads, allRate, pinArg] = process.argv.slice(2);
 const rates = ratesArg.split(/\s+/).filter(Boolean);
 const setups = setupsArg.split(/\s+/).filter(Boolean);
 const peers = setups.filter((s) => s.startsWith('peer-'));
@@ -283,7 +284,7 @@ md += `Machine: ${os.cpus().length} cores (${os.cpus()[0] ? os.cpus()[0].model :
 md += `servers and load generator on the same machine, loopback only.\n\n`;
 md += `Load generator: corelay-loadgen with ${lgThreads} worker thread(s). `;
 md += `Setups: **corelay** (release build, \`${corelayArgs}\`, send limit raised); `;
-md += `**corelay-2**: two corelay processes (\`--shards 1\` each) in cluster mode through Redis (\`--store redis\`); `;
+md += `**corelay-2**: two corelay processes (\`--shards 1${pinArg ? ' ' + pinArg : ''}\` each) in cluster mode through Redis (\`--store redis\`); `;
 md += `**peer-1** / **peer-2**: the seed's stack (Node socket.io 4.8 + @socket.io/redis-adapter 8.3 + Redis) with one / two Node processes. `;
 md += `Server CPU and RSS include Redis for corelay-2 and the peers.\n\n`;
 for (const rate of rates) {
