@@ -34,8 +34,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Shards (one per core when unset).
     pub shards: Option<usize>,
-    /// Pin shard i to core i (the default). Turn it off when other busy processes share
-    /// the host: a pinned shard cannot move away from them, and its connections wait.
+    /// Pin shard i to core i (the default) when there is one shard per CPU the process
+    /// may use. Turn it off when other busy processes share the host: a pinned shard
+    /// cannot move away from them, and its connections wait.
     pub pin_shards: bool,
     pub data_dir: PathBuf,
     /// The Engine.IO path, `/socket.io/` by default.

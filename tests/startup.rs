@@ -62,6 +62,7 @@ fn shard_cpus(pid: u32) -> Vec<String> {
 
 /// Shards are pinned one per core by default, and `--no-pin` (`server.pin_shards = false`)
 /// leaves them to the kernel: each shard thread may then run on every core the process may.
+/// Fewer shards than cores are never pinned (two such processes would share the first cores).
 #[test]
 fn shards_are_pinned_unless_told_not_to() {
     let own = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -71,13 +72,13 @@ fn shards_are_pinned_unless_told_not_to() {
         .unwrap()
         .trim()
         .to_string();
-    // `Server` runs two shards; with fewer than two cores they are never pinned.
+    // `Server` runs two shards: pinned only when the process may use exactly two cores.
     let cores = core_affinity::get_core_ids().unwrap_or_default().len();
 
     let pinned = Server::start(&[]);
     let cpus = shard_cpus(pinned.pid());
     assert_eq!(cpus.len(), 2, "{cpus:?}");
-    if cores >= 2 {
+    if cores == 2 {
         for c in &cpus {
             assert!(
                 c.parse::<usize>().is_ok(),
@@ -86,7 +87,7 @@ fn shards_are_pinned_unless_told_not_to() {
         }
         assert_ne!(cpus[0], cpus[1], "one core each: {cpus:?}");
     } else {
-        eprintln!("one core: the pinned case is not checked here");
+        eprintln!("{cores} cores: the pinned case is not checked here");
     }
     drop(pinned);
 
@@ -102,4 +103,15 @@ fn shards_are_pinned_unless_told_not_to() {
     let by_env = Server::start(&[("CORELAY_SERVER_PIN_SHARDS", "false")]);
     let cpus = shard_cpus(by_env.pid());
     assert!(cpus.iter().all(|c| *c == all), "unpinned by env: {cpus:?}");
+    drop(by_env);
+
+    if cores >= 2 {
+        let one = Server::start_sharded(1, &[], &["--store", "memory"], true);
+        let cpus = shard_cpus(one.pid());
+        assert_eq!(
+            cpus,
+            vec![all.clone()],
+            "one shard of {cores} cores is not pinned"
+        );
+    }
 }

@@ -111,7 +111,10 @@ pub fn run_shards(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, StartError>>();
     let mut handles = Vec::with_capacity(count);
     for (shard, fd) in fds.into_iter().enumerate() {
-        let placement = if ctx.config.server.pin_shards && count <= cores.len() {
+        // Pin only when the shards are one per CPU this process may use: with fewer, the
+        // choice of cores would be arbitrary, and two such processes on one host would
+        // share the first cores while the others idle.
+        let placement = if ctx.config.server.pin_shards && count == cores.len() {
             Placement::Fixed(cores[shard])
         } else {
             Placement::Unbound

@@ -42,6 +42,16 @@ impl Server {
 
     /// Starts a server with extra args; `secret` false runs it in dev mode.
     pub fn start_with(env: &[(&str, &str)], args: &[&str], secret: bool) -> Server {
+        Server::start_sharded(2, env, args, secret)
+    }
+
+    /// Starts a server with `shards` shards and extra args.
+    pub fn start_sharded(
+        shards: usize,
+        env: &[(&str, &str)],
+        args: &[&str],
+        secret: bool,
+    ) -> Server {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_corelay"));
         cmd.args([
@@ -49,7 +59,7 @@ impl Server {
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--shards",
-            "2",
+            &shards.to_string(),
         ])
         .args(args)
         .env("RUST_LOG", "warn")
