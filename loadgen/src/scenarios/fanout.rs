@@ -124,15 +124,7 @@ pub async fn run(
     } else {
         opts.senders.min(opened.len())
     };
-    let mut sender_pos = Vec::with_capacity(senders_wanted);
-    for j in 0..senders_wanted {
-        let room = &by_room[j % rooms_n];
-        if let Some(&pos) = room.get(j / rooms_n) {
-            if room.len() >= 2 {
-                sender_pos.push(pos);
-            }
-        }
-    }
+    let sender_pos = pick_senders(&by_room, senders_wanted);
     if sender_pos.is_empty() {
         bail!("no room has two open members: nothing to measure");
     }
@@ -347,6 +339,28 @@ pub async fn run(
     })
 }
 
+/// Picks `wanted` senders: round robin over the rooms, the k-th sender of room r being
+/// its member (k + r) mod len. The offset spreads the senders over the targets: connection
+/// i goes to target i mod N, so always taking a room's first member would put every sender
+/// on the same target whenever N divides the room size. Rooms with fewer than two open
+/// members are skipped (nobody would receive).
+fn pick_senders(by_room: &[Vec<usize>], wanted: usize) -> Vec<usize> {
+    let rooms_n = by_room.len();
+    let mut out = Vec::with_capacity(wanted);
+    if rooms_n == 0 {
+        return out;
+    }
+    for j in 0..wanted {
+        let r = j % rooms_n;
+        let k = j / rooms_n;
+        let room = &by_room[r];
+        if room.len() >= 2 && k < room.len() {
+            out.push(room[(k + r) % room.len()]);
+        }
+    }
+    out
+}
+
 /// Hands paced sends to the senders, round robin, from `start` until `end`: message `k` is
 /// due at `start + k / rate` and carries that time (so a late send shows as latency
 /// rather than vanishing: no coordinated omission).
@@ -381,5 +395,43 @@ async fn pace(
             }
             k += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pick_senders;
+
+    /// 100 rooms of 10 over connections 0..1000, as `fanout -c 1000 -m 10` opens them.
+    fn rooms() -> Vec<Vec<usize>> {
+        (0..100).map(|r| (r * 10..r * 10 + 10).collect()).collect()
+    }
+
+    #[test]
+    fn one_sender_per_room_spreads_over_two_targets() {
+        let senders = pick_senders(&rooms(), 100);
+        assert_eq!(senders.len(), 100);
+        // Target = connection index mod 2.
+        let on_first = senders.iter().filter(|&&p| p % 2 == 0).count();
+        assert_eq!(on_first, 50, "{senders:?}");
+        for (r, &p) in senders.iter().enumerate() {
+            assert_eq!(p / 10, r, "room {r}'s sender is its own member");
+        }
+    }
+
+    #[test]
+    fn every_member_sends_once_when_all_send() {
+        let mut senders = pick_senders(&rooms(), 1000);
+        senders.sort_unstable();
+        assert_eq!(senders, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn short_rooms_give_no_duplicates_and_lone_members_do_not_send() {
+        let by_room = vec![vec![0, 1, 2], vec![10], vec![20, 21]];
+        let mut senders = pick_senders(&by_room, 30);
+        senders.sort_unstable();
+        assert_eq!(senders, vec![0, 1, 2, 20, 21]);
+        assert!(pick_senders(&[], 5).is_empty());
     }
 }
