@@ -127,6 +127,15 @@ pids+=("$redis_pid")
 wait_line "$runs/redis.log" "Ready to accept connections"
 log "redis-server on 127.0.0.1:$redis_port (pid $redis_pid)"
 
+# started LOG PORT: the server just started in the background ($!) belongs to the setup;
+# waits until LOG says it listens, and adds 127.0.0.1:PORT to TARGETS.
+started() {
+  SERVER_PIDS+=($!)
+  pids+=($!)
+  wait_line "$1" "listening on"
+  TARGETS="${TARGETS:+$TARGETS,}127.0.0.1:$2"
+}
+
 # start_setup NAME: starts the servers of a setup; sets TARGETS and SERVER_PIDS.
 start_setup() {
   TARGETS=""
@@ -137,10 +146,7 @@ start_setup() {
       CORELAY_JWT_SECRET=$SECRET CORELAY_LIMITS_SEND_RATE=1000000 CORELAY_LIMITS_SEND_BURST=1000000 \
         RUST_LOG=warn "$corelay" serve --listen "127.0.0.1:$port" --shards "$SHARDS" "${pin_args[@]}" \
         --store "$STORE" --data-dir "$runs/corelay-data" >"$runs/corelay.log" 2>&1 &
-      SERVER_PIDS+=($!)
-      pids+=($!)
-      wait_line "$runs/corelay.log" "listening on"
-      TARGETS="127.0.0.1:$port"
+      started "$runs/corelay.log" "$port"
       ;;
     corelay-*)
       # corelay cluster mode: N processes (one shard each) joined through Redis, as the
@@ -152,10 +158,7 @@ start_setup() {
         CORELAY_JWT_SECRET=$SECRET CORELAY_LIMITS_SEND_RATE=1000000 CORELAY_LIMITS_SEND_BURST=1000000 \
           RUST_LOG=warn "$corelay" serve --listen "127.0.0.1:$port" --shards 1 "${pin_args[@]}" \
           --redis "redis://127.0.0.1:$redis_port" --store redis >"$runs/$1-$i.log" 2>&1 &
-        SERVER_PIDS+=($!)
-        pids+=($!)
-        wait_line "$runs/$1-$i.log" "listening on"
-        TARGETS="${TARGETS:+$TARGETS,}127.0.0.1:$port"
+        started "$runs/$1-$i.log" "$port"
       done
       SERVER_PIDS+=("$redis_pid")
       ;;
@@ -166,10 +169,7 @@ start_setup() {
         port=$(free_port)
         node "$root/loadgen/peer/server.js" --port "$port" --redis "redis://127.0.0.1:$redis_port" \
           --secret "$SECRET" >"$runs/$1-$i.log" 2>&1 &
-        SERVER_PIDS+=($!)
-        pids+=($!)
-        wait_line "$runs/$1-$i.log" "listening on"
-        TARGETS="${TARGETS:+$TARGETS,}127.0.0.1:$port"
+        started "$runs/$1-$i.log" "$port"
       done
       SERVER_PIDS+=("$redis_pid")
       ;;

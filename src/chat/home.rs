@@ -18,8 +18,9 @@
 //! Presence goes through Redis (`presence_join/leave/list`), and so does typing (a
 //! volatile `t` notice on the room's channel, outside the offset order); a host ignores
 //! its own presence and typing echoes. The offline events of a dead host's users come from
-//! whichever host's presence script reaps it, and are told to every host's members. A room is subscribed while loaded, i.e. while it has members here or
-//! publishes in flight; the service task does every subscribe and unsubscribe, in order.
+//! whichever host's presence script reaps it, and are told to every host's members. A
+//! room is subscribed while loaded, i.e. while it has members here or publishes in
+//! flight; the service task does every subscribe and unsubscribe, in order.
 //! A join while Redis is down loads the room without its offset (`RoomState::synced`), so
 //! members can join, type and leave; delivery resumes at the room's real offsets once the
 //! store answers again.
@@ -628,6 +629,29 @@ impl Shard {
         );
     }
 
+    /// A notice another host sent on a room's channel (presence, typing): event `name`
+    /// with the JSON `json` makes, to this room's members on every shard. The notices
+    /// this host sent itself come back too and are skipped: its members were told already.
+    fn relay_from_host(
+        &self,
+        room: &str,
+        host: &str,
+        name: &str,
+        volatile: bool,
+        json: impl FnOnce() -> Vec<u8>,
+    ) {
+        let Some(cluster) = &self.home.cluster else {
+            return;
+        };
+        if host == cluster.host_id() {
+            return;
+        }
+        if let Some((room, r)) = self.home.rooms.borrow().get_key_value(room) {
+            let frame = text_frame(&encode_event(name, &json()));
+            self.broadcast(room, &r.per_shard, frame, None, volatile);
+        }
+    }
+
     /// Removes a connection from a room and, in cluster mode, tells Redis when it was the
     /// user's last one on this host (the offline event goes out if it was the last anywhere).
     async fn leave_and_announce(&self, room: &Arc<str>, conn: ConnRef) {
@@ -1133,34 +1157,11 @@ impl Shard {
                 online,
                 host,
                 ..
-            } => {
-                let Some(cluster) = &self.home.cluster else {
-                    return;
-                };
-                if host == cluster.host_id() {
-                    return; // Our own: the local members were told already.
-                }
-                let room: Arc<str> = Arc::from(room.as_str());
-                if let Some(r) = self.home.rooms.borrow().get(&room) {
-                    let frame = text_frame(&encode_event(
-                        "presence",
-                        &presence_event_json(&room, &user, online),
-                    ));
-                    self.broadcast(&room, &r.per_shard, frame, None, false);
-                }
-            }
+            } => self.relay_from_host(&room, &host, "presence", false, || {
+                presence_event_json(&room, &user, online)
+            }),
             ClusterEvent::Typing { room, user, host } => {
-                let Some(cluster) = &self.home.cluster else {
-                    return;
-                };
-                if host == cluster.host_id() {
-                    return; // Our own: the local members were told already.
-                }
-                let room: Arc<str> = Arc::from(room.as_str());
-                if let Some(r) = self.home.rooms.borrow().get(&room) {
-                    let frame = text_frame(&encode_event("typing", &typing_json(&room, &user)));
-                    self.broadcast(&room, &r.per_shard, frame, None, true);
-                }
+                self.relay_from_host(&room, &host, "typing", true, || typing_json(&room, &user))
             }
             ClusterEvent::Down { reason } => {
                 tracing::warn!(shard = self.id, %reason, "redis link down: sends refused until it is back");

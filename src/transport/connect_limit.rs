@@ -85,6 +85,12 @@ impl ConnectLimiter {
         }
     }
 
+    /// `now` in ticks since the limiter was built. Tick 0 marks an empty slot, so the
+    /// clock starts at 1.
+    fn ticks(&self, now: Instant) -> u64 {
+        (now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u64 + 1
+    }
+
     /// Whether the limit is on.
     pub fn enabled(&self) -> bool {
         !self.slots.is_empty()
@@ -103,9 +109,7 @@ impl ConnectLimiter {
         let hash = self.hasher.hash_one(limit_key(ip));
         let start = hash as usize & (SLOTS - 1);
         let fingerprint = hash >> TAT_BITS; // the top 20 bits
-                                            // Tick 0 marks an empty slot, so the clock starts at 1.
-        let now =
-            (now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u64 + 1;
+        let now = self.ticks(now);
         loop {
             let mut mine = None;
             // The slot to take for a new bucket: empty or full first, else closest to full.
@@ -152,8 +156,7 @@ impl ConnectLimiter {
 
     /// Slots holding a bucket that is not full at `now` (for tests and diagnostics).
     pub fn active_buckets(&self, now: Instant) -> usize {
-        let now =
-            (now.saturating_duration_since(self.epoch).as_nanos() / TICK.as_nanos()) as u64 + 1;
+        let now = self.ticks(now);
         self.slots
             .iter()
             .filter(|s| s.load(Ordering::Relaxed) & TAT_MASK > now)

@@ -234,25 +234,23 @@ async fn engineio_request(
     raw_echo: bool,
 ) -> Next {
     let cors = cors_headers(shard, &req);
+    // Every response carries the CORS headers (none unless the origin is allowed).
+    let respond_with = |status: u16, content_type: &str, extra: &str, body: &[u8], keep_alive| {
+        http::response_with_headers(status, content_type, &[extra, &cors], body, keep_alive)
+    };
     let respond = |status: u16, content_type: &str, body: &[u8], keep_alive: bool| {
-        let mut resp = http::response(status, content_type, body, keep_alive);
-        if !cors.is_empty() {
-            // Insert the CORS headers right after the status line.
-            let at = resp.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
-            resp.splice(at..at, cors.bytes());
-        }
-        resp
+        respond_with(status, content_type, "", body, keep_alive)
     };
     if req.method == "OPTIONS" {
-        let mut resp = respond(204, "text/plain", b"", req.keep_alive());
-        if !cors.is_empty() {
-            let extra = format!(
+        let preflight = if cors.is_empty() {
+            String::new()
+        } else {
+            format!(
                 "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\nAccess-Control-Allow-Headers: {}\r\nAccess-Control-Max-Age: 86400\r\n",
                 req.header("access-control-request-headers").unwrap_or("content-type")
-            );
-            let at = resp.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
-            resp.splice(at..at, extra.bytes());
-        }
+            )
+        };
+        let resp = respond_with(204, "text/plain", &preflight, b"", req.keep_alive());
         if stream.write_all(&resp).await.is_err() || !req.keep_alive() {
             return Next::Done;
         }
@@ -286,17 +284,16 @@ async fn engineio_request(
             }
             if let Err(retry) = admit_source(shard, &stream) {
                 ShardMetrics::inc(&shard.stats().connect_rate_limited);
-                let mut resp = respond(
+                let resp = respond_with(
                     429,
                     "application/json",
+                    &format!("Retry-After: {}\r\n", retry.secs()),
                     &engineio::error_body(
                         HandshakeError::Forbidden,
                         "Too many new connections from this address; retry later",
                     ),
                     false,
                 );
-                let at = resp.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
-                resp.splice(at..at, format!("Retry-After: {}\r\n", retry.secs()).bytes());
                 let _ = stream.write_all(&resp).await;
                 return Next::Done;
             }

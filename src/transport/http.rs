@@ -230,13 +230,30 @@ fn reason(status: u16) -> &'static str {
 
 /// A complete response, ready to write.
 pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
-    let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: {}\r\n\r\n",
-        reason(status),
-        body.len(),
-        if keep_alive { "keep-alive" } else { "close" },
-    )
-    .into_bytes();
+    response_with_headers(status, content_type, &[], body, keep_alive)
+}
+
+/// [`response`] with extra header lines (each ending in `\r\n`, e.g. CORS or
+/// `Retry-After`) right after the status line.
+pub fn response_with_headers(
+    status: u16,
+    content_type: &str,
+    extra: &[&str],
+    body: &[u8],
+    keep_alive: bool,
+) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status)).into_bytes();
+    for lines in extra {
+        out.extend_from_slice(lines.as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: {}\r\n\r\n",
+            body.len(),
+            if keep_alive { "keep-alive" } else { "close" },
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(body);
     out
 }

@@ -60,6 +60,12 @@ process.on("exit", () => {
   }
 });
 
+/** Kills the child `proc` (SIGKILL) if the test process exits while it still runs. */
+export function killOnExit(proc) {
+  live.add(proc);
+  proc.once("exit", () => live.delete(proc));
+}
+
 /**
  * Start `corelay serve` on a free loopback port.
  * @param {object} o
@@ -120,7 +126,7 @@ function spawnServer({ port, shards, env, args, store, secret, readyTimeoutMs })
     ...args,
   ];
   const proc = spawn(BIN, argv, { cwd, env: fullEnv, stdio: ["ignore", "pipe", "pipe"] });
-  live.add(proc);
+  killOnExit(proc);
   const lines = [];
   const url = `http://127.0.0.1:${port}`;
   const server = {
@@ -165,7 +171,6 @@ function spawnServer({ port, shards, env, args, store, secret, readyTimeoutMs })
           await exitP;
         }
       }
-      live.delete(proc);
       rmSync(cwd, { recursive: true, force: true });
       return this.exited;
     },
@@ -226,7 +231,7 @@ export function runUntilExit(argv, { env = {}, secret = null, timeoutMs = 5000 }
   const cwd = mkdtempSync(path.join(os.tmpdir(), "corelay-e2e-"));
   const fullEnv = serverEnv(env, secret);
   const proc = spawn(BIN, argv, { cwd, env: fullEnv, stdio: ["ignore", "pipe", "pipe"] });
-  live.add(proc);
+  killOnExit(proc);
   let output = "";
   proc.stdout.setEncoding("utf8").on("data", (c) => (output += c));
   proc.stderr.setEncoding("utf8").on("data", (c) => (output += c));
@@ -238,7 +243,6 @@ export function runUntilExit(argv, { env = {}, secret = null, timeoutMs = 5000 }
     }, timeoutMs);
     proc.on("exit", (code, signal) => {
       clearTimeout(timer);
-      live.delete(proc);
       rmSync(cwd, { recursive: true, force: true });
       resolve({
         code: timedOut ? null : code,

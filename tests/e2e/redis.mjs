@@ -6,7 +6,7 @@ import { accessSync, constants, mkdtempSync, readFileSync, rmSync } from "node:f
 import net from "node:net";
 import os from "node:os";
 import path from "node:path";
-import { freePort, sleep } from "./harness.mjs";
+import { freePort, killOnExit, sleep } from "./harness.mjs";
 
 /** Path of redis-server (/usr/bin, /usr/local/bin, then $PATH), or null when it is not installed. */
 export function redisServerBin() {
@@ -20,15 +20,6 @@ export function redisServerBin() {
   }
   return null;
 }
-
-const live = new Set();
-process.on("exit", () => {
-  for (const p of live) {
-    try {
-      p.kill("SIGKILL");
-    } catch {}
-  }
-});
 
 /** Whether something accepts TCP connections on 127.0.0.1:port. */
 function accepts(port) {
@@ -59,7 +50,7 @@ export async function startRedis({ readyTimeoutMs = 15000 } = {}) {
       ["--port", String(port), "--bind", "127.0.0.1", "--dir", dir, "--logfile", logfile, "--save", "", "--appendonly", "no", "--protected-mode", "no"],
       { stdio: "ignore" },
     );
-    live.add(proc);
+    killOnExit(proc);
     let exited = false;
     proc.on("exit", () => (exited = true));
     const stop = async () => {
@@ -68,7 +59,6 @@ export async function startRedis({ readyTimeoutMs = 15000 } = {}) {
         proc.kill("SIGKILL");
         await gone;
       }
-      live.delete(proc);
       rmSync(dir, { recursive: true, force: true });
     };
     const end = Date.now() + readyTimeoutMs;
