@@ -42,7 +42,7 @@ use super::events::{
 };
 use super::mesh::{HomeCmd, MemberMsg, ReplyTo, ShardMsg};
 use super::session::{ConnRef, User};
-use crate::cluster::redis::RedisCluster;
+use crate::cluster::shard_link::ShardLink;
 use crate::cluster::{ClusterError, ClusterEvent, NewMessage, Published};
 use crate::ids::{now_ms, MessageIds};
 use crate::metrics::ShardMetrics;
@@ -166,7 +166,7 @@ pub struct Home {
     events: LocalSender<HomeEvent>,
     ids: MessageIds,
     /// Cluster mode: Redis assigns offsets and carries every delivery (`None`: one host).
-    cluster: Option<RedisCluster>,
+    cluster: Option<ShardLink>,
     /// Cluster mode: ids of messages this shard published for a connection, waiting for
     /// their echo through Redis (so the sender's own socket is skipped).
     own_ids: RefCell<HashMap<String, ConnRef>>,
@@ -186,7 +186,7 @@ impl Home {
     pub fn new(
         events: LocalSender<HomeEvent>,
         ids: MessageIds,
-        cluster: Option<RedisCluster>,
+        cluster: Option<ShardLink>,
     ) -> Home {
         Home {
             rooms: RefCell::new(HashMap::new()),
@@ -315,7 +315,7 @@ impl Shard {
             None => {}
         }
         if let Some(cluster) = &self.home.cluster {
-            match cluster.subscribe(self.id, room).await {
+            match cluster.subscribe(room).await {
                 // Registered: subscribed again when the link is back (`Reconnected`).
                 Ok(()) | Err(ClusterError::Unavailable(_) | ClusterError::Timeout(_)) => {}
                 Err(e) => return Err(cluster_unavailable(&e)),
@@ -417,7 +417,7 @@ impl Shard {
             if self.home.rooms.borrow().contains_key(&room) {
                 continue;
             }
-            if let Err(e) = cluster.unsubscribe(self.id, &room).await {
+            if let Err(e) = cluster.unsubscribe(&room).await {
                 tracing::debug!(shard = self.id, %room, error = %e, "unsubscribe failed");
             }
         }
@@ -465,7 +465,7 @@ impl Shard {
                         self.broadcast(&room, &r.per_shard, frame, Some(conn), true);
                         if let Some(cluster) = &self.home.cluster {
                             // The other hosts' members; dropped while Redis is down.
-                            cluster.publish_typing(&room, &user);
+                            cluster.redis().publish_typing(&room, &user);
                         }
                     }
                 }
@@ -474,7 +474,7 @@ impl Shard {
                 let Some(cluster) = &self.home.cluster else {
                     return;
                 };
-                match cluster.presence_list(&room).await {
+                match cluster.redis().presence_list(&room).await {
                     Ok(list) => {
                         let users: Vec<PresentUser> = list
                             .into_iter()
@@ -568,6 +568,7 @@ impl Shard {
         if announce {
             if let Some(cluster) = &self.home.cluster {
                 match cluster
+                    .redis()
                     .presence_join(&room, &user.id, user.name.as_deref())
                     .await
                 {
@@ -643,7 +644,7 @@ impl Shard {
         let Some(cluster) = &self.home.cluster else {
             return;
         };
-        if host == cluster.host_id() {
+        if host == cluster.redis().host_id() {
             return;
         }
         if let Some((room, r)) = self.home.rooms.borrow().get_key_value(room) {
@@ -661,7 +662,7 @@ impl Shard {
         let Some(cluster) = &self.home.cluster else {
             return;
         };
-        match cluster.presence_leave(room, &user).await {
+        match cluster.redis().presence_leave(room, &user).await {
             Ok(true) => {
                 let frame = text_frame(&encode_event(
                     "presence",
@@ -913,7 +914,7 @@ impl Shard {
     /// the history store (one group write for the batch; a no-op for the `redis` store) and
     /// hands each outcome to the service task. Delivery comes back through the
     /// subscription.
-    async fn publish_to_cluster(&self, cluster: &RedisCluster, batch: Vec<Pending>) {
+    async fn publish_to_cluster(&self, cluster: &ShardLink, batch: Vec<Pending>) {
         let mut msgs = Vec::with_capacity(batch.len());
         let mut settle = Vec::with_capacity(batch.len());
         for p in batch {

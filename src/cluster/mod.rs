@@ -3,7 +3,10 @@
 //! pub/sub).
 //!
 //! [`redis::RedisCluster`] is the one value a process holds (`Clone + Send + Sync`; its
-//! connections live on the [tokio bridge](crate::bridge)). The rooms' home shards call it:
+//! connections live on the [tokio bridge](crate::bridge)). Each shard wraps it in a
+//! [`shard_link::ShardLink`], which runs the hot path (publishing, and the subscribed
+//! rooms' messages) on the shard's own connections to Redis when the URL is plain TCP, and
+//! hands it to the bridge otherwise (TLS, Unix socket). The rooms' home shards call:
 //!
 //! - [`RedisCluster::publish`](redis::RedisCluster::publish) runs the publish script: dedupe
 //!   by `cid`, next offset, append to the room's stream, PUBLISH; Redis's order is the offset
@@ -59,7 +62,9 @@ use crate::store::StoredMessage;
 
 mod check;
 pub mod redis;
+mod resp;
 mod scripts;
+pub mod shard_link;
 
 pub use check::{check, CheckReport, CheckStep};
 

@@ -18,6 +18,13 @@
 //!   and jitter; once connected it subscribes every registered room again and sends
 //!   [`ClusterEvent::Reconnected`].
 //!
+//! # The hot path
+//!
+//! With a plain `redis://` URL each shard publishes and receives its rooms' messages over
+//! connections of its own ([`super::shard_link`]); then the room subscriptions below are
+//! not used and the pub/sub connection carries the probe only. With `rediss://` (or a
+//! Unix socket) everything goes through here.
+//!
 //! # Threads
 //!
 //! The connections and the supervisor run on the bridge; shards call the async methods,
@@ -39,7 +46,7 @@ use futures::FutureExt as _;
 use redis::aio::MultiplexedConnection;
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo, ProtocolVersion,
-    PushKind, RedisError, ServerErrorKind, Value,
+    PushKind, RedisConnectionInfo, RedisError, ServerErrorKind, Value,
 };
 
 use super::scripts::Scripts;
@@ -497,6 +504,76 @@ impl RedisCluster {
         }
     }
 
+    /// Where a shard can reach Redis over plain TCP by itself (see
+    /// [`super::shard_link`]): host, port, and the AUTH / SELECT settings; `None` when only
+    /// this client can (a `rediss://` or Unix socket URL).
+    pub(crate) fn direct_target(&self) -> Option<(String, u16, RedisConnectionInfo)> {
+        let info = self.inner.shared.cmd_client.get_connection_info();
+        match info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                Some((host.clone(), *port, info.redis_settings().clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Resolves `host` on the bridge (a DNS wait never blocks a shard).
+    pub(crate) async fn resolve(
+        &self,
+        host: String,
+        port: u16,
+    ) -> Result<Vec<std::net::SocketAddr>, ClusterError> {
+        let target = self.inner.shared.target.clone();
+        self.on_bridge(async move {
+            tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(|addrs| addrs.collect())
+                .map_err(|e| {
+                    ClusterError::Unavailable(format!("cannot resolve redis at {target}: {e}"))
+                })
+        })
+        .await
+    }
+
+    /// The URL without its password, for messages.
+    pub(crate) fn target(&self) -> &str {
+        &self.inner.shared.target
+    }
+
+    /// Whether [`RedisCluster::close`] was called.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.inner.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// SUBSCRIBE or SSUBSCRIBE (`subscribe`), else UNSUBSCRIBE or SUNSUBSCRIBE, as the
+    /// options say.
+    pub(crate) fn sub_command_name(&self, subscribe: bool) -> &'static str {
+        match (self.inner.shared.opts.sharded, subscribe) {
+            (false, true) => "SUBSCRIBE",
+            (false, false) => "UNSUBSCRIBE",
+            (true, true) => "SSUBSCRIBE",
+            (true, false) => "SUNSUBSCRIBE",
+        }
+    }
+
+    /// The publish script call for one room's messages (see [`PublishCall`]).
+    pub(crate) fn publish_call<'a>(&self, msgs: &[&'a NewMessage], floor: u64) -> PublishCall<'a> {
+        PublishCall::new(&self.inner.shared, msgs, floor)
+    }
+
+    /// `SCRIPT LOAD` of the publish script.
+    pub(crate) fn load_publish_script(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD")
+            .arg(&self.inner.shared.scripts.publish_source);
+        cmd
+    }
+
+    /// A [`ClusterError`] for `e` that says what went wrong with `what`.
+    pub(crate) fn classify(&self, e: &RedisError, what: &str) -> ClusterError {
+        self.inner.shared.classify(e, what)
+    }
+
     /// `Ok` unless closed or the command connection is known to be down (then the last
     /// connection error). No I/O: cheap enough for `/healthz`.
     pub(crate) fn health(&self) -> Result<(), ClusterError> {
@@ -762,42 +839,14 @@ impl Shared {
         &self,
         msgs: Vec<(NewMessage, u64)>,
     ) -> Vec<Result<Published, ClusterError>> {
-        // Per room: the indexes of its messages and the highest floor given for it.
-        let mut by_room: Vec<(String, Vec<usize>, u64)> = Vec::new();
-        for (i, (m, floor)) in msgs.iter().enumerate() {
-            match by_room.iter_mut().find(|(room, _, _)| *room == m.room) {
-                Some((_, idx, f)) => {
-                    idx.push(i);
-                    *f = (*f).max(*floor);
-                }
-                None => by_room.push((m.room.clone(), vec![i], *floor)),
-            }
-        }
+        let groups = group_by_room(&msgs);
         let msgs = &msgs;
-        let calls = by_room.iter().map(|(_, idx, floor)| async move {
+        let calls = groups.iter().map(|(idx, floor)| async move {
             let group: Vec<&NewMessage> = idx.iter().map(|&i| &msgs[i].0).collect();
-            (idx, self.publish_room(&group, *floor).await)
+            self.publish_room(&group, *floor).await
         });
-        let mut results: Vec<Option<Result<Published, ClusterError>>> =
-            (0..msgs.len()).map(|_| None).collect();
-        for (idx, outcome) in futures::future::join_all(calls).await {
-            match outcome {
-                Ok(each) => {
-                    for (&i, r) in idx.iter().zip(each) {
-                        results[i] = Some(r);
-                    }
-                }
-                Err(e) => {
-                    for &i in idx {
-                        results[i] = Some(Err(e.clone()));
-                    }
-                }
-            }
-        }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(ClusterError::Protocol("publish: no reply".into()))))
-            .collect()
+        let outcomes = futures::future::join_all(calls).await;
+        scatter(msgs.len(), &groups, outcomes)
     }
 
     /// One publish script call for messages of one room (see `PUBLISH_BODY`), their offsets
@@ -808,94 +857,23 @@ impl Shared {
         msgs: &[&NewMessage],
         floor: u64,
     ) -> Result<Vec<Result<Published, ClusterError>>, ClusterError> {
-        let Some(room) = msgs.first().map(|m| m.room.as_str()) else {
-            return Ok(Vec::new());
-        };
-        // A message whose payload cannot be built fails alone; the others go.
-        let mut parts = Vec::with_capacity(msgs.len());
-        let mut results: Vec<Option<Result<Published, ClusterError>>> = Vec::new();
-        for m in msgs {
-            match message_payload_parts(m) {
-                Ok(p) => {
-                    parts.push((*m, p));
-                    results.push(None);
-                }
-                Err(e) => results.push(Some(Err(e))),
-            }
+        let call = PublishCall::new(self, msgs, floor);
+        if call.is_empty() {
+            return call.settle(Value::Nil, &self.target, self.opts.command_timeout);
         }
-        let half = self.opts.command_timeout / 2;
-        // In Redis's clock: the script refuses to run after it (see `ClusterError::Timeout`).
-        let deadline = self.redis_now_ms().saturating_add(half.as_millis() as u64);
-        let mut inv = self.scripts.publish.key(keys::offset(room));
-        inv.key(keys::stream(room));
-        for (m, _) in &parts {
-            if let Some(cid) = &m.cid {
-                inv.key(keys::cid(room, &m.user, cid));
-            }
-        }
-        inv.arg(keys::channel(room))
-            .arg(self.opts.dedupe_window.as_millis() as u64)
-            .arg(self.opts.history_max_len)
-            .arg(
-                self.opts
-                    .history_max_age
-                    .map_or(0, |d| d.as_millis() as u64),
-            )
-            .arg(self.publish_command())
-            .arg(deadline)
-            .arg(floor)
-            .arg(parts.len());
-        for (m, (prefix, suffix)) in &parts {
-            inv.arg(if m.cid.is_some() { "1" } else { "0" })
-                .arg(m.cid.as_deref().unwrap_or(""))
-                .arg(&m.user)
-                .arg(&m.text)
-                .arg(m.ts)
-                .arg(&m.id)
-                .arg(prefix)
-                .arg(suffix);
-        }
-        let inv = &inv;
+        let (cmd, script) = (&call.cmd, &self.scripts.publish);
         let reply = self
             .with_conn("the publish script", |mut c| async move {
-                inv.invoke_async::<Value>(&mut c).await
+                match cmd.query_async::<Value>(&mut c).await {
+                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                        script.prepare_invoke().load_async(&mut c).await?;
+                        cmd.query_async::<Value>(&mut c).await
+                    }
+                    other => other,
+                }
             })
             .await?;
-        let Value::Array(replies) = reply else {
-            return Err(ClusterError::Protocol(format!(
-                "publish script answered {reply:?}"
-            )));
-        };
-        let replies = replies
-            .into_iter()
-            .map(strings)
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(b"expired") = replies.first().and_then(|r| r.first()).map(Vec::as_slice) {
-            // Comes alone: the script did nothing.
-            return Err(ClusterError::Timeout(format!(
-                "redis at {} ran the publish after its deadline ({half:?}): it was stalled (or \
-                 its clock jumped); nothing was stored",
-                self.target
-            )));
-        }
-        if replies.len() != parts.len() {
-            return Err(ClusterError::Protocol(format!(
-                "publish script answered {} replies for {} messages",
-                replies.len(),
-                parts.len()
-            )));
-        }
-        let mut replies = replies.into_iter().zip(parts.iter().map(|(m, _)| *m));
-        Ok(results
-            .into_iter()
-            .map(|r| match r {
-                Some(failed) => failed,
-                None => match replies.next() {
-                    Some((reply, m)) => published(m, &reply),
-                    None => Err(ClusterError::Protocol("publish: no reply".into())),
-                },
-            })
-            .collect())
+        call.settle(reply, &self.target, self.opts.command_timeout)
     }
 
     async fn subscribe(&self, shard: usize, room: String) -> Result<(), ClusterError> {
@@ -1310,7 +1288,7 @@ pub(crate) fn classify(
 
 /// The delay before reconnect attempt `failures` (≥ 1): `reconnect_min · 2^(failures-1)`,
 /// capped at `reconnect_max`, then a random part of it (between half and all) as jitter.
-fn backoff(opts: &RedisOptions, failures: u32) -> Duration {
+pub(crate) fn backoff(opts: &RedisOptions, failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(20);
     let base = opts
         .reconnect_min
@@ -1684,6 +1662,191 @@ pub(crate) fn decode_event(room: &str, payload: &[u8]) -> Result<ClusterEvent, S
             })
         }
         _ => Err("unknown payload tag".into()),
+    }
+}
+
+/// The messages of a batch grouped by room, in order of first appearance: each group's
+/// indexes into the batch and the highest floor given with the room's messages.
+pub(crate) fn group_by_room(msgs: &[(NewMessage, u64)]) -> Vec<(Vec<usize>, u64)> {
+    let mut groups: Vec<(&str, Vec<usize>, u64)> = Vec::new();
+    for (i, (m, floor)) in msgs.iter().enumerate() {
+        match groups.iter_mut().find(|(room, _, _)| *room == m.room) {
+            Some((_, idx, f)) => {
+                idx.push(i);
+                *f = (*f).max(*floor);
+            }
+            None => groups.push((&m.room, vec![i], *floor)),
+        }
+    }
+    groups.into_iter().map(|(_, idx, f)| (idx, f)).collect()
+}
+
+/// One result per message of a batch from its rooms' outcomes (`outcomes[g]` for
+/// `groups[g]`): a room's error goes to each of its messages.
+pub(crate) fn scatter(
+    len: usize,
+    groups: &[(Vec<usize>, u64)],
+    outcomes: Vec<Result<Vec<Result<Published, ClusterError>>, ClusterError>>,
+) -> Vec<Result<Published, ClusterError>> {
+    let mut results: Vec<Option<Result<Published, ClusterError>>> =
+        (0..len).map(|_| None).collect();
+    for ((idx, _), outcome) in groups.iter().zip(outcomes) {
+        match outcome {
+            Ok(each) => {
+                for (&i, r) in idx.iter().zip(each) {
+                    results[i] = Some(r);
+                }
+            }
+            Err(e) => {
+                for &i in idx {
+                    results[i] = Some(Err(e.clone()));
+                }
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(ClusterError::Protocol("publish: no reply".into()))))
+        .collect()
+}
+
+/// One call of the publish script for one room's messages: the `EVALSHA` command, and
+/// what is needed to turn its reply into one result per message. Built the same way
+/// whichever connection sends it (the bridge's, or a shard's own).
+pub(crate) struct PublishCall<'a> {
+    /// `EVALSHA <publish script> …`; on `NOSCRIPT`, load the script and send it again.
+    pub cmd: redis::Cmd,
+    /// The messages in the call, in order.
+    sent: Vec<&'a NewMessage>,
+    /// Per message of the room: `Some` when it failed before the call (its payload could
+    /// not be built), `None` when its result is the next reply.
+    early: Vec<Option<Result<Published, ClusterError>>>,
+}
+
+impl<'a> PublishCall<'a> {
+    /// The call for `msgs` (one room's, in order), their offsets above `floor`.
+    fn new(shared: &Shared, msgs: &[&'a NewMessage], floor: u64) -> PublishCall<'a> {
+        PublishCall::build(
+            &shared.opts,
+            &shared.scripts,
+            shared.redis_now_ms(),
+            shared.publish_command(),
+            msgs,
+            floor,
+        )
+    }
+
+    fn build(
+        opts: &RedisOptions,
+        scripts: &Scripts,
+        redis_now_ms: u64,
+        publish_command: &str,
+        msgs: &[&'a NewMessage],
+        floor: u64,
+    ) -> PublishCall<'a> {
+        let room = msgs.first().map_or("", |m| m.room.as_str());
+        // A message whose payload cannot be built fails alone; the others go.
+        let mut parts = Vec::with_capacity(msgs.len());
+        let mut early = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            match message_payload_parts(m) {
+                Ok(p) => {
+                    parts.push((*m, p));
+                    early.push(None);
+                }
+                Err(e) => early.push(Some(Err(e))),
+            }
+        }
+        let half = opts.command_timeout / 2;
+        // In Redis's clock: the script refuses to run after it (see `ClusterError::Timeout`).
+        let deadline = redis_now_ms.saturating_add(half.as_millis() as u64);
+        let mut keys = vec![keys::offset(room), keys::stream(room)];
+        for (m, _) in &parts {
+            if let Some(cid) = &m.cid {
+                keys.push(keys::cid(room, &m.user, cid));
+            }
+        }
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(scripts.publish.get_hash())
+            .arg(keys.len())
+            .arg(keys)
+            .arg(keys::channel(room))
+            .arg(opts.dedupe_window.as_millis() as u64)
+            .arg(opts.history_max_len)
+            .arg(opts.history_max_age.map_or(0, |d| d.as_millis() as u64))
+            .arg(publish_command)
+            .arg(deadline)
+            .arg(floor)
+            .arg(parts.len());
+        for (m, (prefix, suffix)) in &parts {
+            cmd.arg(if m.cid.is_some() { "1" } else { "0" })
+                .arg(m.cid.as_deref().unwrap_or(""))
+                .arg(&m.user)
+                .arg(&m.text)
+                .arg(m.ts)
+                .arg(&m.id)
+                .arg(prefix)
+                .arg(suffix);
+        }
+        PublishCall {
+            cmd,
+            sent: parts.into_iter().map(|(m, _)| m).collect(),
+            early,
+        }
+    }
+
+    /// Whether the call carries no message (every payload failed): nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.sent.is_empty()
+    }
+
+    /// One result per message of the call from the script's reply (`target` and
+    /// `command_timeout` for the messages).
+    pub fn settle(
+        self,
+        reply: Value,
+        target: &str,
+        command_timeout: Duration,
+    ) -> Result<Vec<Result<Published, ClusterError>>, ClusterError> {
+        if self.sent.is_empty() {
+            return Ok(self.early.into_iter().flatten().collect());
+        }
+        let Value::Array(replies) = reply else {
+            return Err(ClusterError::Protocol(format!(
+                "publish script answered {reply:?}"
+            )));
+        };
+        let replies = replies
+            .into_iter()
+            .map(strings)
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(b"expired") = replies.first().and_then(|r| r.first()).map(Vec::as_slice) {
+            // Comes alone: the script did nothing.
+            return Err(ClusterError::Timeout(format!(
+                "redis at {target} ran the publish after its deadline ({:?}): it was stalled \
+                 (or its clock jumped); nothing was stored",
+                command_timeout / 2
+            )));
+        }
+        if replies.len() != self.sent.len() {
+            return Err(ClusterError::Protocol(format!(
+                "publish script answered {} replies for {} messages",
+                replies.len(),
+                self.sent.len()
+            )));
+        }
+        let mut replies = replies.into_iter().zip(self.sent);
+        Ok(self
+            .early
+            .into_iter()
+            .map(|r| match r {
+                Some(failed) => failed,
+                None => match replies.next() {
+                    Some((reply, m)) => published(m, &reply),
+                    None => Err(ClusterError::Protocol("publish: no reply".into())),
+                },
+            })
+            .collect())
     }
 }
 

@@ -345,6 +345,9 @@ return out
 pub(crate) struct Scripts {
     /// See [`PUBLISH_BODY`].
     pub publish: redis::Script,
+    /// The publish script's source, for a shard's own connection to load it (SCRIPT LOAD)
+    /// when Redis answers `NOSCRIPT`.
+    pub publish_source: String,
     /// See [`APPEND_BODY`].
     pub append: redis::Script,
     /// See [`PRESENCE_SET_BODY`].
@@ -358,9 +361,11 @@ pub(crate) struct Scripts {
 impl Scripts {
     /// Builds every script (helpers prepended).
     pub fn new() -> Scripts {
-        let with_helpers = |body: &str| redis::Script::new(&format!("{HELPERS}\n{body}"));
+        let source = |body: &str| format!("{HELPERS}\n{body}");
+        let with_helpers = |body: &str| redis::Script::new(&source(body));
         Scripts {
             publish: with_helpers(PUBLISH_BODY),
+            publish_source: source(PUBLISH_BODY),
             append: with_helpers(APPEND_BODY),
             presence_set: with_helpers(PRESENCE_SET_BODY),
             presence_leave: with_helpers(PRESENCE_LEAVE_BODY),

@@ -18,6 +18,7 @@ use super::{Context, Shard};
 use crate::chat::home::Home;
 use crate::chat::mesh::ShardMsg;
 use crate::cluster::redis::RedisCluster;
+use crate::cluster::shard_link::ShardLink;
 use crate::ids::MessageIds;
 use crate::store::Store;
 
@@ -220,9 +221,15 @@ async fn shard_main(
     }
 
     let (home_tx, home_rx) = local_channel::new_unbounded();
-    // Cluster mode: this shard's subscription stream, taken before any room is subscribed.
-    let cluster_events = cluster.as_ref().map(|c| c.subscriber(id));
-    let home = Home::new(home_tx, MessageIds::new(ctx.id_prefix, id), cluster);
+    // Cluster mode: this shard's link and subscription stream, before any room is subscribed.
+    let (link, cluster_events) = match cluster {
+        Some(c) => {
+            let (link, events) = ShardLink::start(c, id).await;
+            (Some(link), Some(events))
+        }
+        None => (None, None),
+    };
+    let home = Home::new(home_tx, MessageIds::new(ctx.id_prefix, id), link);
     let shard = Rc::new_cyclic(|me| Shard::new(id, count, ctx, store, home, outboxes, me.clone()));
     if let Some(mut events) = cluster_events {
         let shard = shard.clone();

@@ -191,7 +191,7 @@ impl Store {
     /// on the process-wide [tokio bridge](crate::bridge::Bridge::global).
     ///
     /// Fails with [`StoreError::Open`] saying what is wrong: no node reachable ("cannot
-    /// reach ScyllaDB at [nodes]: …"), keyspace or tables missing ("… run `corelay schema
+    /// reach ScyllaDB at \[nodes\]: …"), keyspace or tables missing ("… run `corelay schema
     /// apply`"), or a `bucket_size` other than the keyspace was written with.
     pub fn open_scylla(config: &crate::config::ScyllaConfig) -> Result<Store, StoreError> {
         scylla::ScyllaStore::open(config).map(Store::Scylla)

@@ -298,7 +298,7 @@ impl ScyllaStore {
     /// and checks the keyspace, blocking the calling thread (call it on the main thread,
     /// before the shards start; never on a shard).
     ///
-    /// Fails with [`StoreError::Open`]: "cannot reach ScyllaDB at [nodes]: …" when no node
+    /// Fails with [`StoreError::Open`]: "cannot reach ScyllaDB at \[nodes\]: …" when no node
     /// answers, "… run `corelay schema apply`" when the keyspace or its tables are missing,
     /// and a message naming both values when the keyspace uses another `bucket_size`.
     pub fn open(cfg: &ScyllaConfig) -> Result<ScyllaStore, StoreError> {

@@ -1,0 +1,419 @@
+//! A shard's own link to Redis ([`ShardLink`]) against real `redis-server`s: publishing
+//! and receiving on the shard's connections (not the bridge's), the script loaded again
+//! after `SCRIPT FLUSH`, a restarted Redis (`Down`, fast failures, `Reconnected`, rooms
+//! subscribed again), a stalled Redis (calls bounded by the timeout), and a refused
+//! subscription. Each test runs its shards on glommio executors, as the server does.
+
+mod common_redis;
+
+use std::time::{Duration, Instant};
+
+use common_redis::{within, RedisServer};
+use corelay::bridge::Bridge;
+use corelay::cluster::redis::RedisCluster;
+use corelay::cluster::shard_link::ShardLink;
+use corelay::cluster::{ClusterError, ClusterEvent, NewMessage, Published, RedisOptions};
+use futures::channel::mpsc::UnboundedReceiver;
+use futures::executor::block_on;
+use futures::StreamExt as _;
+
+/// Options with short timeouts, so failures show quickly.
+fn opts(url: &str) -> RedisOptions {
+    let mut o = RedisOptions::new(url);
+    o.connect_timeout = Duration::from_secs(1);
+    o.command_timeout = Duration::from_secs(1);
+    o.ping_interval = Duration::from_millis(100);
+    o.reconnect_min = Duration::from_millis(50);
+    o.reconnect_max = Duration::from_millis(500);
+    o
+}
+
+fn connect(o: RedisOptions, bridge: &Bridge) -> RedisCluster {
+    block_on(RedisCluster::connect(o, bridge.clone())).expect("connect to redis")
+}
+
+fn msg(room: &str, text: &str, cid: Option<&str>) -> NewMessage {
+    NewMessage {
+        room: room.to_owned(),
+        user: "alice".to_owned(),
+        text: text.to_owned(),
+        cid: cid.map(str::to_owned),
+        ts: corelay::ids::now_ms(),
+        id: format!("{room}-{text}"),
+    }
+}
+
+/// The offset a publish got; panics on anything else.
+fn offset(r: Result<Published, ClusterError>) -> u64 {
+    match r {
+        Ok(Published::Stored(m)) => m.offset,
+        other => panic!("expected a stored message, got {other:?}"),
+    }
+}
+
+/// Runs `body` on a fresh glommio executor, like a shard, and waits for it.
+fn on_shard<G, F, T>(body: G) -> T
+where
+    G: FnOnce() -> F + Send + 'static,
+    F: std::future::Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    glommio::LocalExecutorBuilder::default()
+        .io_memory(512 * 1024)
+        .spawn(body)
+        .expect("start a glommio executor")
+        .join()
+        .expect("shard body")
+}
+
+/// The next event within `limit`.
+async fn next_event(
+    rx: &mut UnboundedReceiver<ClusterEvent>,
+    limit: Duration,
+) -> Option<ClusterEvent> {
+    let timer = glommio::timer::Timer::new(limit);
+    match futures::future::select(rx.next(), timer).await {
+        futures::future::Either::Left((event, _)) => event,
+        futures::future::Either::Right(_) => None,
+    }
+}
+
+/// Skips events until one matches `want`; panics after `limit`.
+async fn wait_event(
+    rx: &mut UnboundedReceiver<ClusterEvent>,
+    limit: Duration,
+    what: &str,
+    want: impl Fn(&ClusterEvent) -> bool,
+) -> ClusterEvent {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match next_event(rx, left).await {
+            Some(ev) if want(&ev) => return ev,
+            Some(_) => {}
+            None => panic!("no {what} within {limit:?}"),
+        }
+    }
+}
+
+/// The offsets of the next `n` message events of `room`.
+async fn offsets(rx: &mut UnboundedReceiver<ClusterEvent>, room: &str, n: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match next_event(rx, Duration::from_secs(5)).await {
+            Some(ClusterEvent::Message(m)) if m.room == room => got.push(m.offset),
+            Some(other) => panic!("unexpected {other:?}"),
+            None => panic!("only {} of {n} messages of {room}", got.len()),
+        }
+    }
+    got
+}
+
+/// Names of the clients connected to `server` (CLIENT LIST), minus the caller.
+fn clients(server: &RedisServer) -> String {
+    match server.cmd(&server.url(), &["CLIENT", "LIST"]) {
+        Ok(redis::Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+        Ok(redis::Value::VerbatimString { text, .. }) => text,
+        other => panic!("CLIENT LIST: {other:?}"),
+    }
+}
+
+#[test]
+fn two_hosts_publish_and_receive_on_their_shards_own_connections() {
+    two_hosts(false);
+}
+
+#[test]
+fn the_same_with_sharded_pubsub() {
+    two_hosts(true);
+}
+
+fn two_hosts(sharded: bool) {
+    let server = RedisServer::start();
+    within(Duration::from_secs(60), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let mut o = opts(&server.url());
+        o.sharded = sharded;
+        let a = connect(o.clone(), &bridge);
+        let b = connect(o, &bridge);
+        let before = clients(&server).lines().count();
+        let url = server.url();
+        let server = std::sync::Arc::new(server);
+        let watcher = server.clone();
+        on_shard(move || async move {
+            let (a0, mut a_events) = ShardLink::start(a, 0).await;
+            let (b0, mut b_events) = ShardLink::start(b, 0).await;
+            assert!(a0.is_direct() && b0.is_direct(), "plain TCP: no bridge");
+            a0.subscribe("r").await.expect("subscribe on A");
+            b0.subscribe("r").await.expect("subscribe on B");
+            b0.subscribe("side").await.expect("subscribe side");
+            // Both hosts publish batches into one room: one contiguous sequence, and each
+            // host's messages keep their order within a batch.
+            let mut next = 1;
+            for round in 0..5 {
+                for (who, link) in [("a", &a0), ("b", &b0)] {
+                    let batch = (0..4)
+                        .map(|i| (msg("r", &format!("{who}{round}.{i}"), None), 0))
+                        .collect();
+                    for r in link.publish_batch(batch).await {
+                        assert_eq!(offset(r), next);
+                        next += 1;
+                    }
+                }
+            }
+            let all: Vec<u64> = (1..next).collect();
+            assert_eq!(offsets(&mut a_events, "r", all.len()).await, all, "host A");
+            assert_eq!(offsets(&mut b_events, "r", all.len()).await, all, "host B");
+
+            // The shards' own connections: two each (commands, subscriber).
+            let listed = watcher_clients(&watcher);
+            assert!(listed >= before + 4, "{listed} clients, {before} before");
+
+            // A batch over two rooms, with a dedupe key: one round trip, per-room offsets.
+            let batch = vec![
+                (msg("side", "s1", Some("c1")), 0),
+                (msg("r", "r-next", None), 0),
+                (msg("side", "s2", None), 0),
+            ];
+            let got: Vec<u64> = b0
+                .publish_batch(batch)
+                .await
+                .into_iter()
+                .map(offset)
+                .collect();
+            assert_eq!(got, [1, next, 2]);
+            assert_eq!(offsets(&mut b_events, "side", 1).await, [1]);
+            // The same cid again: the first ack, nothing new published.
+            let dup = b0
+                .publish_batch(vec![(msg("side", "s1 again", Some("c1")), 0)])
+                .await;
+            assert!(
+                matches!(&dup[0], Ok(Published::Duplicate(ack)) if ack.offset == 1),
+                "{dup:?}"
+            );
+
+            // Redis forgot its scripts: the shard loads the script again by itself.
+            watcher
+                .cmd(&url, &["SCRIPT", "FLUSH"])
+                .expect("SCRIPT FLUSH");
+            let after = a0
+                .publish_batch(vec![(msg("r", "after flush", None), 0)])
+                .await;
+            assert_eq!(
+                offset(after.into_iter().next().expect("one result")),
+                next + 1
+            );
+
+            // Unsubscribed: B's shard hears nothing more of the room; A still does.
+            b0.unsubscribe("r").await.expect("unsubscribe");
+            while let Some(ev) = next_event(&mut b_events, Duration::from_millis(200)).await {
+                assert!(matches!(ev, ClusterEvent::Message(_)), "{ev:?}");
+            }
+            a0.publish_batch(vec![(msg("r", "unheard", None), 0)]).await;
+            assert_eq!(
+                next_event(&mut b_events, Duration::from_millis(300)).await,
+                None
+            );
+            let tail = offsets(&mut a_events, "r", 3).await;
+            assert_eq!(tail, [next, next + 1, next + 2]);
+        });
+        bridge.shutdown();
+    });
+}
+
+/// The number of clients connected to the watched server.
+fn watcher_clients(server: &RedisServer) -> usize {
+    clients(server).lines().count()
+}
+
+#[test]
+fn a_restarted_redis_gives_down_then_reconnected_with_every_room() {
+    let server = RedisServer::start_persistent();
+    within(Duration::from_secs(60), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let cluster = connect(opts(&server.url()), &bridge);
+        let mut server = server;
+        on_shard(move || async move {
+            let (link, mut events) = ShardLink::start(cluster, 0).await;
+            link.subscribe("r").await.expect("subscribe");
+            for i in 1..=3 {
+                let r = link
+                    .publish_batch(vec![(msg("r", &format!("before{i}"), None), 0)])
+                    .await;
+                assert_eq!(offset(r.into_iter().next().expect("result")), i);
+            }
+            assert_eq!(offsets(&mut events, "r", 3).await, [1, 2, 3]);
+
+            server.kill();
+            wait_event(&mut events, Duration::from_secs(5), "Down", |e| {
+                matches!(e, ClusterEvent::Down { .. })
+            })
+            .await;
+            // Calls fail fast and clearly while Redis is away.
+            for _ in 0..2 {
+                let started = Instant::now();
+                let r = link
+                    .publish_batch(vec![(msg("r", "while down", None), 0)])
+                    .await;
+                let err = r.into_iter().next().expect("result").expect_err("down");
+                assert!(matches!(err, ClusterError::Unavailable(_)), "{err:?}");
+                assert!(started.elapsed() < Duration::from_millis(1500));
+            }
+            // A room wanted while down is subscribed on reconnect.
+            let err = link.subscribe("late").await.expect_err("link down");
+            assert!(matches!(err, ClusterError::Unavailable(_)), "{err:?}");
+            // And one given up while down is not.
+            link.subscribe("gone").await.expect_err("link down");
+            link.unsubscribe("gone")
+                .await
+                .expect("unsubscribe while down");
+
+            server.restart();
+            wait_event(&mut events, Duration::from_secs(10), "Reconnected", |e| {
+                *e == ClusterEvent::Reconnected
+            })
+            .await;
+            // The command connection comes back with the link.
+            let r = link.publish_batch(vec![(msg("r", "after", None), 0)]).await;
+            assert_eq!(
+                offset(r.into_iter().next().expect("result")),
+                4,
+                "offsets go on"
+            );
+            assert_eq!(offsets(&mut events, "r", 1).await, [4]);
+            let r = link
+                .publish_batch(vec![
+                    (msg("late", "hi", None), 0),
+                    (msg("gone", "x", None), 0),
+                ])
+                .await;
+            assert_eq!(r.len(), 2);
+            assert_eq!(offsets(&mut events, "late", 1).await, [1]);
+            assert_eq!(
+                next_event(&mut events, Duration::from_millis(300)).await,
+                None
+            );
+        });
+        bridge.shutdown();
+    });
+}
+
+#[test]
+fn a_stalled_redis_bounds_every_call_and_the_link_recovers() {
+    let server = RedisServer::start();
+    within(Duration::from_secs(60), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let cluster = connect(opts(&server.url()), &bridge);
+        let server = std::sync::Arc::new(server);
+        let stalled = server.clone();
+        on_shard(move || async move {
+            let server = stalled;
+            let (link, mut events) = ShardLink::start(cluster, 0).await;
+            link.subscribe("s").await.expect("subscribe");
+            for _ in 0..2 {
+                link.publish_batch(vec![(msg("s", "before", None), 0)])
+                    .await;
+            }
+            assert_eq!(offsets(&mut events, "s", 2).await, [1, 2]);
+
+            server.pause();
+            let started = Instant::now();
+            let r = link
+                .publish_batch(vec![(msg("s", "stalled", Some("k")), 0)])
+                .await;
+            let err = r.into_iter().next().expect("result").expect_err("stalled");
+            let took = started.elapsed();
+            assert!(matches!(err, ClusterError::Timeout(_)), "{err:?}");
+            assert!(took < Duration::from_secs(3), "bounded: {took:?}");
+            let started = Instant::now();
+            let err = link.subscribe("t").await.expect_err("stalled subscribe");
+            assert!(err.is_transient(), "{err:?}");
+            assert!(started.elapsed() < Duration::from_secs(3));
+            wait_event(&mut events, Duration::from_secs(5), "Down", |e| {
+                matches!(e, ClusterEvent::Down { .. })
+            })
+            .await;
+            // Stay stopped well past the publish's deadline.
+            glommio::timer::sleep(Duration::from_millis(1500)).await;
+
+            server.resume();
+            wait_event(&mut events, Duration::from_secs(10), "Reconnected", |e| {
+                *e == ClusterEvent::Reconnected
+            })
+            .await;
+            // The timed-out publish ran late, past its deadline, and stored nothing: the
+            // retry with the same cid is a new message at the next offset.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let retried = loop {
+                let r = link
+                    .publish_batch(vec![(msg("s", "retry", Some("k")), 0)])
+                    .await;
+                match r.into_iter().next().expect("result") {
+                    Ok(p) => break p,
+                    Err(e) if Instant::now() > deadline => panic!("retry: {e}"),
+                    Err(_) => glommio::timer::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            assert!(
+                matches!(retried, Published::Stored(ref m) if m.offset == 3),
+                "{retried:?}"
+            );
+            // "t" was wanted while stalled: subscribed again with the rest.
+            link.publish_batch(vec![(msg("t", "hello", None), 0)]).await;
+            let got = wait_event(
+                &mut events,
+                Duration::from_secs(3),
+                "t's message",
+                |e| matches!(e, ClusterEvent::Message(m) if m.room == "t"),
+            )
+            .await;
+            assert!(matches!(got, ClusterEvent::Message(m) if m.offset == 1));
+        });
+        drop(server);
+        bridge.shutdown();
+    });
+}
+
+#[test]
+fn a_channel_the_acl_forbids_is_refused_and_forgotten() {
+    let server = RedisServer::start();
+    let admin = server.url();
+    server.add_corelay_user(&admin, "narrow", "pw-narrow");
+    // This user may use only the channels of rooms starting with "ok" (and the probe's).
+    server
+        .cmd(
+            &admin,
+            &[
+                "ACL",
+                "SETUSER",
+                "narrow",
+                "resetchannels",
+                "&corelay:{ok*",
+                "&corelay:ping:*",
+            ],
+        )
+        .expect("narrow the channels");
+    // Database 3: the shard's connections AUTH and SELECT by themselves.
+    let url = server.url_with("narrow:pw-narrow", 3);
+    within(Duration::from_secs(30), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let cluster = connect(opts(&url), &bridge);
+        on_shard(move || async move {
+            let (link, mut events) = ShardLink::start(cluster, 0).await;
+            assert!(link.is_direct());
+            link.subscribe("ok-room").await.expect("allowed channel");
+            let err = link
+                .subscribe("secret")
+                .await
+                .expect_err("forbidden channel");
+            assert!(matches!(err, ClusterError::Auth(_)), "{err:?}");
+            println!("{err}");
+            // Refused for good (not pending a reconnect), and the link is still fine.
+            link.publish_batch(vec![(msg("ok-room", "hi", None), 0)])
+                .await;
+            assert_eq!(offsets(&mut events, "ok-room", 1).await, [1]);
+        });
+        bridge.shutdown();
+        drop(server);
+    });
+}
