@@ -1194,3 +1194,40 @@ fn append_is_idempotent_for_script_published_messages() {
         bridge.shutdown();
     });
 }
+
+#[test]
+fn a_lost_or_reset_counter_never_reuses_an_offset() {
+    let server = RedisServer::start();
+    within(Duration::from_secs(30), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let cluster = connect(opts(&server.url()), &bridge);
+        let publish = |text: &str| {
+            stored(block_on(cluster.publish(msg("c", "alice", text, None))).expect("publish"))
+                .offset
+        };
+        assert_eq!((publish("1"), publish("2"), publish("3")), (1, 2, 3));
+        // The counter is lost while the stream survives: the next offset follows the stream.
+        server
+            .cmd(&server.url(), &["DEL", "corelay:{c}:offset"])
+            .expect("DEL");
+        assert_eq!(publish("4"), 4);
+        // Set back below the stream: the same.
+        server
+            .cmd(&server.url(), &["SET", "corelay:{c}:offset", "1"])
+            .expect("SET");
+        assert_eq!(publish("5"), 5);
+        // Even when trimming emptied the stream, its last id still counts.
+        server
+            .cmd(
+                &server.url(),
+                &["XTRIM", "corelay:{c}:stream", "MAXLEN", "0"],
+            )
+            .expect("XTRIM");
+        server
+            .cmd(&server.url(), &["DEL", "corelay:{c}:offset"])
+            .expect("DEL");
+        assert_eq!(publish("6"), 6);
+        assert_eq!(publish("7"), 7, "and the counter follows");
+        bridge.shutdown();
+    });
+}

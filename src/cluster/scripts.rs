@@ -23,6 +23,31 @@ local function last_offset(stream)
   return 0
 end
 
+-- The offset of the newest id the stream ever had (even when trimmed away since), 0 when
+-- there is no stream.
+local function top_offset(stream)
+  if redis.call('EXISTS', stream) == 0 then return 0 end
+  local info = redis.call('XINFO', 'STREAM', stream)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return id_offset(info[i + 1]) or 0 end
+  end
+  return 0
+end
+
+-- XADD of entry `<offset>-0` with `fields`, trimmed to about `max_len` (0: no trim), as
+-- redis.pcall: an error comes back as a value.
+local function xadd(stream, max_len, offset, fields)
+  local args = {'XADD', stream}
+  if max_len > 0 then
+    args[#args + 1] = 'MAXLEN'
+    args[#args + 1] = '~'
+    args[#args + 1] = max_len
+  end
+  args[#args + 1] = string.format('%d', offset) .. '-0'
+  for _, f in ipairs(fields) do args[#args + 1] = f end
+  return redis.pcall(unpack(args))
+end
+
 local function entry_ts(entry)
   local f = entry[2]
   for i = 1, #f, 2 do
@@ -126,9 +151,10 @@ if deadline > 0 and now > deadline then
 end
 local channel, window, max_len, pubcmd = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
 local n = tonumber(ARGV[8])
-local last = last_offset(KEYS[2])
-local floor = tonumber(ARGV[7]) or 0
-if floor > last then last = floor end
+-- New offsets go above the caller's floor. They also go above the stream's top id: XADD
+-- refuses one at or below it, which is how a counter that fell behind (lost or reset) is
+-- noticed, without reading the stream on every call.
+local last = tonumber(ARGV[7]) or 0
 local replies = {}
 local next_key = 3
 for i = 0, n - 1 do
@@ -145,23 +171,27 @@ for i = 0, n - 1 do
   else
     local offset = redis.call('INCR', KEYS[1])
     if last >= offset then
-      -- The counter fell behind the stream or the caller's floor (lost or reset): never
-      -- reuse an offset.
+      -- The counter fell behind the caller's floor: never reuse an offset.
       offset = last + 1
       redis.call('SET', KEYS[1], string.format('%d', offset))
     end
-    last = offset
-    local off = string.format('%d', offset)
     local fields = {'id', ARGV[b + 5], 'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4]}
     if has_cid then
       fields[#fields + 1] = 'cid'
       fields[#fields + 1] = ARGV[b + 1]
     end
-    if max_len > 0 then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', max_len, off .. '-0', unpack(fields))
-    else
-      redis.call('XADD', KEYS[2], off .. '-0', unpack(fields))
+    local added = xadd(KEYS[2], max_len, offset, fields)
+    if type(added) == 'table' and added.err then
+      local top = top_offset(KEYS[2])
+      if top < offset then return redis.error_reply(added.err) end
+      -- The counter fell behind the stream (lost or reset): go on after the stream's top.
+      offset = top + 1
+      redis.call('SET', KEYS[1], string.format('%d', offset))
+      added = xadd(KEYS[2], max_len, offset, fields)
+      if type(added) == 'table' and added.err then return redis.error_reply(added.err) end
     end
+    last = offset
+    local off = string.format('%d', offset)
     if has_cid and window > 0 then
       redis.call('SET', cid_key, off .. ':' .. ARGV[b + 4] .. ':' .. ARGV[b + 5], 'PX', window)
     end
