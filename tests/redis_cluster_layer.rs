@@ -9,32 +9,15 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common_redis::{free_port, within, RedisServer, TlsFiles};
+use common_redis::{connect, fast_opts as opts, free_port, within, RedisServer, TlsFiles};
 use corelay::bridge::Bridge;
 use corelay::cluster::redis::RedisCluster;
 use corelay::cluster::{
     check, url_from_vars, Ack, ClusterError, ClusterEvent, NewMessage, PresenceEntry, Published,
-    RedisOptions,
 };
 use corelay::store::{HistoryQuery, HistoryStore, Store, StoreError};
 use futures::channel::mpsc::{TryRecvError, UnboundedReceiver};
 use futures::executor::block_on;
-
-/// Options with short timeouts, so failures show quickly.
-fn opts(url: &str) -> RedisOptions {
-    let mut o = RedisOptions::new(url);
-    o.connect_timeout = Duration::from_secs(1);
-    o.command_timeout = Duration::from_secs(1);
-    o.ping_interval = Duration::from_millis(100);
-    o.reconnect_min = Duration::from_millis(50);
-    o.reconnect_max = Duration::from_millis(500);
-    o.presence_ttl = Duration::from_millis(1500);
-    o
-}
-
-fn connect(o: RedisOptions, bridge: &Bridge) -> RedisCluster {
-    block_on(RedisCluster::connect(o, bridge.clone())).expect("connect to redis")
-}
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 

@@ -21,6 +21,7 @@
 
 mod common;
 mod common_redis;
+use common_redis::on_shard_blocking as on_shard;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -634,21 +635,6 @@ impl Drop for FakeNode {
         }
         self.runtime.shutdown();
     }
-}
-
-/// Runs a future on a fresh glommio executor, like a shard.
-fn on_shard<G, F, T>(fut_gen: G) -> T
-where
-    G: FnOnce() -> F + Send + 'static,
-    F: std::future::Future<Output = T> + 'static,
-    T: Send + 'static,
-{
-    glommio::LocalExecutorBuilder::default()
-        .io_memory(512 * 1024)
-        .spawn(fut_gen)
-        .expect("glommio executor")
-        .join()
-        .expect("glommio thread")
 }
 
 /// Opens a store on its own bridge (blocking, as the main thread does).

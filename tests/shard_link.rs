@@ -8,29 +8,14 @@ mod common_redis;
 
 use std::time::{Duration, Instant};
 
-use common_redis::{within, RedisServer};
+use common_redis::{
+    connect, fast_opts as opts, on_shard_blocking as on_shard, within, RedisServer,
+};
 use corelay::bridge::Bridge;
-use corelay::cluster::redis::RedisCluster;
 use corelay::cluster::shard_link::ShardLink;
-use corelay::cluster::{ClusterError, ClusterEvent, NewMessage, Published, RedisOptions};
+use corelay::cluster::{ClusterError, ClusterEvent, NewMessage, Published};
 use futures::channel::mpsc::UnboundedReceiver;
-use futures::executor::block_on;
 use futures::StreamExt as _;
-
-/// Options with short timeouts, so failures show quickly.
-fn opts(url: &str) -> RedisOptions {
-    let mut o = RedisOptions::new(url);
-    o.connect_timeout = Duration::from_secs(1);
-    o.command_timeout = Duration::from_secs(1);
-    o.ping_interval = Duration::from_millis(100);
-    o.reconnect_min = Duration::from_millis(50);
-    o.reconnect_max = Duration::from_millis(500);
-    o
-}
-
-fn connect(o: RedisOptions, bridge: &Bridge) -> RedisCluster {
-    block_on(RedisCluster::connect(o, bridge.clone())).expect("connect to redis")
-}
 
 fn msg(room: &str, text: &str, cid: Option<&str>) -> NewMessage {
     NewMessage {
@@ -49,21 +34,6 @@ fn offset(r: Result<Published, ClusterError>) -> u64 {
         Ok(Published::Stored(m)) => m.offset,
         other => panic!("expected a stored message, got {other:?}"),
     }
-}
-
-/// Runs `body` on a fresh glommio executor, like a shard, and waits for it.
-fn on_shard<G, F, T>(body: G) -> T
-where
-    G: FnOnce() -> F + Send + 'static,
-    F: std::future::Future<Output = T> + 'static,
-    T: Send + 'static,
-{
-    glommio::LocalExecutorBuilder::default()
-        .io_memory(512 * 1024)
-        .spawn(body)
-        .expect("start a glommio executor")
-        .join()
-        .expect("shard body")
 }
 
 /// The next event within `limit`.

@@ -426,3 +426,43 @@ pub fn within<T: Send + 'static>(limit: Duration, body: impl FnOnce() -> T + Sen
         Err(_) => panic!("test body still running after {limit:?}"),
     }
 }
+
+/// Cluster options for `url` with short timeouts, so that failures show quickly in tests.
+pub fn fast_opts(url: &str) -> corelay::cluster::RedisOptions {
+    let mut o = corelay::cluster::RedisOptions::new(url);
+    o.connect_timeout = Duration::from_secs(1);
+    o.command_timeout = Duration::from_secs(1);
+    o.ping_interval = Duration::from_millis(100);
+    o.reconnect_min = Duration::from_millis(50);
+    o.reconnect_max = Duration::from_millis(500);
+    o.presence_ttl = Duration::from_millis(1500);
+    o
+}
+
+/// A connected cluster client on `bridge`; panics when Redis cannot be reached.
+pub fn connect(
+    o: corelay::cluster::RedisOptions,
+    bridge: &corelay::bridge::Bridge,
+) -> corelay::cluster::redis::RedisCluster {
+    futures::executor::block_on(corelay::cluster::redis::RedisCluster::connect(
+        o,
+        bridge.clone(),
+    ))
+    .expect("connect to redis")
+}
+
+/// Runs the future `body` makes on a fresh glommio executor, like a shard, and returns
+/// its output.
+pub fn on_shard_blocking<G, F, T>(body: G) -> T
+where
+    G: FnOnce() -> F + Send + 'static,
+    F: std::future::Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    glommio::LocalExecutorBuilder::default()
+        .io_memory(512 * 1024)
+        .spawn(body)
+        .expect("start a glommio executor")
+        .join()
+        .expect("the shard's thread")
+}
