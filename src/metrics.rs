@@ -33,6 +33,9 @@ pub struct ShardMetrics {
     pub user_limit_refusals: AtomicU64,
     /// 1 while this shard's home has publishes not yet acked (read during a drain).
     pub home_busy: AtomicU64,
+    /// Cluster mode: 1 while this shard's link to Redis is down (between the `Down` and
+    /// `Reconnected` of its event stream).
+    pub redis_link_down: AtomicU64,
     fanout_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     fanout_count: AtomicU64,
     fanout_sum_ns: AtomicU64,
@@ -76,20 +79,34 @@ impl Metrics {
         }
     }
 
-    /// `/healthz`'s `redis`: `null` on a single host, else `{connected, pubsub_roundtrip_ms}`.
+    /// `/healthz`'s `redis`: `null` on a single host, else `{connected,
+    /// pubsub_roundtrip_ms, shard_links_down}` (the process's probe link, and how many
+    /// shards' own links are down).
     pub fn redis_json(&self) -> serde_json::Value {
         match self.redis.get() {
             None => serde_json::Value::Null,
             Some(c) => serde_json::json!({
                 "connected": c.is_connected(),
                 "pubsub_roundtrip_ms": c.last_roundtrip_ms(),
+                "shard_links_down": self.shard_links_down(),
             }),
         }
     }
 
-    /// Whether cluster mode runs with the Redis link down (serving, degraded).
+    /// Shards whose link to Redis is down.
+    fn shard_links_down(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.redis_link_down.load(Relaxed))
+            .sum()
+    }
+
+    /// Whether cluster mode runs with a link to Redis down, the process's or a shard's
+    /// (serving, degraded).
     pub fn redis_down(&self) -> bool {
-        self.redis.get().is_some_and(|c| !c.is_connected())
+        self.redis
+            .get()
+            .is_some_and(|c| !c.is_connected() || self.shard_links_down() > 0)
     }
 
     /// Open connections summed over shards.
@@ -108,7 +125,7 @@ impl Metrics {
     /// The Prometheus text exposition (version 0.0.4).
     pub fn render_prometheus(&self, store_ok: bool) -> String {
         let mut out = String::with_capacity(4096);
-        let per_shard: [(&str, &str, &str, CounterOf); 10] = [
+        let per_shard: [(&str, &str, &str, CounterOf); 11] = [
             ("corelay_connections", "gauge", "Open connections.", |s| {
                 &s.connections
             }),
@@ -159,6 +176,12 @@ impl Metrics {
                 "counter",
                 "New sessions refused with HTTP 429: their source address opened sessions faster than limits.connect_rate_per_ip.",
                 |s| &s.connect_rate_limited,
+            ),
+            (
+                "corelay_redis_link_down",
+                "gauge",
+                "1 while the shard's link to Redis is down (cluster mode).",
+                |s| &s.redis_link_down,
             ),
             (
                 "corelay_user_limit_refusals_total",

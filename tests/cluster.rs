@@ -1047,3 +1047,94 @@ fn serve_over_tls_with_a_private_ca() {
         assert!(text.contains("/nonexistent/ca.pem"), "{text}");
     });
 }
+
+/// Runs a command on `con`, panicking with its error.
+fn admin(con: &mut redis::Connection, args: &[&str]) -> redis::Value {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(con).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+/// The `CLIENT LIST` lines of the connections whose name ends with `suffix`.
+fn named_clients(con: &mut redis::Connection, suffix: &str) -> Vec<String> {
+    let list = match admin(con, &["CLIENT", "LIST"]) {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+        redis::Value::VerbatimString { text, .. } => text,
+        other => panic!("CLIENT LIST: {other:?}"),
+    };
+    list.lines()
+        .filter(|l| {
+            l.split(' ')
+                .any(|f| f.strip_prefix("name=").is_some_and(|n| n.ends_with(suffix)))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn a_shards_own_redis_link_counts_in_health_and_comes_back() {
+    within(Duration::from_secs(60), || {
+        let redis = RedisServer::start();
+        let a = host(&redis);
+        // One connection of the test's own, kept: new ones will be refused below.
+        let mut con = redis::Client::open(redis.url())
+            .and_then(|c| c.get_connection())
+            .expect("admin connection");
+        // Each of the two shards publishes and subscribes over connections of its own,
+        // named for `CLIENT LIST`.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while named_clients(&mut con, ":pubsub").len() < 2
+            || named_clients(&mut con, ":commands").len() < 2
+        {
+            // The command connections open with the first publish.
+            let mut c = client(&a, "warm");
+            for room in ["w0", "w1", "w2", "w3"] {
+                join(&mut c, room);
+                let ack = c.emit_ack("message", json!({"room": room, "text": "hi"}));
+                assert_eq!(ack["ok"], true, "{ack}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{:?}",
+                named_clients(&mut con, "")
+            );
+        }
+        assert_eq!(a.health()["status"], "ok");
+
+        // No room for new clients, and the shards' subscriber connections cut: the shards
+        // cannot reconnect while the process's own probe link stays up.
+        admin(&mut con, &["CONFIG", "SET", "maxclients", "1"]);
+        for line in named_clients(&mut con, ":pubsub") {
+            let id = line
+                .split(' ')
+                .find_map(|f| f.strip_prefix("id="))
+                .expect("id");
+            admin(&mut con, &["CLIENT", "KILL", "ID", id]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let h = a.health();
+            if h["redis"]["shard_links_down"] == 2 {
+                assert_eq!(h["status"], "degraded", "{h}");
+                assert_eq!(h["redis"]["connected"], true, "the probe link is fine: {h}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "no shard link seen down: {h}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(a.metric("corelay_redis_link_down"), 2.0);
+
+        // Room again: both shards reconnect and say so.
+        admin(&mut con, &["CONFIG", "SET", "maxclients", "10000"]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.health()["status"] != "ok" {
+            assert!(Instant::now() < deadline, "{}", a.health());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(a.health()["redis"]["shard_links_down"], 0);
+        assert_eq!(a.metric("corelay_redis_link_down"), 0.0);
+        assert_eq!(named_clients(&mut con, ":pubsub").len(), 2);
+    });
+}

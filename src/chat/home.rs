@@ -1165,9 +1165,15 @@ impl Shard {
                 self.relay_from_host(&room, &host, "typing", true, || typing_json(&room, &user))
             }
             ClusterEvent::Down { reason } => {
+                self.metrics()
+                    .redis_link_down
+                    .store(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(shard = self.id, %reason, "redis link down: sends refused until it is back");
             }
             ClusterEvent::Reconnected => {
+                self.metrics()
+                    .redis_link_down
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
                 let rooms: Vec<Arc<str>> = self.home.rooms.borrow().keys().cloned().collect();
                 tracing::info!(
                     shard = self.id,

@@ -49,8 +49,14 @@ pub(crate) struct RespWriter {
 
 impl RespConn {
     /// Connects to `addr`, then authenticates and selects the database as `info` says
-    /// (AUTH, SELECT). The caller bounds the time it takes.
-    pub async fn connect(addr: SocketAddr, info: &RedisConnectionInfo) -> RedisResult<RespConn> {
+    /// (AUTH, SELECT) and names the connection `name` (CLIENT SETNAME, so that `CLIENT
+    /// LIST` tells whose it is; skipped when the user may not). The caller bounds the time
+    /// it takes.
+    pub async fn connect(
+        addr: SocketAddr,
+        info: &RedisConnectionInfo,
+        name: &str,
+    ) -> RedisResult<RespConn> {
         let stream = TcpStream::connect(addr).await.map_err(io::Error::from)?;
         // Commands are small and latency matters more than packets.
         stream.set_nodelay(true).map_err(io::Error::from)?;
@@ -74,6 +80,16 @@ impl RespConn {
         }
         if info.db() != 0 {
             conn.call(redis::cmd("SELECT").arg(info.db())).await?;
+        }
+        match conn
+            .call(redis::cmd("CLIENT").arg("SETNAME").arg(name))
+            .await
+        {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {}
+            other => {
+                // Other refusals (e.g. "max number of clients reached") end the connection.
+                other?;
+            }
         }
         Ok(conn)
     }

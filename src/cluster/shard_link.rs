@@ -67,8 +67,8 @@ impl ShardLink {
     /// The link of shard `shard`, and the stream of its [`ClusterEvent`]s. Call it on the
     /// shard's executor, before any room is subscribed. It connects the subscriber
     /// (bounded by `connect_timeout`) and starts its task; when Redis cannot be reached yet,
-    /// the task keeps trying and announces [`ClusterEvent::Reconnected`] once connected,
-    /// as after a lost link.
+    /// the stream starts with [`ClusterEvent::Down`] and the task keeps trying, then
+    /// announces [`ClusterEvent::Reconnected`] once connected, as after a lost link.
     pub async fn start(
         cluster: RedisCluster,
         shard: usize,
@@ -85,6 +85,7 @@ impl ShardLink {
         let (tx, events) = mpsc::unbounded();
         let direct = Rc::new(Direct {
             cluster: cluster.clone(),
+            shard,
             host,
             port,
             info,
@@ -92,10 +93,13 @@ impl ShardLink {
             commands: Mutex::new(Commands::default()),
             sub: Rc::new(RefCell::new(Subscriber::default())),
         });
-        let first = match direct.connect("connect (pub/sub)").await {
+        let first = match direct.connect("connect (pub/sub)", "pubsub").await {
             Ok(conn) => Some(direct.install(conn)),
             Err(e) => {
                 tracing::warn!(shard, error = %e, "redis pub/sub link of a shard is down at start; retrying");
+                direct.send(ClusterEvent::Down {
+                    reason: e.to_string(),
+                });
                 None
             }
         };
@@ -153,6 +157,7 @@ impl ShardLink {
 /// The shard's own connections and their state.
 struct Direct {
     cluster: RedisCluster,
+    shard: usize,
     host: String,
     port: u16,
     /// AUTH and SELECT settings.
@@ -216,8 +221,16 @@ impl Direct {
         ))
     }
 
-    /// A new connection, within `connect_timeout` (AUTH and SELECT included).
-    async fn connect(&self, what: &str) -> Result<RespConn, ClusterError> {
+    /// A new connection named `corelay:<host>:shard<N>:<role>`, within `connect_timeout`
+    /// (AUTH and SELECT included).
+    async fn connect(&self, what: &str, role: &str) -> Result<RespConn, ClusterError> {
+        let name = format!(
+            "corelay:{}:shard{}:{role}",
+            self.cluster
+                .host_id()
+                .replace(|c: char| !c.is_ascii_graphic(), "_"),
+            self.shard
+        );
         let addrs = match self.host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, self.port)],
             Err(_) => self.cluster.resolve(self.host.clone(), self.port).await?,
@@ -225,7 +238,7 @@ impl Direct {
         let attempt = async {
             let mut last = None;
             for addr in addrs {
-                match RespConn::connect(addr, &self.info).await {
+                match RespConn::connect(addr, &self.info, &name).await {
                     Ok(conn) => return Ok(conn),
                     Err(e) => last = Some(self.cluster.classify(&e, what)),
                 }
@@ -360,7 +373,7 @@ impl Direct {
                     return Err(e.clone());
                 }
             }
-            match self.connect("connect").await {
+            match self.connect("connect", "commands").await {
                 Ok(conn) => {
                     commands.conn = Some(conn);
                     commands.failures = 0;
@@ -507,13 +520,13 @@ impl Direct {
         self: Rc<Self>,
         mut first: Option<(RespReader, Rc<Mutex<RespWriter>>)>,
     ) {
-        // Without a first connection, the link starts as down (without a `Down` event).
+        // Without a first connection, the link starts as down (`start` said so).
         let announced_down = Cell::new(first.is_none());
         let mut failures: u32 = 0;
         while !self.cluster.is_closed() {
             let (reader, writer) = match first.take() {
                 Some(live) => live,
-                None => match self.connect("connect (pub/sub)").await {
+                None => match self.connect("connect (pub/sub)", "pubsub").await {
                     Ok(conn) => self.install(conn),
                     Err(e) => {
                         if !announced_down.replace(true) {
