@@ -1,6 +1,6 @@
 //! The tokio bridge: one small tokio runtime on its own OS thread, for the clients that
 //! need tokio (the `scylla` driver, and the `redis` client for everything but the hot path,
-//! which shards run themselves over plain TCP: see [`crate::cluster::shard_link`]).
+//! which shards run themselves: see [`crate::cluster::shard_link`]).
 //!
 //! # Why it exists
 //!

@@ -9,7 +9,7 @@ mod common_redis;
 use std::time::{Duration, Instant};
 
 use common_redis::{
-    connect, fast_opts as opts, on_shard_blocking as on_shard, within, RedisServer,
+    connect, fast_opts as opts, on_shard_blocking as on_shard, within, RedisServer, TlsFiles,
 };
 use corelay::bridge::Bridge;
 use corelay::cluster::shard_link::ShardLink;
@@ -385,5 +385,45 @@ fn a_channel_the_acl_forbids_is_refused_and_forgotten() {
         });
         bridge.shutdown();
         drop(server);
+    });
+}
+
+#[test]
+fn tls_with_a_client_certificate_on_the_shards_own_connections() {
+    let tls = match TlsFiles::generate() {
+        Ok(t) => t,
+        Err(e) => panic!("cannot make test certificates (apt-get install openssl): {e}"),
+    };
+    // The server wants a client certificate: a connection without the right one fails.
+    let server = RedisServer::start_tls(&tls, &["--tls-auth-clients", "yes"]);
+    let mut o = opts(&server.url());
+    o.tls_ca_file = Some(tls.ca_cert.clone());
+    o.tls_cert_file = Some(tls.client_cert.clone());
+    o.tls_key_file = Some(tls.client_key.clone());
+    within(Duration::from_secs(60), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let a = connect(o.clone(), &bridge);
+        let b = connect(o, &bridge);
+        on_shard(move || async move {
+            let (a0, mut a_events) = ShardLink::start(a, 0).await;
+            let (b0, mut b_events) = ShardLink::start(b, 0).await;
+            assert!(
+                a0.is_direct() && b0.is_direct(),
+                "rediss://: the shard's own TLS"
+            );
+            a0.subscribe("t").await.expect("subscribe over TLS");
+            b0.subscribe("t").await.expect("subscribe over TLS");
+            for (next, link) in (1..).zip([&a0, &b0, &a0]) {
+                let r = link
+                    .publish_batch(vec![(msg("t", &format!("m{next}"), None), 0)])
+                    .await;
+                assert_eq!(offset(r.into_iter().next().expect("result")), next);
+            }
+            assert_eq!(offsets(&mut a_events, "t", 3).await, [1, 2, 3]);
+            assert_eq!(offsets(&mut b_events, "t", 3).await, [1, 2, 3]);
+        });
+        bridge.shutdown();
+        drop(server);
+        drop(tls);
     });
 }

@@ -5,8 +5,8 @@
 //! [`redis::RedisCluster`] is the one value a process holds (`Clone + Send + Sync`; its
 //! connections live on the [tokio bridge](crate::bridge)). Each shard wraps it in a
 //! [`shard_link::ShardLink`], which runs the hot path (publishing, and the subscribed
-//! rooms' messages) on the shard's own connections to Redis when the URL is plain TCP, and
-//! hands it to the bridge otherwise (TLS, Unix socket). The rooms' home shards call:
+//! rooms' messages) on the shard's own connections to Redis (TCP or TLS), and hands it to
+//! the bridge for a Unix socket. The rooms' home shards call:
 //!
 //! - [`RedisCluster::publish`](redis::RedisCluster::publish) runs the publish script: dedupe
 //!   by `cid`, next offset, append to the room's stream, PUBLISH; Redis's order is the offset
@@ -65,6 +65,7 @@ pub mod redis;
 mod resp;
 mod scripts;
 pub mod shard_link;
+mod tls;
 
 pub use check::{check, CheckReport, CheckStep};
 

@@ -20,10 +20,10 @@
 //!
 //! # The hot path
 //!
-//! With a plain `redis://` URL each shard publishes and receives its rooms' messages over
+//! With a `redis://` or `rediss://` URL each shard publishes and receives its rooms' messages over
 //! connections of its own ([`super::shard_link`]); then the room subscriptions below are
-//! not used and the pub/sub connection carries the probe only. With `rediss://` (or a
-//! Unix socket) everything goes through here.
+//! not used and the pub/sub connection carries the probe only. With a Unix socket (or
+//! `rediss://…#insecure`) everything goes through here.
 //!
 //! # Threads
 //!
@@ -68,6 +68,16 @@ const CLOCK_EVERY: Duration = Duration::from_secs(60);
 const REAPED_KEEP: Duration = Duration::from_secs(3600);
 /// Most typing notices on their way to Redis at once; more are dropped (they are volatile).
 const TYPING_INFLIGHT_MAX: usize = 1024;
+
+/// Where and how a shard connects to Redis by itself: see [`RedisCluster::direct_target`].
+pub(crate) struct DirectTarget {
+    pub host: String,
+    pub port: u16,
+    /// `rediss://`: TLS with the options' CA and client certificate files.
+    pub tls: bool,
+    /// AUTH and SELECT settings.
+    pub info: RedisConnectionInfo,
+}
 
 /// The process's link to Redis: offsets and publishing (the publish script), per-shard
 /// subscriptions, presence, and the connection the [Redis history
@@ -504,17 +514,26 @@ impl RedisCluster {
         }
     }
 
-    /// Where a shard can reach Redis over plain TCP by itself (see
-    /// [`super::shard_link`]): host, port, and the AUTH / SELECT settings; `None` when only
-    /// this client can (a `rediss://` or Unix socket URL).
-    pub(crate) fn direct_target(&self) -> Option<(String, u16, RedisConnectionInfo)> {
+    /// Where a shard can reach Redis by itself (see [`super::shard_link`]); `None` when
+    /// only this client can (a Unix socket, or `rediss://…#insecure`).
+    pub(crate) fn direct_target(&self) -> Option<DirectTarget> {
         let info = self.inner.shared.cmd_client.get_connection_info();
-        match info.addr() {
-            ConnectionAddr::Tcp(host, port) => {
-                Some((host.clone(), *port, info.redis_settings().clone()))
-            }
-            _ => None,
-        }
+        let (host, port, tls) = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => (host, port, false),
+            ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                ..
+            } => (host, port, true),
+            _ => return None,
+        };
+        Some(DirectTarget {
+            host: host.clone(),
+            port: *port,
+            tls,
+            info: info.redis_settings().clone(),
+        })
     }
 
     /// Resolves `host` on the bridge (a DNS wait never blocks a shard).

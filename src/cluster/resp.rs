@@ -13,9 +13,17 @@
 use std::io;
 use std::net::SocketAddr;
 
-use futures::io::{AsyncReadExt as _, AsyncWriteExt as _, ReadHalf, WriteHalf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::io::{
+    AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadHalf, WriteHalf,
+};
+use futures_rustls::client::TlsStream;
 use glommio::net::TcpStream;
 use redis::{RedisConnectionInfo, RedisError, RedisResult, Value};
+use rustls::pki_types::ServerName;
 
 /// The read buffer's first size; it grows for a longer reply.
 const READ_CHUNK: usize = 16 * 1024;
@@ -35,7 +43,7 @@ pub(crate) struct RespConn {
 
 /// The reading half: buffers bytes and hands out one decoded reply at a time.
 pub(crate) struct RespReader {
-    half: ReadHalf<TcpStream>,
+    half: ReadHalf<Stream>,
     /// Always initialized to its length; `start..end` are the unread bytes.
     buf: Vec<u8>,
     start: usize,
@@ -44,22 +52,85 @@ pub(crate) struct RespReader {
 
 /// The writing half.
 pub(crate) struct RespWriter {
-    half: WriteHalf<TcpStream>,
+    half: WriteHalf<Stream>,
+}
+
+/// How to speak TLS to the server: the client settings and the name its certificate must
+/// carry.
+#[derive(Clone)]
+pub(crate) struct Tls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub server_name: ServerName<'static>,
+}
+
+/// The byte stream under a connection: plain TCP, or TLS over it.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_close(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+        }
+    }
 }
 
 impl RespConn {
-    /// Connects to `addr`, then authenticates and selects the database as `info` says
+    /// Connects to `addr` (with TLS when `tls` says how), then authenticates and selects the database as `info` says
     /// (AUTH, SELECT) and names the connection `name` (CLIENT SETNAME, so that `CLIENT
     /// LIST` tells whose it is; skipped when the user may not). The caller bounds the time
     /// it takes.
     pub async fn connect(
         addr: SocketAddr,
+        tls: Option<&Tls>,
         info: &RedisConnectionInfo,
         name: &str,
     ) -> RedisResult<RespConn> {
-        let stream = TcpStream::connect(addr).await.map_err(io::Error::from)?;
+        let tcp = TcpStream::connect(addr).await.map_err(io::Error::from)?;
         // Commands are small and latency matters more than packets.
-        stream.set_nodelay(true).map_err(io::Error::from)?;
+        tcp.set_nodelay(true).map_err(io::Error::from)?;
+        let stream = match tls {
+            None => Stream::Plain(tcp),
+            Some(tls) => {
+                let connector = futures_rustls::TlsConnector::from(tls.config.clone());
+                let stream = connector.connect(tls.server_name.clone(), tcp).await?;
+                Stream::Tls(Box::new(stream))
+            }
+        };
         let (read, write) = stream.split();
         let mut conn = RespConn {
             reader: RespReader {

@@ -11,9 +11,10 @@
 //! channel's messages itself.
 //!
 //! What stays on the bridge ([`RedisCluster`]): presence, typing notices, history reads,
-//! the link probe and clock measurement, and the whole hot path when the URL is `rediss://`
-//! or a Unix socket (glommio has no TLS here): then [`ShardLink`] hands each call to the
-//! bridge as before.
+//! the link probe and clock measurement, and the whole hot path when the URL is a Unix
+//! socket or `rediss://…#insecure`: then [`ShardLink`] hands each call to the bridge as
+//! before. `rediss://` is spoken by the shard itself (rustls, with the same CA and client
+//! certificate files as the bridge's client).
 //!
 //! # Connections, per shard
 //!
@@ -41,10 +42,11 @@ use futures::future::Either;
 use futures::lock::Mutex;
 use redis::{ErrorKind, RedisConnectionInfo, ServerErrorKind, Value};
 
+use super::redis::DirectTarget;
 use super::redis::{
     backoff, bytes, decode_event, group_by_room, scatter, PublishCall, RedisCluster,
 };
-use super::resp::{RespConn, RespReader, RespWriter};
+use super::resp::{RespConn, RespReader, RespWriter, Tls};
 use super::{keys, ClusterError, ClusterEvent, NewMessage, Published};
 
 /// PING as sent on the subscriber connection.
@@ -73,7 +75,7 @@ impl ShardLink {
         cluster: RedisCluster,
         shard: usize,
     ) -> (ShardLink, mpsc::UnboundedReceiver<ClusterEvent>) {
-        let Some((host, port, info)) = cluster.direct_target() else {
+        let Some((target, tls)) = direct_route(&cluster) else {
             let events = cluster.subscriber(shard);
             let link = ShardLink {
                 cluster,
@@ -82,12 +84,16 @@ impl ShardLink {
             };
             return (link, events);
         };
+        let DirectTarget {
+            host, port, info, ..
+        } = target;
         let (tx, events) = mpsc::unbounded();
         let direct = Rc::new(Direct {
             cluster: cluster.clone(),
             shard,
             host,
             port,
+            tls,
             info,
             events: tx,
             commands: Mutex::new(Commands::default()),
@@ -160,6 +166,8 @@ struct Direct {
     shard: usize,
     host: String,
     port: u16,
+    /// TLS settings, for `rediss://`.
+    tls: Option<Tls>,
     /// AUTH and SELECT settings.
     info: RedisConnectionInfo,
     /// The shard's event stream.
@@ -238,7 +246,7 @@ impl Direct {
         let attempt = async {
             let mut last = None;
             for addr in addrs {
-                match RespConn::connect(addr, &self.info, &name).await {
+                match RespConn::connect(addr, self.tls.as_ref(), &self.info, &name).await {
                     Ok(conn) => return Ok(conn),
                     Err(e) => last = Some(self.cluster.classify(&e, what)),
                 }
@@ -742,6 +750,34 @@ impl Direct {
             me.borrow_mut().strays.remove(&channel);
         })
         .detach();
+    }
+}
+
+/// Whether and how a shard can reach Redis by itself: the target, and its TLS settings
+/// for `rediss://`. `None` (the bridge, then) for a Unix socket, an insecure TLS URL, or
+/// TLS settings that cannot be built (said in the log).
+fn direct_route(cluster: &RedisCluster) -> Option<(DirectTarget, Option<Tls>)> {
+    let target = cluster.direct_target()?;
+    if !target.tls {
+        return Some((target, None));
+    }
+    let server_name = rustls::pki_types::ServerName::try_from(target.host.clone());
+    match (super::tls::client_config(cluster.options()), server_name) {
+        (Ok(config), Ok(server_name)) => Some((
+            target,
+            Some(Tls {
+                config,
+                server_name,
+            }),
+        )),
+        (Err(e), _) => {
+            tracing::warn!(error = %e, "TLS settings for the shards' own redis connections; using the bridge's");
+            None
+        }
+        (_, Err(e)) => {
+            tracing::warn!(error = %e, "redis host name for TLS; using the bridge's connections");
+            None
+        }
     }
 }
 
