@@ -404,6 +404,8 @@ fn tls_with_a_client_certificate_on_the_shards_own_connections() {
         let bridge = Bridge::start().expect("bridge");
         let a = connect(o.clone(), &bridge);
         let b = connect(o, &bridge);
+        let server = std::sync::Arc::new(server);
+        let stalled = server.clone();
         on_shard(move || async move {
             let (a0, mut a_events) = ShardLink::start(a, 0).await;
             let (b0, mut b_events) = ShardLink::start(b, 0).await;
@@ -421,6 +423,26 @@ fn tls_with_a_client_certificate_on_the_shards_own_connections() {
             }
             assert_eq!(offsets(&mut a_events, "t", 3).await, [1, 2, 3]);
             assert_eq!(offsets(&mut b_events, "t", 3).await, [1, 2, 3]);
+
+            // A stalled server: calls end in time, the link goes down and comes back (a
+            // TLS close waits on nothing).
+            stalled.pause();
+            let started = Instant::now();
+            let r = a0.publish_batch(vec![(msg("t", "stalled", None), 0)]).await;
+            let err = r.into_iter().next().expect("result").expect_err("stalled");
+            assert!(matches!(err, ClusterError::Timeout(_)), "{err:?}");
+            assert!(started.elapsed() < Duration::from_secs(3));
+            wait_event(&mut a_events, Duration::from_secs(5), "Down", |e| {
+                matches!(e, ClusterEvent::Down { .. })
+            })
+            .await;
+            stalled.resume();
+            wait_event(&mut a_events, Duration::from_secs(10), "Reconnected", |e| {
+                *e == ClusterEvent::Reconnected
+            })
+            .await;
+            let r = a0.publish_batch(vec![(msg("t", "after", None), 0)]).await;
+            assert_eq!(offset(r.into_iter().next().expect("result")), 4);
         });
         bridge.shutdown();
         drop(server);

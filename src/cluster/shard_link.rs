@@ -477,9 +477,12 @@ impl Direct {
         }
         let sent = within(limit, w.send(&packed)).await;
         if sent.is_none() {
-            // Part of a command may have gone out: nothing more can follow it. The reader
-            // sees the connection end, and the link is set up again.
-            w.close().await;
+            // Part of a command may have gone out: nothing more can follow it. Closing our
+            // side ends the link (or the probe does, when the server stalls), and it is set
+            // up again.
+            // Bounded too: with TLS, closing writes a close_notify a stalled server may
+            // never make room for.
+            let _ = within(limit, w.close()).await;
         }
         drop(w);
         match sent {
@@ -583,7 +586,8 @@ impl Direct {
                 sub.waiting.clear();
                 sub.strays.clear();
             }
-            writer.lock().await.close().await;
+            let limit = self.opts().command_timeout;
+            let _ = within(limit, async { writer.lock().await.close().await }).await;
             // A stalled or vanished server will not answer the command connection either.
             if let Some(mut commands) = self.commands.try_lock() {
                 commands.conn = None;
