@@ -42,9 +42,8 @@ use futures::future::Either;
 use futures::lock::Mutex;
 use redis::{ErrorKind, RedisConnectionInfo, ServerErrorKind, Value};
 
-use super::redis::DirectTarget;
 use super::redis::{
-    backoff, bytes, decode_event, group_by_room, scatter, PublishCall, RedisCluster,
+    backoff, bytes, decode_event, group_by_room, scatter, DirectTarget, PublishCall, RedisCluster,
 };
 use super::resp::{RespConn, RespReader, RespWriter, Tls};
 use super::{keys, ClusterError, ClusterEvent, NewMessage, Published};
