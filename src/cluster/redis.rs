@@ -20,9 +20,9 @@
 //!
 //! # The hot path
 //!
-//! With a `redis://` or `rediss://` URL each shard publishes and receives its rooms' messages over
-//! connections of its own ([`super::shard_link`]); then the room subscriptions below are
-//! not used and the pub/sub connection carries the probe only. With a Unix socket (or
+//! With a `redis://` or `rediss://` URL each shard publishes and receives its rooms'
+//! messages over connections of its own ([`super::shard_link`]); then the room
+//! subscriptions below are not used and the pub/sub connection carries the probe only. With a Unix socket (or
 //! `rediss://…#insecure`) everything goes through here.
 //!
 //! # Threads
@@ -1745,24 +1745,7 @@ pub(crate) struct PublishCall<'a> {
 impl<'a> PublishCall<'a> {
     /// The call for `msgs` (one room's, in order), their offsets above `floor`.
     fn new(shared: &Shared, msgs: &[&'a NewMessage], floor: u64) -> PublishCall<'a> {
-        PublishCall::build(
-            &shared.opts,
-            &shared.scripts,
-            shared.redis_now_ms(),
-            shared.publish_command(),
-            msgs,
-            floor,
-        )
-    }
-
-    fn build(
-        opts: &RedisOptions,
-        scripts: &Scripts,
-        redis_now_ms: u64,
-        publish_command: &str,
-        msgs: &[&'a NewMessage],
-        floor: u64,
-    ) -> PublishCall<'a> {
+        let opts = &shared.opts;
         let room = msgs.first().map_or("", |m| m.room.as_str());
         // A message whose payload cannot be built fails alone; the others go.
         let mut parts = Vec::with_capacity(msgs.len());
@@ -1778,7 +1761,9 @@ impl<'a> PublishCall<'a> {
         }
         let half = opts.command_timeout / 2;
         // In Redis's clock: the script refuses to run after it (see `ClusterError::Timeout`).
-        let deadline = redis_now_ms.saturating_add(half.as_millis() as u64);
+        let deadline = shared
+            .redis_now_ms()
+            .saturating_add(half.as_millis() as u64);
         let mut keys = vec![keys::offset(room), keys::stream(room)];
         for (m, _) in &parts {
             if let Some(cid) = &m.cid {
@@ -1786,14 +1771,14 @@ impl<'a> PublishCall<'a> {
             }
         }
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(scripts.publish.get_hash())
+        cmd.arg(shared.scripts.publish.get_hash())
             .arg(keys.len())
             .arg(keys)
             .arg(keys::channel(room))
             .arg(opts.dedupe_window.as_millis() as u64)
             .arg(opts.history_max_len)
             .arg(opts.history_max_age.map_or(0, |d| d.as_millis() as u64))
-            .arg(publish_command)
+            .arg(shared.publish_command())
             .arg(deadline)
             .arg(floor)
             .arg(parts.len());

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use futures::channel::{mpsc, oneshot};
 use futures::future::Either;
 use futures::lock::Mutex;
-use redis::{ErrorKind, RedisConnectionInfo, ServerErrorKind, Value};
+use redis::{ErrorKind, ServerErrorKind, Value};
 
 use super::redis::{
     backoff, bytes, decode_event, group_by_room, scatter, DirectTarget, PublishCall, RedisCluster,
@@ -83,17 +83,12 @@ impl ShardLink {
             };
             return (link, events);
         };
-        let DirectTarget {
-            host, port, info, ..
-        } = target;
         let (tx, events) = mpsc::unbounded();
         let direct = Rc::new(Direct {
             cluster: cluster.clone(),
             shard,
-            host,
-            port,
+            target,
             tls,
-            info,
             events: tx,
             commands: Mutex::new(Commands::default()),
             sub: Rc::new(RefCell::new(Subscriber::default())),
@@ -163,12 +158,10 @@ impl ShardLink {
 struct Direct {
     cluster: RedisCluster,
     shard: usize,
-    host: String,
-    port: u16,
+    /// Where Redis is, and the AUTH and SELECT settings.
+    target: DirectTarget,
     /// TLS settings, for `rediss://`.
     tls: Option<Tls>,
-    /// AUTH and SELECT settings.
-    info: RedisConnectionInfo,
     /// The shard's event stream.
     events: mpsc::UnboundedSender<ClusterEvent>,
     /// The command connection; locked for the whole of a batch.
@@ -238,14 +231,18 @@ impl Direct {
                 .replace(|c: char| !c.is_ascii_graphic(), "_"),
             self.shard
         );
-        let addrs = match self.host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, self.port)],
-            Err(_) => self.cluster.resolve(self.host.clone(), self.port).await?,
+        let addrs = match self.target.host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, self.target.port)],
+            Err(_) => {
+                self.cluster
+                    .resolve(self.target.host.clone(), self.target.port)
+                    .await?
+            }
         };
         let attempt = async {
             let mut last = None;
             for addr in addrs {
-                match RespConn::connect(addr, self.tls.as_ref(), &self.info, &name).await {
+                match RespConn::connect(addr, self.tls.as_ref(), &self.target.info, &name).await {
                     Ok(conn) => return Ok(conn),
                     Err(e) => last = Some(self.cluster.classify(&e, what)),
                 }
@@ -478,9 +475,8 @@ impl Direct {
         if sent.is_none() {
             // Part of a command may have gone out: nothing more can follow it. Closing our
             // side ends the link (or the probe does, when the server stalls), and it is set
-            // up again.
-            // Bounded too: with TLS, closing writes a close_notify a stalled server may
-            // never make room for.
+            // up again. The close is bounded too: with TLS it writes a close_notify that a
+            // stalled server may never make room for.
             let _ = within(limit, w.close()).await;
         }
         drop(w);
