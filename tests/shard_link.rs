@@ -1,83 +1,32 @@
-//! A shard's own link to Redis ([`ShardLink`]) against real `redis-server`s: publishing
-//! and receiving on the shard's connections (not the bridge's), the script loaded again
-//! after `SCRIPT FLUSH`, a restarted Redis (`Down`, fast failures, `Reconnected`, rooms
-//! subscribed again), a stalled Redis (calls bounded by the timeout), and a refused
-//! subscription. Each test runs its shards on glommio executors, as the server does.
+//! A shard's own link to Redis ([`ShardLink`]) against real `redis-server`s, each test's
+//! shards on glommio executors as the server runs them: two hosts publishing batches and
+//! receiving them in offset order on the shards' own connections (plain and sharded
+//! pub/sub), a batch over two rooms, a repeated `cid`, unsubscribing, the script loaded
+//! again after `SCRIPT FLUSH`; a restarted Redis (`Down`, fast failures, `Reconnected`,
+//! rooms wanted while down subscribed again, rooms given up not); a stalled Redis (calls
+//! bounded by the timeout, then recovery); a channel the ACL forbids (refused, with AUTH
+//! and SELECT on the shard's connections); TLS with a client certificate; and a Unix
+//! socket. What the
+//! bridge itself does (its `publish`, presence, `check`) is in `redis_cluster_layer.rs`;
+//! the helpers both share are in `common_redis`.
 
 mod common_redis;
 
 use std::time::{Duration, Instant};
 
 use common_redis::{
-    connect, fast_opts as opts, on_shard_blocking as on_shard, within, RedisServer, TlsFiles,
+    connect, connect_hosts, fast_opts as opts, msg, next_event, offset, offsets,
+    on_shard_blocking as on_shard, wait_down, wait_message, wait_reconnected, within, RedisServer,
+    TlsFiles,
 };
 use corelay::bridge::Bridge;
+use corelay::cluster::redis::RedisCluster;
 use corelay::cluster::shard_link::ShardLink;
-use corelay::cluster::{ClusterError, ClusterEvent, NewMessage, Published};
+use corelay::cluster::{ClusterError, ClusterEvent, Published};
 use futures::channel::mpsc::UnboundedReceiver;
-use futures::StreamExt as _;
 
-fn msg(room: &str, text: &str, cid: Option<&str>) -> NewMessage {
-    NewMessage {
-        room: room.to_owned(),
-        user: "alice".to_owned(),
-        text: text.to_owned(),
-        cid: cid.map(str::to_owned),
-        ts: corelay::ids::now_ms(),
-        id: format!("{room}-{text}"),
-    }
-}
-
-/// The offset a publish got; panics on anything else.
-fn offset(r: Result<Published, ClusterError>) -> u64 {
-    match r {
-        Ok(Published::Stored(m)) => m.offset,
-        other => panic!("expected a stored message, got {other:?}"),
-    }
-}
-
-/// The next event within `limit`.
-async fn next_event(
-    rx: &mut UnboundedReceiver<ClusterEvent>,
-    limit: Duration,
-) -> Option<ClusterEvent> {
-    let timer = glommio::timer::Timer::new(limit);
-    match futures::future::select(rx.next(), timer).await {
-        futures::future::Either::Left((event, _)) => event,
-        futures::future::Either::Right(_) => None,
-    }
-}
-
-/// Skips events until one matches `want`; panics after `limit`.
-async fn wait_event(
-    rx: &mut UnboundedReceiver<ClusterEvent>,
-    limit: Duration,
-    what: &str,
-    want: impl Fn(&ClusterEvent) -> bool,
-) -> ClusterEvent {
-    let deadline = Instant::now() + limit;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match next_event(rx, left).await {
-            Some(ev) if want(&ev) => return ev,
-            Some(_) => {}
-            None => panic!("no {what} within {limit:?}"),
-        }
-    }
-}
-
-/// The offsets of the next `n` message events of `room`.
-async fn offsets(rx: &mut UnboundedReceiver<ClusterEvent>, room: &str, n: usize) -> Vec<u64> {
-    let mut got = Vec::new();
-    while got.len() < n {
-        match next_event(rx, Duration::from_secs(5)).await {
-            Some(ClusterEvent::Message(m)) if m.room == room => got.push(m.offset),
-            Some(other) => panic!("unexpected {other:?}"),
-            None => panic!("only {} of {n} messages of {room}", got.len()),
-        }
-    }
-    got
-}
+/// A shard link's event stream.
+type Events = UnboundedReceiver<ClusterEvent>;
 
 /// Names of the clients connected to `server` (CLIENT LIST), minus the caller.
 fn clients(server: &RedisServer) -> String {
@@ -86,6 +35,28 @@ fn clients(server: &RedisServer) -> String {
         Ok(redis::Value::VerbatimString { text, .. }) => text,
         other => panic!("CLIENT LIST: {other:?}"),
     }
+}
+
+/// One shard link per host, both subscribed to `room`; they publish three messages in turn
+/// (A, B, A), and both receive offsets 1, 2, 3. The links and their event streams.
+async fn exchange(
+    a: RedisCluster,
+    b: RedisCluster,
+    room: &str,
+) -> (ShardLink, Events, ShardLink, Events) {
+    let (a0, mut a_events) = ShardLink::start(a, 0).await;
+    let (b0, mut b_events) = ShardLink::start(b, 0).await;
+    a0.subscribe(room).await.expect("subscribe on A");
+    b0.subscribe(room).await.expect("subscribe on B");
+    for (next, link) in (1..).zip([&a0, &b0, &a0]) {
+        let r = link
+            .publish_batch(vec![(msg(room, "alice", &format!("m{next}"), None), 0)])
+            .await;
+        assert_eq!(offset(r.into_iter().next().expect("result")), next);
+    }
+    assert_eq!(offsets(&mut a_events, room, 3).await, [1, 2, 3], "host A");
+    assert_eq!(offsets(&mut b_events, room, 3).await, [1, 2, 3], "host B");
+    (a0, a_events, b0, b_events)
 }
 
 #[test]
@@ -104,8 +75,7 @@ fn two_hosts(sharded: bool) {
         let bridge = Bridge::start().expect("bridge");
         let mut o = opts(&server.url());
         o.sharded = sharded;
-        let a = connect(o.clone(), &bridge);
-        let b = connect(o, &bridge);
+        let [a, b] = connect_hosts(&o, &bridge);
         let before = clients(&server).lines().count();
         let url = server.url();
         let server = std::sync::Arc::new(server);
@@ -113,7 +83,6 @@ fn two_hosts(sharded: bool) {
         on_shard(move || async move {
             let (a0, mut a_events) = ShardLink::start(a, 0).await;
             let (b0, mut b_events) = ShardLink::start(b, 0).await;
-            assert!(a0.is_direct() && b0.is_direct(), "plain TCP: no bridge");
             a0.subscribe("r").await.expect("subscribe on A");
             b0.subscribe("r").await.expect("subscribe on B");
             b0.subscribe("side").await.expect("subscribe side");
@@ -123,7 +92,7 @@ fn two_hosts(sharded: bool) {
             for round in 0..5 {
                 for (who, link) in [("a", &a0), ("b", &b0)] {
                     let batch = (0..4)
-                        .map(|i| (msg("r", &format!("{who}{round}.{i}"), None), 0))
+                        .map(|i| (msg("r", "alice", &format!("{who}{round}.{i}"), None), 0))
                         .collect();
                     for r in link.publish_batch(batch).await {
                         assert_eq!(offset(r), next);
@@ -141,9 +110,9 @@ fn two_hosts(sharded: bool) {
 
             // A batch over two rooms, with a dedupe key: one round trip, per-room offsets.
             let batch = vec![
-                (msg("side", "s1", Some("c1")), 0),
-                (msg("r", "r-next", None), 0),
-                (msg("side", "s2", None), 0),
+                (msg("side", "alice", "s1", Some("c1")), 0),
+                (msg("r", "alice", "r-next", None), 0),
+                (msg("side", "alice", "s2", None), 0),
             ];
             let got: Vec<u64> = b0
                 .publish_batch(batch)
@@ -155,7 +124,7 @@ fn two_hosts(sharded: bool) {
             assert_eq!(offsets(&mut b_events, "side", 1).await, [1]);
             // The same cid again: the first ack, nothing new published.
             let dup = b0
-                .publish_batch(vec![(msg("side", "s1 again", Some("c1")), 0)])
+                .publish_batch(vec![(msg("side", "alice", "s1 again", Some("c1")), 0)])
                 .await;
             assert!(
                 matches!(&dup[0], Ok(Published::Duplicate(ack)) if ack.offset == 1),
@@ -167,7 +136,7 @@ fn two_hosts(sharded: bool) {
                 .cmd(&url, &["SCRIPT", "FLUSH"])
                 .expect("SCRIPT FLUSH");
             let after = a0
-                .publish_batch(vec![(msg("r", "after flush", None), 0)])
+                .publish_batch(vec![(msg("r", "alice", "after flush", None), 0)])
                 .await;
             assert_eq!(
                 offset(after.into_iter().next().expect("one result")),
@@ -179,7 +148,8 @@ fn two_hosts(sharded: bool) {
             while let Some(ev) = next_event(&mut b_events, Duration::from_millis(200)).await {
                 assert!(matches!(ev, ClusterEvent::Message(_)), "{ev:?}");
             }
-            a0.publish_batch(vec![(msg("r", "unheard", None), 0)]).await;
+            a0.publish_batch(vec![(msg("r", "alice", "unheard", None), 0)])
+                .await;
             assert_eq!(
                 next_event(&mut b_events, Duration::from_millis(300)).await,
                 None
@@ -197,6 +167,44 @@ fn watcher_clients(server: &RedisServer) -> usize {
 }
 
 #[test]
+fn a_unix_socket_carries_the_shards_links_too() {
+    let server = RedisServer::start_persistent();
+    // Database 2 of a Unix socket URL: the shards' connections SELECT it themselves.
+    let url = format!("{}?db=2", server.unix_url());
+    within(Duration::from_secs(60), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let [a, b] = connect_hosts(&opts(&url), &bridge);
+        let mut server = server;
+        on_shard(move || async move {
+            let (_a0, mut a_events, b0, _b_events) = exchange(a, b, "u").await;
+            // Every shard connection (two per host) is on the socket, in database 2.
+            let listed = clients(&server);
+            let shard_conns: Vec<&str> =
+                listed.lines().filter(|l| l.contains(":shard0:")).collect();
+            assert_eq!(shard_conns.len(), 4, "{listed}");
+            for line in &shard_conns {
+                assert!(
+                    line.contains("redis.sock") && line.contains(" db=2 "),
+                    "{line}"
+                );
+            }
+
+            // Redis restarts on the same socket: Down, then Reconnected, offsets go on.
+            server.kill();
+            wait_down(&mut a_events).await;
+            server.restart();
+            wait_reconnected(&mut a_events).await;
+            let r = b0
+                .publish_batch(vec![(msg("u", "alice", "after", None), 0)])
+                .await;
+            assert_eq!(offset(r.into_iter().next().expect("result")), 4);
+            assert_eq!(wait_message(&mut a_events, "u").await.offset, 4);
+        });
+        bridge.shutdown();
+    });
+}
+
+#[test]
 fn a_restarted_redis_gives_down_then_reconnected_with_every_room() {
     let server = RedisServer::start_persistent();
     within(Duration::from_secs(60), move || {
@@ -208,22 +216,19 @@ fn a_restarted_redis_gives_down_then_reconnected_with_every_room() {
             link.subscribe("r").await.expect("subscribe");
             for i in 1..=3 {
                 let r = link
-                    .publish_batch(vec![(msg("r", &format!("before{i}"), None), 0)])
+                    .publish_batch(vec![(msg("r", "alice", &format!("before{i}"), None), 0)])
                     .await;
                 assert_eq!(offset(r.into_iter().next().expect("result")), i);
             }
             assert_eq!(offsets(&mut events, "r", 3).await, [1, 2, 3]);
 
             server.kill();
-            wait_event(&mut events, Duration::from_secs(5), "Down", |e| {
-                matches!(e, ClusterEvent::Down { .. })
-            })
-            .await;
+            wait_down(&mut events).await;
             // Calls fail fast and clearly while Redis is away.
             for _ in 0..2 {
                 let started = Instant::now();
                 let r = link
-                    .publish_batch(vec![(msg("r", "while down", None), 0)])
+                    .publish_batch(vec![(msg("r", "alice", "while down", None), 0)])
                     .await;
                 let err = r.into_iter().next().expect("result").expect_err("down");
                 assert!(matches!(err, ClusterError::Unavailable(_)), "{err:?}");
@@ -239,12 +244,11 @@ fn a_restarted_redis_gives_down_then_reconnected_with_every_room() {
                 .expect("unsubscribe while down");
 
             server.restart();
-            wait_event(&mut events, Duration::from_secs(10), "Reconnected", |e| {
-                *e == ClusterEvent::Reconnected
-            })
-            .await;
+            wait_reconnected(&mut events).await;
             // The command connection comes back with the link.
-            let r = link.publish_batch(vec![(msg("r", "after", None), 0)]).await;
+            let r = link
+                .publish_batch(vec![(msg("r", "alice", "after", None), 0)])
+                .await;
             assert_eq!(
                 offset(r.into_iter().next().expect("result")),
                 4,
@@ -253,8 +257,8 @@ fn a_restarted_redis_gives_down_then_reconnected_with_every_room() {
             assert_eq!(offsets(&mut events, "r", 1).await, [4]);
             let r = link
                 .publish_batch(vec![
-                    (msg("late", "hi", None), 0),
-                    (msg("gone", "x", None), 0),
+                    (msg("late", "alice", "hi", None), 0),
+                    (msg("gone", "alice", "x", None), 0),
                 ])
                 .await;
             assert_eq!(r.len(), 2);
@@ -281,7 +285,7 @@ fn a_stalled_redis_bounds_every_call_and_the_link_recovers() {
             let (link, mut events) = ShardLink::start(cluster, 0).await;
             link.subscribe("s").await.expect("subscribe");
             for _ in 0..2 {
-                link.publish_batch(vec![(msg("s", "before", None), 0)])
+                link.publish_batch(vec![(msg("s", "alice", "before", None), 0)])
                     .await;
             }
             assert_eq!(offsets(&mut events, "s", 2).await, [1, 2]);
@@ -289,7 +293,7 @@ fn a_stalled_redis_bounds_every_call_and_the_link_recovers() {
             server.pause();
             let started = Instant::now();
             let r = link
-                .publish_batch(vec![(msg("s", "stalled", Some("k")), 0)])
+                .publish_batch(vec![(msg("s", "alice", "stalled", Some("k")), 0)])
                 .await;
             let err = r.into_iter().next().expect("result").expect_err("stalled");
             let took = started.elapsed();
@@ -299,24 +303,18 @@ fn a_stalled_redis_bounds_every_call_and_the_link_recovers() {
             let err = link.subscribe("t").await.expect_err("stalled subscribe");
             assert!(err.is_transient(), "{err:?}");
             assert!(started.elapsed() < Duration::from_secs(3));
-            wait_event(&mut events, Duration::from_secs(5), "Down", |e| {
-                matches!(e, ClusterEvent::Down { .. })
-            })
-            .await;
+            wait_down(&mut events).await;
             // Stay stopped well past the publish's deadline.
             glommio::timer::sleep(Duration::from_millis(1500)).await;
 
             server.resume();
-            wait_event(&mut events, Duration::from_secs(10), "Reconnected", |e| {
-                *e == ClusterEvent::Reconnected
-            })
-            .await;
+            wait_reconnected(&mut events).await;
             // The timed-out publish ran late, past its deadline, and stored nothing: the
             // retry with the same cid is a new message at the next offset.
             let deadline = Instant::now() + Duration::from_secs(3);
             let retried = loop {
                 let r = link
-                    .publish_batch(vec![(msg("s", "retry", Some("k")), 0)])
+                    .publish_batch(vec![(msg("s", "alice", "retry", Some("k")), 0)])
                     .await;
                 match r.into_iter().next().expect("result") {
                     Ok(p) => break p,
@@ -329,15 +327,9 @@ fn a_stalled_redis_bounds_every_call_and_the_link_recovers() {
                 "{retried:?}"
             );
             // "t" was wanted while stalled: subscribed again with the rest.
-            link.publish_batch(vec![(msg("t", "hello", None), 0)]).await;
-            let got = wait_event(
-                &mut events,
-                Duration::from_secs(3),
-                "t's message",
-                |e| matches!(e, ClusterEvent::Message(m) if m.room == "t"),
-            )
-            .await;
-            assert!(matches!(got, ClusterEvent::Message(m) if m.offset == 1));
+            link.publish_batch(vec![(msg("t", "alice", "hello", None), 0)])
+                .await;
+            assert_eq!(wait_message(&mut events, "t").await.offset, 1);
         });
         drop(server);
         bridge.shutdown();
@@ -370,7 +362,6 @@ fn a_channel_the_acl_forbids_is_refused_and_forgotten() {
         let cluster = connect(opts(&url), &bridge);
         on_shard(move || async move {
             let (link, mut events) = ShardLink::start(cluster, 0).await;
-            assert!(link.is_direct());
             link.subscribe("ok-room").await.expect("allowed channel");
             let err = link
                 .subscribe("secret")
@@ -379,7 +370,7 @@ fn a_channel_the_acl_forbids_is_refused_and_forgotten() {
             assert!(matches!(err, ClusterError::Auth(_)), "{err:?}");
             println!("{err}");
             // Refused for good (not pending a reconnect), and the link is still fine.
-            link.publish_batch(vec![(msg("ok-room", "hi", None), 0)])
+            link.publish_batch(vec![(msg("ok-room", "alice", "hi", None), 0)])
                 .await;
             assert_eq!(offsets(&mut events, "ok-room", 1).await, [1]);
         });
@@ -402,46 +393,28 @@ fn tls_with_a_client_certificate_on_the_shards_own_connections() {
     o.tls_key_file = Some(tls.client_key.clone());
     within(Duration::from_secs(60), move || {
         let bridge = Bridge::start().expect("bridge");
-        let a = connect(o.clone(), &bridge);
-        let b = connect(o, &bridge);
+        let [a, b] = connect_hosts(&o, &bridge);
         let server = std::sync::Arc::new(server);
         let stalled = server.clone();
         on_shard(move || async move {
-            let (a0, mut a_events) = ShardLink::start(a, 0).await;
-            let (b0, mut b_events) = ShardLink::start(b, 0).await;
-            assert!(
-                a0.is_direct() && b0.is_direct(),
-                "rediss://: the shard's own TLS"
-            );
-            a0.subscribe("t").await.expect("subscribe over TLS");
-            b0.subscribe("t").await.expect("subscribe over TLS");
-            for (next, link) in (1..).zip([&a0, &b0, &a0]) {
-                let r = link
-                    .publish_batch(vec![(msg("t", &format!("m{next}"), None), 0)])
-                    .await;
-                assert_eq!(offset(r.into_iter().next().expect("result")), next);
-            }
-            assert_eq!(offsets(&mut a_events, "t", 3).await, [1, 2, 3]);
-            assert_eq!(offsets(&mut b_events, "t", 3).await, [1, 2, 3]);
+            let (a0, mut a_events, _b0, _b_events) = exchange(a, b, "t").await;
 
             // A stalled server: calls end in time, the link goes down and comes back (a
             // TLS close waits on nothing).
             stalled.pause();
             let started = Instant::now();
-            let r = a0.publish_batch(vec![(msg("t", "stalled", None), 0)]).await;
+            let r = a0
+                .publish_batch(vec![(msg("t", "alice", "stalled", None), 0)])
+                .await;
             let err = r.into_iter().next().expect("result").expect_err("stalled");
             assert!(matches!(err, ClusterError::Timeout(_)), "{err:?}");
             assert!(started.elapsed() < Duration::from_secs(3));
-            wait_event(&mut a_events, Duration::from_secs(5), "Down", |e| {
-                matches!(e, ClusterEvent::Down { .. })
-            })
-            .await;
+            wait_down(&mut a_events).await;
             stalled.resume();
-            wait_event(&mut a_events, Duration::from_secs(10), "Reconnected", |e| {
-                *e == ClusterEvent::Reconnected
-            })
-            .await;
-            let r = a0.publish_batch(vec![(msg("t", "after", None), 0)]).await;
+            wait_reconnected(&mut a_events).await;
+            let r = a0
+                .publish_batch(vec![(msg("t", "alice", "after", None), 0)])
+                .await;
             assert_eq!(offset(r.into_iter().next().expect("result")), 4);
         });
         bridge.shutdown();

@@ -4,17 +4,17 @@
 //!
 //! [`redis::RedisCluster`] is the one value a process holds (`Clone + Send + Sync`; its
 //! connections live on the [tokio bridge](crate::bridge)). Each shard wraps it in a
-//! [`shard_link::ShardLink`], which runs the hot path (publishing, and the subscribed
-//! rooms' messages) on the shard's own connections to Redis (TCP or TLS), and hands it to
-//! the bridge for a Unix socket. The rooms' home shards call:
+//! [`shard_link::ShardLink`], which runs the hot path on the shard's own connections to
+//! Redis (TCP, TLS or a Unix socket). The rooms' home shards call:
 //!
-//! - [`RedisCluster::publish`](redis::RedisCluster::publish) runs the publish script: dedupe
-//!   by `cid`, next offset, append to the room's stream, PUBLISH; Redis's order is the offset
-//!   order on every host.
-//! - [`RedisCluster::subscribe`](redis::RedisCluster::subscribe) /
-//!   [`unsubscribe`](redis::RedisCluster::unsubscribe) a room's channel for a shard; each
-//!   shard reads its own [`ClusterEvent`] stream from
-//!   [`RedisCluster::subscriber`](redis::RedisCluster::subscriber).
+//! - [`ShardLink::publish_batch`](shard_link::ShardLink::publish_batch) runs the publish
+//!   script: dedupe by `cid`, next offset, append to the room's stream, PUBLISH; Redis's
+//!   order is the offset order on every host. ([`RedisCluster::publish`](redis::RedisCluster::publish)
+//!   runs the same script from any thread, through the bridge.)
+//! - [`ShardLink::subscribe`](shard_link::ShardLink::subscribe) /
+//!   [`unsubscribe`](shard_link::ShardLink::unsubscribe) a room's channel; each shard reads
+//!   its own [`ClusterEvent`] stream, returned by
+//!   [`ShardLink::start`](shard_link::ShardLink::start).
 //! - presence: [`presence_join`](redis::RedisCluster::presence_join),
 //!   [`presence_leave`](redis::RedisCluster::presence_leave),
 //!   [`presence_list`](redis::RedisCluster::presence_list). A host that stops refreshing
@@ -145,7 +145,7 @@ pub struct PresenceEntry {
     pub name: Option<String>,
 }
 
-/// What a shard reads from its [`subscriber`](redis::RedisCluster::subscriber) stream.
+/// What a shard reads from its [`ShardLink`](shard_link::ShardLink)'s event stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterEvent {
     /// A message published to a room this shard subscribed to (by any host, this one

@@ -8,47 +8,47 @@
 //!   are spaced by exponential backoff with jitter (`reconnect_min` … `reconnect_max`).
 //!   Every call is bounded by `command_timeout`: a stalled Redis gives
 //!   [`ClusterError::Timeout`], never a hang.
-//! - **Pub/sub**: a dedicated RESP3 connection whose pushes (messages, disconnection) feed a
-//!   supervisor task. The supervisor dispatches room messages to the shards that subscribed
-//!   them, probes the link every `ping_interval` by publishing to this host's private
-//!   channel and timing the echo ([`RedisCluster::last_roundtrip_ms`]), and declares the link
-//!   down when the connection drops or an echo is later than `command_timeout`. Then it
-//!   sends [`ClusterEvent::Down`] to every shard, drops the command connection too (a
-//!   stalled or vanished server will not answer it either), and reconnects with backoff
-//!   and jitter; once connected it subscribes every registered room again and sends
-//!   [`ClusterEvent::Reconnected`].
+//! - **Pub/sub**: a dedicated RESP3 connection subscribed to this host's private probe
+//!   channel only, driven by a supervisor task. Every `ping_interval` the supervisor
+//!   publishes to that channel and times the echo ([`RedisCluster::last_roundtrip_ms`]); the
+//!   link is down when the connection drops or an echo is later than `command_timeout`.
+//!   Then it drops the command connection too (a stalled or vanished server will not
+//!   answer it either) and reconnects with backoff and jitter. The same task refreshes this
+//!   host's presence, measures Redis's clock, and brings a lost command connection back.
 //!
-//! # The hot path
+//! # The hot path is not here
 //!
-//! With a `redis://` or `rediss://` URL each shard publishes and receives its rooms'
-//! messages over connections of its own ([`super::shard_link`]); then the room
-//! subscriptions below are not used and the pub/sub connection carries the probe only. With a Unix socket (or
-//! `rediss://…#insecure`) everything goes through here.
+//! Each shard publishes its rooms' messages and receives their channels over connections
+//! of its own ([`super::shard_link`]), with their own `Down` / `Reconnected` events. The
+//! shards reach this link for presence, typing notices and history reads; it also tells
+//! them where Redis is ([`RedisCluster::direct_target`]).
 //!
 //! # Threads
 //!
-//! The connections and the supervisor run on the bridge; shards call the async methods,
+//! The connections and the supervisor run on the bridge; callers use the async methods,
 //! which hand the work to the bridge and await the answer (any executor can await them,
-//! glommio included). Each shard gets its own unbounded event stream
-//! ([`RedisCluster::subscriber`]); the supervisor sends into it without waiting.
+//! glommio included).
 //!
 //! Dropping every clone of a `RedisCluster` (or calling [`RedisCluster::close`]) stops the
 //! supervisor and closes the connections.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use futures::channel::{mpsc, oneshot};
+use futures::channel::oneshot;
 use futures::FutureExt as _;
 use redis::aio::MultiplexedConnection;
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ErrorKind, IntoConnectionInfo, ProtocolVersion,
     PushKind, RedisConnectionInfo, RedisError, ServerErrorKind, Value,
 };
+use rustls::pki_types::ServerName;
 
+use super::resp::Tls;
 use super::scripts::Scripts;
 use super::{
     keys, redact_url, Ack, ClusterError, ClusterEvent, NewMessage, PresenceEntry, Published,
@@ -59,8 +59,6 @@ use crate::store::StoredMessage;
 
 /// No round trip measured yet (or the link is down).
 const NO_RTT: u64 = u64::MAX;
-/// Most channels per SUBSCRIBE command when subscribing again after a reconnect.
-const SUBSCRIBE_CHUNK: usize = 1000;
 /// How often the offset between Redis's clock and this host's is measured again.
 const CLOCK_EVERY: Duration = Duration::from_secs(60);
 /// How long Redis remembers the users of a reaped host that were announced offline (so
@@ -69,14 +67,64 @@ const REAPED_KEEP: Duration = Duration::from_secs(3600);
 /// Most typing notices on their way to Redis at once; more are dropped (they are volatile).
 const TYPING_INFLIGHT_MAX: usize = 1024;
 
-/// Where and how a shard connects to Redis by itself: see [`RedisCluster::direct_target`].
+/// Where and how a shard connects to Redis by itself (see [`super::shard_link`]), worked
+/// out once from the URL and the TLS options when the cluster is connected.
+#[derive(Clone)]
 pub(crate) struct DirectTarget {
-    pub host: String,
-    pub port: u16,
-    /// `rediss://`: TLS with the options' CA and client certificate files.
-    pub tls: bool,
+    pub addr: DirectAddr,
     /// AUTH and SELECT settings.
     pub info: RedisConnectionInfo,
+}
+
+/// The address part of a [`DirectTarget`].
+#[derive(Clone)]
+pub(crate) enum DirectAddr {
+    /// A host name or IP address and a port; TLS settings for `rediss://`.
+    Tcp {
+        host: String,
+        port: u16,
+        tls: Option<Tls>,
+    },
+    /// A Unix socket's path.
+    Unix(PathBuf),
+}
+
+impl DirectTarget {
+    /// The target of `client`'s URL, with TLS settings from `opts` for `rediss://` (the same
+    /// CA and client certificate files). Fails on TLS settings that cannot be used.
+    fn new(client: &Client, opts: &RedisOptions) -> Result<DirectTarget, ClusterError> {
+        let info = client.get_connection_info();
+        let addr = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => DirectAddr::Tcp {
+                host: host.clone(),
+                port: *port,
+                tls: None,
+            },
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let server_name = ServerName::try_from(host.clone()).map_err(|e| {
+                    ClusterError::Config(format!("redis host {host:?} for TLS: {e}"))
+                })?;
+                DirectAddr::Tcp {
+                    host: host.clone(),
+                    port: *port,
+                    tls: Some(Tls {
+                        config: super::tls::client_config(opts)?,
+                        server_name,
+                    }),
+                }
+            }
+            ConnectionAddr::Unix(path) => DirectAddr::Unix(path.clone()),
+            other => {
+                return Err(ClusterError::Config(format!(
+                    "unsupported redis address {other}"
+                )))
+            }
+        };
+        Ok(DirectTarget {
+            addr,
+            info: info.redis_settings().clone(),
+        })
+    }
 }
 
 /// The process's link to Redis: offsets and publishing (the publish script), per-shard
@@ -127,6 +175,8 @@ struct Shared {
     cmd_client: Client,
     /// RESP3 client for the pub/sub connection.
     sub_client: Client,
+    /// How the shards reach Redis themselves.
+    direct: DirectTarget,
     scripts: Scripts,
     /// The command connection and its reconnect state.
     cmd: Mutex<CmdState>,
@@ -136,12 +186,6 @@ struct Shared {
     cmd_reviving: AtomicBool,
     /// The live pub/sub connection, when the link is up.
     pubsub: Mutex<Option<MultiplexedConnection>>,
-    /// Serializes subscription changes (calls and the resubscription after a reconnect),
-    /// so Redis sees them in the order the registry does.
-    sub_lock: tokio::sync::Mutex<()>,
-    registry: Mutex<Registry>,
-    /// Rooms whose stray subscription is being dropped (one task per room at a time).
-    strays: Mutex<HashSet<String>>,
     /// This host's presence: room → user → name, rewritten into Redis on every refresh.
     presence: Mutex<HashMap<String, HashMap<String, Option<String>>>>,
     /// A presence refresh is running.
@@ -170,13 +214,6 @@ struct CmdState {
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<ClusterError>,
-}
-
-/// Who wants which room's messages.
-#[derive(Default)]
-struct Registry {
-    shards: HashMap<usize, mpsc::UnboundedSender<ClusterEvent>>,
-    rooms: HashMap<String, BTreeSet<usize>>,
 }
 
 /// A user present through this host, and their display name.
@@ -252,9 +289,9 @@ impl RedisCluster {
     /// Like [`RedisCluster::connect`], but a Redis that cannot be reached *yet* (connection
     /// refused, timed out: [`ClusterError::is_transient`]) is not an error: the cluster is
     /// returned down, with the reason, and its supervisor keeps reconnecting with backoff.
-    /// Once the link is up it subscribes every registered room, writes this host's presence
-    /// and sends [`ClusterEvent::Reconnected`] to every shard, as after a link lost mid-run.
-    /// For `corelay serve`, which serves degraded rather than refusing to start.
+    /// Once the link is up it writes this host's presence again. For `corelay serve`, which
+    /// serves degraded rather than refusing to start (each shard's own link announces its
+    /// `Down` and `Reconnected`, see [`super::shard_link::ShardLink::start`]).
     ///
     /// Errors that no retry can fix (bad URL or TLS files, refused credentials, a failed
     /// TLS handshake, a Redis without RESP3) are still returned.
@@ -329,40 +366,6 @@ impl RedisCluster {
             NO_RTT => None,
             us => Some(us as f64 / 1000.0),
         }
-    }
-
-    /// The event stream of shard `shard`: messages of the rooms it subscribed, presence
-    /// events of those rooms, and `Down` / `Reconnected` (sent to every shard). Call it before
-    /// subscribing the shard's rooms: events are not kept for a shard without a stream.
-    /// Calling it again for the same shard replaces the previous stream (which then ends).
-    pub fn subscriber(&self, shard: usize) -> mpsc::UnboundedReceiver<ClusterEvent> {
-        let (tx, rx) = mpsc::unbounded();
-        lock(&self.inner.shared.registry).shards.insert(shard, tx);
-        rx
-    }
-
-    /// Subscribes shard `shard` to `room`'s channel (SUBSCRIBE, or SSUBSCRIBE when sharded).
-    ///
-    /// `Ok` once Redis confirmed the subscription (at once if another shard of this host has
-    /// it already): every message published after that reaches the shard. On
-    /// [`ClusterError::Unavailable`] / [`ClusterError::Timeout`] the room stays registered and
-    /// is subscribed when the link is back, which [`ClusterEvent::Reconnected`] announces;
-    /// call [`RedisCluster::unsubscribe`] to drop it. Other errors (e.g. an ACL without the
-    /// channel) leave nothing registered.
-    pub async fn subscribe(&self, shard: usize, room: &str) -> Result<(), ClusterError> {
-        let shared = self.inner.shared.clone();
-        let room = room.to_owned();
-        self.on_bridge(async move { shared.subscribe(shard, room).await })
-            .await
-    }
-
-    /// Unsubscribes shard `shard` from `room`; the channel itself is unsubscribed when no
-    /// shard of this host wants it any more. Events already queued may still arrive.
-    pub async fn unsubscribe(&self, shard: usize, room: &str) -> Result<(), ClusterError> {
-        let shared = self.inner.shared.clone();
-        let room = room.to_owned();
-        self.on_bridge(async move { shared.unsubscribe(shard, room).await })
-            .await
     }
 
     /// Publishes a message with the publish script: when it carries a `cid` that this user
@@ -514,26 +517,9 @@ impl RedisCluster {
         }
     }
 
-    /// Where a shard can reach Redis by itself (see [`super::shard_link`]); `None` when
-    /// only this client can (a Unix socket, or `rediss://…#insecure`).
-    pub(crate) fn direct_target(&self) -> Option<DirectTarget> {
-        let info = self.inner.shared.cmd_client.get_connection_info();
-        let (host, port, tls) = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => (host, port, false),
-            ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: false,
-                ..
-            } => (host, port, true),
-            _ => return None,
-        };
-        Some(DirectTarget {
-            host: host.clone(),
-            port: *port,
-            tls,
-            info: info.redis_settings().clone(),
-        })
+    /// Where and how a shard reaches Redis by itself (see [`super::shard_link`]).
+    pub(crate) fn direct_target(&self) -> &DirectTarget {
+        &self.inner.shared.direct
     }
 
     /// Resolves `host` on the bridge (a DNS wait never blocks a shard).
@@ -671,8 +657,10 @@ impl Shared {
         let target = redact_url(&opts.url);
         let cmd_client = build_client(&opts, false)?;
         let sub_client = build_client(&opts, true)?;
+        let direct = DirectTarget::new(&cmd_client, &opts)?;
         Ok(Shared {
             target,
+            direct,
             cmd_client,
             sub_client,
             scripts: Scripts::new(),
@@ -680,9 +668,6 @@ impl Shared {
             cmd_connecting: tokio::sync::Mutex::new(()),
             cmd_reviving: AtomicBool::new(false),
             pubsub: Mutex::new(None),
-            sub_lock: tokio::sync::Mutex::new(()),
-            registry: Mutex::new(Registry::default()),
-            strays: Mutex::new(HashSet::new()),
             presence: Mutex::new(HashMap::new()),
             refreshing: AtomicBool::new(false),
             typing_inflight: AtomicUsize::new(0),
@@ -895,103 +880,6 @@ impl Shared {
         call.settle(reply, &self.target, self.opts.command_timeout)
     }
 
-    async fn subscribe(&self, shard: usize, room: String) -> Result<(), ClusterError> {
-        let _order = self.sub_lock.lock().await;
-        let first = {
-            let mut reg = lock(&self.registry);
-            let shards = reg.rooms.entry(room.clone()).or_default();
-            let first = shards.is_empty();
-            shards.insert(shard);
-            first
-        };
-        let conn = lock(&self.pubsub).clone();
-        if !first {
-            // Subscribed already, or pending until the link is back.
-            return match conn {
-                Some(_) => Ok(()),
-                None => Err(ClusterError::Unavailable(format!(
-                    "the pub/sub link to {} is down; {room:?} will be subscribed when it is back",
-                    self.target
-                ))),
-            };
-        }
-        let Some(mut conn) = conn else {
-            return Err(ClusterError::Unavailable(format!(
-                "the pub/sub link to {} is down; {room:?} will be subscribed when it is back",
-                self.target
-            )));
-        };
-        let channel = keys::channel(&room);
-        let result = self
-            .bounded(
-                "subscribe",
-                sub_command(&mut conn, self.opts.sharded, true, vec![channel]),
-            )
-            .await;
-        if let Err(e) = &result {
-            if !matches!(e, ClusterError::Unavailable(_) | ClusterError::Timeout(_)) {
-                let mut reg = lock(&self.registry);
-                if let Some(shards) = reg.rooms.get_mut(&room) {
-                    shards.remove(&shard);
-                    if shards.is_empty() {
-                        reg.rooms.remove(&room);
-                    }
-                }
-            }
-        }
-        result
-    }
-
-    async fn unsubscribe(&self, shard: usize, room: String) -> Result<(), ClusterError> {
-        let _order = self.sub_lock.lock().await;
-        let last = {
-            let mut reg = lock(&self.registry);
-            match reg.rooms.get_mut(&room) {
-                None => false,
-                Some(shards) => {
-                    shards.remove(&shard);
-                    let last = shards.is_empty();
-                    if last {
-                        reg.rooms.remove(&room);
-                    }
-                    last
-                }
-            }
-        };
-        if !last {
-            return Ok(());
-        }
-        // Link down: nothing to undo, the resubscription will not include the room.
-        let Some(mut conn) = lock(&self.pubsub).clone() else {
-            return Ok(());
-        };
-        let channel = keys::channel(&room);
-        self.bounded(
-            "unsubscribe",
-            sub_command(&mut conn, self.opts.sharded, false, vec![channel]),
-        )
-        .await
-    }
-
-    /// Unsubscribes a channel that delivered a message no shard wants (a subscription left
-    /// over by a race with a reconnect), unless a shard registered it meanwhile.
-    async fn drop_stray(&self, room: String) {
-        let _order = self.sub_lock.lock().await;
-        if lock(&self.registry).rooms.contains_key(&room) {
-            return;
-        }
-        let Some(mut conn) = lock(&self.pubsub).clone() else {
-            return;
-        };
-        let channel = keys::channel(&room);
-        let _ = self
-            .bounded(
-                "unsubscribe",
-                sub_command(&mut conn, self.opts.sharded, false, vec![channel]),
-            )
-            .await;
-    }
-
     /// `fut` (a pub/sub command) within `command_timeout`, its error classified.
     async fn bounded<T>(
         &self,
@@ -1153,32 +1041,6 @@ impl Shared {
             }
         }
     }
-
-    /// Sends `event` to every shard's stream, forgetting the streams that were dropped.
-    fn broadcast(&self, event: ClusterEvent) {
-        let mut reg = lock(&self.registry);
-        reg.shards
-            .retain(|_, tx| tx.unbounded_send(event.clone()).is_ok());
-    }
-
-    /// Hands a room's event to the shards that subscribed the room. `false` when none did.
-    fn deliver(&self, room: &str, event: ClusterEvent) -> bool {
-        let mut reg = lock(&self.registry);
-        let Some(shards) = reg.rooms.get(room) else {
-            return false;
-        };
-        let shards: Vec<usize> = shards.iter().copied().collect();
-        for shard in shards {
-            let gone = match reg.shards.get(&shard) {
-                Some(tx) => tx.unbounded_send(event.clone()).is_err(),
-                None => false,
-            };
-            if gone {
-                reg.shards.remove(&shard);
-            }
-        }
-        true
-    }
 }
 
 /// Builds a client for `opts` (RESP3 when `resp3`), with the TLS files when `rediss://`.
@@ -1196,7 +1058,17 @@ pub(crate) fn build_client(opts: &RedisOptions, resp3: bool) -> Result<Client, C
         settings.set_protocol(ProtocolVersion::RESP2)
     };
     let info = info.set_redis_settings(settings);
-    let tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
+    let tls = match info.addr() {
+        ConnectionAddr::TcpTls { insecure: true, .. } => {
+            return Err(ClusterError::Config(format!(
+                "redis.url {target} asks for #insecure (no certificate check), which corelay \
+                 does not do: give the CA that signed the server's certificate in \
+                 redis.tls_ca_file instead"
+            )))
+        }
+        ConnectionAddr::TcpTls { .. } => true,
+        _ => false,
+    };
     let files = [&opts.tls_ca_file, &opts.tls_cert_file, &opts.tls_key_file];
     if !tls {
         if files.iter().any(|f| f.is_some()) {
@@ -1369,7 +1241,7 @@ enum LinkEnd {
     Lost(String),
 }
 
-/// Opens the pub/sub connection and subscribes the probe channel and every registered room.
+/// Opens the pub/sub connection and subscribes this host's probe channel.
 async fn connect_link(shared: &Shared) -> Result<Link, ClusterError> {
     let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
     let config = AsyncConnectionConfig::new()
@@ -1381,12 +1253,6 @@ async fn connect_link(shared: &Shared) -> Result<Link, ClusterError> {
         .get_multiplexed_async_connection_with_config(&config)
         .await
         .map_err(|e| shared.classify(&e, "connect (pub/sub)"))?;
-    let _order = shared.sub_lock.lock().await;
-    let rooms: Vec<String> = lock(&shared.registry)
-        .rooms
-        .keys()
-        .map(|r| keys::channel(r))
-        .collect();
     shared
         .bounded(
             "subscribe (probe channel)",
@@ -1398,14 +1264,6 @@ async fn connect_link(shared: &Shared) -> Result<Link, ClusterError> {
             ),
         )
         .await?;
-    for chunk in rooms.chunks(SUBSCRIBE_CHUNK) {
-        shared
-            .bounded(
-                "subscribe (rooms)",
-                sub_command(&mut conn, shared.opts.sharded, true, chunk.to_vec()),
-            )
-            .await?;
-    }
     *lock(&shared.pubsub) = Some(conn.clone());
     Ok(Link { conn, pushes })
 }
@@ -1442,9 +1300,8 @@ async fn supervise(shared: Arc<Shared>, first: Option<Link>, mut stop: oneshot::
         failures = 0;
         shared.connected.store(true, Ordering::Release);
         if announced_down {
-            tracing::info!(target = %shared.target, "redis pub/sub link is back; rooms resubscribed");
+            tracing::info!(target = %shared.target, "redis pub/sub link is back");
             shared.relink();
-            shared.broadcast(ClusterEvent::Reconnected);
         }
         match run_link(&shared, current, &mut stop).await {
             LinkEnd::Stop => {
@@ -1459,7 +1316,6 @@ async fn supervise(shared: Arc<Shared>, first: Option<Link>, mut stop: oneshot::
                 *lock(&shared.pubsub) = None;
                 shared.cmd_reset(&reason);
                 tracing::warn!(%reason, "redis pub/sub link down; reconnecting");
-                shared.broadcast(ClusterEvent::Down { reason });
                 announced_down = true;
             }
         }
@@ -1514,7 +1370,7 @@ async fn run_link(
                     ))
                 }
                 PushKind::Message | PushKind::SMessage => {
-                    on_message(shared, push.data, &ping_channel, &mut pending)
+                    on_echo(shared, push.data, &ping_channel, &mut pending)
                 }
                 _ => {}
             },
@@ -1584,55 +1440,33 @@ fn chores(
     }
 }
 
-/// A message push: the probe's echo, or a room's event for its shards.
-fn on_message(
+/// A message push: only the probe's echo comes here (this connection subscribes nothing
+/// else), which records the round trip.
+fn on_echo(
     shared: &Arc<Shared>,
     data: Vec<Value>,
     ping_channel: &str,
     pending: &mut Option<(u64, Instant)>,
 ) {
     let mut it = data.into_iter();
-    let (Some(channel), Some(payload)) = (it.next(), it.next()) else {
+    let (Some(channel), Some(payload)) = (it.next().and_then(bytes), it.next().and_then(bytes))
+    else {
         tracing::debug!("malformed pub/sub message push");
         return;
     };
-    let (Some(channel), Some(payload)) = (bytes(channel), bytes(payload)) else {
-        tracing::debug!("pub/sub message with non-string parts");
-        return;
-    };
-    if channel == ping_channel.as_bytes() {
-        if let Some(n) = payload
-            .strip_prefix(b"q")
-            .and_then(|n| std::str::from_utf8(n).ok())
-        {
-            if let (Ok(n), Some((want, sent))) = (n.parse::<u64>(), *pending) {
-                if n == want {
-                    let us = sent.elapsed().as_micros().min(u128::from(NO_RTT - 1)) as u64;
-                    shared.rtt_us.store(us, Ordering::Release);
-                    *pending = None;
-                }
-            }
-        }
+    if channel != ping_channel.as_bytes() {
         return;
     }
-    let Some(room) = keys::room_of_channel(&channel) else {
-        tracing::debug!(channel = %String::from_utf8_lossy(&channel), "message on an unknown channel");
-        return;
-    };
-    let event = match decode_event(room, &payload) {
-        Ok(event) => event,
-        Err(e) => {
-            tracing::warn!(room, error = %e, "undecodable message on a room channel; dropped");
-            return;
+    let nonce = payload
+        .strip_prefix(b"q")
+        .and_then(|n| std::str::from_utf8(n).ok())
+        .and_then(|n| n.parse::<u64>().ok());
+    if let (Some(n), Some((want, sent))) = (nonce, *pending) {
+        if n == want {
+            let us = sent.elapsed().as_micros().min(u128::from(NO_RTT - 1)) as u64;
+            shared.rtt_us.store(us, Ordering::Release);
+            *pending = None;
         }
-    };
-    if !shared.deliver(room, event) && lock(&shared.strays).insert(room.to_owned()) {
-        let s = shared.clone();
-        let room = room.to_owned();
-        tokio::spawn(async move {
-            s.drop_stray(room.clone()).await;
-            lock(&s.strays).remove(&room);
-        });
     }
 }
 
@@ -1969,6 +1803,20 @@ pub(crate) fn parse_ack(v: &[u8]) -> Result<Ack, ClusterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_insecure_tls_url_is_refused_with_the_way_out() {
+        let mut opts = RedisOptions::new("rediss://localhost:6380/#insecure");
+        let err = build_client(&opts, false).expect_err("refused");
+        let text = err.to_string();
+        assert!(matches!(err, ClusterError::Config(_)), "{err:?}");
+        assert!(
+            text.contains("#insecure") && text.contains("redis.tls_ca_file"),
+            "{text}"
+        );
+        opts.url = "rediss://localhost:6380/".into();
+        assert!(build_client(&opts, false).is_ok());
+    }
 
     fn new_message(cid: Option<&str>) -> NewMessage {
         NewMessage {

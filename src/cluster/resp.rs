@@ -1,10 +1,10 @@
-//! [`RespConn`]: one plain-TCP connection to Redis driven by a shard's own glommio executor.
+//! [`RespConn`]: one connection to Redis (TCP, TLS over TCP, or a Unix socket) driven by a
+//! shard's own glommio executor.
 //!
 //! The bridge's client (see [`crate::bridge`]) costs two thread hand-overs per call and per
 //! pub/sub message; on the hot path (publishing, and the room messages coming back) a
 //! shard talks to Redis itself through this connection instead (see
-//! [`super::shard_link`]). It speaks RESP2 only, over TCP only: TLS and Unix sockets stay
-//! on the bridge.
+//! [`super::shard_link`]). It speaks RESP2 only.
 //!
 //! Commands are encoded by the `redis` crate ([`redis::Cmd`]) and replies decoded by it
 //! ([`redis::parse_redis_value`]); this module only finds where each reply ends in the
@@ -12,7 +12,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -21,7 +21,7 @@ use futures::io::{
     AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadHalf, WriteHalf,
 };
 use futures_rustls::client::TlsStream;
-use glommio::net::TcpStream;
+use glommio::net::{TcpStream, UnixStream};
 use redis::{RedisConnectionInfo, RedisError, RedisResult, Value};
 use rustls::pki_types::ServerName;
 
@@ -63,10 +63,22 @@ pub(crate) struct Tls {
     pub server_name: ServerName<'static>,
 }
 
-/// The byte stream under a connection: plain TCP, or TLS over it.
+/// Where a connection goes.
+pub(crate) enum Endpoint<'a> {
+    /// A TCP address, with TLS when it says how.
+    Tcp {
+        addr: SocketAddr,
+        tls: Option<&'a Tls>,
+    },
+    /// A Unix socket's path.
+    Unix(&'a Path),
+}
+
+/// The byte stream under a connection: plain TCP, TLS over it, or a Unix socket.
 pub(crate) enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 impl AsyncRead for Stream {
@@ -78,6 +90,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -91,6 +104,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -98,6 +112,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -105,30 +120,36 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_close(cx),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_close(cx),
+            Stream::Unix(s) => Pin::new(s).poll_close(cx),
         }
     }
 }
 
 impl RespConn {
-    /// Connects to `addr` (with TLS when `tls` says how), then authenticates and selects the database as `info` says
-    /// (AUTH, SELECT) and names the connection `name` (CLIENT SETNAME, so that `CLIENT
-    /// LIST` tells whose it is; skipped when the user may not). The caller bounds the time
-    /// it takes.
+    /// Connects to `to`, then authenticates and selects the database as `info` says (AUTH,
+    /// SELECT) and names the connection `name` (CLIENT SETNAME, so that `CLIENT LIST` tells
+    /// whose it is; skipped when the user may not). The caller bounds the time it takes.
     pub async fn connect(
-        addr: SocketAddr,
-        tls: Option<&Tls>,
+        to: Endpoint<'_>,
         info: &RedisConnectionInfo,
         name: &str,
     ) -> RedisResult<RespConn> {
-        let tcp = TcpStream::connect(addr).await.map_err(io::Error::from)?;
-        // Commands are small and latency matters more than packets.
-        tcp.set_nodelay(true).map_err(io::Error::from)?;
-        let stream = match tls {
-            None => Stream::Plain(tcp),
-            Some(tls) => {
-                let connector = futures_rustls::TlsConnector::from(tls.config.clone());
-                let stream = connector.connect(tls.server_name.clone(), tcp).await?;
-                Stream::Tls(Box::new(stream))
+        let stream = match to {
+            Endpoint::Unix(path) => {
+                Stream::Unix(UnixStream::connect(path).await.map_err(io::Error::from)?)
+            }
+            Endpoint::Tcp { addr, tls } => {
+                let tcp = TcpStream::connect(addr).await.map_err(io::Error::from)?;
+                // Commands are small and latency matters more than packets.
+                tcp.set_nodelay(true).map_err(io::Error::from)?;
+                match tls {
+                    None => Stream::Plain(tcp),
+                    Some(tls) => {
+                        let connector = futures_rustls::TlsConnector::from(tls.config.clone());
+                        let stream = connector.connect(tls.server_name.clone(), tcp).await?;
+                        Stream::Tls(Box::new(stream))
+                    }
+                }
             }
         };
         let (read, write) = stream.split();

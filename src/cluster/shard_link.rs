@@ -11,10 +11,9 @@
 //! channel's messages itself.
 //!
 //! What stays on the bridge ([`RedisCluster`]): presence, typing notices, history reads,
-//! the link probe and clock measurement, and the whole hot path when the URL is a Unix
-//! socket or `rediss://…#insecure`: then [`ShardLink`] hands each call to the bridge as
-//! before. `rediss://` is spoken by the shard itself (rustls, with the same CA and client
-//! certificate files as the bridge's client).
+//! the process's link probe and clock measurement. Every kind of Redis URL is spoken by
+//! the shard itself: TCP, a Unix socket, and `rediss://` (rustls, with the same CA and
+//! client certificate files as the bridge's client).
 //!
 //! # Connections, per shard
 //!
@@ -27,8 +26,7 @@
 //!   wants, and reads. It sends PING every `ping_interval`; an answer later than
 //!   `command_timeout` counts as a lost link. A lost link gives [`ClusterEvent::Down`], then
 //!   reconnect attempts with backoff and jitter; once every room is subscribed again,
-//!   [`ClusterEvent::Reconnected`]: the same events, in the same order, as the bridge's
-//!   supervisor sends.
+//!   [`ClusterEvent::Reconnected`].
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashSet, VecDeque};
@@ -43,9 +41,9 @@ use futures::lock::Mutex;
 use redis::{ErrorKind, ServerErrorKind, Value};
 
 use super::redis::{
-    backoff, bytes, decode_event, group_by_room, scatter, DirectTarget, PublishCall, RedisCluster,
+    backoff, bytes, decode_event, group_by_room, scatter, DirectAddr, PublishCall, RedisCluster,
 };
-use super::resp::{RespConn, RespReader, RespWriter, Tls};
+use super::resp::{Endpoint, RespConn, RespReader, RespWriter};
 use super::{keys, ClusterError, ClusterEvent, NewMessage, Published};
 
 /// PING as sent on the subscriber connection.
@@ -56,9 +54,8 @@ const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 /// [`ShardLink::redis`].
 pub struct ShardLink {
     cluster: RedisCluster,
-    shard: usize,
-    /// The shard's own connections; `None` when only the bridge can reach Redis.
-    direct: Option<Rc<Direct>>,
+    /// The shard's own connections.
+    direct: Rc<Direct>,
 }
 
 /// Result of one publish script call: per message, or one error for the call.
@@ -74,21 +71,10 @@ impl ShardLink {
         cluster: RedisCluster,
         shard: usize,
     ) -> (ShardLink, mpsc::UnboundedReceiver<ClusterEvent>) {
-        let Some((target, tls)) = direct_route(&cluster) else {
-            let events = cluster.subscriber(shard);
-            let link = ShardLink {
-                cluster,
-                shard,
-                direct: None,
-            };
-            return (link, events);
-        };
         let (tx, events) = mpsc::unbounded();
         let direct = Rc::new(Direct {
             cluster: cluster.clone(),
             shard,
-            target,
-            tls,
             events: tx,
             commands: Mutex::new(Commands::default()),
             sub: Rc::new(RefCell::new(Subscriber::default())),
@@ -104,12 +90,7 @@ impl ShardLink {
             }
         };
         glommio::spawn_local(direct.clone().run_subscriber(first)).detach();
-        let link = ShardLink {
-            cluster,
-            shard,
-            direct: Some(direct),
-        };
-        (link, events)
+        (ShardLink { cluster, direct }, events)
     }
 
     /// The process's link to Redis, for everything but the hot path.
@@ -117,28 +98,17 @@ impl ShardLink {
         &self.cluster
     }
 
-    /// Whether this shard talks to Redis itself (`false`: through the bridge).
-    pub fn is_direct(&self) -> bool {
-        self.direct.is_some()
-    }
-
-    /// Subscribes `room`'s channel; as [`RedisCluster::subscribe`]: `Ok` once Redis
-    /// confirmed it; on [`ClusterError::Unavailable`] / [`ClusterError::Timeout`] the room
-    /// stays wanted and is subscribed when the link is back (announced by
-    /// [`ClusterEvent::Reconnected`]); other errors leave nothing behind.
+    /// Subscribes `room`'s channel: `Ok` once Redis confirmed it; on
+    /// [`ClusterError::Unavailable`] / [`ClusterError::Timeout`] the room stays wanted and
+    /// is subscribed when the link is back (announced by [`ClusterEvent::Reconnected`]);
+    /// other errors leave nothing behind.
     pub async fn subscribe(&self, room: &str) -> Result<(), ClusterError> {
-        match &self.direct {
-            Some(d) => d.subscribe(room).await,
-            None => self.cluster.subscribe(self.shard, room).await,
-        }
+        self.direct.subscribe(room).await
     }
 
     /// Unsubscribes `room`'s channel. Events already on their way may still arrive.
     pub async fn unsubscribe(&self, room: &str) -> Result<(), ClusterError> {
-        match &self.direct {
-            Some(d) => d.unsubscribe(room).await,
-            None => self.cluster.unsubscribe(self.shard, room).await,
-        }
+        self.direct.unsubscribe(room).await
     }
 
     /// Publishes a batch, as [`RedisCluster::publish_batch`]: one script call per room, all
@@ -147,10 +117,7 @@ impl ShardLink {
         &self,
         msgs: Vec<(NewMessage, u64)>,
     ) -> Vec<Result<Published, ClusterError>> {
-        match &self.direct {
-            Some(d) => d.publish_batch(msgs).await,
-            None => self.cluster.publish_batch(msgs).await,
-        }
+        self.direct.publish_batch(msgs).await
     }
 }
 
@@ -158,10 +125,6 @@ impl ShardLink {
 struct Direct {
     cluster: RedisCluster,
     shard: usize,
-    /// Where Redis is, and the AUTH and SELECT settings.
-    target: DirectTarget,
-    /// TLS settings, for `rediss://`.
-    tls: Option<Tls>,
     /// The shard's event stream.
     events: mpsc::UnboundedSender<ClusterEvent>,
     /// The command connection; locked for the whole of a batch.
@@ -231,18 +194,26 @@ impl Direct {
                 .replace(|c: char| !c.is_ascii_graphic(), "_"),
             self.shard
         );
-        let addrs = match self.target.host.parse::<IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, self.target.port)],
-            Err(_) => {
-                self.cluster
-                    .resolve(self.target.host.clone(), self.target.port)
-                    .await?
-            }
-        };
+        let target = self.cluster.direct_target();
         let attempt = async {
+            let (addrs, tls) = match &target.addr {
+                DirectAddr::Unix(path) => {
+                    return RespConn::connect(Endpoint::Unix(path), &target.info, &name)
+                        .await
+                        .map_err(|e| self.cluster.classify(&e, what));
+                }
+                DirectAddr::Tcp { host, port, tls } => match host.parse::<IpAddr>() {
+                    Ok(ip) => (vec![SocketAddr::new(ip, *port)], tls.as_ref()),
+                    Err(_) => (
+                        self.cluster.resolve(host.clone(), *port).await?,
+                        tls.as_ref(),
+                    ),
+                },
+            };
             let mut last = None;
             for addr in addrs {
-                match RespConn::connect(addr, self.tls.as_ref(), &self.target.info, &name).await {
+                let to = Endpoint::Tcp { addr, tls };
+                match RespConn::connect(to, &target.info, &name).await {
                     Ok(conn) => return Ok(conn),
                     Err(e) => last = Some(self.cluster.classify(&e, what)),
                 }
@@ -749,34 +720,6 @@ impl Direct {
             me.borrow_mut().strays.remove(&channel);
         })
         .detach();
-    }
-}
-
-/// Whether and how a shard can reach Redis by itself: the target, and its TLS settings
-/// for `rediss://`. `None` (the bridge, then) for a Unix socket, an insecure TLS URL, or
-/// TLS settings that cannot be built (said in the log).
-fn direct_route(cluster: &RedisCluster) -> Option<(DirectTarget, Option<Tls>)> {
-    let target = cluster.direct_target()?;
-    if !target.tls {
-        return Some((target, None));
-    }
-    let server_name = rustls::pki_types::ServerName::try_from(target.host.clone());
-    match (super::tls::client_config(cluster.options()), server_name) {
-        (Ok(config), Ok(server_name)) => Some((
-            target,
-            Some(Tls {
-                config,
-                server_name,
-            }),
-        )),
-        (Err(e), _) => {
-            tracing::warn!(error = %e, "TLS settings for the shards' own redis connections; using the bridge's");
-            None
-        }
-        (_, Err(e)) => {
-            tracing::warn!(error = %e, "redis host name for TLS; using the bridge's connections");
-            None
-        }
     }
 }
 

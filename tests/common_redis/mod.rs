@@ -5,6 +5,13 @@
 //!
 //! `redis-server` must be installed (Debian package `redis-server`; `scripts/test.sh`
 //! installs it). TLS servers need `openssl` to make their certificates.
+//!
+//! Also what the cluster tests share: clients ([`connect`], [`connect_hosts`], with
+//! [`fast_opts`]), shards on glommio executors ([`on_shard_blocking`], [`start_shard`]),
+//! messages to publish ([`msg`]) and what publishing gave ([`stored`], [`offset`]), and,
+//! on a shard, waiting for events ([`next_event`], [`wait_event`], [`wait_down`],
+//! [`wait_reconnected`], [`wait_message`], [`offsets`]) or a condition ([`eventually`]).
+//! Not every test crate uses every helper, hence `allow(dead_code)`.
 #![allow(dead_code)]
 
 use std::io::Read as _;
@@ -12,7 +19,13 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use corelay::cluster::{ClusterError, ClusterEvent, NewMessage, Published};
+use corelay::store::StoredMessage;
+use futures::channel::mpsc::UnboundedReceiver;
+use futures::StreamExt as _;
 
 /// How long a server may take to say it is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -125,7 +138,12 @@ impl RedisServer {
                 .arg("--tls-port")
                 .arg(self.port.to_string());
         } else {
-            cmd.arg("--port").arg(self.port.to_string());
+            cmd.arg("--port")
+                .arg(self.port.to_string())
+                .arg("--unixsocket")
+                .arg(self.socket_path())
+                .arg("--unixsocketperm")
+                .arg("700");
         }
         cmd.args(&self.args)
             .stdin(Stdio::null())
@@ -164,6 +182,18 @@ impl RedisServer {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Where a plain server also listens: a Unix socket in its directory (the same one
+    /// across restarts).
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// `unix://<socket path>` (a plain server's Unix socket).
+    pub fn unix_url(&self) -> String {
+        assert!(!self.tls, "a TLS server has no Unix socket here");
+        format!("unix://{}", self.socket_path().display())
     }
 
     /// `redis://127.0.0.1:<port>` (or `rediss://localhost:<port>` for a TLS server, the
@@ -451,9 +481,33 @@ pub fn connect(
     .expect("connect to redis")
 }
 
+/// `N` hosts of one cluster on `bridge`: a connected client each, with options `o` but a
+/// host id of its own (presence tells hosts apart by it).
+pub fn connect_hosts<const N: usize>(
+    o: &corelay::cluster::RedisOptions,
+    bridge: &corelay::bridge::Bridge,
+) -> [corelay::cluster::redis::RedisCluster; N] {
+    std::array::from_fn(|i| {
+        let mut own = o.clone();
+        own.host_id = format!("{}h{i}", o.host_id);
+        connect(own, bridge)
+    })
+}
+
 /// Runs the future `body` makes on a fresh glommio executor, like a shard, and returns
 /// its output.
 pub fn on_shard_blocking<G, F, T>(body: G) -> T
+where
+    G: FnOnce() -> F + Send + 'static,
+    F: std::future::Future<Output = T> + 'static,
+    T: Send + 'static,
+{
+    start_shard(body).join().expect("the shard's thread")
+}
+
+/// Starts the future `body` makes on a fresh glommio executor, like a shard, without
+/// waiting for it: several shards run side by side; `join` gives each one's output.
+pub fn start_shard<G, F, T>(body: G) -> glommio::ExecutorJoinHandle<T>
 where
     G: FnOnce() -> F + Send + 'static,
     F: std::future::Future<Output = T> + 'static,
@@ -463,6 +517,124 @@ where
         .io_memory(512 * 1024)
         .spawn(body)
         .expect("start a glommio executor")
-        .join()
-        .expect("the shard's thread")
+}
+
+/// Message ids unique within the test process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A message from `user` to `room`, sent now, with a fresh id.
+pub fn msg(room: &str, user: &str, text: &str, cid: Option<&str>) -> NewMessage {
+    NewMessage {
+        room: room.to_owned(),
+        user: user.to_owned(),
+        text: text.to_owned(),
+        cid: cid.map(str::to_owned),
+        ts: corelay::ids::now_ms(),
+        id: format!("id{:06}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
+    }
+}
+
+/// The message a publish stored; panics on a duplicate.
+pub fn stored(p: Published) -> StoredMessage {
+    match p {
+        Published::Stored(m) => m,
+        Published::Duplicate(a) => panic!("expected a new message, got the duplicate of {a:?}"),
+    }
+}
+
+/// The offset a publish got; panics on an error or a duplicate.
+pub fn offset(r: Result<Published, ClusterError>) -> u64 {
+    match r {
+        Ok(Published::Stored(m)) => m.offset,
+        other => panic!("expected a stored message, got {other:?}"),
+    }
+}
+
+/// The next event of a shard's stream within `limit`, or `None` (on a glommio executor).
+pub async fn next_event(
+    rx: &mut UnboundedReceiver<ClusterEvent>,
+    limit: Duration,
+) -> Option<ClusterEvent> {
+    let timer = glommio::timer::Timer::new(limit);
+    match futures::future::select(rx.next(), timer).await {
+        futures::future::Either::Left((event, _)) => event,
+        futures::future::Either::Right(_) => None,
+    }
+}
+
+/// Skips events until one matches `want`; panics after `limit` (`what` names the event).
+pub async fn wait_event(
+    rx: &mut UnboundedReceiver<ClusterEvent>,
+    limit: Duration,
+    what: &str,
+    want: impl Fn(&ClusterEvent) -> bool,
+) -> ClusterEvent {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match next_event(rx, left).await {
+            Some(ev) if want(&ev) => return ev,
+            Some(_) => {}
+            None => panic!("no {what} within {limit:?}"),
+        }
+    }
+}
+
+/// Skips events until [`ClusterEvent::Down`]; panics after 5 s.
+pub async fn wait_down(rx: &mut UnboundedReceiver<ClusterEvent>) -> ClusterEvent {
+    wait_event(rx, Duration::from_secs(5), "Down", |e| {
+        matches!(e, ClusterEvent::Down { .. })
+    })
+    .await
+}
+
+/// Skips events until [`ClusterEvent::Reconnected`]; panics after 10 s.
+pub async fn wait_reconnected(rx: &mut UnboundedReceiver<ClusterEvent>) {
+    wait_event(rx, Duration::from_secs(10), "Reconnected", |e| {
+        *e == ClusterEvent::Reconnected
+    })
+    .await;
+}
+
+/// Skips events until a message of `room`, and returns it; panics after 3 s.
+pub async fn wait_message(rx: &mut UnboundedReceiver<ClusterEvent>, room: &str) -> StoredMessage {
+    let what = format!("message of {room}");
+    match wait_event(
+        rx,
+        Duration::from_secs(3),
+        &what,
+        |e| matches!(e, ClusterEvent::Message(m) if m.room == room),
+    )
+    .await
+    {
+        ClusterEvent::Message(m) => m,
+        other => unreachable!("{other:?} matched a message"),
+    }
+}
+
+/// The offsets of the next `n` events, all messages of `room` (anything else panics),
+/// each within 5 s.
+pub async fn offsets(rx: &mut UnboundedReceiver<ClusterEvent>, room: &str, n: usize) -> Vec<u64> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        match next_event(rx, Duration::from_secs(5)).await {
+            Some(ClusterEvent::Message(m)) if m.room == room => got.push(m.offset),
+            Some(other) => panic!("unexpected {other:?}"),
+            None => panic!("only {} of {n} messages of {room}", got.len()),
+        }
+    }
+    got
+}
+
+/// Polls `cond` every 10 ms (on a glommio executor) until it holds or `limit` passes;
+/// whether it held. For states no event announces.
+pub async fn eventually(limit: Duration, mut cond: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    cond().await
 }
