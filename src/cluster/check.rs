@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use redis::{AsyncConnectionConfig, PushKind, Value};
 
-use super::redis::{build_client, bytes, classify};
+use super::redis::{build_client, classify};
+use super::wire::bytes;
 use super::{random_hex, ClusterError, RedisOptions};
 use crate::bridge::Bridge;
 

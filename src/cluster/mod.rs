@@ -61,11 +61,13 @@ use std::time::Duration;
 use crate::store::StoredMessage;
 
 mod check;
+mod publish;
 pub mod redis;
 mod resp;
 mod scripts;
 pub mod shard_link;
 mod tls;
+pub(crate) mod wire;
 
 pub use check::{check, CheckReport, CheckStep};
 

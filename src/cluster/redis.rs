@@ -21,7 +21,7 @@
 //! Each shard publishes its rooms' messages and receives their channels over connections
 //! of its own ([`super::shard_link`]), with their own `Down` / `Reconnected` events. The
 //! shards reach this link for presence, typing notices and history reads; it also tells
-//! them where Redis is ([`RedisCluster::direct_target`]).
+//! them where Redis is (`RedisCluster::direct_target`).
 //!
 //! # Threads
 //!
@@ -48,14 +48,12 @@ use redis::{
 };
 use rustls::pki_types::ServerName;
 
+use super::publish::{group_by_room, scatter, PublishCall};
 use super::resp::Tls;
 use super::scripts::Scripts;
-use super::{
-    keys, redact_url, Ack, ClusterError, ClusterEvent, NewMessage, PresenceEntry, Published,
-    RedisOptions,
-};
+use super::wire::{bytes, presence_payload, strings, typing_payload, utf8};
+use super::{keys, redact_url, ClusterError, NewMessage, PresenceEntry, Published, RedisOptions};
 use crate::bridge::Bridge;
-use crate::store::StoredMessage;
 
 /// No round trip measured yet (or the link is down).
 const NO_RTT: u64 = u64::MAX;
@@ -218,28 +216,6 @@ struct CmdState {
 
 /// A user present through this host, and their display name.
 type PresenceUser = (String, Option<String>);
-
-/// The wire form of a presence event on a room channel (after the `p` tag).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct PresenceWire {
-    room: String,
-    user: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    name: Option<String>,
-    online: bool,
-    host: String,
-}
-
-/// The wire form of a typing notice on a room channel (after the `t` tag).
-#[derive(serde::Serialize, serde::Deserialize)]
-struct TypingWire<'a> {
-    #[serde(borrow)]
-    room: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    user: std::borrow::Cow<'a, str>,
-    #[serde(borrow)]
-    host: std::borrow::Cow<'a, str>,
-}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing here can leave the guarded data half-updated on a panic.
@@ -423,7 +399,7 @@ impl RedisCluster {
     /// name counts as none). Returns
     /// `true` when the user was present through no live host before, in which case the
     /// online event was published on the room's channel (every host, this one included,
-    /// receives it as [`ClusterEvent::Presence`]).
+    /// receives it as [`ClusterEvent::Presence`](super::ClusterEvent::Presence)).
     ///
     /// The local record is kept even when Redis fails, and written again by the periodic
     /// refresh (every `presence_ttl / 3`).
@@ -476,16 +452,10 @@ impl RedisCluster {
             shared.typing_inflight.fetch_sub(1, Ordering::AcqRel);
             return false;
         }
-        let wire = TypingWire {
-            room: room.into(),
-            user: user.into(),
-            host: shared.opts.host_id.as_str().into(),
-        };
-        let mut payload = b"t".to_vec();
-        if serde_json::to_writer(&mut payload, &wire).is_err() {
+        let Some(payload) = typing_payload(room, user, &shared.opts.host_id) else {
             shared.typing_inflight.fetch_sub(1, Ordering::AcqRel);
             return false;
-        }
+        };
         let channel = keys::channel(room);
         let s = shared.clone();
         // Handed over at once; runs to completion without anyone awaiting it.
@@ -563,7 +533,7 @@ impl RedisCluster {
 
     /// The publish script call for one room's messages (see [`PublishCall`]).
     pub(crate) fn publish_call<'a>(&self, msgs: &[&'a NewMessage], floor: u64) -> PublishCall<'a> {
-        PublishCall::new(&self.inner.shared, msgs, floor)
+        self.inner.shared.publish_call(msgs, floor)
     }
 
     /// `SCRIPT LOAD` of the publish script.
@@ -761,6 +731,12 @@ impl Shared {
         }
     }
 
+    /// The publish script call for one room's messages.
+    fn publish_call<'a>(&self, msgs: &[&'a NewMessage], floor: u64) -> PublishCall<'a> {
+        let sha = self.scripts.publish.get_hash();
+        PublishCall::new(&self.opts, sha, self.redis_now_ms(), msgs, floor)
+    }
+
     /// Now in Redis's clock (ms), as far as the last measurement knows.
     fn redis_now_ms(&self) -> u64 {
         let local = crate::ids::now_ms() as i64;
@@ -861,7 +837,7 @@ impl Shared {
         msgs: &[&NewMessage],
         floor: u64,
     ) -> Result<Vec<Result<Published, ClusterError>>, ClusterError> {
-        let call = PublishCall::new(self, msgs, floor);
+        let call = self.publish_call(msgs, floor);
         if call.is_empty() {
             return call.settle(Value::Nil, &self.target, self.opts.command_timeout);
         }
@@ -1268,11 +1244,11 @@ async fn connect_link(shared: &Shared) -> Result<Link, ClusterError> {
     Ok(Link { conn, pushes })
 }
 
-/// The supervisor: keeps the pub/sub link up, dispatches, probes, reconnects. Without a
-/// `first` link (Redis unreachable at start) it starts by reconnecting, and announces
-/// [`ClusterEvent::Reconnected`] once connected, as after a lost link.
+/// The supervisor: keeps the pub/sub link up, probes it, reconnects. Without a `first`
+/// link (Redis unreachable at start) it starts by reconnecting; once connected it writes
+/// this host's presence again, as after a lost link.
 async fn supervise(shared: Arc<Shared>, first: Option<Link>, mut stop: oneshot::Receiver<()>) {
-    let mut announced_down = first.is_none();
+    let mut was_down = first.is_none();
     let mut link = first;
     let mut failures: u32 = 0;
     loop {
@@ -1299,7 +1275,7 @@ async fn supervise(shared: Arc<Shared>, first: Option<Link>, mut stop: oneshot::
         };
         failures = 0;
         shared.connected.store(true, Ordering::Release);
-        if announced_down {
+        if was_down {
             tracing::info!(target = %shared.target, "redis pub/sub link is back");
             shared.relink();
         }
@@ -1316,7 +1292,7 @@ async fn supervise(shared: Arc<Shared>, first: Option<Link>, mut stop: oneshot::
                 *lock(&shared.pubsub) = None;
                 shared.cmd_reset(&reason);
                 tracing::warn!(%reason, "redis pub/sub link down; reconnecting");
-                announced_down = true;
+                was_down = true;
             }
         }
     }
@@ -1470,336 +1446,6 @@ fn on_echo(
     }
 }
 
-/// Decodes a room channel's payload: `m` + message JSON, `p` + presence JSON, or `t` +
-/// typing JSON.
-pub(crate) fn decode_event(room: &str, payload: &[u8]) -> Result<ClusterEvent, String> {
-    match payload.split_first() {
-        Some((b't', json)) => {
-            let t: TypingWire = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-            if t.room != room {
-                return Err(format!(
-                    "typing for room {:?} on the channel of {room:?}",
-                    t.room
-                ));
-            }
-            Ok(ClusterEvent::Typing {
-                room: t.room.into_owned(),
-                user: t.user.into_owned(),
-                host: t.host.into_owned(),
-            })
-        }
-        Some((b'm', json)) => {
-            let m: StoredMessage = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-            if m.room != room {
-                return Err(format!(
-                    "message for room {:?} on the channel of {room:?}",
-                    m.room
-                ));
-            }
-            Ok(ClusterEvent::Message(m))
-        }
-        Some((b'p', json)) => {
-            let p: PresenceWire = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-            if p.room != room {
-                return Err(format!(
-                    "presence for room {:?} on the channel of {room:?}",
-                    p.room
-                ));
-            }
-            Ok(ClusterEvent::Presence {
-                room: p.room,
-                user: p.user,
-                name: p.name,
-                online: p.online,
-                host: p.host,
-            })
-        }
-        _ => Err("unknown payload tag".into()),
-    }
-}
-
-/// The messages of a batch grouped by room, in order of first appearance: each group's
-/// indexes into the batch and the highest floor given with the room's messages.
-pub(crate) fn group_by_room(msgs: &[(NewMessage, u64)]) -> Vec<(Vec<usize>, u64)> {
-    let mut groups: Vec<(&str, Vec<usize>, u64)> = Vec::new();
-    for (i, (m, floor)) in msgs.iter().enumerate() {
-        match groups.iter_mut().find(|(room, _, _)| *room == m.room) {
-            Some((_, idx, f)) => {
-                idx.push(i);
-                *f = (*f).max(*floor);
-            }
-            None => groups.push((&m.room, vec![i], *floor)),
-        }
-    }
-    groups.into_iter().map(|(_, idx, f)| (idx, f)).collect()
-}
-
-/// One result per message of a batch from its rooms' outcomes (`outcomes[g]` for
-/// `groups[g]`): a room's error goes to each of its messages.
-pub(crate) fn scatter(
-    len: usize,
-    groups: &[(Vec<usize>, u64)],
-    outcomes: Vec<Result<Vec<Result<Published, ClusterError>>, ClusterError>>,
-) -> Vec<Result<Published, ClusterError>> {
-    let mut results: Vec<Option<Result<Published, ClusterError>>> =
-        (0..len).map(|_| None).collect();
-    for ((idx, _), outcome) in groups.iter().zip(outcomes) {
-        match outcome {
-            Ok(each) => {
-                for (&i, r) in idx.iter().zip(each) {
-                    results[i] = Some(r);
-                }
-            }
-            Err(e) => {
-                for &i in idx {
-                    results[i] = Some(Err(e.clone()));
-                }
-            }
-        }
-    }
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(ClusterError::Protocol("publish: no reply".into()))))
-        .collect()
-}
-
-/// One call of the publish script for one room's messages: the `EVALSHA` command, and
-/// what is needed to turn its reply into one result per message. Built the same way
-/// whichever connection sends it (the bridge's, or a shard's own).
-pub(crate) struct PublishCall<'a> {
-    /// `EVALSHA <publish script> …`; on `NOSCRIPT`, load the script and send it again.
-    pub cmd: redis::Cmd,
-    /// The messages in the call, in order.
-    sent: Vec<&'a NewMessage>,
-    /// Per message of the room: `Some` when it failed before the call (its payload could
-    /// not be built), `None` when its result is the next reply.
-    early: Vec<Option<Result<Published, ClusterError>>>,
-}
-
-impl<'a> PublishCall<'a> {
-    /// The call for `msgs` (one room's, in order), their offsets above `floor`.
-    fn new(shared: &Shared, msgs: &[&'a NewMessage], floor: u64) -> PublishCall<'a> {
-        let opts = &shared.opts;
-        let room = msgs.first().map_or("", |m| m.room.as_str());
-        // A message whose payload cannot be built fails alone; the others go.
-        let mut parts = Vec::with_capacity(msgs.len());
-        let mut early = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            match message_payload_parts(m) {
-                Ok(p) => {
-                    parts.push((*m, p));
-                    early.push(None);
-                }
-                Err(e) => early.push(Some(Err(e))),
-            }
-        }
-        let half = opts.command_timeout / 2;
-        // In Redis's clock: the script refuses to run after it (see `ClusterError::Timeout`).
-        let deadline = shared
-            .redis_now_ms()
-            .saturating_add(half.as_millis() as u64);
-        let mut keys = vec![keys::offset(room), keys::stream(room)];
-        for (m, _) in &parts {
-            if let Some(cid) = &m.cid {
-                keys.push(keys::cid(room, &m.user, cid));
-            }
-        }
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(shared.scripts.publish.get_hash())
-            .arg(keys.len())
-            .arg(keys)
-            .arg(keys::channel(room))
-            .arg(opts.dedupe_window.as_millis() as u64)
-            .arg(opts.history_max_len)
-            .arg(opts.history_max_age.map_or(0, |d| d.as_millis() as u64))
-            .arg(shared.publish_command())
-            .arg(deadline)
-            .arg(floor)
-            .arg(parts.len());
-        for (m, (prefix, suffix)) in &parts {
-            cmd.arg(if m.cid.is_some() { "1" } else { "0" })
-                .arg(m.cid.as_deref().unwrap_or(""))
-                .arg(&m.user)
-                .arg(&m.text)
-                .arg(m.ts)
-                .arg(&m.id)
-                .arg(prefix)
-                .arg(suffix);
-        }
-        PublishCall {
-            cmd,
-            sent: parts.into_iter().map(|(m, _)| m).collect(),
-            early,
-        }
-    }
-
-    /// Whether the call carries no message (every payload failed): nothing to send.
-    pub fn is_empty(&self) -> bool {
-        self.sent.is_empty()
-    }
-
-    /// One result per message of the call from the script's reply (`target` and
-    /// `command_timeout` for the messages).
-    pub fn settle(
-        self,
-        reply: Value,
-        target: &str,
-        command_timeout: Duration,
-    ) -> Result<Vec<Result<Published, ClusterError>>, ClusterError> {
-        if self.sent.is_empty() {
-            return Ok(self.early.into_iter().flatten().collect());
-        }
-        let Value::Array(replies) = reply else {
-            return Err(ClusterError::Protocol(format!(
-                "publish script answered {reply:?}"
-            )));
-        };
-        let replies = replies
-            .into_iter()
-            .map(strings)
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(b"expired") = replies.first().and_then(|r| r.first()).map(Vec::as_slice) {
-            // Comes alone: the script did nothing.
-            return Err(ClusterError::Timeout(format!(
-                "redis at {target} ran the publish after its deadline ({:?}): it was stalled \
-                 (or its clock jumped); nothing was stored",
-                command_timeout / 2
-            )));
-        }
-        if replies.len() != self.sent.len() {
-            return Err(ClusterError::Protocol(format!(
-                "publish script answered {} replies for {} messages",
-                replies.len(),
-                self.sent.len()
-            )));
-        }
-        let mut replies = replies.into_iter().zip(self.sent);
-        Ok(self
-            .early
-            .into_iter()
-            .map(|r| match r {
-                Some(failed) => failed,
-                None => match replies.next() {
-                    Some((reply, m)) => published(m, &reply),
-                    None => Err(ClusterError::Protocol("publish: no reply".into())),
-                },
-            })
-            .collect())
-    }
-}
-
-/// The message's channel payload around its offset: `m{"room":…,"offset":` and
-/// `,"id":…,"user":…,"text":…,"ts":…[,"cid":…]}` (the script puts the offset between).
-fn message_payload_parts(m: &NewMessage) -> Result<(String, String), ClusterError> {
-    let j = |s: &str| serde_json::to_string(s).map_err(|e| ClusterError::Protocol(e.to_string()));
-    let prefix = format!("m{{\"room\":{},\"offset\":", j(&m.room)?);
-    let mut suffix = format!(
-        ",\"id\":{},\"user\":{},\"text\":{},\"ts\":{}",
-        j(&m.id)?,
-        j(&m.user)?,
-        j(&m.text)?,
-        m.ts
-    );
-    if let Some(cid) = &m.cid {
-        suffix.push_str(",\"cid\":");
-        suffix.push_str(&j(cid)?);
-    }
-    suffix.push('}');
-    Ok((prefix, suffix))
-}
-
-/// One message's reply of the publish script: `ok <offset>` or `dup <first ack>`.
-fn published(msg: &NewMessage, reply: &[Vec<u8>]) -> Result<Published, ClusterError> {
-    match reply.first().map(Vec::as_slice) {
-        Some(b"ok") => {
-            let offset = parse_u64(reply.get(1), "publish offset")?;
-            Ok(Published::Stored(msg.at(offset)))
-        }
-        Some(b"dup") => {
-            let first = reply
-                .get(1)
-                .ok_or_else(|| ClusterError::Protocol("publish: dup without ack".into()))?;
-            Ok(Published::Duplicate(parse_ack(first)?))
-        }
-        _ => Err(ClusterError::Protocol(format!(
-            "publish script answered {:?}",
-            reply
-                .iter()
-                .map(|p| String::from_utf8_lossy(p))
-                .collect::<Vec<_>>()
-        ))),
-    }
-}
-
-/// A presence event's channel payload.
-fn presence_payload(
-    room: &str,
-    user: &str,
-    name: Option<&str>,
-    online: bool,
-    host: &str,
-) -> Result<String, ClusterError> {
-    let wire = PresenceWire {
-        room: room.to_owned(),
-        user: user.to_owned(),
-        name: name.map(str::to_owned),
-        online,
-        host: host.to_owned(),
-    };
-    serde_json::to_string(&wire)
-        .map(|j| format!("p{j}"))
-        .map_err(|e| ClusterError::Protocol(e.to_string()))
-}
-
-/// The bytes of a string-like reply value.
-pub(crate) fn bytes(v: Value) -> Option<Vec<u8>> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.into_bytes()),
-        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
-        Value::Int(i) => Some(i.to_string().into_bytes()),
-        Value::Okay => Some(b"OK".to_vec()),
-        _ => None,
-    }
-}
-
-/// An array reply of strings.
-pub(crate) fn strings(v: Value) -> Result<Vec<Vec<u8>>, ClusterError> {
-    match v {
-        Value::Array(items) | Value::Set(items) => items
-            .into_iter()
-            .map(|i| bytes(i).ok_or_else(|| ClusterError::Protocol("expected a string".into())))
-            .collect(),
-        Value::Nil => Ok(Vec::new()),
-        other => Err(ClusterError::Protocol(format!(
-            "expected an array, got {other:?}"
-        ))),
-    }
-}
-
-/// UTF-8 text of a reply part.
-pub(crate) fn utf8(b: Vec<u8>, what: &str) -> Result<String, ClusterError> {
-    String::from_utf8(b).map_err(|_| ClusterError::Protocol(format!("{what} is not UTF-8")))
-}
-
-/// A decimal number reply part.
-pub(crate) fn parse_u64(b: Option<&Vec<u8>>, what: &str) -> Result<u64, ClusterError> {
-    b.and_then(|b| std::str::from_utf8(b).ok())
-        .and_then(|s| s.parse::<u64>().ok())
-        .ok_or_else(|| ClusterError::Protocol(format!("{what} is not a number")))
-}
-
-/// A dedupe key's value, `<offset>:<ts>:<id>`.
-pub(crate) fn parse_ack(v: &[u8]) -> Result<Ack, ClusterError> {
-    let bad = || ClusterError::Protocol("malformed dedupe record".into());
-    let s = std::str::from_utf8(v).map_err(|_| bad())?;
-    let mut parts = s.splitn(3, ':');
-    let offset = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-    let ts = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
-    let id = parts.next().ok_or_else(bad)?.to_owned();
-    Ok(Ack { offset, id, ts })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1816,97 +1462,6 @@ mod tests {
         );
         opts.url = "rediss://localhost:6380/".into();
         assert!(build_client(&opts, false).is_ok());
-    }
-
-    fn new_message(cid: Option<&str>) -> NewMessage {
-        NewMessage {
-            room: "r.1".into(),
-            user: "ü\"ser".into(),
-            text: "line\n\"quoted\" \\ 🎉".into(),
-            cid: cid.map(str::to_owned),
-            ts: 1_700_000_000_123,
-            id: "01ABC".into(),
-        }
-    }
-
-    #[test]
-    fn message_payload_decodes_to_the_stored_message() {
-        for cid in [None, Some(""), Some("c:1")] {
-            let m = new_message(cid);
-            let (prefix, suffix) = message_payload_parts(&m).expect("parts");
-            let payload = format!("{prefix}{}{suffix}", 18_446_744_073_709_551_615u64);
-            let event = decode_event("r.1", payload.as_bytes()).expect("decode");
-            assert_eq!(event, ClusterEvent::Message(m.at(u64::MAX)));
-        }
-        assert!(decode_event("other", b"m{\"room\":\"r.1\"}").is_err());
-        assert!(decode_event("r.1", b"x{}").is_err());
-        assert!(decode_event("r.1", b"").is_err());
-        assert!(decode_event("r.1", b"m{not json").is_err());
-    }
-
-    #[test]
-    fn presence_payload_round_trip() {
-        let p = presence_payload("r", "u", Some("N"), true, "h1").expect("payload");
-        assert_eq!(
-            decode_event("r", p.as_bytes()),
-            Ok(ClusterEvent::Presence {
-                room: "r".into(),
-                user: "u".into(),
-                name: Some("N".into()),
-                online: true,
-                host: "h1".into()
-            })
-        );
-    }
-
-    #[test]
-    fn typing_payload_is_told_apart_by_its_tag() {
-        let json = serde_json::to_string(&TypingWire {
-            room: "r".into(),
-            user: "ü\"s/er".into(),
-            host: "h1".into(),
-        })
-        .expect("json");
-        assert_eq!(
-            decode_event("r", format!("t{json}").as_bytes()),
-            Ok(ClusterEvent::Typing {
-                room: "r".into(),
-                user: "ü\"s/er".into(),
-                host: "h1".into()
-            })
-        );
-        assert!(decode_event("other", format!("t{json}").as_bytes()).is_err());
-        assert!(decode_event("r", b"t{\"room\":\"r\"}").is_err());
-    }
-
-    #[test]
-    fn presence_payload_from_the_reap_script_decodes() {
-        // What Redis's cjson writes: any key order, `/` escaped, no name.
-        let p = br#"p{"online":false,"host":"h\/2","user":"a\"b","room":"r"}"#;
-        assert_eq!(
-            decode_event("r", p),
-            Ok(ClusterEvent::Presence {
-                room: "r".into(),
-                user: "a\"b".into(),
-                name: None,
-                online: false,
-                host: "h/2".into()
-            })
-        );
-    }
-
-    #[test]
-    fn acks_parse_with_colons_in_the_id() {
-        assert_eq!(
-            parse_ack(b"12:1700:id:with:colons"),
-            Ok(Ack {
-                offset: 12,
-                id: "id:with:colons".into(),
-                ts: 1700
-            })
-        );
-        assert!(parse_ack(b"x:1:id").is_err());
-        assert!(parse_ack(b"1:2").is_err());
     }
 
     #[test]

@@ -40,10 +40,10 @@ use futures::future::Either;
 use futures::lock::Mutex;
 use redis::{ErrorKind, ServerErrorKind, Value};
 
-use super::redis::{
-    backoff, bytes, decode_event, group_by_room, scatter, DirectAddr, PublishCall, RedisCluster,
-};
+use super::publish::{group_by_room, scatter, PublishCall};
+use super::redis::{backoff, DirectAddr, RedisCluster};
 use super::resp::{Endpoint, RespConn, RespReader, RespWriter};
+use super::wire::{bytes, decode_event};
 use super::{keys, ClusterError, ClusterEvent, NewMessage, Published};
 
 /// PING as sent on the subscriber connection.

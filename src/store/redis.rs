@@ -37,7 +37,8 @@ use std::sync::Arc;
 use ::redis::Value;
 
 use super::{HistoryQuery, HistoryStore, StoreError, StoredMessage};
-use crate::cluster::redis::{bytes, parse_ack, RedisCluster};
+use crate::cluster::redis::RedisCluster;
+use crate::cluster::wire::{bytes, parse_ack, parse_u64, strings};
 use crate::cluster::{keys, ClusterError};
 
 /// Raises KEYS[1] (an offset counter) to ARGV[1] when lower; 1 when raised, else 0. Rare
@@ -136,14 +137,12 @@ impl RedisStore {
             .append_script(keys_, args)
             .await
             .map_err(store_error)?;
-        let parts = crate::cluster::redis::strings(reply).map_err(store_error)?;
+        let parts = strings(reply).map_err(store_error)?;
         match parts.first().map(Vec::as_slice) {
             Some(b"ok") => Ok(()),
             Some(b"conflict") => {
-                let number = |i: usize| {
-                    crate::cluster::redis::parse_u64(parts.get(i), "conflict reply")
-                        .map_err(store_error)
-                };
+                let number =
+                    |i: usize| parse_u64(parts.get(i), "conflict reply").map_err(store_error);
                 Err(StoreError::OffsetConflict {
                     room: room.to_owned(),
                     offset: number(1)?,
