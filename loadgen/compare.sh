@@ -27,7 +27,9 @@
 # Knobs (environment): CONNS=1000 ROOM=10 RATES="500 2000 5000" ALL_SENDERS_RATE=1000
 # (empty: skip) DURATION=10s WARMUP=2s
 # GRACE=2s CONNECT_CONNS=5000 HOLD=5s SHARDS=2 STORE=memory PIN=0 THREADS=1 SKIP_BUILD=1
-# CARGO_TARGET_DIR (where the release binaries are built).
+# CARGO_TARGET_DIR (where the release binaries are built), CORELAY_BIN (another corelay
+# binary to run, e.g. an older build for an A/B), REDIS_UNIX=1 (corelay-N reach Redis over
+# its Unix socket instead of TCP; the peer stays on TCP).
 #
 # CAPACITY=1 searches instead, for each setup, the highest paced rate that passes: zero
 # loss, no reordering, no errors and delivery p99 <= CAP_P99_MS (50). It starts at
@@ -79,7 +81,7 @@ if [ -z "${SKIP_BUILD:-}" ]; then
   log "building corelay and corelay-loadgen (release)"
   (cd "$root" && cargo build --release -p corelay -p corelay-loadgen)
 fi
-corelay="$target_dir/release/corelay"
+corelay=${CORELAY_BIN:-$target_dir/release/corelay}
 lg="$target_dir/release/corelay-loadgen"
 [ -x "$corelay" ] && [ -x "$lg" ] || { echo "missing $corelay or $lg" >&2; exit 1; }
 if [ ! -d "$root/loadgen/peer/node_modules/socket.io" ]; then
@@ -120,7 +122,13 @@ stop_pid() {
 }
 
 redis_port=$(free_port)
-redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+redis_args=()
+corelay_redis_url="redis://127.0.0.1:$redis_port"
+if [ -n "${REDIS_UNIX:-}" ]; then
+  redis_args=(--unixsocket "$runs/redis.sock" --unixsocketperm 700)
+  corelay_redis_url="unix://$runs/redis.sock"
+fi
+redis-server --bind 127.0.0.1 --port "$redis_port" "${redis_args[@]}" --save '' --appendonly no \
   >"$runs/redis.log" 2>&1 &
 redis_pid=$!
 pids+=("$redis_pid")
@@ -157,7 +165,7 @@ start_setup() {
         port=$(free_port)
         CORELAY_JWT_SECRET=$SECRET CORELAY_LIMITS_SEND_RATE=1000000 CORELAY_LIMITS_SEND_BURST=1000000 \
           RUST_LOG=warn "$corelay" serve --listen "127.0.0.1:$port" --shards 1 "${pin_args[@]}" \
-          --redis "redis://127.0.0.1:$redis_port" --store redis >"$runs/$1-$i.log" 2>&1 &
+          --redis "$corelay_redis_url" --store redis >"$runs/$1-$i.log" 2>&1 &
         started "$runs/$1-$i.log" "$port"
       done
       SERVER_PIDS+=("$redis_pid")
