@@ -21,7 +21,7 @@
 //! Each shard publishes its rooms' messages and receives their channels over connections
 //! of its own ([`super::shard_link`]), with their own `Down` / `Reconnected` events. The
 //! shards reach this link for presence, typing notices and history reads; it also tells
-//! them where Redis is (`RedisCluster::direct_target`).
+//! them where Redis is (`RedisCluster::shard_target`).
 //!
 //! # Threads
 //!
@@ -68,15 +68,15 @@ const TYPING_INFLIGHT_MAX: usize = 1024;
 /// Where and how a shard connects to Redis by itself (see [`super::shard_link`]), worked
 /// out once from the URL and the TLS options when the cluster is connected.
 #[derive(Clone)]
-pub(crate) struct DirectTarget {
-    pub addr: DirectAddr,
+pub(crate) struct ShardTarget {
+    pub addr: ShardAddr,
     /// AUTH and SELECT settings.
     pub info: RedisConnectionInfo,
 }
 
-/// The address part of a [`DirectTarget`].
+/// The address part of a [`ShardTarget`].
 #[derive(Clone)]
-pub(crate) enum DirectAddr {
+pub(crate) enum ShardAddr {
     /// A host name or IP address and a port; TLS settings for `rediss://`.
     Tcp {
         host: String,
@@ -87,13 +87,13 @@ pub(crate) enum DirectAddr {
     Unix(PathBuf),
 }
 
-impl DirectTarget {
+impl ShardTarget {
     /// The target of `client`'s URL, with TLS settings from `opts` for `rediss://` (the same
     /// CA and client certificate files). Fails on TLS settings that cannot be used.
-    fn new(client: &Client, opts: &RedisOptions) -> Result<DirectTarget, ClusterError> {
+    fn new(client: &Client, opts: &RedisOptions) -> Result<ShardTarget, ClusterError> {
         let info = client.get_connection_info();
         let addr = match info.addr() {
-            ConnectionAddr::Tcp(host, port) => DirectAddr::Tcp {
+            ConnectionAddr::Tcp(host, port) => ShardAddr::Tcp {
                 host: host.clone(),
                 port: *port,
                 tls: None,
@@ -102,7 +102,7 @@ impl DirectTarget {
                 let server_name = ServerName::try_from(host.clone()).map_err(|e| {
                     ClusterError::Config(format!("redis host {host:?} for TLS: {e}"))
                 })?;
-                DirectAddr::Tcp {
+                ShardAddr::Tcp {
                     host: host.clone(),
                     port: *port,
                     tls: Some(Tls {
@@ -111,14 +111,14 @@ impl DirectTarget {
                     }),
                 }
             }
-            ConnectionAddr::Unix(path) => DirectAddr::Unix(path.clone()),
+            ConnectionAddr::Unix(path) => ShardAddr::Unix(path.clone()),
             other => {
                 return Err(ClusterError::Config(format!(
                     "unsupported redis address {other}"
                 )))
             }
         };
-        Ok(DirectTarget {
+        Ok(ShardTarget {
             addr,
             info: info.redis_settings().clone(),
         })
@@ -174,7 +174,7 @@ struct Shared {
     /// RESP3 client for the pub/sub connection.
     sub_client: Client,
     /// How the shards reach Redis themselves.
-    direct: DirectTarget,
+    shard_target: ShardTarget,
     scripts: Scripts,
     /// The command connection and its reconnect state.
     cmd: Mutex<CmdState>,
@@ -488,8 +488,8 @@ impl RedisCluster {
     }
 
     /// Where and how a shard reaches Redis by itself (see [`super::shard_link`]).
-    pub(crate) fn direct_target(&self) -> &DirectTarget {
-        &self.inner.shared.direct
+    pub(crate) fn shard_target(&self) -> &ShardTarget {
+        &self.inner.shared.shard_target
     }
 
     /// Resolves `host` on the bridge (a DNS wait never blocks a shard).
@@ -627,10 +627,10 @@ impl Shared {
         let target = redact_url(&opts.url);
         let cmd_client = build_client(&opts, false)?;
         let sub_client = build_client(&opts, true)?;
-        let direct = DirectTarget::new(&cmd_client, &opts)?;
+        let shard_target = ShardTarget::new(&cmd_client, &opts)?;
         Ok(Shared {
             target,
-            direct,
+            shard_target,
             cmd_client,
             sub_client,
             scripts: Scripts::new(),

@@ -41,7 +41,7 @@ use futures::lock::Mutex;
 use redis::{ErrorKind, ServerErrorKind, Value};
 
 use super::publish::{group_by_room, scatter, PublishCall};
-use super::redis::{backoff, DirectAddr, RedisCluster};
+use super::redis::{backoff, RedisCluster, ShardAddr};
 use super::resp::{Endpoint, RespConn, RespReader, RespWriter};
 use super::wire::{bytes, decode_event};
 use super::{keys, ClusterError, ClusterEvent, NewMessage, Published};
@@ -53,9 +53,7 @@ const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 /// docs. Lives on its shard (not `Send`); the rest of [`RedisCluster`] is reached through
 /// [`ShardLink::redis`].
 pub struct ShardLink {
-    cluster: RedisCluster,
-    /// The shard's own connections.
-    direct: Rc<Direct>,
+    conns: Rc<Conns>,
 }
 
 /// Result of one publish script call: per message, or one error for the call.
@@ -72,30 +70,30 @@ impl ShardLink {
         shard: usize,
     ) -> (ShardLink, mpsc::UnboundedReceiver<ClusterEvent>) {
         let (tx, events) = mpsc::unbounded();
-        let direct = Rc::new(Direct {
-            cluster: cluster.clone(),
+        let conns = Rc::new(Conns {
+            cluster,
             shard,
             events: tx,
             commands: Mutex::new(Commands::default()),
             sub: Rc::new(RefCell::new(Subscriber::default())),
         });
-        let first = match direct.connect("connect (pub/sub)", "pubsub").await {
-            Ok(conn) => Some(direct.install(conn)),
+        let first = match conns.connect("connect (pub/sub)", "pubsub").await {
+            Ok(conn) => Some(conns.install(conn)),
             Err(e) => {
                 tracing::warn!(shard, error = %e, "redis pub/sub link of a shard is down at start; retrying");
-                direct.send(ClusterEvent::Down {
+                conns.send(ClusterEvent::Down {
                     reason: e.to_string(),
                 });
                 None
             }
         };
-        glommio::spawn_local(direct.clone().run_subscriber(first)).detach();
-        (ShardLink { cluster, direct }, events)
+        glommio::spawn_local(conns.clone().run_subscriber(first)).detach();
+        (ShardLink { conns }, events)
     }
 
     /// The process's link to Redis, for everything but the hot path.
     pub fn redis(&self) -> &RedisCluster {
-        &self.cluster
+        &self.conns.cluster
     }
 
     /// Subscribes `room`'s channel: `Ok` once Redis confirmed it; on
@@ -103,12 +101,12 @@ impl ShardLink {
     /// is subscribed when the link is back (announced by [`ClusterEvent::Reconnected`]);
     /// other errors leave nothing behind.
     pub async fn subscribe(&self, room: &str) -> Result<(), ClusterError> {
-        self.direct.subscribe(room).await
+        self.conns.subscribe(room).await
     }
 
     /// Unsubscribes `room`'s channel. Events already on their way may still arrive.
     pub async fn unsubscribe(&self, room: &str) -> Result<(), ClusterError> {
-        self.direct.unsubscribe(room).await
+        self.conns.unsubscribe(room).await
     }
 
     /// Publishes a batch, as [`RedisCluster::publish_batch`]: one script call per room, all
@@ -117,12 +115,12 @@ impl ShardLink {
         &self,
         msgs: Vec<(NewMessage, u64)>,
     ) -> Vec<Result<Published, ClusterError>> {
-        self.direct.publish_batch(msgs).await
+        self.conns.publish_batch(msgs).await
     }
 }
 
 /// The shard's own connections and their state.
-struct Direct {
+struct Conns {
     cluster: RedisCluster,
     shard: usize,
     /// The shard's event stream.
@@ -164,7 +162,7 @@ struct Waiter {
     done: oneshot::Sender<Result<(), ClusterError>>,
 }
 
-impl Direct {
+impl Conns {
     fn opts(&self) -> &super::RedisOptions {
         self.cluster.options()
     }
@@ -194,15 +192,15 @@ impl Direct {
                 .replace(|c: char| !c.is_ascii_graphic(), "_"),
             self.shard
         );
-        let target = self.cluster.direct_target();
+        let target = self.cluster.shard_target();
         let attempt = async {
             let (addrs, tls) = match &target.addr {
-                DirectAddr::Unix(path) => {
+                ShardAddr::Unix(path) => {
                     return RespConn::connect(Endpoint::Unix(path), &target.info, &name)
                         .await
                         .map_err(|e| self.cluster.classify(&e, what));
                 }
-                DirectAddr::Tcp { host, port, tls } => match host.parse::<IpAddr>() {
+                ShardAddr::Tcp { host, port, tls } => match host.parse::<IpAddr>() {
                     Ok(ip) => (vec![SocketAddr::new(ip, *port)], tls.as_ref()),
                     Err(_) => (
                         self.cluster.resolve(host.clone(), *port).await?,
