@@ -125,9 +125,10 @@ impl ShardTarget {
     }
 }
 
-/// The process's link to Redis: offsets and publishing (the publish script), per-shard
-/// subscriptions, presence, and the connection the [Redis history
-/// store](crate::store::redis::RedisStore) reads through.
+/// The process's link to Redis: presence, typing notices, the connection the [Redis
+/// history store](crate::store::redis::RedisStore) reads through, the link's health, and
+/// the publish script for callers off the shards. Each shard wraps a clone in its
+/// [`ShardLink`](super::shard_link::ShardLink) for the hot path.
 ///
 /// One per process: connect it once on the main thread ([`RedisCluster::connect_blocking`],
 /// or [`RedisCluster::connect_or_retry_blocking`] to start while Redis is still down) and
