@@ -1088,7 +1088,7 @@ fn a_shards_own_redis_link_counts_in_health_and_comes_back() {
         while named_clients(&mut con, ":pubsub").len() < 2
             || named_clients(&mut con, ":commands").len() < 2
         {
-            // The command connections open with the first publish.
+            // Both open at start; a few messages through every shard's rooms on top.
             let mut c = client(&a, "warm");
             for room in ["w0", "w1", "w2", "w3"] {
                 join(&mut c, room);

@@ -15,7 +15,7 @@ mod common_redis;
 use std::time::{Duration, Instant};
 
 use common_redis::{
-    connect, connect_hosts, fast_opts as opts, msg, next_event, offset, offsets,
+    connect, connect_hosts, eventually, fast_opts as opts, msg, next_event, offset, offsets,
     on_shard_blocking as on_shard, wait_down, wait_message, wait_reconnected, within, RedisServer,
     TlsFiles,
 };
@@ -199,6 +199,24 @@ fn a_unix_socket_carries_the_shards_links_too() {
                 .await;
             assert_eq!(offset(r.into_iter().next().expect("result")), 4);
             assert_eq!(wait_message(&mut a_events, "u").await.offset, 4);
+        });
+        bridge.shutdown();
+    });
+}
+
+#[test]
+fn the_command_connection_opens_before_the_first_publish() {
+    let server = RedisServer::start();
+    within(Duration::from_secs(30), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let cluster = connect(opts(&server.url()), &bridge);
+        on_shard(move || async move {
+            let (_link, _events) = ShardLink::start(cluster, 0).await;
+            let opened = eventually(Duration::from_secs(3), async || {
+                clients(&server).contains(":shard0:commands")
+            })
+            .await;
+            assert!(opened, "no command connection: {}", clients(&server));
         });
         bridge.shutdown();
     });

@@ -53,7 +53,7 @@
 //! offset counter is the room's sequence for the whole cluster. A counter that is lost while
 //! the stream survives heals itself (the script never goes below the stream's last entry),
 //! and a host never gets an offset at or below the newest it delivered (the home shard passes
-//! it as a floor, [`RedisCluster::publish_above`](redis::RedisCluster::publish_above)).
+//! it as a floor with each message, [`ShardLink::publish_batch`](shard_link::ShardLink::publish_batch)).
 
 use std::fmt;
 use std::time::Duration;

@@ -17,7 +17,8 @@
 //!
 //! # Connections, per shard
 //!
-//! - **Commands** (the publish script): connected on first use, one batch at a time (the
+//! - **Commands** (the publish script): connected at start (again on first use after it
+//!   was lost), one batch at a time (the
 //!   shard's writer sends a batch and waits for it). After a failed connect, calls fail at
 //!   once with that error until the backoff (exponential, with jitter) has passed. Every
 //!   call is bounded by `command_timeout`, connecting included; a call that timed out
@@ -87,6 +88,11 @@ impl ShardLink {
                 None
             }
         };
+        if first.is_some() {
+            // The first publish need not wait for a connection (and a refused one shows at
+            // start, in the log).
+            glommio::spawn_local(conns.clone().warm_commands()).detach();
+        }
         glommio::spawn_local(conns.clone().run_subscriber(first)).detach();
         (ShardLink { conns }, events)
     }
@@ -364,6 +370,15 @@ impl Conns {
             .conn
             .as_mut()
             .ok_or_else(|| ClusterError::Unavailable("no command connection".into()))
+    }
+
+    /// Opens the command connection ahead of the first publish, unless one is open (or
+    /// being opened) already. A failure is the first call's error, as if it had tried.
+    async fn warm_commands(self: Rc<Self>) {
+        let mut commands = self.commands.lock().await;
+        if let Err(e) = self.command_conn(&mut commands).await {
+            tracing::warn!(shard = self.shard, error = %e, "redis command connection of a shard failed at start; publishes retry it after backoff");
+        }
     }
 
     // ---- subscribing ----
