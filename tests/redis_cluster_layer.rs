@@ -1,24 +1,25 @@
-//! The process's link to Redis ([`RedisCluster`], on the bridge) against real
-//! `redis-server`s, one per test on a free port (see `common_redis`): the publish script's
-//! offsets (contiguous under concurrent publishers, lifted by a floor, never reused after a
-//! lost counter) and dedupe, batches, history trimming and appends; what its publishes
-//! deliver to shards (received through [`ShardLink`]s on glommio executors, as the server
-//! does: in offset order, plain and sharded pub/sub); the bridge's own link going down and
-//! back up when Redis restarts or stalls, and calls failing fast and clearly meanwhile;
-//! `connect` and `connect_or_retry`; AUTH and ACL users, TLS with a private CA; presence
-//! across hosts and a dead host's users announced offline once; and `check`. What a
-//! [`ShardLink`] itself does is in `shard_link.rs`. Every test body is bounded in time;
-//! every server dies with its test.
+//! The cluster layer against real `redis-server`s, one per test on a free port (see
+//! `common_redis`), publishing as the server does: through [`ShardLink`]s on glommio
+//! executors. The publish script's offsets (contiguous under concurrent publishers, lifted
+//! by a floor, never reused after a lost counter) and dedupe, batches, history trimming and
+//! appends; what publishes deliver to shards (in offset order, plain and sharded pub/sub);
+//! the process's link to Redis ([`RedisCluster`], on the bridge) going down and back up
+//! when Redis restarts or stalls, and calls failing fast and clearly meanwhile; `connect`
+//! and `connect_or_retry`; AUTH and ACL users, TLS with a private CA; presence across hosts
+//! and a dead host's users announced offline once; and `check`. What a [`ShardLink`]'s own
+//! connections do (reconnecting, timeouts, transports) is in `shard_link.rs`. Every test
+//! body is bounded in time; every server dies with its test.
 
 mod common_redis;
 
 use std::collections::HashSet;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use common_redis::{
     connect, connect_hosts, eventually, fast_opts as opts, free_port, msg, next_event, offsets,
-    on_shard_blocking as on_shard, start_shard, stored, wait_down, wait_event, wait_message,
-    wait_reconnected, within, RedisServer, TlsFiles,
+    on_shard_blocking as on_shard, publish_one, start_shard, stored, wait_down, wait_event,
+    wait_message, wait_reconnected, within, RedisServer, TlsFiles,
 };
 use corelay::bridge::Bridge;
 use corelay::cluster::redis::RedisCluster;
@@ -31,18 +32,17 @@ use futures::channel::mpsc::UnboundedReceiver;
 use futures::executor::block_on;
 
 /// On a shard of its own: subscribes a [`ShardLink`] of `cluster` to `m`'s room, publishes
-/// `m` through `cluster` (the bridge) and returns what was stored, once the link delivered
-/// exactly that. `what` names the case in failures.
+/// `m` through that link and returns what was stored, once the link delivered exactly
+/// that. `what` names the case in failures.
 fn publish_and_receive(cluster: &RedisCluster, m: NewMessage, what: &'static str) -> StoredMessage {
     let cluster = cluster.clone();
     on_shard(move || async move {
-        let (link, mut events) = ShardLink::start(cluster.clone(), 0).await;
+        let (link, mut events) = ShardLink::start(cluster, 0).await;
         link.subscribe(&m.room)
             .await
             .unwrap_or_else(|e| panic!("{what}: subscribe: {e}"));
         let sent = stored(
-            cluster
-                .publish(m)
+            publish_one(&link, m)
                 .await
                 .unwrap_or_else(|e| panic!("{what}: publish: {e}")),
         );
@@ -71,32 +71,33 @@ fn offsets_are_contiguous_under_concurrent_publishers() {
     let server = RedisServer::start();
     within(Duration::from_secs(60), move || {
         let bridge = Bridge::start().expect("bridge");
-        // Two "hosts", each driven from its own glommio shard with several tasks.
+        // Two "hosts" with two glommio shards each, every shard's link shared by several
+        // tasks: four command connections racing in Redis, and tasks taking turns on each.
         let hosts: [_; 2] = connect_hosts(&opts(&server.url()), &bridge);
-        let (tasks, per_task) = (4u64, 50u64);
+        let (shards_per_host, tasks, per_task) = (2usize, 2u64, 50u64);
         let shards: Vec<_> = hosts
             .iter()
             .enumerate()
-            .map(|(h, cluster)| {
-                let cluster = cluster.clone();
+            .flat_map(|(h, cluster)| (0..shards_per_host).map(move |s| (h, s, cluster.clone())))
+            .map(|(h, s, cluster)| {
                 start_shard(move || async move {
+                    let (link, _events) = ShardLink::start(cluster, s).await;
+                    let link = Rc::new(link);
                     let mut handles = Vec::new();
                     for t in 0..tasks {
-                        let cluster = cluster.clone();
+                        let link = link.clone();
                         handles.push(glommio::spawn_local(async move {
                             let mut mine = Vec::new();
                             for i in 0..per_task {
-                                let text = format!("h{h} t{t} #{i}");
+                                let text = format!("h{h} s{s} t{t} #{i}");
                                 let m = stored(
-                                    cluster
-                                        .publish(msg("conc", "alice", &text, None))
+                                    publish_one(&link, msg("conc", "alice", &text, None))
                                         .await
                                         .expect("publish"),
                                 );
                                 // Another room interleaved: its own sequence.
                                 if i % 5 == 0 {
-                                    cluster
-                                        .publish(msg("other", "bob", &text, None))
+                                    publish_one(&link, msg("other", "bob", &text, None))
                                         .await
                                         .expect("publish other");
                                 }
@@ -125,7 +126,7 @@ fn offsets_are_contiguous_under_concurrent_publishers() {
                 }
             }
         }
-        let n = 2 * tasks * per_task;
+        let n = hosts.len() as u64 * shards_per_host as u64 * tasks * per_task;
         offsets.sort_unstable();
         assert_eq!(
             offsets,
@@ -142,7 +143,7 @@ fn offsets_are_contiguous_under_concurrent_publishers() {
         }
         assert_eq!(block_on(store.latest_offset("conc")).expect("latest"), n);
         let other = block_on(store.latest_offset("other")).expect("latest");
-        assert_eq!(other, 2 * tasks * per_task / 5);
+        assert_eq!(other, n / 5);
         bridge.shutdown();
     });
 }
@@ -160,14 +161,12 @@ fn cid_dedupe_returns_the_first_ack_and_stores_nothing() {
             link.subscribe("d").await.expect("subscribe");
 
             let first = stored(
-                cluster
-                    .publish(msg("d", "alice", "first", Some("c1")))
+                publish_one(&link, msg("d", "alice", "first", Some("c1")))
                     .await
                     .expect("publish"),
             );
             assert_eq!(first.offset, 1);
-            let again = cluster
-                .publish(msg("d", "alice", "retry, other text", Some("c1")))
+            let again = publish_one(&link, msg("d", "alice", "retry, other text", Some("c1")))
                 .await
                 .expect("publish again");
             assert_eq!(
@@ -210,8 +209,7 @@ fn cid_dedupe_returns_the_first_ack_and_stores_nothing() {
             // The same cid from another user, or in another room, is another message.
             let publish = async |room: &str, user: &str, cid: Option<&str>| {
                 stored(
-                    cluster
-                        .publish(msg(room, user, "x", cid))
+                    publish_one(&link, msg(room, user, "x", cid))
                         .await
                         .expect("publish"),
                 )
@@ -245,8 +243,7 @@ fn a_batch_is_one_publish_after_another_per_room() {
             link.subscribe("b1").await.expect("subscribe b1");
             link.subscribe("b2").await.expect("subscribe b2");
             let before = stored(
-                cluster
-                    .publish(msg("b1", "u", "zero", Some("c0")))
+                publish_one(&link, msg("b1", "u", "zero", Some("c0")))
                     .await
                     .expect("c0"),
             );
@@ -261,7 +258,7 @@ fn a_batch_is_one_publish_after_another_per_room() {
                 msg("b1", "w", "two", None),
                 msg("b2", "v", "second in b2", Some("x")),
             ];
-            let results = cluster
+            let results = link
                 .publish_batch(batch.iter().map(|m| (m.clone(), 0)).collect())
                 .await;
             assert_eq!(results.len(), batch.len());
@@ -310,7 +307,7 @@ fn a_batch_is_one_publish_after_another_per_room() {
             assert_eq!(texts, vec!["zero", "one", "two"]);
             // A floor (an offset the caller knows was handed out) lifts the room's counter;
             // the room's highest floor in the batch counts.
-            let lifted = cluster
+            let lifted = link
                 .publish_batch(vec![
                     (msg("b2", "v", "after a floor", None), 10),
                     (msg("b2", "v", "next", None), 7),
@@ -322,7 +319,7 @@ fn a_batch_is_one_publish_after_another_per_room() {
                 .collect();
             assert_eq!(offsets, vec![11, 12]);
             // An empty batch is no call at all.
-            assert!(cluster.publish_batch(Vec::new()).await.is_empty());
+            assert!(link.publish_batch(Vec::new()).await.is_empty());
         });
         bridge.shutdown();
     });
@@ -343,16 +340,15 @@ fn subscribers_receive_in_offset_order() {
             b1_link.subscribe("side").await.expect("subscribe");
             a0_link.subscribe("ordered").await.expect("subscribe");
 
-            // Host A publishes through the bridge from three concurrent tasks.
+            // Host A's shard publishes from three concurrent tasks sharing its link.
+            let a0_link = Rc::new(a0_link);
             let tasks: Vec<_> = (0..3)
                 .map(|t| {
-                    let publisher = a.clone();
+                    let publisher = a0_link.clone();
                     glommio::spawn_local(async move {
                         for i in 0..100 {
-                            publisher
-                                .publish(msg("ordered", "alice", &format!("{t}/{i}"), None))
-                                .await
-                                .expect("publish");
+                            let m = msg("ordered", "alice", &format!("{t}/{i}"), None);
+                            publish_one(&publisher, m).await.expect("publish");
                         }
                     })
                 })
@@ -360,7 +356,7 @@ fn subscribers_receive_in_offset_order() {
             for task in tasks {
                 task.await;
             }
-            a.publish(msg("side", "bob", "side message", None))
+            publish_one(&a0_link, msg("side", "bob", "side message", None))
                 .await
                 .expect("publish side");
             let all: Vec<u64> = (1..=300).collect();
@@ -398,11 +394,12 @@ fn sharded_pubsub_publishes_and_delivers_in_order() {
         o.sharded = true;
         let [a, b] = connect_hosts(&o, &bridge);
         on_shard(move || async move {
+            let (a0_link, _a0_events) = ShardLink::start(a, 0).await;
             let (b3_link, mut events) = ShardLink::start(b.clone(), 3).await;
             b3_link.subscribe("sh").await.expect("ssubscribe");
             for i in 1..=50u64 {
                 let m = stored(
-                    a.publish(msg("sh", "u", &i.to_string(), None))
+                    publish_one(&a0_link, msg("sh", "u", &i.to_string(), None))
                         .await
                         .expect("publish"),
                 );
@@ -427,7 +424,7 @@ fn sharded_pubsub_publishes_and_delivers_in_order() {
             wait_down(&mut events).await;
             wait_reconnected(&mut events).await;
             let m = stored(
-                a.publish(msg("sh", "u", "again", None))
+                publish_one(&a0_link, msg("sh", "u", "again", None))
                     .await
                     .expect("publish"),
             );
@@ -455,8 +452,7 @@ fn reconnects_after_redis_restarts_on_the_same_port() {
             link.subscribe("r").await.expect("subscribe");
             for i in 1..=3 {
                 let m = stored(
-                    cluster
-                        .publish(msg("r", "alice", "before", None))
+                    publish_one(&link, msg("r", "alice", "before", None))
                         .await
                         .expect("publish"),
                 );
@@ -471,8 +467,7 @@ fn reconnects_after_redis_restarts_on_the_same_port() {
             bridge_link_goes(&cluster, false).await;
             // Calls fail fast and clearly while Redis is away.
             let started = Instant::now();
-            let err = cluster
-                .publish(msg("r", "alice", "while down", None))
+            let err = publish_one(&link, msg("r", "alice", "while down", None))
                 .await
                 .expect_err("down");
             println!("{err}");
@@ -491,8 +486,7 @@ fn reconnects_after_redis_restarts_on_the_same_port() {
             // Publishing works again; offsets go on (the server kept its AOF), the room was
             // subscribed again.
             let after = eventually(Duration::from_secs(3), async || {
-                cluster
-                    .publish(msg("r", "alice", "after", None))
+                publish_one(&link, msg("r", "alice", "after", None))
                     .await
                     .is_ok()
             })
@@ -517,8 +511,7 @@ fn a_stalled_redis_fails_calls_in_time_and_recovers() {
             link.subscribe("s").await.expect("subscribe");
             for _ in 0..2 {
                 stored(
-                    cluster
-                        .publish(msg("s", "alice", "before", None))
+                    publish_one(&link, msg("s", "alice", "before", None))
                         .await
                         .expect("publish"),
                 );
@@ -526,8 +519,7 @@ fn a_stalled_redis_fails_calls_in_time_and_recovers() {
 
             server.pause();
             let started = Instant::now();
-            let err = cluster
-                .publish(msg("s", "alice", "stalled", Some("k")))
+            let err = publish_one(&link, msg("s", "alice", "stalled", Some("k")))
                 .await
                 .expect_err("stalled");
             let took = started.elapsed();
@@ -552,8 +544,7 @@ fn a_stalled_redis_fails_calls_in_time_and_recovers() {
             // The timed-out publish ran late in Redis, past its deadline: it stored nothing,
             // so a retry with the same cid is a new message at the next offset.
             let retry = eventually(Duration::from_secs(3), async || {
-                cluster
-                    .publish(msg("s", "alice", "retry", Some("k")))
+                publish_one(&link, msg("s", "alice", "retry", Some("k")))
                     .await
                     .is_ok()
             })
@@ -629,8 +620,7 @@ fn connect_or_retry_waits_for_a_redis_that_is_not_up_yet() {
                 .presence_join("r", "alice", None)
                 .await
                 .expect_err("no redis yet");
-            let err = cluster
-                .publish(msg("r", "alice", "early", None))
+            let err = publish_one(&link, msg("r", "alice", "early", None))
                 .await
                 .expect_err("down");
             assert!(matches!(err, ClusterError::Unavailable(_)), "{err:?}");
@@ -647,8 +637,7 @@ fn connect_or_retry_waits_for_a_redis_that_is_not_up_yet() {
             .await;
             assert!(present, "alice's presence was not written on reconnect");
             let m = stored(
-                cluster
-                    .publish(msg("r", "alice", "hi", None))
+                publish_one(&link, msg("r", "alice", "hi", None))
                     .await
                     .expect("publish"),
             );
@@ -699,6 +688,9 @@ fn auth_with_a_password_and_with_an_acl_user() {
             server.cmd(&admin_db0, &["GET", "corelay:{a}:offset"]),
             Ok(redis::Value::Nil)
         );
+        // The bridge's connection selected database 2 as well.
+        let latest = block_on(Store::redis(&cluster).latest_offset("a")).expect("latest");
+        assert_eq!(latest, m.offset);
 
         // Wrong password, and none at all: clear errors.
         for bad in [server.url_with(":wrong", 0), server.url()] {
@@ -751,7 +743,12 @@ fn auth_with_a_password_and_with_an_acl_user() {
         let limited = connect(opts(&server.url_with("nochan:pw", 0)), &bridge);
         // Its subscribing refused (ClusterError::Auth) is proven in shard_link.rs,
         // a_channel_the_acl_forbids_is_refused_and_forgotten.
-        let err = block_on(limited.publish(msg("room", "u", "x", None))).expect_err("no channel");
+        let err = on_shard(move || async move {
+            let (link, _events) = ShardLink::start(limited, 0).await;
+            publish_one(&link, msg("room", "u", "x", None))
+                .await
+                .expect_err("no channel")
+        });
         println!("{err}");
         assert!(
             matches!(err, ClusterError::Auth(_) | ClusterError::Server(_)),
@@ -774,7 +771,7 @@ fn tls_with_a_private_ca() {
         let mut o = opts(&server.url());
         o.tls_ca_file = Some(tls.ca_cert.clone());
         let cluster = connect(o.clone(), &bridge);
-        // The bridge publishes and a shard receives, both over TLS trusting the CA.
+        // A shard publishes and receives over its own connections, TLS trusting the CA.
         publish_and_receive(&cluster, msg("t", "alice", "secret", None), "over TLS");
         // The probe measured a round trip over TLS.
         let probed = cluster.clone();
@@ -805,7 +802,10 @@ fn tls_with_a_private_ca() {
         m_opts.tls_cert_file = Some(tls.client_cert.clone());
         m_opts.tls_key_file = Some(tls.client_key.clone());
         let client = connect(m_opts, &bridge);
-        stored(block_on(client.publish(msg("t", "bob", "mtls", None))).expect("publish with mTLS"));
+        let sent = publish_and_receive(&client, msg("t", "bob", "mtls", None), "with mTLS");
+        // The bridge reads over mTLS too.
+        let latest = block_on(Store::redis(&client).latest_offset("t")).expect("latest over mTLS");
+        assert_eq!(latest, sent.offset);
         drop(tls);
         bridge.shutdown();
     });
@@ -1102,23 +1102,38 @@ fn history_is_trimmed_by_count_and_age() {
         o.history_max_age = Some(Duration::from_millis(500));
         let cluster = connect(o, &bridge);
         let store = Store::redis(&cluster);
-        for i in 0..1000 {
-            block_on(cluster.publish(msg("trim", "u", &i.to_string(), None))).expect("publish");
-        }
-        let kept = block_on(store.read("trim", HistoryQuery::After(0), 10_000)).expect("read");
-        // MAXLEN ~ keeps at least 100 and trims whole nodes: well under 1000.
-        assert!(kept.len() >= 100 && kept.len() < 300, "{}", kept.len());
-        assert_eq!(kept.last().map(|m| m.offset), Some(1000));
-        assert_eq!(block_on(store.latest_offset("trim")).expect("latest"), 1000);
-        // Past the age limit, the next publish drops the old ones.
-        std::thread::sleep(Duration::from_millis(700));
-        let m =
-            stored(block_on(cluster.publish(msg("trim", "u", "fresh", None))).expect("publish"));
-        assert_eq!(m.offset, 1001);
-        let kept = block_on(store.read("trim", HistoryQuery::After(0), 10_000)).expect("read");
-        assert_eq!(kept.iter().map(|m| m.offset).collect::<Vec<_>>(), [1001]);
-        let ids: HashSet<_> = kept.iter().map(|m| m.id.clone()).collect();
-        assert!(ids.contains(&m.id));
+        on_shard(move || async move {
+            let (link, _events) = ShardLink::start(cluster, 0).await;
+            for i in 0..1000 {
+                publish_one(&link, msg("trim", "u", &i.to_string(), None))
+                    .await
+                    .expect("publish");
+            }
+            let read_all = async || {
+                store
+                    .read("trim", HistoryQuery::After(0), 10_000)
+                    .await
+                    .expect("read")
+            };
+            let kept = read_all().await;
+            // MAXLEN ~ keeps at least 100 and trims whole nodes: well under 1000.
+            assert!(kept.len() >= 100 && kept.len() < 300, "{}", kept.len());
+            assert_eq!(kept.last().map(|m| m.offset), Some(1000));
+            assert_eq!(store.latest_offset("trim").await.expect("latest"), 1000);
+            // Past the age limit (nothing to wait for but time), the next publish drops the
+            // old ones.
+            glommio::timer::sleep(Duration::from_millis(700)).await;
+            let m = stored(
+                publish_one(&link, msg("trim", "u", "fresh", None))
+                    .await
+                    .expect("publish"),
+            );
+            assert_eq!(m.offset, 1001);
+            let kept = read_all().await;
+            assert_eq!(kept.iter().map(|m| m.offset).collect::<Vec<_>>(), [1001]);
+            let ids: HashSet<_> = kept.iter().map(|m| m.id.clone()).collect();
+            assert!(ids.contains(&m.id));
+        });
         bridge.shutdown();
     });
 }
@@ -1130,35 +1145,46 @@ fn append_is_idempotent_for_script_published_messages() {
         let bridge = Bridge::start().expect("bridge");
         let cluster = connect(opts(&server.url()), &bridge);
         let store = Store::redis(&cluster);
-        let m1 = stored(
-            block_on(cluster.publish(msg("i", "alice", "one", Some("c")))).expect("publish"),
-        );
-        let m2 = stored(block_on(cluster.publish(msg("i", "bob", "two", None))).expect("publish"));
-        // Re-appending what the script wrote is a no-op; a different message at a taken
-        // offset is a conflict; the next offsets append normally.
-        block_on(store.append(vec![m1.clone(), m2.clone()])).expect("idempotent");
-        let mut other = m2.clone();
-        other.text = "not the same".into();
-        assert!(matches!(
-            block_on(store.append(vec![other])),
-            Err(StoreError::OffsetConflict {
-                offset: 2,
-                latest: 2,
-                ..
-            })
-        ));
-        let mut m3 = m2.clone();
-        m3.offset = 3;
-        m3.id = "appended".into();
-        block_on(store.append(vec![m2.clone(), m3.clone()])).expect("append after");
-        assert_eq!(
-            block_on(store.read("i", HistoryQuery::Latest, 10)).expect("read"),
-            vec![m1, m2, m3]
-        );
-        // The script goes on after the appended offset.
-        let m4 =
-            stored(block_on(cluster.publish(msg("i", "alice", "four", None))).expect("publish"));
-        assert_eq!(m4.offset, 4);
+        on_shard(move || async move {
+            let (link, _events) = ShardLink::start(cluster, 0).await;
+            let publish =
+                async |m: NewMessage| stored(publish_one(&link, m).await.expect("publish"));
+            let m1 = publish(msg("i", "alice", "one", Some("c"))).await;
+            let m2 = publish(msg("i", "bob", "two", None)).await;
+            // Re-appending what the script wrote is a no-op; a different message at a taken
+            // offset is a conflict; the next offsets append normally.
+            store
+                .append(vec![m1.clone(), m2.clone()])
+                .await
+                .expect("idempotent");
+            let mut other = m2.clone();
+            other.text = "not the same".into();
+            assert!(matches!(
+                store.append(vec![other]).await,
+                Err(StoreError::OffsetConflict {
+                    offset: 2,
+                    latest: 2,
+                    ..
+                })
+            ));
+            let mut m3 = m2.clone();
+            m3.offset = 3;
+            m3.id = "appended".into();
+            store
+                .append(vec![m2.clone(), m3.clone()])
+                .await
+                .expect("append after");
+            assert_eq!(
+                store
+                    .read("i", HistoryQuery::Latest, 10)
+                    .await
+                    .expect("read"),
+                vec![m1, m2, m3]
+            );
+            // The script goes on after the appended offset.
+            let m4 = publish(msg("i", "alice", "four", None)).await;
+            assert_eq!(m4.offset, 4);
+        });
         bridge.shutdown();
     });
 }
@@ -1169,33 +1195,36 @@ fn a_lost_or_reset_counter_never_reuses_an_offset() {
     within(Duration::from_secs(30), move || {
         let bridge = Bridge::start().expect("bridge");
         let cluster = connect(opts(&server.url()), &bridge);
-        let publish = |text: &str| {
-            stored(block_on(cluster.publish(msg("c", "alice", text, None))).expect("publish"))
-                .offset
-        };
-        assert_eq!((publish("1"), publish("2"), publish("3")), (1, 2, 3));
-        // The counter is lost while the stream survives: the next offset follows the stream.
-        server
-            .cmd(&server.url(), &["DEL", "corelay:{c}:offset"])
-            .expect("DEL");
-        assert_eq!(publish("4"), 4);
-        // Set back below the stream: the same.
-        server
-            .cmd(&server.url(), &["SET", "corelay:{c}:offset", "1"])
-            .expect("SET");
-        assert_eq!(publish("5"), 5);
-        // Even when trimming emptied the stream, its last id still counts.
-        server
-            .cmd(
-                &server.url(),
-                &["XTRIM", "corelay:{c}:stream", "MAXLEN", "0"],
-            )
-            .expect("XTRIM");
-        server
-            .cmd(&server.url(), &["DEL", "corelay:{c}:offset"])
-            .expect("DEL");
-        assert_eq!(publish("6"), 6);
-        assert_eq!(publish("7"), 7, "and the counter follows");
+        on_shard(move || async move {
+            let (link, _events) = ShardLink::start(cluster, 0).await;
+            let publish = async |text: &str| {
+                let m = msg("c", "alice", text, None);
+                stored(publish_one(&link, m).await.expect("publish")).offset
+            };
+            let first = (publish("1").await, publish("2").await, publish("3").await);
+            assert_eq!(first, (1, 2, 3));
+            // The counter is lost while the stream survives: the next offset follows the
+            // stream.
+            let url = server.url();
+            server
+                .cmd(&url, &["DEL", "corelay:{c}:offset"])
+                .expect("DEL");
+            assert_eq!(publish("4").await, 4);
+            // Set back below the stream: the same.
+            server
+                .cmd(&url, &["SET", "corelay:{c}:offset", "1"])
+                .expect("SET");
+            assert_eq!(publish("5").await, 5);
+            // Even when trimming emptied the stream, its last id still counts.
+            server
+                .cmd(&url, &["XTRIM", "corelay:{c}:stream", "MAXLEN", "0"])
+                .expect("XTRIM");
+            server
+                .cmd(&url, &["DEL", "corelay:{c}:offset"])
+                .expect("DEL");
+            assert_eq!(publish("6").await, 6);
+            assert_eq!(publish("7").await, 7, "and the counter follows");
+        });
         bridge.shutdown();
     });
 }

@@ -21,7 +21,7 @@
 
 mod common;
 mod common_redis;
-use common_redis::on_shard_blocking as on_shard;
+use common_redis::{on_shard_blocking as on_shard, publish_one};
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use corelay::bridge::Bridge;
+use corelay::cluster::shard_link::ShardLink;
 use corelay::config::{HumanDuration, ScyllaConfig, ScyllaConsistency};
 use corelay::store::scylla::{statement_texts, ScyllaStore};
 use corelay::store::{HistoryQuery, HistoryStore, StoreError, StoredMessage};
@@ -1392,8 +1393,8 @@ fn a_failing_cluster_append_is_unavailable_and_never_committed() {
     });
 }
 
-/// Publishes `n` messages to `room` through the cluster's script and persists them as the
-/// home shard does; returns them.
+/// Publishes `n` messages to `room` through a shard link of the cluster (its script) and
+/// persists them as the home shard does; returns them.
 async fn publish_n(
     cluster: &corelay::cluster::redis::RedisCluster,
     store: &corelay::store::Store,
@@ -1401,20 +1402,18 @@ async fn publish_n(
     n: u64,
 ) -> Vec<StoredMessage> {
     use corelay::cluster::{NewMessage, Published};
+    let (link, _events) = ShardLink::start(cluster.clone(), 0).await;
     let mut out = Vec::new();
     for i in 0..n {
-        let published = cluster
-            .publish(NewMessage {
-                room: room.to_owned(),
-                user: "alice".into(),
-                text: format!("hello {i}"),
-                cid: None,
-                ts: 5_000 + i,
-                id: format!("id-{room}-{i}"),
-            })
-            .await
-            .expect("publish");
-        match published {
+        let m = NewMessage {
+            room: room.to_owned(),
+            user: "alice".into(),
+            text: format!("hello {i}"),
+            cid: None,
+            ts: 5_000 + i,
+            id: format!("id-{room}-{i}"),
+        };
+        match publish_one(&link, m).await.expect("publish") {
             Published::Stored(m) => out.push(m),
             other => panic!("expected Stored, got {other:?}"),
         }
@@ -1528,17 +1527,16 @@ fn composed_store_reads_recent_from_the_stream_and_older_from_scylla() {
     let send = |text: &'static str| {
         let (c, s) = (cluster.clone(), store.clone());
         on_shard(move || async move {
-            let published = c
-                .publish(NewMessage {
-                    room: "r".into(),
-                    user: "bob".into(),
-                    text: text.into(),
-                    cid: Some("k1".into()),
-                    ts: 9_000,
-                    id: format!("id-{text}"),
-                })
-                .await
-                .expect("publish");
+            let (link, _events) = ShardLink::start(c, 0).await;
+            let m = NewMessage {
+                room: "r".into(),
+                user: "bob".into(),
+                text: text.into(),
+                cid: Some("k1".into()),
+                ts: 9_000,
+                id: format!("id-{text}"),
+            };
+            let published = publish_one(&link, m).await.expect("publish");
             let durable = match &published {
                 Published::Stored(m) => s.persist_published(vec![m.clone()]).await,
                 Published::Duplicate(ack) => {

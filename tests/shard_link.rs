@@ -6,9 +6,9 @@
 //! rooms wanted while down subscribed again, rooms given up not); a stalled Redis (calls
 //! bounded by the timeout, then recovery); a channel the ACL forbids (refused, with AUTH
 //! and SELECT on the shard's connections); TLS with a client certificate; and a Unix
-//! socket. What the
-//! bridge itself does (its `publish`, presence, `check`) is in `redis_cluster_layer.rs`;
-//! the helpers both share are in `common_redis`.
+//! socket. The publish script's offsets and dedupe in depth (published through shard links
+//! there too), and what the bridge itself does (presence, history reads, its own link,
+//! `check`), are in `redis_cluster_layer.rs`; the helpers both share are in `common_redis`.
 
 mod common_redis;
 

@@ -523,6 +523,7 @@ fn fresh_keyspace(node: &str) -> (ScyllaConfig, DropKeyspace) {
 /// it, and a Redis counter behind ScyllaDB raised. Skipped (and says so) without a node.
 #[test]
 fn scylla_cluster_mode_passes() {
+    use corelay::cluster::shard_link::ShardLink;
     use corelay::cluster::{NewMessage, Published};
     let Ok(node) = std::env::var("CORELAY_TEST_SCYLLA") else {
         println!(
@@ -599,20 +600,18 @@ fn scylla_cluster_mode_passes() {
     on_shard(move || async move {
         // Room c: ScyllaDB has 1..=80, Redis nothing: the counter is raised first.
         assert_eq!(s.latest_offset("c").await.expect("latest"), 80);
+        let (link, _events) = ShardLink::start(c, 0).await;
         let mut published = Vec::new();
         for i in 0..20u64 {
-            match c
-                .publish(NewMessage {
-                    room: "c".into(),
-                    user: "bob".into(),
-                    text: format!("live {i}"),
-                    cid: None,
-                    ts: 2_000 + i,
-                    id: format!("live-{i}"),
-                })
-                .await
-                .expect("publish")
-            {
+            let m = NewMessage {
+                room: "c".into(),
+                user: "bob".into(),
+                text: format!("live {i}"),
+                cid: None,
+                ts: 2_000 + i,
+                id: format!("live-{i}"),
+            };
+            match common_redis::publish_one(&link, m).await.expect("publish") {
                 Published::Stored(m) => published.push(m),
                 other => panic!("expected Stored, got {other:?}"),
             }

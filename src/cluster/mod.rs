@@ -9,8 +9,7 @@
 //!
 //! - [`ShardLink::publish_batch`](shard_link::ShardLink::publish_batch) runs the publish
 //!   script: dedupe by `cid`, next offset, append to the room's stream, PUBLISH; Redis's
-//!   order is the offset order on every host. ([`RedisCluster::publish`](redis::RedisCluster::publish)
-//!   runs the same script from any thread, through the bridge.)
+//!   order is the offset order on every host.
 //! - [`ShardLink::subscribe`](shard_link::ShardLink::subscribe) /
 //!   [`unsubscribe`](shard_link::ShardLink::unsubscribe) a room's channel; each shard reads
 //!   its own [`ClusterEvent`] stream, returned by
@@ -114,7 +113,7 @@ pub struct Ack {
     pub ts: u64,
 }
 
-/// The outcome of [`RedisCluster::publish`](redis::RedisCluster::publish).
+/// What publishing one message gave ([`ShardLink::publish_batch`](shard_link::ShardLink::publish_batch)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Published {
     /// The message got the next offset, was added to the room's stream and published.

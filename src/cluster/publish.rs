@@ -1,8 +1,7 @@
 //! The publish script's call: one room's messages become one `EVALSHA` ([`PublishCall`]),
 //! and its reply one result per message. A batch over several rooms is grouped by room
 //! ([`group_by_room`]), one call each, and the results are put back in the batch's order
-//! ([`scatter`]). Built the same way whichever connection sends it: a shard's own
-//! ([`super::shard_link`]) or the bridge's ([`super::redis::RedisCluster::publish`]).
+//! ([`scatter`]). A shard's own command connection sends it ([`super::shard_link`]).
 
 use std::time::Duration;
 

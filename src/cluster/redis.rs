@@ -48,11 +48,11 @@ use redis::{
 };
 use rustls::pki_types::ServerName;
 
-use super::publish::{group_by_room, scatter, PublishCall};
+use super::publish::PublishCall;
 use super::resp::Tls;
 use super::scripts::Scripts;
 use super::wire::{bytes, presence_payload, strings, typing_payload, utf8};
-use super::{keys, redact_url, ClusterError, NewMessage, PresenceEntry, Published, RedisOptions};
+use super::{keys, redact_url, ClusterError, NewMessage, PresenceEntry, RedisOptions};
 use crate::bridge::Bridge;
 
 /// No round trip measured yet (or the link is down).
@@ -342,56 +342,6 @@ impl RedisCluster {
         match self.inner.shared.rtt_us.load(Ordering::Acquire) {
             NO_RTT => None,
             us => Some(us as f64 / 1000.0),
-        }
-    }
-
-    /// Publishes a message with the publish script: when it carries a `cid` that this user
-    /// sent to this room within the dedupe window, returns the first ack
-    /// ([`Published::Duplicate`]) and does nothing else; otherwise assigns the room's next
-    /// offset, appends the message to the room's stream (trimmed by count and age), records
-    /// the cid, and publishes the message on the room's channel — all in one atomic script,
-    /// so the channel's order is the offset order.
-    ///
-    /// On error nothing was stored, except after a [`ClusterError::Timeout`] whose reply
-    /// was lost (see there): a retry with the same `cid` is safe.
-    pub async fn publish(&self, msg: NewMessage) -> Result<Published, ClusterError> {
-        self.publish_above(msg, 0).await
-    }
-
-    /// [`RedisCluster::publish`], with an offset of the room that the caller knows was
-    /// handed out already (a home shard's newest delivered one): the new offset is always
-    /// above it, even when Redis lost the room's counter and stream (restarted without
-    /// persistence). So offsets never go back for the members, and a durable store never
-    /// gets an offset it holds already.
-    pub async fn publish_above(
-        &self,
-        msg: NewMessage,
-        floor: u64,
-    ) -> Result<Published, ClusterError> {
-        self.publish_batch(vec![(msg, floor)])
-            .await
-            .pop()
-            .unwrap_or_else(|| Err(ClusterError::Protocol("publish: no reply".into())))
-    }
-
-    /// Publishes several messages in one round trip to Redis: one script call per room,
-    /// all in flight at once. Each room's messages get consecutive offsets in the order
-    /// given (a batch is the same as publishing them one after another), above the highest
-    /// floor given with the room's messages (see [`RedisCluster::publish_above`]); the
-    /// results come back in the order given. A home shard sends whatever queued while its
-    /// previous batch was out.
-    pub async fn publish_batch(
-        &self,
-        msgs: Vec<(NewMessage, u64)>,
-    ) -> Vec<Result<Published, ClusterError>> {
-        let n = msgs.len();
-        let shared = self.inner.shared.clone();
-        match self
-            .on_bridge(async move { Ok(shared.publish_batch(msgs).await) })
-            .await
-        {
-            Ok(results) => results,
-            Err(e) => (0..n).map(|_| Err(e.clone())).collect(),
         }
     }
 
@@ -810,51 +760,6 @@ impl Shared {
     /// A [`ClusterError`] that says what went wrong with `what` and, where it can, what to do.
     fn classify(&self, e: &RedisError, what: &str) -> ClusterError {
         classify(e, &self.target, what, self.opts.command_timeout)
-    }
-
-    /// Publishes messages of any rooms: one script call per room, the rooms' calls in
-    /// flight together on the multiplexed connection (one round trip in all). Each room's
-    /// messages get consecutive offsets in the order given. One result per message, in
-    /// the order given.
-    async fn publish_batch(
-        &self,
-        msgs: Vec<(NewMessage, u64)>,
-    ) -> Vec<Result<Published, ClusterError>> {
-        let groups = group_by_room(&msgs);
-        let msgs = &msgs;
-        let calls = groups.iter().map(|(idx, floor)| async move {
-            let group: Vec<&NewMessage> = idx.iter().map(|&i| &msgs[i].0).collect();
-            self.publish_room(&group, *floor).await
-        });
-        let outcomes = futures::future::join_all(calls).await;
-        scatter(msgs.len(), &groups, outcomes)
-    }
-
-    /// One publish script call for messages of one room (see `PUBLISH_BODY`), their offsets
-    /// above `floor`: a result per message, or one error for all of them (nothing stored,
-    /// or unknown after a timeout: the sender retries with its cid).
-    async fn publish_room(
-        &self,
-        msgs: &[&NewMessage],
-        floor: u64,
-    ) -> Result<Vec<Result<Published, ClusterError>>, ClusterError> {
-        let call = self.publish_call(msgs, floor);
-        if call.is_empty() {
-            return call.settle(Value::Nil, &self.target, self.opts.command_timeout);
-        }
-        let (cmd, script) = (&call.cmd, &self.scripts.publish);
-        let reply = self
-            .with_conn("the publish script", |mut c| async move {
-                match cmd.query_async::<Value>(&mut c).await {
-                    Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                        script.prepare_invoke().load_async(&mut c).await?;
-                        cmd.query_async::<Value>(&mut c).await
-                    }
-                    other => other,
-                }
-            })
-            .await?;
-        call.settle(reply, &self.target, self.opts.command_timeout)
     }
 
     /// `fut` (a pub/sub command) within `command_timeout`, its error classified.

@@ -115,8 +115,26 @@ impl ShardLink {
         self.conns.unsubscribe(room).await
     }
 
-    /// Publishes a batch, as [`RedisCluster::publish_batch`]: one script call per room, all
-    /// in one round trip; a result per message, in the order given.
+    /// Publishes a batch with the publish script, one call per room, all in one write and
+    /// one round trip; a result per message, in the order given. A home shard sends
+    /// whatever queued while its previous batch was out.
+    ///
+    /// Per message, in one atomic script: when it carries a `cid` that this user sent to
+    /// this room within the dedupe window, the first ack ([`Published::Duplicate`]) and
+    /// nothing else; otherwise the room's next offset, the message appended to the room's
+    /// stream (trimmed by count and age), the cid recorded, and the message published on
+    /// the room's channel, so the channel's order is the offset order. A room's messages
+    /// get consecutive offsets in the order given (a batch is the same as publishing them
+    /// one after another).
+    ///
+    /// Each message comes with a floor: an offset of its room the caller knows was handed
+    /// out already (a home shard's newest delivered one). The room's new offsets are above
+    /// the highest floor given with its messages, even when Redis lost the room's counter
+    /// and stream (restarted without persistence): offsets never go back for the members,
+    /// and a durable store never gets an offset it holds already.
+    ///
+    /// On error nothing was stored, except after a [`ClusterError::Timeout`] whose reply
+    /// was lost (see there): a retry with the same `cid` is safe.
     pub async fn publish_batch(
         &self,
         msgs: Vec<(NewMessage, u64)>,

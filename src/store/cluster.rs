@@ -3,7 +3,7 @@
 //!
 //! # Writing
 //!
-//! The [publish script](crate::cluster::redis::RedisCluster::publish) still does what it does
+//! The [publish script](crate::cluster::shard_link::ShardLink::publish_batch) still does what it does
 //! for the `redis` store: dedupe by `cid`, assign the offset, XADD to the room's stream
 //! (trimmed by `history.max_len` / `max_age`), PUBLISH. The home shard then hands the
 //! messages it published to [`ClusterStore::persist`], which writes them to ScyllaDB at

@@ -3,7 +3,7 @@
 //!
 //! # Who writes
 //!
-//! In a cluster the [publish script](crate::cluster::redis::RedisCluster::publish) writes the
+//! In a cluster the [publish script](crate::cluster::shard_link::ShardLink::publish_batch) writes the
 //! stream: it assigns the offset and appends the message in the same atomic step, so the
 //! message is durable (as far as Redis persistence goes) when the sender is acked. **The
 //! home shard does not call [`HistoryStore::append`] for messages it published through the

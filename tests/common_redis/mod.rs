@@ -8,9 +8,10 @@
 //!
 //! Also what the cluster tests share: clients ([`connect`], [`connect_hosts`], with
 //! [`fast_opts`]), shards on glommio executors ([`on_shard_blocking`], [`start_shard`]),
-//! messages to publish ([`msg`]) and what publishing gave ([`stored`], [`offset`]), and,
-//! on a shard, waiting for events ([`next_event`], [`wait_event`], [`wait_down`],
-//! [`wait_reconnected`], [`wait_message`], [`offsets`]) or a condition ([`eventually`]).
+//! messages to publish ([`msg`]), publishing one through a shard's link ([`publish_one`])
+//! and what publishing gave ([`stored`], [`offset`]), and, on a shard, waiting for events
+//! ([`next_event`], [`wait_event`], [`wait_down`], [`wait_reconnected`], [`wait_message`],
+//! [`offsets`]) or a condition ([`eventually`]).
 //! Not every test crate uses every helper, hence `allow(dead_code)`.
 #![allow(dead_code)]
 
@@ -22,6 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use corelay::cluster::shard_link::ShardLink;
 use corelay::cluster::{ClusterError, ClusterEvent, NewMessage, Published};
 use corelay::store::StoredMessage;
 use futures::channel::mpsc::UnboundedReceiver;
@@ -532,6 +534,15 @@ pub fn msg(room: &str, user: &str, text: &str, cid: Option<&str>) -> NewMessage 
         ts: corelay::ids::now_ms(),
         id: format!("id{:06}", NEXT_ID.fetch_add(1, Ordering::Relaxed)),
     }
+}
+
+/// Publishes `m` alone, with no floor, through `link` (as a shard does: one batch of one
+/// message); its result (on the link's glommio executor).
+pub async fn publish_one(link: &ShardLink, m: NewMessage) -> Result<Published, ClusterError> {
+    link.publish_batch(vec![(m, 0)])
+        .await
+        .pop()
+        .expect("a result for the one message")
 }
 
 /// The message a publish stored; panics on a duplicate.
