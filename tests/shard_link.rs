@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use common_redis::{
     connect, connect_hosts, eventually, fast_opts as opts, msg, next_event, offset, offsets,
-    on_shard_blocking as on_shard, wait_down, wait_message, wait_reconnected, within, RedisServer,
-    TlsFiles,
+    on_shard_blocking as on_shard, publish_one, wait_down, wait_message, wait_reconnected, within,
+    RedisServer, TlsFiles,
 };
 use corelay::bridge::Bridge;
 use corelay::cluster::redis::RedisCluster;
@@ -49,10 +49,8 @@ async fn exchange(
     a0.subscribe(room).await.expect("subscribe on A");
     b0.subscribe(room).await.expect("subscribe on B");
     for (next, link) in (1..).zip([&a0, &b0, &a0]) {
-        let r = link
-            .publish_batch(vec![(msg(room, "alice", &format!("m{next}"), None), 0)])
-            .await;
-        assert_eq!(offset(r.into_iter().next().expect("result")), next);
+        let r = publish_one(link, msg(room, "alice", &format!("m{next}"), None)).await;
+        assert_eq!(offset(r), next);
     }
     assert_eq!(offsets(&mut a_events, room, 3).await, [1, 2, 3], "host A");
     assert_eq!(offsets(&mut b_events, room, 3).await, [1, 2, 3], "host B");
@@ -135,13 +133,8 @@ fn two_hosts(sharded: bool) {
             watcher
                 .cmd(&url, &["SCRIPT", "FLUSH"])
                 .expect("SCRIPT FLUSH");
-            let after = a0
-                .publish_batch(vec![(msg("r", "alice", "after flush", None), 0)])
-                .await;
-            assert_eq!(
-                offset(after.into_iter().next().expect("one result")),
-                next + 1
-            );
+            let after = publish_one(&a0, msg("r", "alice", "after flush", None)).await;
+            assert_eq!(offset(after), next + 1);
 
             // Unsubscribed: B's shard hears nothing more of the room; A still does.
             b0.unsubscribe("r").await.expect("unsubscribe");
@@ -194,10 +187,8 @@ fn a_unix_socket_carries_the_shards_links_too() {
             wait_down(&mut a_events).await;
             server.restart();
             wait_reconnected(&mut a_events).await;
-            let r = b0
-                .publish_batch(vec![(msg("u", "alice", "after", None), 0)])
-                .await;
-            assert_eq!(offset(r.into_iter().next().expect("result")), 4);
+            let r = publish_one(&b0, msg("u", "alice", "after", None)).await;
+            assert_eq!(offset(r), 4);
             assert_eq!(wait_message(&mut a_events, "u").await.offset, 4);
         });
         bridge.shutdown();
@@ -233,10 +224,8 @@ fn a_restarted_redis_gives_down_then_reconnected_with_every_room() {
             let (link, mut events) = ShardLink::start(cluster, 0).await;
             link.subscribe("r").await.expect("subscribe");
             for i in 1..=3 {
-                let r = link
-                    .publish_batch(vec![(msg("r", "alice", &format!("before{i}"), None), 0)])
-                    .await;
-                assert_eq!(offset(r.into_iter().next().expect("result")), i);
+                let r = publish_one(&link, msg("r", "alice", &format!("before{i}"), None)).await;
+                assert_eq!(offset(r), i);
             }
             assert_eq!(offsets(&mut events, "r", 3).await, [1, 2, 3]);
 
@@ -245,10 +234,8 @@ fn a_restarted_redis_gives_down_then_reconnected_with_every_room() {
             // Calls fail fast and clearly while Redis is away.
             for _ in 0..2 {
                 let started = Instant::now();
-                let r = link
-                    .publish_batch(vec![(msg("r", "alice", "while down", None), 0)])
-                    .await;
-                let err = r.into_iter().next().expect("result").expect_err("down");
+                let r = publish_one(&link, msg("r", "alice", "while down", None)).await;
+                let err = r.expect_err("down");
                 assert!(matches!(err, ClusterError::Unavailable(_)), "{err:?}");
                 assert!(started.elapsed() < Duration::from_millis(1500));
             }
@@ -264,14 +251,8 @@ fn a_restarted_redis_gives_down_then_reconnected_with_every_room() {
             server.restart();
             wait_reconnected(&mut events).await;
             // The command connection comes back with the link.
-            let r = link
-                .publish_batch(vec![(msg("r", "alice", "after", None), 0)])
-                .await;
-            assert_eq!(
-                offset(r.into_iter().next().expect("result")),
-                4,
-                "offsets go on"
-            );
+            let r = publish_one(&link, msg("r", "alice", "after", None)).await;
+            assert_eq!(offset(r), 4, "offsets go on");
             assert_eq!(offsets(&mut events, "r", 1).await, [4]);
             let r = link
                 .publish_batch(vec![
@@ -310,10 +291,8 @@ fn a_stalled_redis_bounds_every_call_and_the_link_recovers() {
 
             server.pause();
             let started = Instant::now();
-            let r = link
-                .publish_batch(vec![(msg("s", "alice", "stalled", Some("k")), 0)])
-                .await;
-            let err = r.into_iter().next().expect("result").expect_err("stalled");
+            let r = publish_one(&link, msg("s", "alice", "stalled", Some("k"))).await;
+            let err = r.expect_err("stalled");
             let took = started.elapsed();
             assert!(matches!(err, ClusterError::Timeout(_)), "{err:?}");
             assert!(took < Duration::from_secs(3), "bounded: {took:?}");
@@ -331,10 +310,8 @@ fn a_stalled_redis_bounds_every_call_and_the_link_recovers() {
             // retry with the same cid is a new message at the next offset.
             let deadline = Instant::now() + Duration::from_secs(3);
             let retried = loop {
-                let r = link
-                    .publish_batch(vec![(msg("s", "alice", "retry", Some("k")), 0)])
-                    .await;
-                match r.into_iter().next().expect("result") {
+                let r = publish_one(&link, msg("s", "alice", "retry", Some("k"))).await;
+                match r {
                     Ok(p) => break p,
                     Err(e) if Instant::now() > deadline => panic!("retry: {e}"),
                     Err(_) => glommio::timer::sleep(Duration::from_millis(100)).await,
@@ -421,19 +398,15 @@ fn tls_with_a_client_certificate_on_the_shards_own_connections() {
             // TLS close waits on nothing).
             stalled.pause();
             let started = Instant::now();
-            let r = a0
-                .publish_batch(vec![(msg("t", "alice", "stalled", None), 0)])
-                .await;
-            let err = r.into_iter().next().expect("result").expect_err("stalled");
+            let r = publish_one(&a0, msg("t", "alice", "stalled", None)).await;
+            let err = r.expect_err("stalled");
             assert!(matches!(err, ClusterError::Timeout(_)), "{err:?}");
             assert!(started.elapsed() < Duration::from_secs(3));
             wait_down(&mut a_events).await;
             stalled.resume();
             wait_reconnected(&mut a_events).await;
-            let r = a0
-                .publish_batch(vec![(msg("t", "alice", "after", None), 0)])
-                .await;
-            assert_eq!(offset(r.into_iter().next().expect("result")), 4);
+            let r = publish_one(&a0, msg("t", "alice", "after", None)).await;
+            assert_eq!(offset(r), 4);
         });
         bridge.shutdown();
         drop(server);
