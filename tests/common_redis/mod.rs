@@ -497,14 +497,20 @@ pub fn connect_hosts<const N: usize>(
 }
 
 /// Runs the future `body` makes on a fresh glommio executor, like a shard, and returns
-/// its output.
+/// its output. A panic on the shard goes on in the caller, with its own message.
 pub fn on_shard_blocking<G, F, T>(body: G) -> T
 where
     G: FnOnce() -> F + Send + 'static,
     F: std::future::Future<Output = T> + 'static,
     T: Send + 'static,
 {
-    start_shard(body).join().expect("the shard's thread")
+    match start_shard(body).join() {
+        Ok(out) => out,
+        Err(glommio::GlommioError::BuilderError(glommio::BuilderErrorKind::ThreadPanic(p))) => {
+            std::panic::resume_unwind(p)
+        }
+        Err(e) => panic!("the shard's thread: {e}"),
+    }
 }
 
 /// Starts the future `body` makes on a fresh glommio executor, like a shard, without
