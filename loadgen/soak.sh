@@ -8,7 +8,7 @@
 # HOSTS=1 (the default): one process on the embedded store with fsync, the default setup.
 # HOSTS=N > 1: a cluster on this machine, a redis-server on a free port and N processes
 # (`--redis … --store redis`), the load spread over them; each host's figures are
-# printed on their own.
+# printed on their own. REDIS_UNIX=1: the hosts reach Redis over its Unix socket.
 #
 # Knobs (environment): DURATION=1800s (seconds, with the s) RATE=2500 (msg/s; rooms of 10 => 9 deliveries each)
 # CONNS=1000 CHURN_RATE=50 CHURN_HOLD=1s WARMUP_S=900 (seconds of the run left out of the
@@ -46,12 +46,18 @@ redis_pid=
 if [ "$HOSTS" -gt 1 ]; then
   command -v redis-server >/dev/null || { echo "HOSTS=$HOSTS needs redis-server" >&2; exit 1; }
   redis_port=$(free_port)
-  redis-server --bind 127.0.0.1 --port "$redis_port" --save '' --appendonly no \
+  redis_url="redis://127.0.0.1:$redis_port"
+  unix_args=()
+  if [ -n "${REDIS_UNIX:-}" ]; then
+    unix_args=(--unixsocket "$out/redis.sock" --unixsocketperm 700)
+    redis_url="unix://$out/redis.sock"
+  fi
+  redis-server --bind 127.0.0.1 --port "$redis_port" "${unix_args[@]}" --save '' --appendonly no \
     --dir "$out" >"$out/redis.log" 2>&1 &
   redis_pid=$!
   pids+=("$redis_pid")
   for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-  store_args=(--redis "redis://127.0.0.1:$redis_port" --store redis)
+  store_args=(--redis "$redis_url" --store redis)
 fi
 rm -rf "$out/data"
 targets=()
