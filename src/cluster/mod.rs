@@ -304,6 +304,26 @@ impl RedisOptions {
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
     }
+
+    /// PUBLISH, or SPUBLISH with sharded pub/sub.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        if self.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+
+    /// SUBSCRIBE or SSUBSCRIBE (`subscribe`), else UNSUBSCRIBE or SUNSUBSCRIBE, as
+    /// `sharded` says.
+    pub(crate) fn subscribe_command(&self, subscribe: bool) -> &'static str {
+        match (self.sharded, subscribe) {
+            (false, true) => "SUBSCRIBE",
+            (false, false) => "UNSUBSCRIBE",
+            (true, true) => "SSUBSCRIBE",
+            (true, false) => "SUNSUBSCRIBE",
+        }
+    }
 }
 
 impl fmt::Debug for RedisOptions {

@@ -109,7 +109,7 @@ impl<'a> PublishCall<'a> {
             .arg(opts.dedupe_window.as_millis() as u64)
             .arg(opts.history_max_len)
             .arg(opts.history_max_age.map_or(0, |d| d.as_millis() as u64))
-            .arg(if opts.sharded { "SPUBLISH" } else { "PUBLISH" })
+            .arg(opts.publish_command())
             .arg(deadline)
             .arg(floor)
             .arg(parts.len());

@@ -411,7 +411,7 @@ impl RedisCluster {
         let s = shared.clone();
         // Handed over at once; runs to completion without anyone awaiting it.
         drop(self.inner.bridge.spawn(async move {
-            let cmd = s.publish_command();
+            let cmd = s.opts.publish_command();
             let sent = s
                 .with_conn("typing", |mut c| async move {
                     redis::cmd(cmd)
@@ -469,17 +469,6 @@ impl RedisCluster {
     /// Whether [`RedisCluster::close`] was called.
     pub(crate) fn is_closed(&self) -> bool {
         self.inner.shared.closed.load(Ordering::Acquire)
-    }
-
-    /// SUBSCRIBE or SSUBSCRIBE (`subscribe`), else UNSUBSCRIBE or SUNSUBSCRIBE, as the
-    /// options say.
-    pub(crate) fn sub_command_name(&self, subscribe: bool) -> &'static str {
-        match (self.inner.shared.opts.sharded, subscribe) {
-            (false, true) => "SUBSCRIBE",
-            (false, false) => "UNSUBSCRIBE",
-            (true, true) => "SSUBSCRIBE",
-            (true, false) => "SUNSUBSCRIBE",
-        }
     }
 
     /// The publish script call for one room's messages (see [`PublishCall`]).
@@ -599,14 +588,6 @@ impl Shared {
             closed: AtomicBool::new(false),
             opts,
         })
-    }
-
-    fn publish_command(&self) -> &'static str {
-        if self.opts.sharded {
-            "SPUBLISH"
-        } else {
-            "PUBLISH"
-        }
     }
 
     /// The command connection: the current one, or a new one (one attempt at a time; while
@@ -797,7 +778,7 @@ impl Shared {
             .arg(self.opts.presence_ttl.as_millis() as u64)
             .arg(keys::presence_prefix(room))
             .arg(mode)
-            .arg(self.publish_command())
+            .arg(self.opts.publish_command())
             .arg(keys::channel(room))
             .arg(payload)
             .arg(room)
@@ -848,7 +829,7 @@ impl Shared {
             .arg(&self.opts.host_id)
             .arg(keys::presence_prefix(&room))
             .arg(&user)
-            .arg(self.publish_command())
+            .arg(self.opts.publish_command())
             .arg(keys::channel(&room))
             .arg(payload)
             .arg(&room)
@@ -1073,42 +1054,22 @@ pub(crate) fn backoff(opts: &RedisOptions, failures: u32) -> Duration {
     base.mul_f64(fraction)
 }
 
-/// SUBSCRIBE/UNSUBSCRIBE (or SSUBSCRIBE/SUNSUBSCRIBE) `channels` on a RESP3 connection.
-async fn sub_command(
+/// SUBSCRIBE (SSUBSCRIBE with sharded pub/sub) of one channel on the pub/sub connection.
+async fn subscribe_one(
     conn: &mut MultiplexedConnection,
-    sharded: bool,
-    subscribe: bool,
-    channels: Vec<String>,
+    opts: &RedisOptions,
+    channel: String,
 ) -> redis::RedisResult<()> {
-    if channels.is_empty() {
-        return Ok(());
+    if !opts.sharded {
+        return conn.subscribe(channel).await;
     }
-    if !sharded {
-        return if subscribe {
-            conn.subscribe(channels).await
-        } else {
-            conn.unsubscribe(channels).await
-        };
-    }
-    // The client has no SSUBSCRIBE of its own; one channel per command gets one
-    // confirmation per command, which is what the connection expects. They go out
-    // pipelined, all at once.
-    let name = if subscribe {
-        "SSUBSCRIBE"
-    } else {
-        "SUNSUBSCRIBE"
-    };
-    let calls = channels.into_iter().map(|ch| {
-        let mut c = conn.clone();
-        async move {
-            redis::cmd(name)
-                .arg(ch)
-                .query_async::<Value>(&mut c)
-                .await
-                .map(|_| ())
-        }
-    });
-    futures::future::try_join_all(calls).await.map(|_| ())
+    // The client has no SSUBSCRIBE of its own; as a plain command it gets its one
+    // confirmation, which is what the connection expects.
+    redis::cmd(opts.subscribe_command(true))
+        .arg(channel)
+        .query_async::<Value>(conn)
+        .await
+        .map(|_| ())
 }
 
 /// A live pub/sub connection and its push stream.
@@ -1138,12 +1099,7 @@ async fn connect_link(shared: &Shared) -> Result<Link, ClusterError> {
     shared
         .bounded(
             "subscribe (probe channel)",
-            sub_command(
-                &mut conn,
-                shared.opts.sharded,
-                true,
-                vec![keys::ping(&shared.opts.host_id)],
-            ),
+            subscribe_one(&mut conn, &shared.opts, keys::ping(&shared.opts.host_id)),
         )
         .await?;
     *lock(&shared.pubsub) = Some(conn.clone());
@@ -1270,7 +1226,7 @@ async fn run_link(
                     let sent = shared
                         .bounded(
                             "the pub/sub probe",
-                            redis::cmd(shared.publish_command())
+                            redis::cmd(shared.opts.publish_command())
                                 .arg(&ping_channel)
                                 .arg(format!("q{nonce}"))
                                 .query_async::<Value>(&mut link.conn),

@@ -37,7 +37,6 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures::channel::{mpsc, oneshot};
-use futures::future::Either;
 use futures::lock::Mutex;
 use redis::{ErrorKind, ServerErrorKind, Value};
 
@@ -364,30 +363,30 @@ impl Conns {
         &self,
         commands: &'c mut Commands,
     ) -> Result<&'c mut RespConn, ClusterError> {
-        if commands.conn.is_none() {
-            if let Some((at, e)) = &commands.retry {
-                if Instant::now() < *at {
-                    return Err(e.clone());
+        let conn = match commands.conn.take() {
+            Some(conn) => conn,
+            None => {
+                if let Some((at, e)) = &commands.retry {
+                    if Instant::now() < *at {
+                        return Err(e.clone());
+                    }
+                }
+                match self.connect("connect", "commands").await {
+                    Ok(conn) => {
+                        commands.failures = 0;
+                        commands.retry = None;
+                        conn
+                    }
+                    Err(e) => {
+                        commands.failures = commands.failures.saturating_add(1);
+                        let at = Instant::now() + backoff(self.opts(), commands.failures);
+                        commands.retry = Some((at, e.clone()));
+                        return Err(e);
+                    }
                 }
             }
-            match self.connect("connect", "commands").await {
-                Ok(conn) => {
-                    commands.conn = Some(conn);
-                    commands.failures = 0;
-                    commands.retry = None;
-                }
-                Err(e) => {
-                    commands.failures = commands.failures.saturating_add(1);
-                    let at = Instant::now() + backoff(self.opts(), commands.failures);
-                    commands.retry = Some((at, e.clone()));
-                    return Err(e);
-                }
-            }
-        }
-        commands
-            .conn
-            .as_mut()
-            .ok_or_else(|| ClusterError::Unavailable("no command connection".into()))
+        };
+        Ok(commands.conn.insert(conn))
     }
 
     /// Opens the command connection ahead of the first publish, unless one is open (or
@@ -452,7 +451,7 @@ impl Conns {
                 self.cluster.target()
             )));
         };
-        let name = self.cluster.sub_command_name(subscribe);
+        let name = self.opts().subscribe_command(subscribe);
         let limit = self.opts().command_timeout;
         let mut packed = Vec::new();
         let mut confirmations = Vec::with_capacity(channels.len());
@@ -736,7 +735,7 @@ impl Conns {
             sub.writer.clone()
         };
         let Some(writer) = writer else { return };
-        let name = self.cluster.sub_command_name(false);
+        let name = self.opts().subscribe_command(false);
         let limit = self.opts().command_timeout;
         let room = room.to_owned();
         let me = self.sub.clone();
@@ -756,12 +755,9 @@ impl Conns {
 
 /// `fut`'s output, or `None` when `limit` passed first.
 async fn within<T>(limit: Duration, fut: impl Future<Output = T>) -> Option<T> {
-    let timer = glommio::timer::Timer::new(limit);
-    futures::pin_mut!(fut);
-    match futures::future::select(fut, timer).await {
-        Either::Left((out, _)) => Some(out),
-        Either::Right(_) => None,
-    }
+    glommio::timer::timeout(limit, async { Ok(fut.await) })
+        .await
+        .ok()
 }
 
 /// The output of whichever of `a` and `b` finishes first (the other is dropped).
