@@ -31,6 +31,12 @@
 # binary to run, e.g. an older build for an A/B), REDIS_UNIX=1 (corelay-N reach Redis over
 # its Unix socket instead of TCP; the peer stays on TCP).
 #
+# SERVER_CPUS and LOADGEN_CPUS (taskset lists, e.g. 0 and 1) keep the servers (Redis
+# included) and the load generator on separate cores, so that neither takes CPU from the
+# other; unset, they share every core. The loadgen reports its own share of the latency
+# either way: how late it wrote the paced sends, and how long delivered frames waited in
+# its sockets before it read them.
+#
 # CAPACITY=1 searches instead, for each setup, the highest paced rate that passes: zero
 # loss, no reordering, no errors and delivery p99 <= CAP_P99_MS (50). It starts at
 # CAP_START msg/s (2000), multiplies by 1.5 until a run fails or the rate passes CAP_MAX
@@ -61,6 +67,14 @@ PIN=${PIN:-0}
 pin_args=()
 [ "$PIN" = 1 ] || pin_args=(--no-pin)
 THREADS=${THREADS:-1}
+# Command prefixes that pin the servers and the loadgen (empty: no pinning).
+srv_cpus=()
+[ -z "${SERVER_CPUS:-}" ] || srv_cpus=(taskset -c "$SERVER_CPUS")
+lg_cpus=()
+[ -z "${LOADGEN_CPUS:-}" ] || lg_cpus=(taskset -c "$LOADGEN_CPUS")
+cpu_note=""
+[ -z "${SERVER_CPUS:-}${LOADGEN_CPUS:-}" ] || \
+  cpu_note="servers on CPUs ${SERVER_CPUS:-any}, load generator on CPUs ${LOADGEN_CPUS:-any}"
 SECRET=compare-secret-0123456789abcdef
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 
@@ -128,7 +142,7 @@ if [ -n "${REDIS_UNIX:-}" ]; then
   redis_args=(--unixsocket "$runs/redis.sock" --unixsocketperm 700)
   corelay_redis_url="unix://$runs/redis.sock"
 fi
-redis-server --bind 127.0.0.1 --port "$redis_port" "${redis_args[@]}" --save '' --appendonly no \
+"${srv_cpus[@]}" redis-server --bind 127.0.0.1 --port "$redis_port" "${redis_args[@]}" --save '' --appendonly no \
   >"$runs/redis.log" 2>&1 &
 redis_pid=$!
 pids+=("$redis_pid")
@@ -152,7 +166,7 @@ start_setup() {
     corelay)
       local port; port=$(free_port)
       CORELAY_JWT_SECRET=$SECRET CORELAY_LIMITS_SEND_RATE=1000000 CORELAY_LIMITS_SEND_BURST=1000000 \
-        RUST_LOG=warn "$corelay" serve --listen "127.0.0.1:$port" --shards "$SHARDS" "${pin_args[@]}" \
+        RUST_LOG=warn "${srv_cpus[@]}" "$corelay" serve --listen "127.0.0.1:$port" --shards "$SHARDS" "${pin_args[@]}" \
         --store "$STORE" --data-dir "$runs/corelay-data" >"$runs/corelay.log" 2>&1 &
       started "$runs/corelay.log" "$port"
       ;;
@@ -164,7 +178,7 @@ start_setup() {
       for i in $(seq "$n"); do
         port=$(free_port)
         CORELAY_JWT_SECRET=$SECRET CORELAY_LIMITS_SEND_RATE=1000000 CORELAY_LIMITS_SEND_BURST=1000000 \
-          RUST_LOG=warn "$corelay" serve --listen "127.0.0.1:$port" --shards 1 "${pin_args[@]}" \
+          RUST_LOG=warn "${srv_cpus[@]}" "$corelay" serve --listen "127.0.0.1:$port" --shards 1 "${pin_args[@]}" \
           --redis "$corelay_redis_url" --store redis >"$runs/$1-$i.log" 2>&1 &
         started "$runs/$1-$i.log" "$port"
       done
@@ -175,7 +189,7 @@ start_setup() {
       redis-cli -p "$redis_port" flushall >/dev/null 2>&1 || true
       for i in $(seq "$n"); do
         port=$(free_port)
-        node "$root/loadgen/peer/server.js" --port "$port" --redis "redis://127.0.0.1:$redis_port" \
+        "${srv_cpus[@]}" node "$root/loadgen/peer/server.js" --port "$port" --redis "redis://127.0.0.1:$redis_port" \
           --secret "$SECRET" >"$runs/$1-$i.log" 2>&1 &
         started "$runs/$1-$i.log" "$port"
       done
@@ -195,7 +209,7 @@ run_lg() { # NAME ARGS...: runs the loadgen, keeps the JSON line in $runs/NAME.j
   local pid_args=()
   for p in "${SERVER_PIDS[@]}"; do pid_args+=(--server-pid "$p"); done
   log "$name: corelay-loadgen $* --target $TARGETS"
-  "$lg" "$@" --target "$TARGETS" --secret "$SECRET" --threads "$THREADS" --no-progress \
+  "${lg_cpus[@]}" "$lg" "$@" --target "$TARGETS" --secret "$SECRET" --threads "$THREADS" --no-progress \
     "${pid_args[@]}" --label "$name" >"$runs/$name.txt" 2>"$runs/$name.err" || {
     echo "run $name failed:" >&2; cat "$runs/$name.err" "$runs/$name.txt" >&2; }
   tail -n 1 "$runs/$name.txt" >"$runs/$name.json"
@@ -258,11 +272,11 @@ if [ -n "${CAPACITY:-}" ]; then
   [ ${#files[@]} -gt 0 ] && "$lg" plot "${files[@]}" --out "$runs/capacity.svg" \
     --title "delivery latency of each setup at its capacity, $CONNS connections, rooms of $ROOM" >/dev/null
 
-  node - "$runs" "$out" "$setups" "--shards $SHARDS --store $STORE${pin_args:+ ${pin_args[*]}}" "$THREADS" "$CAP_P99_MS" "$CAP_MAX" <<'EOF'
+  node - "$runs" "$out" "$setups" "--shards $SHARDS --store $STORE${pin_args:+ ${pin_args[*]}}" "$THREADS" "$CAP_P99_MS" "$CAP_MAX" "$cpu_note" <<'EOF'
 const fs = require('fs');
 const path = require('path');
 const os = require('os');
-const [runs, out, setupsArg, corelayArgs, lgThreads, p99Max, capMax] = process.argv.slice(2);
+const [runs, out, setupsArg, corelayArgs, lgThreads, p99Max, capMax, cpuNote] = process.argv.slice(2);
 const setups = setupsArg.split(/\s+/).filter(Boolean);
 const load = (name) => {
   try { return JSON.parse(fs.readFileSync(path.join(runs, name + '.json'), 'utf8')); }
@@ -276,14 +290,16 @@ const why = (r) => {
   if (r.order_violations) w.push(`${r.order_violations} out of order`);
   if (r.errors) w.push(`${r.errors} errors`);
   if (typeof r.delivery_p99_ms === 'number' && r.delivery_p99_ms > Number(p99Max)) w.push(`p99 ${num(r.delivery_p99_ms)} ms`);
+  if (typeof r.send_lag_p99_ms === 'number') w.push(`(loadgen: sends late p99 ${num(r.send_lag_p99_ms)} ms, read lag ${num(r.loadgen_lag_ms)} ms)`);
   return w.join(', ') || 'failed';
 };
 let md = `<!-- generated by loadgen/compare.sh (CAPACITY=1) on ${new Date().toISOString()} -->\n`;
 md += `Machine: ${os.cpus().length} cores (${os.cpus()[0] ? os.cpus()[0].model : '?'}), ${Math.round(os.totalmem() / 2 ** 30)} GiB; `;
-md += `servers and load generator on the same machine, loopback only. Load generator: corelay-loadgen with ${lgThreads} worker thread(s); `;
-md += `corelay: \`${corelayArgs}\`. Capacity: the highest paced rate with zero loss, no reordering, no errors and delivery p99 ≤ ${p99Max} ms.\n\n`;
-md += '| setup | capacity msg/s | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery | loadgen CPU % | first failing rate | why it failed |\n';
-md += '|---|---:|---:|---:|---:|---:|---:|---:|---|\n';
+md += `servers and load generator on the same machine${cpuNote ? ` (${cpuNote})` : ''}, loopback only. Load generator: corelay-loadgen with ${lgThreads} worker thread(s); `;
+md += `corelay: \`${corelayArgs}\`. Capacity: the highest paced rate with zero loss, no reordering, no errors and delivery p99 ≤ ${p99Max} ms. `;
+md += 'The loadgen\'s own share of the latency: how late it wrote the paced sends (p99), and how long a delivered frame waited in its sockets before it read it (mean).\n\n';
+md += '| setup | capacity msg/s | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery | server CPU % | loadgen CPU % | loadgen: sends late p99 ms | loadgen: read lag ms | first failing rate | why it failed |\n';
+md += '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n';
 for (const s of setups) {
   let lo = 0, hi = 0;
   try { [lo, hi] = fs.readFileSync(path.join(runs, `${s}-capacity.txt`), 'utf8').trim().split(/\s+/).map(Number); } catch (_) {}
@@ -291,7 +307,8 @@ for (const s of setups) {
   const bad = hi ? load(`${s}-fanout-${hi}`) : null;
   const cap = lo ? (hi ? String(lo) : `≥ ${lo} (none failed up to ${capMax})`) : `< ${hi}`;
   md += `| ${s} | ${cap} | ${num(ok && ok.deliveries_per_sec)} | ${num(ok && ok.delivery_p50_ms)} | ${num(ok && ok.delivery_p99_ms)} | `;
-  md += `${num(ok && ok.server_cpu_us_per_delivery)} | ${num(ok && ok.loadgen_cpu_pct, 1)} | ${hi || '–'} | ${hi ? why(bad) : '–'} |\n`;
+  md += `${num(ok && ok.server_cpu_us_per_delivery)} | ${num(ok && ok.server_cpu_pct, 1)} | ${num(ok && ok.loadgen_cpu_pct, 1)} | `;
+  md += `${num(ok && ok.send_lag_p99_ms)} | ${num(ok && ok.loadgen_lag_ms)} | ${hi || '–'} | ${hi ? why(bad) : '–'} |\n`;
 }
 md += `\nPlot: \`${path.basename(runs)}/capacity.svg\` (each setup at its capacity)\n`;
 fs.writeFileSync(out, md);
@@ -331,11 +348,11 @@ for rate in $RATES; do
 done
 
 # --- table -------------------------------------------------------------------------------
-node - "$runs" "$out" "$RATES" "$setups" "--shards $SHARDS --store $STORE${pin_args:+ ${pin_args[*]}}" "$THREADS" "$ALL_SENDERS_RATE" "${pin_args[*]}" <<'EOF'
+node - "$runs" "$out" "$RATES" "$setups" "--shards $SHARDS --store $STORE${pin_args:+ ${pin_args[*]}}" "$THREADS" "$ALL_SENDERS_RATE" "${pin_args[*]}" "$cpu_note" <<'EOF'
 const fs = require('fs');
 const path = require('path');
 const os = require('os');
-const [runs, out, ratesArg, setupsArg, corelayArgs, lgThreads, allRate, pinArg] = process.argv.slice(2);
+const [runs, out, ratesArg, setupsArg, corelayArgs, lgThreads, allRate, pinArg, cpuNote] = process.argv.slice(2);
 const rates = ratesArg.split(/\s+/).filter(Boolean);
 const setups = setupsArg.split(/\s+/).filter(Boolean);
 const peers = setups.filter((s) => s.startsWith('peer-'));
@@ -369,6 +386,8 @@ const metrics = [
   ['server user-space µs/delivery', 'server_user_us_per_delivery'],
   ['server RSS KiB', 'server_rss_kib'],
   ['loadgen CPU %', 'loadgen_cpu_pct'],
+  ['loadgen: sends late p99 ms', 'send_lag_p99_ms'],
+  ['loadgen: read lag ms', 'loadgen_lag_ms'],
 ];
 const connectMetrics = [
   ['connected', 'connected'],
@@ -395,7 +414,7 @@ const any = (run) => setups.map((s) => load(`${s}-${run}`)).find((r) => r) || nu
 const first = any(`fanout-${rates[0]}`) || {};
 let md = `<!-- generated by loadgen/compare.sh on ${new Date().toISOString()} -->\n`;
 md += `Machine: ${os.cpus().length} cores (${os.cpus()[0] ? os.cpus()[0].model : '?'}), ${Math.round(os.totalmem() / 2 ** 30)} GiB; `;
-md += `servers and load generator on the same machine, loopback only.\n\n`;
+md += `servers and load generator on the same machine${cpuNote ? ` (${cpuNote})` : ''}, loopback only.\n\n`;
 md += `Load generator: corelay-loadgen with ${lgThreads} worker thread(s). `;
 md += `Setups: **corelay** (release build, \`${corelayArgs}\`, send limit raised); `;
 md += `**corelay-2**: two corelay processes (\`--shards 1${pinArg ? ' ' + pinArg : ''}\` each) in cluster mode through Redis (\`--store redis\`); `;

@@ -272,6 +272,11 @@ impl Conn {
             .map_err(|e| e.to_string())
     }
 
+    /// The socket's fd, for [`crate::backlog`] to watch its receive queue.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.ws.get_ref().as_raw_fd()
+    }
+
     /// The next ack id for an emit.
     pub fn take_id(&mut self) -> u64 {
         let id = self.next_id;

@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod backlog;
 pub mod client;
 pub mod clock;
 pub mod codec;

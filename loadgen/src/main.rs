@@ -171,7 +171,8 @@ struct Common {
     /// Time allowed for opening all connections.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     setup_timeout: Duration,
-    /// Tokio worker threads (the server likely shares the machine).
+    /// Tokio worker threads (the server likely shares the machine). `fanout` adds one
+    /// thread for the pacer and the senders, so that a due send never waits behind readers.
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Server process(es) to sample from /proc (CPU time, RSS); repeat to sum several.

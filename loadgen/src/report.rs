@@ -103,8 +103,21 @@ pub struct Summary {
     pub server_rss_kib: Option<u64>,
     /// Server RSS growth from before connecting to all connected, per connection, KiB.
     pub kib_per_connection: Option<f64>,
+    /// How late the loadgen wrote a window message against its schedule, p50, ms (part
+    /// of the ack and delivery latency, spent in the loadgen).
+    pub send_lag_p50_ms: Option<f64>,
+    /// The same, p99, ms.
+    pub send_lag_p99_ms: Option<f64>,
     /// This process's CPU use in the window, % of one core.
     pub loadgen_cpu_pct: Option<f64>,
+    /// Bytes received by the kernel for the measured connections but not yet read by
+    /// the loadgen, mean of samples over the window, KiB.
+    pub loadgen_unread_kib_avg: Option<f64>,
+    /// The largest of those samples, KiB.
+    pub loadgen_unread_kib_max: Option<f64>,
+    /// How long a delivered frame waited, on average, for the loadgen to read it (Little's
+    /// law over the samples), ms: the loadgen's own share of the delivery latency.
+    pub loadgen_lag_ms: Option<f64>,
     /// Connections lost during the run.
     pub disconnects: u64,
     /// All errors.
@@ -259,8 +272,26 @@ impl Summary {
                     .unwrap_or_else(|| "-".into())
             );
         }
+        if self.send_lag_p50_ms.is_some() {
+            let _ = writeln!(
+                s,
+                "sends late   p50 {} ms  p99 {} ms (the loadgen's own delay before writing)",
+                fmt_ms(self.send_lag_p50_ms),
+                fmt_ms(self.send_lag_p99_ms)
+            );
+        }
         if let Some(v) = self.loadgen_cpu_pct {
-            let _ = writeln!(s, "loadgen      cpu {v:.0}%");
+            let _ = write!(s, "loadgen      cpu {v:.0}%");
+            if let (Some(avg), Some(max)) =
+                (self.loadgen_unread_kib_avg, self.loadgen_unread_kib_max)
+            {
+                let _ = write!(
+                    s,
+                    ", unread in its sockets avg {avg:.0} KiB (max {max:.0} KiB): frames waited {} ms for it",
+                    fmt_ms(self.loadgen_lag_ms)
+                );
+            }
+            let _ = writeln!(s);
         }
         let extra: Vec<String> = self.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
         for chunk in extra.chunks(4) {
@@ -376,6 +407,10 @@ mod tests {
             "server_user_us_per_delivery",
             "server_rss_kib",
             "kib_per_connection",
+            "loadgen_cpu_pct",
+            "loadgen_unread_kib_avg",
+            "loadgen_lag_ms",
+            "send_lag_p99_ms",
             "errors",
         ] {
             assert!(v.get(k).is_some(), "missing {k}");

@@ -201,6 +201,8 @@ pub struct Counters {
     pub received: AtomicU64,
     /// Every `message` delivery to any connection.
     pub deliveries_total: AtomicU64,
+    /// Bytes of the WebSocket frames members read (all phases).
+    pub bytes_in: AtomicU64,
     /// Sends the pacer could not hand to a sender (its queue was full).
     pub pacer_overflow: AtomicU64,
 }

@@ -12,7 +12,9 @@
 //! scenarios add connections of their own, which are not measured receivers.
 
 use super::member::{self, Cmd, Member, RunCtx};
+use super::send_runtime::SendRuntime;
 use super::{churn, history, open_many, self_cpu, Env, RunOutput};
+use crate::backlog::{self, Watched};
 use crate::report::{Progress, Summary};
 use crate::stats::{Counters, OrderReport, Percentiles, SharedHist};
 use anyhow::bail;
@@ -141,6 +143,7 @@ pub async fn run(
         counters: Counters::default(),
         ack_hist: SharedHist::default(),
         delivery_hist: SharedHist::default(),
+        send_lag_hist: SharedHist::default(),
         errors: env.errors.clone(),
         room_latest: (0..rooms_n).map(|_| AtomicU64::new(0)).collect(),
         text_bytes: opts.text_bytes,
@@ -155,6 +158,8 @@ pub async fn run(
     }
     let mut sender_txs = vec![None; connected];
     let mut handles = Vec::with_capacity(connected);
+    let watched = Watched::default();
+    let send_rt = SendRuntime::start()?;
     for (pos, o) in opened.into_iter().enumerate() {
         let room_idx = o.idx / m;
         ctx.room_latest[room_idx].fetch_max(o.join_offset, Relaxed);
@@ -172,10 +177,13 @@ pub async fn run(
         } else {
             None
         };
-        let (ctx2, stop2) = (ctx.clone(), stop_rx.clone());
-        handles.push(tokio::spawn(async move {
+        let (ctx2, stop2, watched2) = (ctx.clone(), stop_rx.clone(), watched.clone());
+        let task = async move {
             match o.conn.take().await {
-                Ok(conn) => member::run(conn, member, ctx2, rx, stop2).await,
+                Ok(conn) => {
+                    watched2.add(conn.raw_fd());
+                    member::run(conn, member, ctx2, rx, stop2).await
+                }
                 Err(kind) => {
                     ctx2.errors.add(kind);
                     member::Outcome {
@@ -184,14 +192,19 @@ pub async fn run(
                     }
                 }
             }
-        }));
+        };
+        handles.push(if is_sender[pos] {
+            send_rt.spawn(task)
+        } else {
+            tokio::spawn(task)
+        });
     }
     let txs: Vec<mpsc::Sender<Cmd>> = sender_pos
         .iter()
         .filter_map(|&p| sender_txs[p].take())
         .collect();
     let senders_n = txs.len();
-    let pacer = tokio::spawn(pace(ctx.clone(), txs, opts.rate, t0, window_end));
+    let pacer = send_rt.spawn(pace(ctx.clone(), txs, opts.rate, t0, window_end));
 
     // Beside the fan-out.
     let churn_task = match &extra {
@@ -244,12 +257,16 @@ pub async fn run(
     };
 
     // Measure.
+    let unread = tokio::spawn(backlog::sample(watched, window_start, window_end));
     tokio::time::sleep_until(window_start.into()).await;
     let s1 = env.sample_server();
     let me1 = self_cpu();
+    let bytes1 = ctx.counters.bytes_in.load(Relaxed);
     tokio::time::sleep_until(window_end.into()).await;
     let s2 = env.sample_server();
     let me2 = self_cpu();
+    let bytes2 = ctx.counters.bytes_in.load(Relaxed);
+    let unread = unread.await.unwrap_or_default();
     tokio::time::sleep_until(grace_end.into()).await;
     let _ = stop_tx.send(true);
     let _ = pacer.await;
@@ -266,6 +283,7 @@ pub async fn run(
             _ => env.errors.add("member_stuck"),
         }
     }
+    drop(send_rt);
     if let Some(h) = churn_task {
         let extra_figs = h.await.unwrap_or_default();
         summary.extra.extend(extra_figs);
@@ -307,6 +325,8 @@ pub async fn run(
     summary.order_duplicates = Some(order.duplicates);
     summary.set_ack(Percentiles::of(&ack));
     summary.set_delivery(Percentiles::of(&delivery));
+    let send_lag = Percentiles::of(&ctx.send_lag_hist.snapshot());
+    (summary.send_lag_p50_ms, summary.send_lag_p99_ms) = (send_lag.p50, send_lag.p99);
     summary.set_connect(Percentiles::of(&env.connect_hist.snapshot()));
     summary.deliveries_per_sec = Some(loss.received as f64 / secs.max(1e-9));
     if let (Some(a), Some(b)) = (s1, s2) {
@@ -324,6 +344,12 @@ pub async fn run(
             Some((b.rss_kib as f64 - a.rss_kib as f64) / connected.max(1) as f64);
     }
     summary.loadgen_cpu_pct = Some(100.0 * me2.saturating_sub(me1).as_secs_f64() / secs.max(1e-9));
+    if unread.samples > 0 {
+        summary.loadgen_unread_kib_avg = Some(unread.avg_bytes / 1024.0);
+        summary.loadgen_unread_kib_max = Some(unread.max_bytes as f64 / 1024.0);
+        summary.loadgen_lag_ms =
+            unread.lag_ms(bytes2.saturating_sub(bytes1) as f64 / secs.max(1e-9));
+    }
     let overflow = c.pacer_overflow.load(Relaxed);
     if overflow > 0 {
         summary

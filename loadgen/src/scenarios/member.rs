@@ -28,6 +28,9 @@ pub struct RunCtx {
     pub ack_hist: SharedHist,
     /// Send → delivery latency of window messages at measured receivers.
     pub delivery_hist: SharedHist,
+    /// How late the loadgen wrote each window message, against its scheduled time: the
+    /// loadgen's own share of the ack and delivery latency on the sending side.
+    pub send_lag_hist: SharedHist,
     /// Errors by kind.
     pub errors: Arc<Errors>,
     /// Highest acked offset per room (for the history scenario's checks).
@@ -284,6 +287,10 @@ pub async fn run(
                                 disconnected = true;
                                 break;
                             }
+                            if st.ctx.in_window(t_ns) {
+                                let late = st.ctx.clock.now_ns().saturating_sub(t_ns);
+                                st.ctx.send_lag_hist.record(late / 1000);
+                            }
                         }
                         Err(kind) => st.ctx.errors.add(kind),
                     }
@@ -292,6 +299,9 @@ pub async fn run(
             },
             frame = conn.recv() => match frame {
                 Ok(Some(Incoming::Packet(p))) => {
+                    // The frame was `4` + this text.
+                    let bytes = crate::backlog::frame_bytes(p.text().len() + 1);
+                    st.ctx.counters.bytes_in.fetch_add(bytes, Relaxed);
                     if let Err(kind) = st.on_packet(p.text()) {
                         st.ctx.errors.add(kind);
                         if kind == "server_disconnect" {

@@ -13,6 +13,7 @@ pub mod fanout;
 pub mod floor;
 pub mod history;
 pub mod member;
+pub mod send_runtime;
 
 use crate::auth::Auth;
 use crate::client::Conn;
