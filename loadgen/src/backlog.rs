@@ -23,25 +23,40 @@ pub fn unread_bytes(fd: RawFd) -> Option<u64> {
     (rc == 0).then_some(n.max(0) as u64)
 }
 
+/// The inode behind an fd, `None` if the fd is not open.
+fn inode(fd: RawFd) -> Option<u64> {
+    // SAFETY: fstat fills the stat buffer it is given; all-zero bytes are a valid `stat`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a `stat` the call may write.
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    (rc == 0).then_some(st.st_ino as u64)
+}
+
 /// The sockets to watch, registered by each member once it owns its connection.
+///
+/// Each fd is kept with its socket's inode: a member whose connection ends early closes
+/// its fd, and the number may then be reused by another file, which must not be counted.
 #[derive(Debug, Clone, Default)]
-pub struct Watched(Arc<Mutex<Vec<RawFd>>>);
+pub struct Watched(Arc<Mutex<Vec<(RawFd, u64)>>>);
 
 impl Watched {
     /// Adds a socket.
     pub fn add(&self, fd: RawFd) {
-        if let Ok(mut fds) = self.0.lock() {
-            fds.push(fd);
+        if let (Some(ino), Ok(mut fds)) = (inode(fd), self.0.lock()) {
+            fds.push((fd, ino));
         }
     }
 
-    /// The sum of [`unread_bytes`] over every watched socket.
+    /// The sum of [`unread_bytes`] over every watched socket still open.
     fn total_unread(&self) -> u64 {
         let fds = match self.0.lock() {
             Ok(fds) => fds.clone(),
             Err(_) => return 0,
         };
-        fds.into_iter().filter_map(unread_bytes).sum()
+        fds.into_iter()
+            .filter(|&(fd, ino)| inode(fd) == Some(ino))
+            .filter_map(|(fd, _)| unread_bytes(fd))
+            .sum()
     }
 }
 
@@ -122,6 +137,13 @@ mod tests {
         watched.add(rx.as_raw_fd());
         watched.add(tx.as_raw_fd());
         assert_eq!(watched.total_unread(), 1000);
+        // The socket closed and its number reused by a file with bytes to read (dup2 does
+        // both at once, so no other test's fd is touched): not counted.
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(unread_bytes(file.as_raw_fd()).unwrap_or(0) > 0);
+        // SAFETY: both fds are open; `rx` keeps owning its number, now the file's copy.
+        assert!(unsafe { libc::dup2(file.as_raw_fd(), rx.as_raw_fd()) } >= 0);
+        assert_eq!(watched.total_unread(), 0);
     }
 
     #[tokio::test]
