@@ -155,6 +155,14 @@ fn fanout_connect_and_plot_against_corelay() {
     assert_eq!(v["errors"], 0, "errors: {}", v["error_kinds"]);
     assert!(v["delivery_p99_ms"].as_f64().unwrap() > 0.0);
     assert!(v["server_rss_kib"].as_u64().unwrap() > 0);
+    // The loadgen's own share of the latency is measured, and at this light load small.
+    let send_lag_p99 = v["send_lag_p99_ms"].as_f64().expect("send_lag_p99_ms");
+    assert!(
+        (0.0..=v["ack_p99_ms"].as_f64().unwrap()).contains(&send_lag_p99),
+        "send lag {send_lag_p99} ms is part of the ack latency: {v}"
+    );
+    assert!(v["loadgen_unread_kib_max"].as_f64().expect("unread") >= 0.0);
+    assert!(v["loadgen_lag_ms"].as_f64().expect("loadgen_lag_ms") >= 0.0);
     assert!(hdr.exists() && svg.exists());
 
     let v = loadgen(&[
