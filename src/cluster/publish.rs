@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redis::Value;
 
-use super::wire::{message_payload_parts, parse_ack, parse_u64, strings};
+use super::wire::{lossy, message_payload_parts, parse_ack, parse_u64, strings};
 use super::{keys, ClusterError, NewMessage, Published, RedisOptions};
 
 /// The messages of a batch grouped by room, in order of first appearance: each group's
@@ -56,8 +56,7 @@ pub(crate) fn scatter(
 }
 
 /// One call of the publish script for one room's messages: the `EVALSHA` command, and
-/// what is needed to turn its reply into one result per message. Built the same way
-/// whichever connection sends it (the bridge's, or a shard's own).
+/// what is needed to turn its reply into one result per message.
 pub(crate) struct PublishCall<'a> {
     /// `EVALSHA <publish script> …`; on `NOSCRIPT`, load the script and send it again.
     pub cmd: redis::Cmd,
@@ -200,10 +199,7 @@ fn published(msg: &NewMessage, reply: &[Vec<u8>]) -> Result<Published, ClusterEr
         }
         _ => Err(ClusterError::Protocol(format!(
             "publish script answered {:?}",
-            reply
-                .iter()
-                .map(|p| String::from_utf8_lossy(p))
-                .collect::<Vec<_>>()
+            lossy(reply)
         ))),
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! # Connections
 //!
-//! - **Commands** (the publish script, presence, history reads): one multiplexed RESP2
+//! - **Commands** (presence, typing notices, history reads): one multiplexed RESP2
 //!   connection shared by every shard. When it breaks, the next call reconnects; while
 //!   reconnecting fails, calls fail at once with the last error (no pile-up) and attempts
 //!   are spaced by exponential backoff with jitter (`reconnect_min` … `reconnect_max`).
@@ -126,9 +126,9 @@ impl ShardTarget {
 }
 
 /// The process's link to Redis: presence, typing notices, the connection the [Redis
-/// history store](crate::store::redis::RedisStore) reads through, the link's health, and
-/// the publish script for callers off the shards. Each shard wraps a clone in its
-/// [`ShardLink`](super::shard_link::ShardLink) for the hot path.
+/// history store](crate::store::redis::RedisStore) reads through, and the link's health.
+/// Each shard wraps a clone in its [`ShardLink`](super::shard_link::ShardLink), which
+/// sends the publish script's calls built here over the shard's own connections.
 ///
 /// One per process: connect it once on the main thread ([`RedisCluster::connect_blocking`],
 /// or [`RedisCluster::connect_or_retry_blocking`] to start while Redis is still down) and
@@ -473,7 +473,9 @@ impl RedisCluster {
 
     /// The publish script call for one room's messages (see [`PublishCall`]).
     pub(crate) fn publish_call<'a>(&self, msgs: &[&'a NewMessage], floor: u64) -> PublishCall<'a> {
-        self.inner.shared.publish_call(msgs, floor)
+        let shared = &self.inner.shared;
+        let sha = shared.scripts.publish.get_hash();
+        PublishCall::new(&shared.opts, sha, shared.redis_now_ms(), msgs, floor)
     }
 
     /// `SCRIPT LOAD` of the publish script.
@@ -661,12 +663,6 @@ impl Shared {
             }
             self.skew_ms.store(skew, Ordering::Release);
         }
-    }
-
-    /// The publish script call for one room's messages.
-    fn publish_call<'a>(&self, msgs: &[&'a NewMessage], floor: u64) -> PublishCall<'a> {
-        let sha = self.scripts.publish.get_hash();
-        PublishCall::new(&self.opts, sha, self.redis_now_ms(), msgs, floor)
     }
 
     /// Now in Redis's clock (ms), as far as the last measurement knows.

@@ -138,6 +138,11 @@ pub(crate) fn bytes(v: Value) -> Option<Vec<u8>> {
     }
 }
 
+/// The parts of a reply as text (invalid UTF-8 replaced), for an error message.
+pub(crate) fn lossy(parts: &[Vec<u8>]) -> Vec<std::borrow::Cow<'_, str>> {
+    parts.iter().map(|p| String::from_utf8_lossy(p)).collect()
+}
+
 /// An array reply of strings.
 pub(crate) fn strings(v: Value) -> Result<Vec<Vec<u8>>, ClusterError> {
     match v {

@@ -38,7 +38,7 @@ use ::redis::Value;
 
 use super::{HistoryQuery, HistoryStore, StoreError, StoredMessage};
 use crate::cluster::redis::RedisCluster;
-use crate::cluster::wire::{bytes, parse_ack, parse_u64, strings};
+use crate::cluster::wire::{bytes, lossy, parse_ack, parse_u64, strings};
 use crate::cluster::{keys, ClusterError};
 
 /// Raises KEYS[1] (an offset counter) to ARGV[1] when lower; 1 when raised, else 0. Rare
@@ -151,10 +151,7 @@ impl RedisStore {
             }
             _ => Err(StoreError::Corrupt(format!(
                 "append script answered {:?}",
-                parts
-                    .iter()
-                    .map(|p| String::from_utf8_lossy(p))
-                    .collect::<Vec<_>>()
+                lossy(&parts)
             ))),
         }
     }
