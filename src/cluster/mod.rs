@@ -24,7 +24,7 @@
 //!   `presence_ttl · 4/3` after a host dies, with no sweep over the cluster's other rooms.
 //! - typing: [`publish_typing`](redis::RedisCluster::publish_typing) sends a typing notice
 //!   on the room's channel, fire and forget (no offset, nothing stored).
-//! - [`check`] for `corelay check`.
+//! - [`check()`] for `corelay check`.
 //!
 //! The history of a room lives in the same Redis stream the publish script writes;
 //! [`crate::store::redis::RedisStore`] reads it through the same connection.

@@ -41,7 +41,7 @@ use crate::cluster::redis::RedisCluster;
 use crate::cluster::wire::{bytes, lossy, parse_ack, parse_u64, strings};
 use crate::cluster::{keys, ClusterError};
 
-/// Raises KEYS[1] (an offset counter) to ARGV[1] when lower; 1 when raised, else 0. Rare
+/// Raises `KEYS[1]` (an offset counter) to `ARGV[1]` when lower; 1 when raised, else 0. Rare
 /// (room loads in `scylla` cluster mode, when ScyllaDB is ahead), so sent with EVAL.
 const RAISE_OFFSET: &str = "local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0 \
 if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1]) return 1 end return 0";
