@@ -39,8 +39,23 @@ fn an_unwritable_data_dir_is_refused() {
 }
 
 /// The CPUs each shard of `pid` may run on, read from /proc (`Cpus_allowed_list`), in
-/// shard order. (glommio gives a shard's helper thread the shard's name too.)
+/// shard order. glommio gives a shard's helper thread the shard's name too, and that thread
+/// pins itself only once it runs (it starts with the mask of the thread that spawned it), so
+/// on a busy machine it can briefly disagree with its shard: this waits up to 5 s for all
+/// threads of a shard to agree before calling it a failure.
 fn shard_cpus(pid: u32) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match shard_cpus_now(pid) {
+            Ok(cpus) => return cpus,
+            Err(e) if std::time::Instant::now() >= deadline => panic!("{e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
+/// One reading for [`shard_cpus`]; an error when two threads of one shard disagree.
+fn shard_cpus_now(pid: u32) -> Result<Vec<String>, String> {
     let mut out = std::collections::BTreeMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = task.unwrap().path();
@@ -53,11 +68,13 @@ fn shard_cpus(pid: u32) -> Vec<String> {
             let cpus = line["Cpus_allowed_list:".len()..].trim().to_string();
             let name = comm.trim().to_string();
             if let Some(seen) = out.insert(name.clone(), cpus.clone()) {
-                assert_eq!(seen, cpus, "{name}'s threads");
+                if seen != cpus {
+                    return Err(format!("{name}'s threads disagree: {seen} and {cpus}"));
+                }
             }
         }
     }
-    out.into_values().collect()
+    Ok(out.into_values().collect())
 }
 
 /// Shards are pinned one per core by default, and `--no-pin` (`server.pin_shards = false`)
