@@ -28,6 +28,9 @@ fi
 echo "== cargo test (the server, then the load generator's smoke run against it)"
 export CORELAY_BIN="$PWD/target/debug/corelay"
 cargo test --workspace --locked --no-fail-fast 2>&1
+if [ -z "${CORELAY_TEST_SCYLLA:-}" ]; then
+  echo "== ScyllaDB store suite: skipped (no node here; set CORELAY_TEST_SCYLLA=host:port to run it)"
+fi
 
 echo "== socket.io-client end-to-end tests"
 npm run --silent test:e2e
