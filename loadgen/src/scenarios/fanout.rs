@@ -12,12 +12,13 @@
 //! scenarios add connections of their own, which are not measured receivers.
 
 use super::member::{self, Cmd, Member, RunCtx};
+use super::pacer;
 use super::send_runtime::SendRuntime;
 use super::{churn, history, open_many, self_cpu, Env, RunOutput};
 use crate::backlog::{self, Watched};
 use crate::report::{Progress, Summary};
 use crate::stats::{Counters, OrderReport, Percentiles, SharedHist};
-use anyhow::bail;
+use anyhow::{bail, Context};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -75,6 +76,10 @@ pub async fn run(
     let room_names: Arc<Vec<Arc<str>>> =
         Arc::new((0..rooms_n).map(|r| Arc::from(env.room_name(r))).collect());
     let baseline = env.sample_server();
+    // The pacer's timer and the senders' runtime are made before the connections, so that
+    // a run at the descriptor limit fails on a connection, with its clear message.
+    let timer = pacer::Timer::new().context("cannot make the pacer's timer")?;
+    let send_rt = SendRuntime::start()?;
 
     // Setup: open and join every measured member, then the readers of `history`.
     let setup_progress = {
@@ -159,7 +164,6 @@ pub async fn run(
     let mut sender_txs = vec![None; connected];
     let mut handles = Vec::with_capacity(connected);
     let watched = Watched::default();
-    let send_rt = SendRuntime::start()?;
     for (pos, o) in opened.into_iter().enumerate() {
         let room_idx = o.idx / m;
         ctx.room_latest[room_idx].fetch_max(o.join_offset, Relaxed);
@@ -204,7 +208,8 @@ pub async fn run(
         .filter_map(|&p| sender_txs[p].take())
         .collect();
     let senders_n = txs.len();
-    let pacer = send_rt.spawn(pace(ctx.clone(), txs, opts.rate, t0, window_end));
+    let schedule = pacer::Schedule::between(t0, window_end, opts.rate);
+    let pacer = send_rt.spawn(pacer::pace(ctx.clone(), timer, txs, schedule));
 
     // Beside the fan-out.
     let churn_task = match &extra {
@@ -385,43 +390,6 @@ fn pick_senders(by_room: &[Vec<usize>], wanted: usize) -> Vec<usize> {
         }
     }
     out
-}
-
-/// Hands paced sends to the senders, round robin, from `start` until `end`: message `k` is
-/// due at `start + k / rate` and carries that time (so a late send shows as latency
-/// rather than vanishing: no coordinated omission).
-async fn pace(
-    ctx: Arc<RunCtx>,
-    senders: Vec<mpsc::Sender<Cmd>>,
-    rate: f64,
-    start: Instant,
-    end: Instant,
-) {
-    if senders.is_empty() {
-        return;
-    }
-    let total = (end.saturating_duration_since(start).as_secs_f64() * rate).floor() as u64;
-    let due = |k: u64| start + Duration::from_secs_f64(k as f64 / rate);
-    let mut k = 0u64;
-    while k < total {
-        tokio::time::sleep_until(due(k).into()).await;
-        let now = Instant::now();
-        while k < total && due(k) <= now {
-            let tx = &senders[(k % senders.len() as u64) as usize];
-            let cmd = Cmd::Send {
-                t_ns: ctx.clock.ns_at(due(k)),
-            };
-            match tx.try_send(cmd) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    ctx.counters.pacer_overflow.fetch_add(1, Relaxed);
-                    ctx.errors.add("pacer_overflow");
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => ctx.errors.add("sender_gone"),
-            }
-            k += 1;
-        }
-    }
 }
 
 #[cfg(test)]

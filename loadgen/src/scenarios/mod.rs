@@ -13,6 +13,7 @@ pub mod fanout;
 pub mod floor;
 pub mod history;
 pub mod member;
+pub mod pacer;
 pub mod send_runtime;
 
 use crate::auth::Auth;

@@ -3,8 +3,8 @@
 //! A paced send is due at a set time, and the latency of its message counts from that time.
 //! On the workers that also read every delivery, a sender that is due waits behind
 //! hundreds of ready readers when the loadgen is busy, and that wait shows up as server
-//! latency. On their own thread the pacer and the senders run as soon as the OS schedules
-//! that thread. The readers stay on the main runtime.
+//! latency. On their own thread the pacer ([`super::pacer`]) and the senders run as soon
+//! as the OS schedules that thread. The readers stay on the main runtime.
 
 use std::future::Future;
 use std::thread::JoinHandle;
