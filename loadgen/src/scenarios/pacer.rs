@@ -127,7 +127,13 @@ impl AsyncTimer {
                 }
             });
             match read {
-                Ok(result) => return result,
+                Ok(result) => {
+                    // A one-shot timer fires once per arming, so it cannot be readable again
+                    // before the next `timerfd_settime`: saying so now saves the read that
+                    // would find it empty.
+                    ready.clear_ready();
+                    return result;
+                }
                 Err(_would_block) => continue,
             }
         }
