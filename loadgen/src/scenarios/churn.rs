@@ -3,6 +3,7 @@
 //! closes politely (WebSocket close), the rest just drop the TCP connection.
 //! They are not measured receivers; their handshake times and failures are reported.
 
+use super::pacer::Schedule;
 use super::{open_one, Env};
 use crate::client::Incoming;
 use crate::stats::{Percentiles, SharedHist};
@@ -48,10 +49,9 @@ pub fn spawn(
         let stats = Arc::new(ChurnStats::default());
         let mut tasks = Vec::new();
         if opts.rate > 0.0 && !rooms.is_empty() {
-            let total = (end.saturating_duration_since(start).as_secs_f64() * opts.rate) as u64;
-            for k in 0..total {
-                let due = start + Duration::from_secs_f64(k as f64 / opts.rate);
-                tokio::time::sleep_until(due.into()).await;
+            let schedule = Schedule::between(start, end, opts.rate);
+            for k in 0..schedule.total {
+                tokio::time::sleep_until(schedule.due(k).into()).await;
                 if *stop.borrow() {
                     break;
                 }

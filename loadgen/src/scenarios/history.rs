@@ -9,6 +9,7 @@
 //!   offsets `since+1 ..= offset` (or, when `truncated`, a contiguous run ending there).
 
 use super::member::RunCtx;
+use super::pacer::Schedule;
 use super::{join, offsets_of, open_many, Env, Opened, Parked};
 use crate::client::{ack_error, Conn, Incoming};
 use crate::stats::{Percentiles, SharedHist};
@@ -154,12 +155,9 @@ pub fn spawn(
             )));
         }
         if !txs.is_empty() && opts.rate > 0.0 {
-            let total = (end.saturating_duration_since(start).as_secs_f64() * opts.rate) as u64;
-            for k in 0..total {
-                tokio::time::sleep_until(
-                    (start + Duration::from_secs_f64(k as f64 / opts.rate)).into(),
-                )
-                .await;
+            let schedule = Schedule::between(start, end, opts.rate);
+            for k in 0..schedule.total {
+                tokio::time::sleep_until(schedule.due(k).into()).await;
                 if *stop.borrow() {
                     break;
                 }

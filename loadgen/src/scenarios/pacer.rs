@@ -167,8 +167,12 @@ pub async fn run(
         let now = Instant::now();
         last_wake = Some(now);
         wakes += 1;
-        while k < schedule.total && schedule.due(k) <= now {
-            hand_out(k, schedule.due(k));
+        while k < schedule.total {
+            let due = schedule.due(k);
+            if due > now {
+                break;
+            }
+            hand_out(k, due);
             k += 1;
         }
     }
