@@ -38,6 +38,9 @@ pub struct ServerConfig {
     /// may use. Turn it off when other busy processes share the host: a pinned shard
     /// cannot move away from them, and its connections wait.
     pub pin_shards: bool,
+    /// Move a WebSocket connection to the home shard of the first room it joins, so that
+    /// room's traffic stays on one core (`transport::follow`). On by default.
+    pub follow_rooms: bool,
     pub data_dir: PathBuf,
     /// The Engine.IO path, `/socket.io/` by default.
     pub path: String,
@@ -59,6 +62,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             shards: None,
             pin_shards: true,
+            follow_rooms: true,
             data_dir: PathBuf::from("./data"),
             path: "/socket.io/".to_string(),
             io_memory: 512 * 1024,

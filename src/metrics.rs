@@ -18,6 +18,8 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 pub struct ShardMetrics {
     pub connections: AtomicU64,
     pub connections_total: AtomicU64,
+    /// WebSocket connections that moved here, the home of the first room they joined.
+    pub connections_moved_in: AtomicU64,
     /// Rooms whose home is this shard and that are loaded.
     pub home_rooms: AtomicU64,
     pub messages_in: AtomicU64,
@@ -125,7 +127,7 @@ impl Metrics {
     /// The Prometheus text exposition (version 0.0.4).
     pub fn render_prometheus(&self, store_ok: bool) -> String {
         let mut out = String::with_capacity(4096);
-        let per_shard: [(&str, &str, &str, CounterOf); 11] = [
+        let per_shard: [(&str, &str, &str, CounterOf); 12] = [
             ("corelay_connections", "gauge", "Open connections.", |s| {
                 &s.connections
             }),
@@ -134,6 +136,12 @@ impl Metrics {
                 "counter",
                 "Connections accepted.",
                 |s| &s.connections_total,
+            ),
+            (
+                "corelay_connections_moved_total",
+                "counter",
+                "WebSocket connections moved here, the home shard of the first room they joined.",
+                |s| &s.connections_moved_in,
             ),
             (
                 "corelay_rooms",

@@ -17,6 +17,7 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::socketio::{self, encode_ack, PacketKind};
 use crate::shard::Shard;
 use crate::store::HistoryStore;
+use crate::transport::follow;
 use crate::transport::websocket::{close_code, text_frame};
 
 /// Whether the connection goes on after a packet.
@@ -299,7 +300,9 @@ fn ok(session: &Session, ack_id: Option<u64>, json: &[u8]) {
     }
 }
 
-fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ack_id: Option<u64>) {
+/// Handles a chat request from a connected session: checked here, then sent to the
+/// room's home shard (a first join may move the connection there first).
+pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ack_id: Option<u64>) {
     let Some((user, identity)) = session.user.borrow().clone() else {
         return;
     };
@@ -337,6 +340,19 @@ fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ack_id
                 );
             }
             if !is_member {
+                if let Some(to) = follow::destination(shard, session, &room) {
+                    // The join is handled where the connection lands, first thing.
+                    *session.moving.borrow_mut() = Some(Box::new(follow::DeferredJoin {
+                        to,
+                        request: ChatRequest::Join {
+                            room: room.to_string(),
+                            since,
+                            token,
+                        },
+                        ack_id,
+                    }));
+                    return;
+                }
                 session.joining.borrow_mut().insert(room.clone());
             }
             shard.to_home(

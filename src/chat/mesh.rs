@@ -117,6 +117,9 @@ pub enum MemberMsg {
         fd: std::os::fd::RawFd,
         handoff: Box<crate::transport::connection::Handoff>,
     },
+    /// A connected WebSocket moving here, the home shard of the first room it joins
+    /// (`transport::follow`).
+    Moved(Box<crate::transport::follow::MovedConn>),
 }
 
 /// Everything that crosses the shard mesh.

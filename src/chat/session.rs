@@ -65,6 +65,9 @@ pub struct Outbound {
     max_bytes: usize,
     waker: Option<Waker>,
     closing: Option<CloseReason>,
+    /// Set when the connection moves to another shard: the writer stops after the write
+    /// in progress and leaves the rest of the queue to travel with the session.
+    moving: bool,
 }
 
 impl Outbound {
@@ -76,6 +79,7 @@ impl Outbound {
             max_bytes,
             waker: None,
             closing: None,
+            moving: false,
         }
     }
 
@@ -137,6 +141,23 @@ impl Outbound {
     /// The close reason, once closing.
     pub fn closing(&self) -> Option<CloseReason> {
         self.closing
+    }
+
+    /// Whether the connection is moving to another shard (the writer must stop).
+    pub fn is_moving(&self) -> bool {
+        self.moving
+    }
+
+    /// Takes every queued frame, oldest first (they travel with a moving connection).
+    pub fn take_frames(&mut self) -> VecDeque<Bytes> {
+        self.bytes = 0;
+        std::mem::take(&mut self.frames)
+    }
+
+    /// Queues frames that came with a moved connection, before anything else.
+    pub fn restore_frames(&mut self, frames: VecDeque<Bytes>) {
+        self.bytes = frames.iter().map(Bytes::len).sum();
+        self.frames = frames;
     }
 }
 
@@ -234,6 +255,12 @@ pub struct Session {
     pub joining: RefCell<HashSet<Arc<str>>>,
     pub bucket: Cell<TokenBucket>,
     pub timers: Cell<Timers>,
+    /// True only while the WebSocket reader handles a client frame: the one moment a
+    /// connection may move to another shard (see `transport::follow`).
+    pub movable: Cell<bool>,
+    /// A first join deferred because the connection moves to the room's home shard; the
+    /// reader takes it and hands the connection over.
+    pub moving: RefCell<Option<Box<crate::transport::follow::DeferredJoin>>>,
 }
 
 impl Session {
@@ -269,6 +296,8 @@ impl Session {
             joining: RefCell::new(HashSet::new()),
             bucket: Cell::new(TokenBucket::new(limits.send_rate, limits.send_burst, now)),
             timers: Cell::new(timers),
+            movable: Cell::new(false),
+            moving: RefCell::new(None),
         }
     }
 
@@ -336,10 +365,20 @@ impl Session {
         self.out.borrow().closing.is_some()
     }
 
-    /// Resolves when frames are queued or the connection is closing (the writer's wait).
+    /// Stops the writer after its write in progress: the connection is moving.
+    pub fn stop_writer(&self) {
+        let mut out = self.out.borrow_mut();
+        out.moving = true;
+        if let Some(w) = out.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves when frames are queued or the connection is closing or moving (the
+    /// writer's wait).
     pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut out = self.out.borrow_mut();
-        if !out.frames.is_empty() || out.closing.is_some() {
+        if !out.frames.is_empty() || out.closing.is_some() || out.moving {
             Poll::Ready(())
         } else {
             out.waker = Some(cx.waker().clone());

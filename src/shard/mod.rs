@@ -223,6 +223,13 @@ impl Shard {
                     unsafe { libc::close(fd) };
                 }
             },
+            MemberMsg::Moved(moved) => match self.me.upgrade() {
+                Some(shard) => {
+                    glommio::spawn_local(crate::transport::follow::adopt(shard, moved)).detach();
+                }
+                // The shard is going away; dropping the connection closes its descriptor.
+                None => drop(moved),
+            },
             MemberMsg::Joined {
                 room,
                 conn,
@@ -266,8 +273,6 @@ impl Shard {
 
     /// Registers a new session.
     pub fn open_session(&self, transport: Transport) -> Rc<Session> {
-        let id = self.next_conn.get();
-        self.next_conn.set(id + 1);
         let now = Instant::now();
         let eio = &self.ctx.config.engineio;
         let timers = Timers {
@@ -276,7 +281,23 @@ impl Shard {
             connect_deadline: Some(now + eio.connect_timeout.0),
             close_deadline: None,
         };
-        let sid = crate::ids::new_sid(self.id);
+        let session = self.register(crate::ids::new_sid(self.id), transport, timers);
+        ShardMetrics::inc(&self.stats().connections_total);
+        session
+            .span
+            .in_scope(|| tracing::debug!(?transport, "session opened"));
+        session
+    }
+
+    /// A session for a WebSocket that moved here from another shard, keeping its sid
+    /// and timers (`transport::follow`); the caller restores the rest.
+    pub fn open_moved_session(&self, sid: String, timers: Timers) -> Rc<Session> {
+        self.register(sid, Transport::WebSocket, timers)
+    }
+
+    fn register(&self, sid: String, transport: Transport, timers: Timers) -> Rc<Session> {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
         let span = tracing::info_span!(
             parent: None,
             "conn",
@@ -285,17 +306,31 @@ impl Shard {
             user = tracing::field::Empty,
         );
         let session = Rc::new(
-            Session::new(id, sid, transport, &self.ctx.config.limits, timers, now).with_span(span),
+            Session::new(
+                id,
+                sid,
+                transport,
+                &self.ctx.config.limits,
+                timers,
+                Instant::now(),
+            )
+            .with_span(span),
         );
-        session
-            .span
-            .in_scope(|| tracing::debug!(?transport, "session opened"));
         self.sessions.borrow_mut().insert(id, session.clone());
         self.by_sid.borrow_mut().insert(session.sid.clone(), id);
-        let stats = self.stats();
-        ShardMetrics::inc(&stats.connections);
-        ShardMetrics::inc(&stats.connections_total);
+        ShardMetrics::inc(&self.stats().connections);
         session
+    }
+
+    /// Forgets a session that moved to another shard: no room to leave, no count to
+    /// release (its user's count moves with it).
+    pub fn detach_session(&self, session: &Session) {
+        self.by_sid.borrow_mut().remove(&session.sid);
+        if self.sessions.borrow_mut().remove(&session.id).is_some() {
+            self.stats()
+                .connections
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Takes a connection out of every room it is in or joining (Socket.IO disconnect,

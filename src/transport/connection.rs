@@ -18,8 +18,8 @@ use super::connect_limit::RetryAfter;
 use super::http::{self, HttpError, Request};
 use super::polling;
 use super::websocket::{self, FrameReader, Message};
-use super::{api, engine};
-use crate::chat::handler::Flow;
+use super::{api, engine, follow};
+use crate::chat::handler::{self, Flow};
 use crate::chat::mesh::{MemberMsg, ShardMsg};
 use crate::chat::session::{CloseReason, Session, Transport};
 use crate::metrics::ShardMetrics;
@@ -560,17 +560,20 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
         .await;
 }
 
-/// Reads the client's frames until the session ends, with a writer task beside it.
-async fn read_loop(
+/// Reads the client's frames until the session ends or moves to another shard, with a
+/// writer task beside it.
+pub(crate) async fn read_loop(
     shard: Rc<Shard>,
     session: Rc<Session>,
     stream: TcpStream,
     mut reader: FrameReader,
 ) {
+    let fd = stream.as_raw_fd();
     let (mut reader_half, writer_half) = stream.split();
     let writer = glommio::spawn_local(
         write_loop(session.clone(), writer_half).instrument(session.span.clone()),
     );
+    let mut moving = None;
     loop {
         let msg = match reader.next(&mut reader_half).await {
             Ok(m) => m,
@@ -586,6 +589,7 @@ async fn read_loop(
                 break;
             }
         };
+        session.movable.set(true);
         let flow = match msg {
             Message::Text(data) => engine::on_text(&shard, &session, data),
             Message::Binary(data) => engine::on_binary(&shard, &session, data),
@@ -596,6 +600,8 @@ async fn read_loop(
             Message::Pong => Flow::Continue,
             Message::Close => Flow::Close(CloseReason::Protocol(websocket::close_code::NORMAL)),
         };
+        session.movable.set(false);
+        let deferred = session.moving.borrow_mut().take();
         if let Flow::Close(reason) = flow {
             if matches!(reason, CloseReason::Protocol(c) if c != websocket::close_code::NORMAL) {
                 ShardMetrics::inc(&shard.stats().protocol_errors);
@@ -606,6 +612,28 @@ async fn read_loop(
         if session.is_closing() {
             break;
         }
+        if let Some(join) = deferred {
+            match reader.take_unread() {
+                Some(unread) => {
+                    moving = Some((join, unread));
+                    break;
+                }
+                // Inside a fragmented message: the bytes cannot travel; stay and join here.
+                None => handler::handle_request(&shard, &session, join.request, join.ack_id),
+            }
+        }
+    }
+    if let Some((join, unread)) = moving {
+        session.stop_writer();
+        writer.await;
+        if !session.is_closing() {
+            follow::hand_over(&shard, &session, fd, *join, unread);
+            // Dropping the halves closes this shard's descriptor; the duplicate lives on.
+            return;
+        }
+        session.cut();
+        shard.close_session(&session);
+        return;
     }
     shard.close_session(&session);
     writer.await;
@@ -655,6 +683,10 @@ async fn write_loop(session: Rc<Session>, mut io: WriteHalf<TcpStream>) {
     let mut buf = Vec::new();
     loop {
         poll_fn(|cx| session.poll_ready(cx)).await;
+        if session.out.borrow().is_moving() {
+            // The rest of the queue travels with the connection; the socket stays open.
+            return;
+        }
         buf.clear();
         let closing = {
             let mut out = session.out.borrow_mut();

@@ -5,6 +5,7 @@ pub mod api;
 pub mod connect_limit;
 pub mod connection;
 pub mod engine;
+pub mod follow;
 pub mod http;
 pub mod polling;
 pub mod websocket;

@@ -134,6 +134,18 @@ impl FrameReader {
         }
     }
 
+    /// The bytes read but not parsed yet, taken out (the reader starts over empty);
+    /// `None` inside a fragmented message, whose first fragments are already parsed.
+    pub fn take_unread(&mut self) -> Option<Vec<u8>> {
+        if self.partial.is_some() {
+            return None;
+        }
+        let unread = self.buf[self.start..self.end].to_vec();
+        self.start = 0;
+        self.end = 0;
+        Some(unread)
+    }
+
     /// The next complete message.
     pub async fn next<R: AsyncRead + Unpin>(&mut self, io: &mut R) -> Result<Message, ReadError> {
         loop {

@@ -1,0 +1,181 @@
+//! A WebSocket connection follows the first room it joins to that room's home shard.
+//!
+//! A room's messages are sequenced on its home shard and delivered by every shard that
+//! holds members. A member on another shard costs a crossing of the shard mesh for each
+//! message it sends (and its ack back) and for each delivery batch it receives, and a
+//! crossing wakes the other shard's thread whenever that thread sleeps: below capacity
+//! that wake-up is most of what a delivery costs (BENCHMARKS.md, sixth part). So when a
+//! connection joins its first room and the room's home is another shard, the connection
+//! moves there before the join is handled: its socket is duplicated, its session (identity,
+//! outbound queue, timers, rate limit) and the bytes read but not yet parsed travel through
+//! the mesh, and the home shard handles the join and serves the connection from then on.
+//!
+//! It moves only at a quiet moment: a connected WebSocket in no room and joining none,
+//! its reader between two frames, the process not draining. Nothing in flight names the
+//! connection then, so nothing has to be forwarded after it. It stays where it is when its
+//! destination already holds clearly more connections than this shard (one hot room must
+//! not pull every connection onto one core), and `server.follow_rooms = false` turns the
+//! whole thing off.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::Bytes;
+use glommio::net::TcpStream;
+use tracing::Instrument as _;
+
+use super::websocket::FrameReader;
+use crate::auth::Identity;
+use crate::chat::events::ChatRequest;
+use crate::chat::mesh::{home_of, MemberMsg, ShardMsg};
+use crate::chat::session::{CloseReason, Session, Timers, TokenBucket, Transport, User};
+use crate::metrics::ShardMetrics;
+use crate::shard::Shard;
+
+/// Connections a destination may hold beyond this shard's count plus a quarter before a
+/// connection stops following its room there.
+const BALANCE_SLACK: u64 = 64;
+
+/// A first join put off because its connection is moving to the room's home shard,
+/// which handles it first thing.
+#[derive(Debug)]
+pub struct DeferredJoin {
+    /// The room's home shard.
+    pub to: usize,
+    /// The join itself (`ChatRequest::Join`), checked again where it lands.
+    pub request: ChatRequest,
+    pub ack_id: Option<u64>,
+}
+
+/// A connection on its way to another shard: everything its session holds that matters
+/// once it is connected and in no room. The receiving shard owns the socket.
+#[derive(Debug)]
+pub struct MovedConn {
+    fd: OwnedFd,
+    /// Bytes read from the socket after the join's frame, not parsed yet.
+    unread: Vec<u8>,
+    sid: String,
+    user: User,
+    identity: Identity,
+    /// The user's owner shard counts this connection (released when it ends).
+    counted: bool,
+    queued: VecDeque<Bytes>,
+    bucket: TokenBucket,
+    timers: Timers,
+    join: DeferredJoin,
+    from: usize,
+}
+
+/// Where a connection joining `room` should move to, if anywhere.
+pub fn destination(shard: &Shard, session: &Session, room: &str) -> Option<usize> {
+    let home = home_of(room, shard.count);
+    let quiet = session.movable.get()
+        && session.transport.get() == Transport::WebSocket
+        && session.fd.get().is_some()
+        && session.user.borrow().is_some()
+        && session.pending_user.borrow().is_none()
+        && session.held.borrow().is_empty()
+        && session.joined.borrow().is_empty()
+        && session.joining.borrow().is_empty()
+        && !session.is_closing();
+    let config = &shard.ctx.config.server;
+    if home == shard.id
+        || !quiet
+        || !config.follow_rooms
+        || config.conformance
+        || shard.ctx.draining.load(Relaxed)
+    {
+        return None;
+    }
+    let shards = &shard.ctx.metrics.shards;
+    let here = shards[shard.id].connections.load(Relaxed);
+    let there = shards[home].connections.load(Relaxed);
+    (there < here + here / 4 + BALANCE_SLACK).then_some(home)
+}
+
+/// Sends a connection whose reader and writer have stopped to `join.to`. `fd` is the
+/// socket, which the caller closes afterwards (the receiving shard gets a duplicate).
+pub fn hand_over(
+    shard: &Shard,
+    session: &Rc<Session>,
+    fd: RawFd,
+    join: DeferredJoin,
+    unread: Vec<u8>,
+) {
+    let to = join.to;
+    let user = session.user.borrow_mut().take();
+    let Some((user, identity)) = user else {
+        // `destination` saw it connected and nothing ran since; end it cleanly regardless.
+        session.close(CloseReason::Gone);
+        shard.close_session(session);
+        return;
+    };
+    // SAFETY: dup of the connection's open descriptor; the copy is owned by `MovedConn`.
+    let dup = unsafe { libc::dup(fd) };
+    if dup < 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "dup failed; closing a moving connection");
+        *session.user.borrow_mut() = Some((user, identity));
+        session.close(CloseReason::Gone);
+        shard.close_session(session);
+        return;
+    }
+    // SAFETY: `dup` is a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    shard.detach_session(session);
+    session.fd.set(None);
+    let moved = MovedConn {
+        fd,
+        unread,
+        sid: session.sid.clone(),
+        user,
+        identity: Rc::try_unwrap(identity).unwrap_or_else(|shared| (*shared).clone()),
+        counted: session.counted.replace(false),
+        queued: session.out.borrow_mut().take_frames(),
+        bucket: session.bucket.get(),
+        timers: session.timers.get(),
+        join,
+        from: shard.id,
+    };
+    tracing::debug!(to, "moving to the home shard of the first room joined");
+    shard.send(to, ShardMsg::Member(MemberMsg::Moved(Box::new(moved))));
+}
+
+/// Serves a connection that moved here: handles its deferred join, then reads on.
+pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
+    let MovedConn {
+        fd,
+        unread,
+        sid,
+        user,
+        identity,
+        counted,
+        queued,
+        bucket,
+        timers,
+        join,
+        from,
+    } = *moved;
+    // SAFETY: the sending shard duplicated the descriptor for us and kept no use of it.
+    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    let session = shard.open_moved_session(sid, timers);
+    session.fd.set(Some(stream.as_raw_fd()));
+    session.bucket.set(bucket);
+    session.counted.set(counted);
+    session
+        .span
+        .record("user", tracing::field::display(&user.id));
+    *session.user.borrow_mut() = Some((user, Rc::new(identity)));
+    session.out.borrow_mut().restore_frames(queued);
+    ShardMetrics::inc(&shard.stats().connections_moved_in);
+    session.span.in_scope(|| {
+        tracing::debug!(from, "moved here from another shard");
+        crate::chat::handler::handle_request(&shard, &session, join.request, join.ack_id);
+    });
+    let reader = FrameReader::new(shard.ctx.config.engineio.max_payload, &unread);
+    let span = session.span.clone();
+    super::connection::read_loop(shard, session, stream, reader)
+        .instrument(span)
+        .await;
+}
