@@ -156,6 +156,21 @@ fn connections_gather_on_the_home_shard_of_their_room_and_the_room_works() {
     );
     let ack = clients[0].emit_ack("message", json!({"room": room, "text": "gone"}));
     assert_eq!(ack["error"]["code"], "not_joined", "{ack}");
+
+    // It moves at its first join only: in no room again, a join to a room homed on the
+    // other shard leaves it where it is.
+    assert_eq!(
+        clients[0].emit_ack("leave", json!({"room": other}))["ok"],
+        true
+    );
+    let moved = server.metric(MOVED);
+    let third = room_on(0, "third");
+    assert_eq!(
+        clients[0].emit_ack("join", json!({"room": third}))["ok"],
+        true
+    );
+    assert_eq!(server.metric(MOVED), moved);
+    assert_eq!(server.connections_per_shard(), [1, 16]);
 }
 
 #[test]

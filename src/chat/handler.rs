@@ -340,7 +340,11 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
                 );
             }
             if !is_member {
-                if let Some(to) = follow::destination(shard, session, &room) {
+                let first = !session.joined_once.replace(true);
+                if let Some(to) = first
+                    .then(|| follow::destination(shard, session, &room))
+                    .flatten()
+                {
                     // The join is handled where the connection lands, first thing.
                     *session.moving.borrow_mut() = Some(Box::new(follow::DeferredJoin {
                         to,

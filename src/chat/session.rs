@@ -258,6 +258,9 @@ pub struct Session {
     /// True only while the WebSocket reader handles a client frame: the one moment a
     /// connection may move to another shard (see `transport::follow`).
     pub movable: Cell<bool>,
+    /// Set by the connection's first join: only that one may move it (a client joining
+    /// and leaving rooms in a loop must not bounce it between shards).
+    pub joined_once: Cell<bool>,
     /// A first join deferred because the connection moves to the room's home shard; the
     /// reader takes it and hands the connection over.
     pub moving: RefCell<Option<Box<crate::transport::follow::DeferredJoin>>>,
@@ -297,6 +300,7 @@ impl Session {
             bucket: Cell::new(TokenBucket::new(limits.send_rate, limits.send_burst, now)),
             timers: Cell::new(timers),
             movable: Cell::new(false),
+            joined_once: Cell::new(false),
             moving: RefCell::new(None),
         }
     }

@@ -10,12 +10,12 @@
 //! outbound queue, timers, rate limit) and the bytes read but not yet parsed travel through
 //! the mesh, and the home shard handles the join and serves the connection from then on.
 //!
-//! It moves only at a quiet moment: a connected WebSocket in no room and joining none,
-//! its reader between two frames, the process not draining. Nothing in flight names the
-//! connection then, so nothing has to be forwarded after it. It stays where it is when its
-//! destination already holds clearly more connections than this shard (one hot room must
-//! not pull every connection onto one core), and `server.follow_rooms = false` turns the
-//! whole thing off.
+//! It moves at most once, at its first join (`Session::joined_once`), and only at a quiet
+//! moment: a connected WebSocket in no room and joining none, its reader between two
+//! frames, the process not draining. Nothing in flight names the connection then, so
+//! nothing has to be forwarded after it. It stays where it is when its destination already
+//! holds clearly more connections than this shard (one hot room must not pull every
+//! connection onto one core), and `server.follow_rooms = false` turns the whole thing off.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -68,7 +68,7 @@ pub struct MovedConn {
     from: usize,
 }
 
-/// Where a connection joining `room` should move to, if anywhere.
+/// Where a connection making its first join, to `room`, should move to, if anywhere.
 pub fn destination(shard: &Shard, session: &Session, room: &str) -> Option<usize> {
     let home = home_of(room, shard.count);
     let quiet = session.movable.get()
@@ -160,6 +160,7 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
     // SAFETY: the sending shard duplicated the descriptor for us and kept no use of it.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     let session = shard.open_moved_session(sid, timers);
+    session.joined_once.set(true);
     session.fd.set(Some(stream.as_raw_fd()));
     session.bucket.set(bucket);
     session.counted.set(counted);
