@@ -354,6 +354,7 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
                             token,
                         },
                         ack_id,
+                        unread: Vec::new(),
                     }));
                     return;
                 }

@@ -19,7 +19,7 @@ use super::http::{self, HttpError, Request};
 use super::polling;
 use super::websocket::{self, FrameReader, Message};
 use super::{api, engine, follow};
-use crate::chat::handler::{self, Flow};
+use crate::chat::handler::Flow;
 use crate::chat::mesh::{MemberMsg, ShardMsg};
 use crate::chat::session::{CloseReason, Session, Transport};
 use crate::metrics::ShardMetrics;
@@ -568,12 +568,10 @@ pub(crate) async fn read_loop(
     stream: TcpStream,
     mut reader: FrameReader,
 ) {
-    let fd = stream.as_raw_fd();
     let (mut reader_half, writer_half) = stream.split();
     let writer = glommio::spawn_local(
         write_loop(session.clone(), writer_half).instrument(session.span.clone()),
     );
-    let mut moving = None;
     loop {
         let msg = match reader.next(&mut reader_half).await {
             Ok(m) => m,
@@ -601,7 +599,6 @@ pub(crate) async fn read_loop(
             Message::Close => Flow::Close(CloseReason::Protocol(websocket::close_code::NORMAL)),
         };
         session.movable.set(false);
-        let deferred = session.moving.borrow_mut().take();
         if let Flow::Close(reason) = flow {
             if matches!(reason, CloseReason::Protocol(c) if c != websocket::close_code::NORMAL) {
                 ShardMetrics::inc(&shard.stats().protocol_errors);
@@ -612,31 +609,25 @@ pub(crate) async fn read_loop(
         if session.is_closing() {
             break;
         }
-        if let Some(join) = deferred {
-            match reader.take_unread() {
-                Some(unread) => {
-                    moving = Some((join, unread));
-                    break;
-                }
-                // Inside a fragmented message: the bytes cannot travel; stay and join here.
-                None => handler::handle_request(&shard, &session, join.request, join.ack_id),
-            }
+        // A first join that moves the connection stays in the session until the writer
+        // stopped (nothing more lives across the awaits: this future is per connection).
+        if follow::ready_to_move(&shard, &session, &mut reader) {
+            break;
         }
     }
-    if let Some((join, unread)) = moving {
-        session.stop_writer();
-        writer.await;
-        if !session.is_closing() {
-            follow::hand_over(&shard, &session, fd, *join, unread);
-            // Dropping the halves closes this shard's descriptor; the duplicate lives on.
-            return;
+    let moving = session.moving.borrow_mut().take();
+    match moving {
+        Some(join) if !session.is_closing() => {
+            session.stop_writer();
+            writer.await;
+            follow::hand_over(&shard, &session, *join);
+            // Dropping the read half closes this shard's descriptor; the duplicate lives on.
         }
-        session.cut();
-        shard.close_session(&session);
-        return;
+        _ => {
+            shard.close_session(&session);
+            writer.await;
+        }
     }
-    shard.close_session(&session);
-    writer.await;
 }
 
 /// The upgrade probe on a new WebSocket for a polling session. True once the client

@@ -18,7 +18,7 @@
 //! connection onto one core), and `server.follow_rooms = false` turns the whole thing off.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -30,7 +30,7 @@ use super::websocket::FrameReader;
 use crate::auth::Identity;
 use crate::chat::events::ChatRequest;
 use crate::chat::mesh::{home_of, MemberMsg, ShardMsg};
-use crate::chat::session::{CloseReason, Session, Timers, TokenBucket, Transport, User};
+use crate::chat::session::{Session, Timers, TokenBucket, Transport, User};
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
 
@@ -47,6 +47,9 @@ pub struct DeferredJoin {
     /// The join itself (`ChatRequest::Join`), checked again where it lands.
     pub request: ChatRequest,
     pub ack_id: Option<u64>,
+    /// Bytes read from the socket after the join's frame, not parsed yet (filled in by
+    /// [`ready_to_move`]).
+    pub unread: Vec<u8>,
 }
 
 /// A connection on its way to another shard: everything its session holds that matters
@@ -54,8 +57,6 @@ pub struct DeferredJoin {
 #[derive(Debug)]
 pub struct MovedConn {
     fd: OwnedFd,
-    /// Bytes read from the socket after the join's frame, not parsed yet.
-    unread: Vec<u8>,
     sid: String,
     user: User,
     identity: Identity,
@@ -95,39 +96,55 @@ pub fn destination(shard: &Shard, session: &Session, room: &str) -> Option<usize
     (there < here + here / 4 + BALANCE_SLACK).then_some(home)
 }
 
-/// Sends a connection whose reader and writer have stopped to `join.to`. `fd` is the
-/// socket, which the caller closes afterwards (the receiving shard gets a duplicate).
-pub fn hand_over(
-    shard: &Shard,
-    session: &Rc<Session>,
-    fd: RawFd,
-    join: DeferredJoin,
-    unread: Vec<u8>,
-) {
-    let to = join.to;
-    let user = session.user.borrow_mut().take();
-    let Some((user, identity)) = user else {
-        // `destination` saw it connected and nothing ran since; end it cleanly regardless.
-        session.close(CloseReason::Gone);
+/// After a frame was handled: whether the connection must now stop reading and move
+/// (a first join was put off for it). The bytes read past that frame go with the join;
+/// inside a fragmented message they cannot, and the join is handled here after all.
+pub fn ready_to_move(shard: &Shard, session: &Rc<Session>, reader: &mut FrameReader) -> bool {
+    let Some(mut join) = session.moving.borrow_mut().take() else {
+        return false;
+    };
+    match reader.take_unread() {
+        Some(unread) => {
+            join.unread = unread;
+            *session.moving.borrow_mut() = Some(join);
+            true
+        }
+        None => {
+            let DeferredJoin {
+                request, ack_id, ..
+            } = *join;
+            crate::chat::handler::handle_request(shard, session, request, ack_id);
+            false
+        }
+    }
+}
+
+/// Sends a connection whose reader and writer have stopped to `join.to`; if it started
+/// closing meanwhile, or cannot be handed over, it is closed here instead. The caller
+/// closes its own descriptor afterwards (the receiving shard gets a duplicate).
+pub fn hand_over(shard: &Shard, session: &Rc<Session>, join: DeferredJoin) {
+    let connected = session.user.borrow().is_some();
+    let fd = session
+        .fd
+        .get()
+        .filter(|_| connected && !session.is_closing())
+        .and_then(duplicate);
+    let Some(fd) = fd else {
+        // It started closing while the writer stopped (a ping timeout, a drain): its
+        // close frame is not written, the socket is cut.
+        session.cut();
         shard.close_session(session);
         return;
     };
-    // SAFETY: dup of the connection's open descriptor; the copy is owned by `MovedConn`.
-    let dup = unsafe { libc::dup(fd) };
-    if dup < 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "dup failed; closing a moving connection");
-        *session.user.borrow_mut() = Some((user, identity));
-        session.close(CloseReason::Gone);
-        shard.close_session(session);
+    // Connected (checked above): the user and identity travel.
+    let Some((user, identity)) = session.user.borrow_mut().take() else {
         return;
-    }
-    // SAFETY: `dup` is a fresh descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    };
+    let to = join.to;
     shard.detach_session(session);
     session.fd.set(None);
     let moved = MovedConn {
         fd,
-        unread,
         sid: session.sid.clone(),
         user,
         identity: Rc::try_unwrap(identity).unwrap_or_else(|shared| (*shared).clone()),
@@ -142,11 +159,20 @@ pub fn hand_over(
     shard.send(to, ShardMsg::Member(MemberMsg::Moved(Box::new(moved))));
 }
 
+/// A descriptor of our own for the same socket (for the receiving shard).
+fn duplicate(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: `fd` is the connection's socket, open until the caller drops its stream.
+    let socket = unsafe { BorrowedFd::borrow_raw(fd) };
+    socket
+        .try_clone_to_owned()
+        .inspect_err(|e| tracing::warn!(error = %e, "dup failed; closing a moving connection"))
+        .ok()
+}
+
 /// Serves a connection that moved here: handles its deferred join, then reads on.
 pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
     let MovedConn {
         fd,
-        unread,
         sid,
         user,
         identity,
@@ -154,7 +180,13 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
         queued,
         bucket,
         timers,
-        join,
+        join:
+            DeferredJoin {
+                request,
+                ack_id,
+                unread,
+                ..
+            },
         from,
     } = *moved;
     // SAFETY: the sending shard duplicated the descriptor for us and kept no use of it.
@@ -172,7 +204,7 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
     ShardMetrics::inc(&shard.stats().connections_moved_in);
     session.span.in_scope(|| {
         tracing::debug!(from, "moved here from another shard");
-        crate::chat::handler::handle_request(&shard, &session, join.request, join.ack_id);
+        crate::chat::handler::handle_request(&shard, &session, request, ack_id);
     });
     let reader = FrameReader::new(shard.ctx.config.engineio.max_payload, &unread);
     let span = session.span.clone();
