@@ -276,3 +276,31 @@ fn a_moved_connection_keeps_its_user_count_and_its_pings() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn one_busy_room_does_not_pull_every_connection_onto_its_shard() {
+    let server = Server::start(&[]);
+    let room = room_on(1, "busy");
+    let mut clients: Vec<WsClient> = (0..200)
+        .map(|i| WsClient::connect(server.port, &token(&format!("u{i}"), Some(&["*"]))))
+        .collect();
+    for c in &mut clients {
+        assert_eq!(c.emit_ack("join", json!({"room": room}))["ok"], true);
+    }
+    // Connections follow the room until its home holds a quarter more than the other
+    // shard plus 64 (the last move may land just past that); the rest stay.
+    let counts = server.connections_per_shard();
+    assert_eq!(counts.iter().sum::<u64>(), 200);
+    assert!(counts[0] > 0, "every connection moved: {counts:?}");
+    assert!(
+        counts[1] <= counts[0] + counts[0] / 4 + 65,
+        "the home shard took too many: {counts:?}"
+    );
+    assert!(server.metric(MOVED) > 0.0, "nothing moved: {counts:?}");
+    // Members on both shards hear the room.
+    let ack = clients[0].emit_ack("message", json!({"room": room, "text": "all"}));
+    assert_eq!(ack["ok"], true, "{ack}");
+    for c in clients.iter_mut().skip(1) {
+        assert_eq!(next_message(c)["text"], "all");
+    }
+}
