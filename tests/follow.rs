@@ -37,6 +37,13 @@ fn open_on(server: &Server, shard: usize) -> WsClient {
     panic!("no connection landed on shard {shard} in 64 tries");
 }
 
+/// `n` connected clients, users `u0`, `u1`, … (each may join any room).
+fn connect_users(server: &Server, n: usize) -> Vec<WsClient> {
+    (0..n)
+        .map(|i| WsClient::connect(server.port, &token(&format!("u{i}"), Some(&["*"]))))
+        .collect()
+}
+
 /// Sends the Socket.IO CONNECT for `user`; returns the server's answer.
 fn connect_as(c: &mut WsClient, user: &str) -> String {
     c.send_text(&format!(
@@ -83,9 +90,7 @@ fn wait_for_counts(server: &Server, want: &[u64]) {
 fn connections_gather_on_the_home_shard_of_their_room_and_the_room_works() {
     let server = Server::start(&[]);
     let room = room_on(1, "gather");
-    let mut clients: Vec<WsClient> = (0..16)
-        .map(|i| WsClient::connect(server.port, &token(&format!("u{i}"), Some(&["*"]))))
-        .collect();
+    let mut clients = connect_users(&server, 16);
     let before = server.connections_per_shard();
     assert_eq!(before.iter().sum::<u64>(), 16);
     for c in &mut clients {
@@ -177,9 +182,7 @@ fn connections_gather_on_the_home_shard_of_their_room_and_the_room_works() {
 fn with_follow_rooms_off_connections_stay_where_they_were_accepted() {
     let server = Server::start(&[("CORELAY_SERVER_FOLLOW_ROOMS", "false")]);
     let room = room_on(1, "stay");
-    let mut clients: Vec<WsClient> = (0..16)
-        .map(|i| WsClient::connect(server.port, &token(&format!("u{i}"), Some(&["*"]))))
-        .collect();
+    let mut clients = connect_users(&server, 16);
     let before = server.connections_per_shard();
     for c in &mut clients {
         assert_eq!(c.emit_ack("join", json!({"room": room}))["ok"], true);
@@ -281,9 +284,7 @@ fn a_moved_connection_keeps_its_user_count_and_its_pings() {
 fn one_busy_room_does_not_pull_every_connection_onto_its_shard() {
     let server = Server::start(&[]);
     let room = room_on(1, "busy");
-    let mut clients: Vec<WsClient> = (0..200)
-        .map(|i| WsClient::connect(server.port, &token(&format!("u{i}"), Some(&["*"]))))
-        .collect();
+    let mut clients = connect_users(&server, 200);
     for c in &mut clients {
         assert_eq!(c.emit_ack("join", json!({"room": room}))["ok"], true);
     }
