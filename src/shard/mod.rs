@@ -295,6 +295,7 @@ impl Shard {
         self.register(sid, Transport::WebSocket, timers)
     }
 
+    /// Adds a session to this shard's maps and counts it open.
     fn register(&self, sid: String, transport: Transport, timers: Timers) -> Rc<Session> {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);

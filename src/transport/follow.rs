@@ -30,7 +30,7 @@ use super::websocket::FrameReader;
 use crate::auth::Identity;
 use crate::chat::events::ChatRequest;
 use crate::chat::mesh::{home_of, MemberMsg, ShardMsg};
-use crate::chat::session::{Session, Timers, TokenBucket, Transport, User};
+use crate::chat::session::{CloseReason, Session, Timers, TokenBucket, Transport, User};
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
 
@@ -204,7 +204,13 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
     ShardMetrics::inc(&shard.stats().connections_moved_in);
     session.span.in_scope(|| {
         tracing::debug!(from, "moved here from another shard");
-        crate::chat::handler::handle_request(&shard, &session, request, ack_id);
+        if shard.ctx.draining.load(Relaxed) {
+            // The drain began while it travelled and may have closed this shard's
+            // connections already: close it like them (clients reconnect elsewhere).
+            session.close(CloseReason::Restart);
+        } else {
+            crate::chat::handler::handle_request(&shard, &session, request, ack_id);
+        }
     });
     let reader = FrameReader::new(shard.ctx.config.engineio.max_payload, &unread);
     let span = session.span.clone();
