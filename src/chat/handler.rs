@@ -346,7 +346,7 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
                     .flatten()
                 {
                     // The join is handled where the connection lands, first thing.
-                    *session.moving.borrow_mut() = Some(Box::new(follow::DeferredJoin {
+                    *session.deferred_join.borrow_mut() = Some(Box::new(follow::DeferredJoin {
                         to,
                         request: ChatRequest::Join {
                             room: room.to_string(),

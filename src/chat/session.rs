@@ -263,7 +263,7 @@ pub struct Session {
     pub joined_once: Cell<bool>,
     /// A first join deferred because the connection moves to the room's home shard; the
     /// reader takes it and hands the connection over.
-    pub moving: RefCell<Option<Box<crate::transport::follow::DeferredJoin>>>,
+    pub deferred_join: RefCell<Option<Box<crate::transport::follow::DeferredJoin>>>,
 }
 
 impl Session {
@@ -301,7 +301,7 @@ impl Session {
             timers: Cell::new(timers),
             movable: Cell::new(false),
             joined_once: Cell::new(false),
-            moving: RefCell::new(None),
+            deferred_join: RefCell::new(None),
         }
     }
 

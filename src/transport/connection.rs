@@ -615,8 +615,8 @@ pub(crate) async fn read_loop(
             break;
         }
     }
-    let moving = session.moving.borrow_mut().take();
-    match moving {
+    let deferred = session.deferred_join.borrow_mut().take();
+    match deferred {
         Some(join) if !session.is_closing() => {
             session.stop_writer();
             writer.await;

@@ -100,13 +100,13 @@ pub fn destination(shard: &Shard, session: &Session, room: &str) -> Option<usize
 /// (a first join was put off for it). The bytes read past that frame go with the join;
 /// inside a fragmented message they cannot, and the join is handled here after all.
 pub fn ready_to_move(shard: &Shard, session: &Rc<Session>, reader: &mut FrameReader) -> bool {
-    let Some(mut join) = session.moving.borrow_mut().take() else {
+    let Some(mut join) = session.deferred_join.borrow_mut().take() else {
         return false;
     };
     match reader.take_unread() {
         Some(unread) => {
             join.unread = unread;
-            *session.moving.borrow_mut() = Some(join);
+            *session.deferred_join.borrow_mut() = Some(join);
             true
         }
         None => {
@@ -123,21 +123,18 @@ pub fn ready_to_move(shard: &Shard, session: &Rc<Session>, reader: &mut FrameRea
 /// closing meanwhile, or cannot be handed over, it is closed here instead. The caller
 /// closes its own descriptor afterwards (the receiving shard gets a duplicate).
 pub fn hand_over(shard: &Shard, session: &Rc<Session>, join: DeferredJoin) {
-    let connected = session.user.borrow().is_some();
     let fd = session
         .fd
         .get()
-        .filter(|_| connected && !session.is_closing())
+        .filter(|_| !session.is_closing())
         .and_then(duplicate);
-    let Some(fd) = fd else {
+    // The user and identity travel (taken only once the socket can travel too).
+    let user = fd.as_ref().and_then(|_| session.user.borrow_mut().take());
+    let (Some(fd), Some((user, identity))) = (fd, user) else {
         // It started closing while the writer stopped (a ping timeout, a drain): its
         // close frame is not written, the socket is cut.
         session.cut();
         shard.close_session(session);
-        return;
-    };
-    // Connected (checked above): the user and identity travel.
-    let Some((user, identity)) = session.user.borrow_mut().take() else {
         return;
     };
     let to = join.to;
