@@ -3,7 +3,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { io } from "socket.io-client";
@@ -52,7 +52,8 @@ const connected = (s) => (s.connected ? Promise.resolve() : new Promise((r) => s
 
 test("a member that disconnected gets exactly what it missed, in order", async () => {
   const port = await freePort();
-  const server = await startEmbedded(port, mkdtempSync(path.join(os.tmpdir(), "corelay-rec-")));
+  const dataDir = mkdtempSync(path.join(os.tmpdir(), "corelay-rec-"));
+  const server = await startEmbedded(port, dataDir);
   const sender = client(port, "sender");
   const member = client(port, "member");
   try {
@@ -87,6 +88,7 @@ test("a member that disconnected gets exactly what it missed, in order", async (
     sender.close();
     member.close();
     await server.stop();
+    rmSync(dataDir, { recursive: true, force: true });
   }
 });
 
@@ -124,5 +126,6 @@ test("after a server restart, clients reconnect by themselves and recover with s
     sender.close();
     member.close();
     await server.stop();
+    rmSync(dataDir, { recursive: true, force: true });
   }
 });
