@@ -29,6 +29,10 @@ pub enum ConnectError {
     NoPorts,
     /// TCP connect failed.
     Tcp(std::io::Error),
+    /// The server refused the upgrade with HTTP 429: too many new sessions from this
+    /// source address (corelay's `limits.connect_rate_per_ip`). A run that hits it does not
+    /// measure what it meant to, so it gets its own name.
+    RateLimited,
     /// The WebSocket upgrade failed.
     WebSocket(String),
     /// The server refused the Socket.IO CONNECT (`44{...}`).
@@ -46,6 +50,7 @@ impl ConnectError {
             ConnectError::FdLimit => "connect_fd_limit",
             ConnectError::NoPorts => "connect_no_ports",
             ConnectError::Tcp(_) => "connect_tcp",
+            ConnectError::RateLimited => "connect_rate_limited",
             ConnectError::WebSocket(_) => "connect_ws",
             ConnectError::Refused(_) => "connect_refused",
             ConnectError::Protocol(_) => "connect_protocol",
@@ -58,6 +63,16 @@ impl ConnectError {
             Some(libc::EMFILE) | Some(libc::ENFILE) => ConnectError::FdLimit,
             Some(libc::EADDRNOTAVAIL) => ConnectError::NoPorts,
             _ => ConnectError::Tcp(e),
+        }
+    }
+
+    /// A failed WebSocket upgrade: HTTP 429 is the server's session rate limit.
+    fn from_upgrade(e: tokio_tungstenite::tungstenite::Error) -> ConnectError {
+        match &e {
+            tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status().as_u16() == 429 => {
+                ConnectError::RateLimited
+            }
+            _ => ConnectError::WebSocket(e.to_string()),
         }
     }
 }
@@ -74,6 +89,12 @@ impl fmt::Display for ConnectError {
                 "no ephemeral port left (EADDRNOTAVAIL): use more --source-addrs"
             ),
             ConnectError::Tcp(e) => write!(f, "TCP connect failed: {e}"),
+            ConnectError::RateLimited => write!(
+                f,
+                "the server refused new sessions from this source address (HTTP 429): wait \
+                 for its limit to refill, spread connections with --source-addrs, or raise \
+                 the server's limit (corelay: limits.connect_rate_per_ip / connect_burst_per_ip)"
+            ),
             ConnectError::WebSocket(e) => write!(f, "WebSocket upgrade failed: {e}"),
             ConnectError::Refused(m) => write!(f, "Socket.IO CONNECT refused: {m}"),
             ConnectError::Protocol(m) => write!(f, "unexpected handshake: {m}"),
@@ -178,7 +199,7 @@ impl Conn {
             let (ws, _resp) =
                 tokio_tungstenite::client_async_with_config(ep.url.as_str(), stream, Some(config))
                     .await
-                    .map_err(|e| ConnectError::WebSocket(e.to_string()))?;
+                    .map_err(ConnectError::from_upgrade)?;
             let mut conn = Conn {
                 ws,
                 next_id: 1,

@@ -52,6 +52,11 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn start_server(bin: &Path, dir: &Path) -> Server {
+    start_server_with(bin, dir, &[])
+}
+
+/// Starts corelay with extra environment (`CORELAY_…` settings).
+fn start_server_with(bin: &Path, dir: &Path, env: &[(&str, &str)]) -> Server {
     let port = free_port();
     let mut child = Command::new(bin)
         .args([
@@ -70,6 +75,7 @@ fn start_server(bin: &Path, dir: &Path) -> Server {
         .env("CORELAY_LIMITS_SEND_RATE", "100000")
         .env("CORELAY_LIMITS_SEND_BURST", "100000")
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -235,5 +241,51 @@ fn refuses_remote_targets_and_bad_secrets() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("unauthorized"), "{stderr}");
     drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A server that refuses new sessions (HTTP 429, its per-address limit) gets a named error
+/// kind and a message that says which limit, not a generic upgrade failure.
+#[test]
+fn connect_names_the_servers_rate_limit() {
+    let Some(bin) = corelay_bin() else { return };
+    let dir = scratch("ratelimit");
+    let server = start_server_with(
+        &bin,
+        &dir,
+        &[
+            ("CORELAY_LIMITS_CONNECT_RATE_PER_IP", "1"),
+            ("CORELAY_LIMITS_CONNECT_BURST_PER_IP", "5"),
+        ],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_corelay-loadgen"))
+        .args(["connect", "--target"])
+        .arg(format!("127.0.0.1:{}", server.port))
+        .args([
+            "--secret",
+            SECRET,
+            "-c",
+            "20",
+            "--hold",
+            "1s",
+            "--no-progress",
+        ])
+        .output()
+        .expect("run corelay-loadgen");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}"));
+    let connected = v["connected"].as_u64().unwrap();
+    let limited = v["error_kinds"]["connect_rate_limited"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!((5..=7).contains(&connected), "the burst lets ~5 in: {v}");
+    assert_eq!(connected + limited, 20, "every refusal is named: {v}");
+    assert!(
+        stderr.contains("HTTP 429") && stderr.contains("connect_rate_per_ip"),
+        "{stderr}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
