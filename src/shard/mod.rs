@@ -281,7 +281,7 @@ impl Shard {
             connect_deadline: Some(now + eio.connect_timeout.0),
             close_deadline: None,
         };
-        let session = self.register(crate::ids::new_sid(self.id), transport, timers);
+        let session = self.register(crate::ids::new_sid(self.id), transport, timers, now);
         ShardMetrics::inc(&self.stats().connections_total);
         session
             .span
@@ -292,11 +292,17 @@ impl Shard {
     /// A session for a WebSocket that moved here from another shard, keeping its sid
     /// and timers (`transport::follow`); the caller restores the rest.
     pub fn open_moved_session(&self, sid: String, timers: Timers) -> Rc<Session> {
-        self.register(sid, Transport::WebSocket, timers)
+        self.register(sid, Transport::WebSocket, timers, Instant::now())
     }
 
     /// Adds a session to this shard's maps and counts it open.
-    fn register(&self, sid: String, transport: Transport, timers: Timers) -> Rc<Session> {
+    fn register(
+        &self,
+        sid: String,
+        transport: Transport,
+        timers: Timers,
+        now: Instant,
+    ) -> Rc<Session> {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
         let span = tracing::info_span!(
@@ -307,15 +313,7 @@ impl Shard {
             user = tracing::field::Empty,
         );
         let session = Rc::new(
-            Session::new(
-                id,
-                sid,
-                transport,
-                &self.ctx.config.limits,
-                timers,
-                Instant::now(),
-            )
-            .with_span(span),
+            Session::new(id, sid, transport, &self.ctx.config.limits, timers, now).with_span(span),
         );
         self.sessions.borrow_mut().insert(id, session.clone());
         self.by_sid.borrow_mut().insert(session.sid.clone(), id);
@@ -323,15 +321,18 @@ impl Shard {
         session
     }
 
-    /// Forgets a session that moved to another shard: no room to leave, no count to
-    /// release (its user's count moves with it).
-    pub fn detach_session(&self, session: &Session) {
+    /// Takes a session out of this shard's maps and its open count; true if it was still
+    /// there. On its own, it forgets a session that moved to another shard: no room to
+    /// leave, no count to release (its user's count moves with it).
+    pub fn detach_session(&self, session: &Session) -> bool {
         self.by_sid.borrow_mut().remove(&session.sid);
-        if self.sessions.borrow_mut().remove(&session.id).is_some() {
+        let known = self.sessions.borrow_mut().remove(&session.id).is_some();
+        if known {
             self.stats()
                 .connections
                 .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
+        known
     }
 
     /// Takes a connection out of every room it is in or joining (Socket.IO disconnect,
@@ -378,11 +379,7 @@ impl Shard {
     pub fn close_session(&self, session: &Rc<Session>) {
         self.leave_all(session);
         self.release_user(session);
-        self.by_sid.borrow_mut().remove(&session.sid);
-        if self.sessions.borrow_mut().remove(&session.id).is_some() {
-            self.stats()
-                .connections
-                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if self.detach_session(session) {
             let reason = session.out.borrow().closing();
             session
                 .span
