@@ -15,8 +15,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use corelay::chat::session::{Queued, Session, Timers, Transport};
+use corelay::chat::session::Session;
 use corelay::config::LimitsConfig;
+use corelay::transport::conn::{Queued, Timers, Transport};
 use corelay::transport::websocket::text_frame;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 

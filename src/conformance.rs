@@ -8,23 +8,75 @@
 //!   with the same arguments (binary attachments included); `message-with-ack` is acked
 //!   with the same arguments.
 
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::rc::Rc;
 
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-use crate::chat::handler::Flow;
-use crate::chat::session::{CloseReason, Session};
+use crate::chat::session::Session;
 use crate::protocol::socketio::{self, PacketKind};
 use crate::shard::Shard;
+use crate::transport::conn::{CloseReason, Flow};
+use crate::transport::engine::EngineHandler;
 use crate::transport::websocket::{close_code, encode_frame, text_frame};
 
 /// The namespaces the reference server serves.
 const NAMESPACES: [&str; 2] = ["/", "/custom"];
 
-/// A binary packet being assembled: its header and the attachments so far.
+/// The reference test server as an [`EngineHandler`]: it keeps its per-session state
+/// itself, keyed by session id, so production sessions carry none of it.
 #[derive(Debug, Default)]
-pub struct EchoState {
+pub struct Conformance {
+    /// Sessions opened on `/engine.io/`: raw Engine.IO echo.
+    raw: RefCell<HashSet<u64>>,
+    /// Socket.IO sessions' namespaces and binary packets being assembled.
+    echo: RefCell<HashMap<u64, EchoState>>,
+}
+
+impl EngineHandler for Conformance {
+    fn serves_path(&self, path: &str) -> bool {
+        path == "/engine.io/" || path == "/engine.io"
+    }
+
+    fn on_open(&self, session: &Rc<Session>, path: &str) {
+        if self.serves_path(path) {
+            self.raw.borrow_mut().insert(session.id);
+        }
+    }
+
+    fn on_message(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
+        if self.raw.borrow().contains(&session.id) {
+            let mut packet = Vec::with_capacity(data.len() + 1);
+            packet.push(b'4');
+            packet.extend_from_slice(&data);
+            echo_engineio_text(session, &packet);
+            return Flow::Continue;
+        }
+        let mut echo = self.echo.borrow_mut();
+        on_socketio(shard, session, echo.entry(session.id).or_default(), &data)
+    }
+
+    fn on_binary(&self, _shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
+        if self.raw.borrow().contains(&session.id) {
+            echo_engineio_binary(session, &data);
+            return Flow::Continue;
+        }
+        let mut echo = self.echo.borrow_mut();
+        on_binary(session, echo.entry(session.id).or_default(), data)
+    }
+
+    fn on_close(&self, session: &Session) {
+        self.raw.borrow_mut().remove(&session.id);
+        self.echo.borrow_mut().remove(&session.id);
+    }
+}
+
+/// One Socket.IO session's state: its namespaces, and a binary packet being assembled
+/// (its header and the attachments so far).
+#[derive(Debug, Default)]
+struct EchoState {
     /// Namespaces this client connected to.
     connected: Vec<String>,
     pending: Option<PendingBinary>,
@@ -43,12 +95,12 @@ struct PendingBinary {
 const PROTOCOL_ERROR: Flow = Flow::Close(CloseReason::Protocol(close_code::PROTOCOL));
 
 /// `/engine.io/`: echo a message packet as it came.
-pub fn echo_engineio_text(session: &Session, packet: &[u8]) {
+fn echo_engineio_text(session: &Session, packet: &[u8]) {
     session.push(text_frame(packet), false);
 }
 
 /// `/engine.io/`: echo a binary packet as it came.
-pub fn echo_engineio_binary(session: &Session, data: &[u8]) {
+fn echo_engineio_binary(session: &Session, data: &[u8]) {
     session.push(encode_frame(OpCode::Data(Data::Binary), data), false);
 }
 
@@ -136,8 +188,7 @@ fn answer(
 }
 
 /// `/socket.io/` in conformance mode: one Socket.IO packet.
-pub fn on_socketio(shard: &Shard, session: &Rc<Session>, data: &[u8]) -> Flow {
-    let mut state = session.echo.borrow_mut();
+fn on_socketio(shard: &Shard, session: &Rc<Session>, state: &mut EchoState, data: &[u8]) -> Flow {
     if state.pending.is_some() {
         return PROTOCOL_ERROR;
     }
@@ -224,8 +275,7 @@ pub fn on_socketio(shard: &Shard, session: &Rc<Session>, data: &[u8]) -> Flow {
 }
 
 /// A binary attachment in conformance mode.
-pub fn on_binary(session: &Rc<Session>, data: Vec<u8>) -> Flow {
-    let mut state = session.echo.borrow_mut();
+fn on_binary(session: &Rc<Session>, state: &mut EchoState, data: Vec<u8>) -> Flow {
     let Some(pending) = state.pending.as_mut() else {
         return PROTOCOL_ERROR;
     };
@@ -239,7 +289,6 @@ pub fn on_binary(session: &Rc<Session>, data: Vec<u8>) -> Flow {
     if !state.connected.contains(&p.namespace) {
         return Flow::Continue;
     }
-    drop(state);
     answer(
         session,
         &p.namespace,

@@ -11,21 +11,16 @@ use super::events::{
     PayloadLimits,
 };
 use super::mesh::{HomeCmd, ReplyTo, UserCmd};
-use super::session::{CloseReason, Session, User, MAX_HELD_PACKETS};
+use super::session::{Session, User, MAX_HELD_PACKETS};
 use crate::auth::Identity;
 use crate::metrics::ShardMetrics;
 use crate::protocol::socketio::{self, encode_ack, PacketKind};
 use crate::shard::Shard;
 use crate::store::HistoryStore;
+use crate::transport::conn::{CloseReason, Flow};
+use crate::transport::engine::EngineHandler;
 use crate::transport::follow;
 use crate::transport::websocket::{close_code, text_frame};
-
-/// Whether the connection goes on after a packet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Flow {
-    Continue,
-    Close(CloseReason),
-}
 
 const PROTOCOL_ERROR: Flow = Flow::Close(CloseReason::Protocol(close_code::PROTOCOL));
 
@@ -38,6 +33,22 @@ pub struct ConnState {
 
 /// How long after a refused CONNECT the session may try again before it is closed.
 const RETRY_CONNECT: Duration = Duration::from_secs(10);
+
+/// The chat layer as the transport sees it: Socket.IO packets become chat requests.
+#[derive(Debug, Default)]
+pub struct ChatHandler;
+
+impl EngineHandler for ChatHandler {
+    fn on_message(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
+        let mut parser = session.parser.borrow_mut();
+        on_socketio(shard, session, &mut parser, data)
+    }
+
+    fn on_binary(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
+        let mut parser = session.parser.borrow_mut();
+        on_binary(shard, session, &mut parser, data)
+    }
+}
 
 /// Handles one Socket.IO packet (the Engine.IO message body).
 pub fn on_socketio(

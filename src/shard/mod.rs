@@ -15,11 +15,13 @@ use glommio::channels::local_channel::LocalSender;
 use crate::auth::Authenticator;
 use crate::chat::home::Home;
 use crate::chat::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg, UserCmd};
-use crate::chat::session::{CloseReason, ConnRef, Queued, Session, Timers, Transport};
+use crate::chat::session::{ConnRef, Session};
 use crate::chat::users::UserCounts;
 use crate::config::Config;
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::store::Store;
+use crate::transport::conn::{CloseReason, Queued, Timers, Transport};
+use crate::transport::engine::EngineHandler;
 use crate::transport::websocket::text_frame;
 
 /// What every shard shares read-only (behind one `Arc`).
@@ -36,6 +38,18 @@ pub struct Context {
     pub connect_limiter: crate::transport::connect_limit::ConnectLimiter,
 }
 
+/// What the runtime builds for a shard before the shard exists.
+pub struct ShardParts {
+    pub id: usize,
+    pub count: usize,
+    pub ctx: Arc<Context>,
+    pub store: Store,
+    pub home: Home,
+    pub handler: Rc<dyn EngineHandler>,
+    /// Per peer shard, the queue its outbox task drains into the mesh (`None` for self).
+    pub outboxes: Vec<Option<LocalSender<ShardMsg>>>,
+}
+
 /// One shard's state. Lives in an `Rc` on its own thread.
 pub struct Shard {
     pub id: usize,
@@ -43,6 +57,8 @@ pub struct Shard {
     pub ctx: Arc<Context>,
     pub store: Store,
     pub home: Home,
+    /// What sessions' Engine.IO messages mean (chat, or the conformance echo server).
+    pub handler: Rc<dyn EngineHandler>,
     /// Connection counts of the users whose owner this shard is.
     pub users: UserCounts,
     sessions: RefCell<HashMap<u64, Rc<Session>>>,
@@ -58,22 +74,24 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// A shard with no connections yet.
-    pub fn new(
-        id: usize,
-        count: usize,
-        ctx: Arc<Context>,
-        store: Store,
-        home: Home,
-        outboxes: Vec<Option<LocalSender<ShardMsg>>>,
-        me: Weak<Shard>,
-    ) -> Shard {
+    /// A shard with no connections yet, made of what the runtime built for it.
+    pub fn new(parts: ShardParts, me: Weak<Shard>) -> Shard {
+        let ShardParts {
+            id,
+            count,
+            ctx,
+            store,
+            home,
+            handler,
+            outboxes,
+        } = parts;
         Shard {
             id,
             count,
             ctx,
             store,
             home,
+            handler,
             users: UserCounts::default(),
             sessions: RefCell::new(HashMap::new()),
             by_sid: RefCell::new(HashMap::new()),
@@ -380,6 +398,7 @@ impl Shard {
         self.leave_all(session);
         self.release_user(session);
         if self.detach_session(session) {
+            self.handler.on_close(session);
             let reason = session.out.borrow().closing();
             session
                 .span

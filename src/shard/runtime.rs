@@ -14,13 +14,16 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
-use super::{Context, Shard};
+use super::{Context, Shard, ShardParts};
+use crate::chat::handler::ChatHandler;
 use crate::chat::home::Home;
 use crate::chat::mesh::ShardMsg;
 use crate::cluster::redis::RedisCluster;
 use crate::cluster::shard_link::ShardLink;
+use crate::conformance::Conformance;
 use crate::ids::MessageIds;
 use crate::store::Store;
+use crate::transport::engine::EngineHandler;
 
 /// Capacity of each shard-to-shard channel; a full one is backpressure on the sender.
 const MESH_CHANNEL: usize = 4096;
@@ -230,7 +233,21 @@ async fn shard_main(
         None => (None, None),
     };
     let home = Home::new(home_tx, MessageIds::new(ctx.id_prefix, id), link);
-    let shard = Rc::new_cyclic(|me| Shard::new(id, count, ctx, store, home, outboxes, me.clone()));
+    let handler: Rc<dyn EngineHandler> = if ctx.config.server.conformance {
+        Rc::new(Conformance::default())
+    } else {
+        Rc::new(ChatHandler)
+    };
+    let parts = ShardParts {
+        id,
+        count,
+        ctx,
+        store,
+        home,
+        handler,
+        outboxes,
+    };
+    let shard = Rc::new_cyclic(|me| Shard::new(parts, me.clone()));
     if let Some(mut events) = cluster_events {
         let shard = shard.clone();
         glommio::spawn_local(async move {

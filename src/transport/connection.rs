@@ -14,14 +14,15 @@ use futures::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
 use glommio::net::TcpStream;
 use tracing::Instrument as _;
 
+use super::conn::Flow;
+use super::conn::{CloseReason, Transport};
 use super::connect_limit::RetryAfter;
 use super::http::{self, HttpError, Request};
 use super::polling;
 use super::websocket::{self, FrameReader, Message};
 use super::{api, engine, follow};
-use crate::chat::handler::Flow;
 use crate::chat::mesh::{MemberMsg, ShardMsg};
-use crate::chat::session::{CloseReason, Session, Transport};
+use crate::chat::session::Session;
 use crate::metrics::ShardMetrics;
 use crate::protocol::engineio::{self, HandshakeError, OpenPayload};
 use crate::shard::Shard;
@@ -87,51 +88,51 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
         };
 
         let eio_path = shard.ctx.config.server.path.as_str();
-        let raw_echo = shard.ctx.config.server.conformance
-            && (req.path == "/engine.io/" || req.path == "/engine.io");
-        let answer =
-            if raw_echo || req.path == eio_path || req.path == eio_path.trim_end_matches('/') {
-                match engineio_request(&shard, stream, req, buf, raw_echo).await {
-                    Next::Http(s, b) => {
-                        stream = s;
-                        buf = b;
-                        continue;
-                    }
-                    Next::Upgrade(upgrade) => {
-                        // A task of its own: this HTTP task's state (request, buffers) is
-                        // freed instead of living as long as the WebSocket does.
-                        glommio::spawn_local(run_websocket(shard, upgrade)).detach();
-                        return;
-                    }
-                    Next::Done => return,
+        let answer = if req.path == eio_path
+            || req.path == eio_path.trim_end_matches('/')
+            || shard.handler.serves_path(&req.path)
+        {
+            match engineio_request(&shard, stream, req, buf).await {
+                Next::Http(s, b) => {
+                    stream = s;
+                    buf = b;
+                    continue;
                 }
-            } else if req.path.starts_with("/api/") {
-                let answer = api::handle(&shard, &req, &mut stream, &mut buf).await;
-                let consumed = req.method == "GET" || answer.status == 201;
-                (answer.status, "application/json", answer.body, consumed)
-            } else {
-                let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
-                    ("GET", "/healthz") => {
-                        let (status, body) = health(&shard);
-                        (status, "application/json", body)
-                    }
-                    ("GET", "/metrics") => (
-                        200,
-                        "text/plain; version=0.0.4",
-                        shard
-                            .ctx
-                            .metrics
-                            .render_prometheus(shard.store.health().is_ok())
-                            .into_bytes(),
-                    ),
-                    _ => (
-                        404,
-                        "application/json",
-                        br#"{"error":{"code":"not_found","message":"no such route"}}"#.to_vec(),
-                    ),
-                };
-                (status, content_type, body, !has_body(&req))
+                Next::Upgrade(upgrade) => {
+                    // A task of its own: this HTTP task's state (request, buffers) is
+                    // freed instead of living as long as the WebSocket does.
+                    glommio::spawn_local(run_websocket(shard, upgrade)).detach();
+                    return;
+                }
+                Next::Done => return,
+            }
+        } else if req.path.starts_with("/api/") {
+            let answer = api::handle(&shard, &req, &mut stream, &mut buf).await;
+            let consumed = req.method == "GET" || answer.status == 201;
+            (answer.status, "application/json", answer.body, consumed)
+        } else {
+            let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
+                ("GET", "/healthz") => {
+                    let (status, body) = health(&shard);
+                    (status, "application/json", body)
+                }
+                ("GET", "/metrics") => (
+                    200,
+                    "text/plain; version=0.0.4",
+                    shard
+                        .ctx
+                        .metrics
+                        .render_prometheus(shard.store.health().is_ok())
+                        .into_bytes(),
+                ),
+                _ => (
+                    404,
+                    "application/json",
+                    br#"{"error":{"code":"not_found","message":"no such route"}}"#.to_vec(),
+                ),
             };
+            (status, content_type, body, !has_body(&req))
+        };
         let (status, content_type, body, consumed) = answer;
         let keep_alive = req.keep_alive() && consumed;
         let resp = http::response(status, content_type, &body, keep_alive);
@@ -212,7 +213,8 @@ struct Upgrade {
     leftover: Vec<u8>,
     /// The polling session being upgraded, or `None` for a new session.
     session: Option<Rc<Session>>,
-    raw_echo: bool,
+    /// The request's path, for the handler's `on_open` of a new session.
+    path: String,
 }
 
 /// What follows an Engine.IO request.
@@ -231,7 +233,6 @@ async fn engineio_request(
     mut stream: TcpStream,
     req: Request,
     mut buf: Vec<u8>,
-    raw_echo: bool,
 ) -> Next {
     let cors = cors_headers(shard, &req);
     // Every response carries the CORS headers (none unless the origin is allowed).
@@ -305,14 +306,14 @@ async fn engineio_request(
                             key,
                             leftover: buf,
                             session: None,
-                            raw_echo,
+                            path: req.path.clone(),
                         })
                     }
                     None => break 'answer reject(HandshakeError::BadRequest),
                 }
             }
             let session = shard.open_session(Transport::Polling);
-            session.raw_echo.set(raw_echo);
+            shard.handler.on_open(&session, &req.path);
             let open = engineio::encode_open(&OpenPayload {
                 sid: &session.sid,
                 upgrades: &["websocket"],
@@ -345,7 +346,7 @@ async fn engineio_request(
                         key,
                         leftover: buf,
                         session: Some(session),
-                        raw_echo,
+                        path: req.path.clone(),
                     })
                 }
                 None => break 'answer reject(HandshakeError::BadRequest),
@@ -508,7 +509,7 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
         key,
         leftover,
         session: upgrading,
-        raw_echo,
+        path,
     } = upgrade;
     if stream
         .write_all(&websocket::upgrade_response(&key))
@@ -541,7 +542,7 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
         }
         None => {
             let session = shard.open_session(Transport::WebSocket);
-            session.raw_echo.set(raw_echo);
+            shard.handler.on_open(&session, &path);
             session.fd.set(Some(stream.as_raw_fd()));
             let open = engineio::encode_open(&OpenPayload {
                 sid: &session.sid,

@@ -1,14 +1,38 @@
 //! Engine.IO packets from a client, whichever transport brought them: pong, ping
-//! (and the upgrade probe), message (handed to Socket.IO), close, noop.
+//! (and the upgrade probe), close and noop are the transport's own; a message goes up to
+//! the layer above through [`EngineHandler`].
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use super::conn::{CloseReason, Flow};
 use super::websocket::{close_code, text_frame};
-use crate::chat::handler::{self, Flow};
-use crate::chat::session::{CloseReason, Session};
+use crate::chat::session::Session;
 use crate::protocol::engineio::{self, PacketType};
 use crate::shard::Shard;
+
+/// The layer above the transport: what a session's Engine.IO messages mean. Chat
+/// implements it for production; `conformance` implements it for the official protocol
+/// suites. The shard runtime picks one at start, so the production path carries no branch
+/// and no state for the other.
+pub trait EngineHandler {
+    /// Whether Engine.IO requests on `path` are served too, besides `server.path`.
+    fn serves_path(&self, _path: &str) -> bool {
+        false
+    }
+
+    /// A session opened by a request on `path`.
+    fn on_open(&self, _session: &Rc<Session>, _path: &str) {}
+
+    /// An Engine.IO message packet's body (the type byte taken off): a Socket.IO packet.
+    fn on_message(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow;
+
+    /// A binary Engine.IO message (a Socket.IO attachment).
+    fn on_binary(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow;
+
+    /// The session ended on this shard (every way a session ends comes here once).
+    fn on_close(&self, _session: &Session) {}
+}
 
 /// Handles one Engine.IO text packet.
 pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow {
@@ -32,16 +56,8 @@ pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow 
             Flow::Continue
         }
         PacketType::Message => {
-            if shard.ctx.config.server.conformance {
-                if session.raw_echo.get() {
-                    crate::conformance::echo_engineio_text(session, &data);
-                    return Flow::Continue;
-                }
-                return crate::conformance::on_socketio(shard, session, &data[1..]);
-            }
             data.remove(0);
-            let mut parser = session.parser.borrow_mut();
-            handler::on_socketio(shard, session, &mut parser, data)
+            shard.handler.on_message(shard, session, data)
         }
         PacketType::Close => Flow::Close(CloseReason::Protocol(close_code::NORMAL)),
         PacketType::Noop | PacketType::Upgrade => Flow::Continue,
@@ -51,13 +67,5 @@ pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow 
 
 /// Handles one binary packet (a Socket.IO attachment).
 pub fn on_binary(shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
-    if shard.ctx.config.server.conformance {
-        if session.raw_echo.get() {
-            crate::conformance::echo_engineio_binary(session, &data);
-            return Flow::Continue;
-        }
-        return crate::conformance::on_binary(session, data);
-    }
-    let mut parser = session.parser.borrow_mut();
-    handler::on_binary(shard, session, &mut parser, data)
+    shard.handler.on_binary(shard, session, data)
 }

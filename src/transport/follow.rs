@@ -26,11 +26,12 @@ use bytes::Bytes;
 use glommio::net::TcpStream;
 use tracing::Instrument as _;
 
+use super::conn::{CloseReason, Timers, Transport};
 use super::websocket::FrameReader;
 use crate::auth::Identity;
 use crate::chat::events::ChatRequest;
 use crate::chat::mesh::{home_of, MemberMsg, ShardMsg};
-use crate::chat::session::{CloseReason, Session, Timers, TokenBucket, Transport, User};
+use crate::chat::session::{Session, TokenBucket, User};
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
 
@@ -82,12 +83,7 @@ pub fn destination(shard: &Shard, session: &Session, room: &str) -> Option<usize
         && session.joining.borrow().is_empty()
         && !session.is_closing();
     let config = &shard.ctx.config.server;
-    if home == shard.id
-        || !quiet
-        || !config.follow_rooms
-        || config.conformance
-        || shard.ctx.draining.load(Relaxed)
-    {
+    if home == shard.id || !quiet || !config.follow_rooms || shard.ctx.draining.load(Relaxed) {
         return None;
     }
     let shards = &shard.ctx.metrics.shards;

@@ -2,6 +2,7 @@
 //! per-connection tasks that carry Engine.IO over them.
 
 pub mod api;
+pub mod conn;
 pub mod connect_limit;
 pub mod connection;
 pub mod engine;

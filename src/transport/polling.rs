@@ -9,9 +9,10 @@ use std::task::Poll;
 use base64::Engine as _;
 use bytes::Bytes;
 
+use super::conn::Flow;
+use super::conn::{CloseReason, Transport};
 use super::engine;
-use crate::chat::handler::Flow;
-use crate::chat::session::{CloseReason, Session, Transport};
+use crate::chat::session::Session;
 use crate::protocol::engineio::HandshakeError;
 use crate::shard::Shard;
 
