@@ -147,6 +147,11 @@ pub struct LimitsConfig {
     /// New sessions one source address may open at once above `connect_rate_per_ip`
     /// (0: no limit).
     pub connect_burst_per_ip: f64,
+    /// Messages a shard may have queued toward one other shard before it refuses work that
+    /// clients start there (sends, joins, presence: `unavailable`; typing is dropped).
+    /// Answers and deliveries of work already accepted always go: dropping them would lose
+    /// an acked message or a leave.
+    pub mesh_outbox: usize,
 }
 
 impl Default for LimitsConfig {
@@ -164,6 +169,7 @@ impl Default for LimitsConfig {
             max_connections_per_user: 64,
             connect_rate_per_ip: 100.0,
             connect_burst_per_ip: 20_000.0,
+            mesh_outbox: 4096,
         }
     }
 }
@@ -527,6 +533,9 @@ impl Config {
         }
         if !(l.send_rate > 0.0 && l.send_burst >= 1.0) {
             return bad("limits.send_rate must be > 0 and limits.send_burst >= 1".into());
+        }
+        if l.mesh_outbox == 0 {
+            return bad("limits.mesh_outbox must be at least 1".into());
         }
         if l.outbound_queue < 8 || l.outbound_queue_bytes < 64 * 1024 {
             return bad(

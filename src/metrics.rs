@@ -27,6 +27,9 @@ pub struct ShardMetrics {
     pub messages_out: AtomicU64,
     pub typing_dropped: AtomicU64,
     pub slow_consumer_closes: AtomicU64,
+    /// Requests refused because this shard's outbox toward their room's home was full
+    /// (`limits.mesh_outbox`).
+    pub mesh_refusals: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub store_errors: AtomicU64,
     /// New sessions refused with HTTP 429 for their source address's connect rate.
@@ -127,7 +130,7 @@ impl Metrics {
     /// The Prometheus text exposition (version 0.0.4).
     pub fn render_prometheus(&self, store_ok: bool) -> String {
         let mut out = String::with_capacity(4096);
-        let per_shard: [(&str, &str, &str, CounterOf); 12] = [
+        let per_shard: [(&str, &str, &str, CounterOf); 13] = [
             ("corelay_connections", "gauge", "Open connections.", |s| {
                 &s.connections
             }),
@@ -172,6 +175,12 @@ impl Metrics {
                 "counter",
                 "Connections closed for overflowing their outbound queue.",
                 |s| &s.slow_consumer_closes,
+            ),
+            (
+                "corelay_mesh_refusals_total",
+                "counter",
+                "Sends, joins, typing and presence requests refused because the queue toward their room's home shard was full (limits.mesh_outbox).",
+                |s| &s.mesh_refusals,
             ),
             (
                 "corelay_store_errors_total",

@@ -10,7 +10,7 @@ use super::events::{
     self, error_ack_json, history_ack_json, parse_event, ChatError, ChatRequest, ErrorCode, Parsed,
     PayloadLimits,
 };
-use super::mesh::{HomeCmd, ReplyTo, UserCmd};
+use super::mesh::{home_of, HomeCmd, ReplyTo, UserCmd};
 use super::session::{Session, User, MAX_HELD_PACKETS};
 use crate::auth::Identity;
 use crate::metrics::ShardMetrics;
@@ -369,6 +369,9 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
                     }));
                     return;
                 }
+                if shard.mesh_congested(home_of(&room, shard.count)) {
+                    return refuse(session, ack_id, &overloaded());
+                }
                 session.joining.borrow_mut().insert(room.clone());
             }
             shard.to_home(
@@ -415,6 +418,9 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
             if !take_token(session) {
                 return refuse(session, ack_id, &limited());
             }
+            if shard.mesh_congested(home_of(&room, shard.count)) {
+                return refuse(session, ack_id, &overloaded());
+            }
             shard.to_home(
                 &room,
                 HomeCmd::Publish {
@@ -433,19 +439,25 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
             if !take_token(session) {
                 return refuse(session, ack_id, &limited());
             }
-            shard.to_home(
-                &room,
-                HomeCmd::Typing {
-                    room: room.clone(),
-                    conn,
-                    user: user.id,
-                },
-            );
+            // Volatile: under load it is dropped, and the client is told it was taken.
+            if !shard.mesh_congested(home_of(&room, shard.count)) {
+                shard.to_home(
+                    &room,
+                    HomeCmd::Typing {
+                        room: room.clone(),
+                        conn,
+                        user: user.id,
+                    },
+                );
+            }
             ok(session, ack_id, events::OK_ACK);
         }
         ChatRequest::Presence { .. } => {
             if !is_member {
                 return refuse(session, ack_id, &not_joined());
+            }
+            if shard.mesh_congested(home_of(&room, shard.count)) {
+                return refuse(session, ack_id, &overloaded());
             }
             shard.to_home(
                 &room,
@@ -477,6 +489,15 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
             .detach();
         }
     }
+}
+
+/// The refusal for work a client starts while the queue toward its room's home shard is
+/// full (`limits.mesh_outbox`): nothing was done; retry.
+pub fn overloaded() -> ChatError {
+    ChatError::new(
+        ErrorCode::Unavailable,
+        "the server is overloaded; retry shortly",
+    )
 }
 
 /// The refusal for sends during a drain: nothing was stored; reconnect and retry.

@@ -215,6 +215,11 @@ impl Home {
         let _ = self.events.try_send(HomeEvent::Cmd(cmd));
     }
 
+    /// Commands and events waiting for the service task.
+    pub fn queued(&self) -> usize {
+        self.events.len()
+    }
+
     /// Whether every accepted publish has been settled (acked or refused), and no failed
     /// durable write is waiting for its background retry (a drain waits for those too, up
     /// to its deadline).
@@ -718,6 +723,10 @@ impl Shard {
         cid: Option<String>,
         to: ReplyTo,
     ) {
+        if self.any_mesh_congested() {
+            self.reply_error(to, &super::handler::overloaded());
+            return;
+        }
         if let Err(e) = self.load_room(&room, false).await {
             self.reply_error(to, &e);
             return;

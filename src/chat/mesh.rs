@@ -114,7 +114,9 @@ pub enum MemberMsg {
     },
     /// A connection whose request names a session this shard owns: serve it here.
     Adopt {
-        fd: std::os::fd::RawFd,
+        /// A duplicate of the connection's socket, owned by the message: dropped
+        /// undelivered, it closes.
+        fd: std::os::fd::OwnedFd,
         handoff: Box<crate::transport::connection::Handoff>,
     },
     /// A connected WebSocket moving here, the home shard of the first room it joins
@@ -122,8 +124,8 @@ pub enum MemberMsg {
     Moved(Box<crate::transport::follow::MovedConn>),
 }
 
-/// Everything that crosses the shard mesh.
-/// (`MemberMsg::Adopt` carries a socket: the receiving shard owns the descriptor.)
+/// Everything that crosses the shard mesh. (`MemberMsg::Adopt` and `Moved` carry a
+/// socket as an `OwnedFd`: whoever holds the message owns the descriptor.)
 #[derive(Debug)]
 pub enum ShardMsg {
     Home(HomeCmd),

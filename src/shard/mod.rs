@@ -117,9 +117,33 @@ impl Shard {
         if to == self.id {
             self.handle(msg);
         } else if let Some(Some(outbox)) = self.outboxes.get(to) {
-            // The outbox is unbounded and lives as long as the shard.
+            // The outbox lives as long as the shard. It takes every message: new work is
+            // refused before it gets here once the outbox is full (`mesh_congested`), and
+            // what follows from work already accepted must not be dropped.
             let _ = outbox.try_send(msg);
         }
+    }
+
+    /// Whether the queue toward shard `to` is full for new work (`limits.mesh_outbox`):
+    /// a request a client starts is then refused rather than queued. The home's own
+    /// queue counts when `to` is this shard.
+    pub fn mesh_congested(&self, to: usize) -> bool {
+        let queued = match self.outboxes.get(to) {
+            Some(Some(outbox)) => outbox.len(),
+            _ if to == self.id => self.home.queued(),
+            _ => 0,
+        };
+        let congested = queued >= self.ctx.config.limits.mesh_outbox;
+        if congested {
+            ShardMetrics::inc(&self.stats().mesh_refusals);
+        }
+        congested
+    }
+
+    /// Whether any queue toward another shard is full for new work (a home refuses a
+    /// publish then: its deliveries would pile up behind a slow shard).
+    pub fn any_mesh_congested(&self) -> bool {
+        (0..self.count).any(|to| to != self.id && self.mesh_congested(to))
     }
 
     /// Sends a request to a room's home shard.
@@ -231,16 +255,13 @@ impl Shard {
                     }
                 }
             }
-            MemberMsg::Adopt { fd, handoff } => match self.me.upgrade() {
-                Some(shard) => {
+            MemberMsg::Adopt { fd, handoff } => {
+                // Without the shard (going away) the descriptor closes with the message.
+                if let Some(shard) = self.me.upgrade() {
                     glommio::spawn_local(crate::transport::connection::adopt(shard, fd, *handoff))
                         .detach();
                 }
-                None => {
-                    // SAFETY: the descriptor was handed to us; nobody else closes it.
-                    unsafe { libc::close(fd) };
-                }
-            },
+            }
             MemberMsg::Moved(moved) => match self.me.upgrade() {
                 Some(shard) => {
                     glommio::spawn_local(crate::transport::follow::adopt(shard, moved)).detach();

@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::http::{self, HttpError, Request};
 use crate::chat::events::{history_ack_json, validate_room};
-use crate::chat::mesh::{HomeCmd, ReplyTo};
+use crate::chat::mesh::{home_of, HomeCmd, ReplyTo};
 use crate::protocol::socketio::write_json_str;
 use crate::shard::Shard;
 use crate::store::{HistoryQuery, HistoryStore};
@@ -180,6 +180,9 @@ async fn publish(shard: &Shard, room: &str, body: &[u8]) -> Answer {
         let e = crate::chat::handler::shutting_down();
         return error(503, e.code.as_str(), &e.message);
     }
+    if let Some(answer) = overloaded(shard, room) {
+        return answer;
+    }
     let (tx, rx) = futures::channel::oneshot::channel::<Bytes>();
     let room: Arc<str> = Arc::from(room);
     shard.to_home(
@@ -198,7 +201,19 @@ async fn publish(shard: &Shard, room: &str, body: &[u8]) -> Answer {
     }
 }
 
+/// The 503 for a request while the queue toward the room's home shard is full.
+fn overloaded(shard: &Shard, room: &str) -> Option<Answer> {
+    if !shard.mesh_congested(home_of(room, shard.count)) {
+        return None;
+    }
+    let e = crate::chat::handler::overloaded();
+    Some(error(503, e.code.as_str(), &e.message))
+}
+
 async fn presence(shard: &Shard, room: &str) -> Answer {
+    if let Some(answer) = overloaded(shard, room) {
+        return answer;
+    }
     let (tx, rx) = futures::channel::oneshot::channel::<Bytes>();
     let room: Arc<str> = Arc::from(room);
     shard.to_home(

@@ -7,7 +7,7 @@
 //! serves the connection from then on. No session map is shared between shards.
 
 use std::future::poll_fn;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
 use futures::io::{AsyncReadExt, AsyncWriteExt, WriteHalf};
@@ -44,9 +44,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 }
 
 /// Serves a connection another shard handed over (`fd` is a duplicate this shard owns).
-pub async fn adopt(shard: Rc<Shard>, fd: std::os::fd::RawFd, handoff: Handoff) {
-    // SAFETY: the sending shard duplicated the descriptor for us and kept no use of it.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+pub async fn adopt(shard: Rc<Shard>, fd: OwnedFd, handoff: Handoff) {
+    let stream = stream_from(fd);
     serve_requests(shard, stream, Some(handoff)).await;
 }
 
@@ -440,15 +439,9 @@ fn websocket_key(req: &Request) -> Option<String> {
 
 /// Sends the connection, with the request already read, to the shard that owns its session.
 fn hand_over(shard: &Shard, owner: usize, stream: &TcpStream, request: Request, leftover: Vec<u8>) {
-    // SAFETY: dup of a descriptor we own; the copy is owned by the receiving shard.
-    let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-    if fd < 0 {
-        tracing::warn!(
-            shard = shard.id,
-            "dup failed; dropping a handed-over request"
-        );
+    let Some(fd) = duplicate(stream.as_raw_fd()) else {
         return;
-    }
+    };
     shard.send(
         owner,
         ShardMsg::Member(MemberMsg::Adopt {
@@ -456,6 +449,27 @@ fn hand_over(shard: &Shard, owner: usize, stream: &TcpStream, request: Request, 
             handoff: Box::new(Handoff { request, leftover }),
         }),
     );
+}
+
+/// A descriptor of our own for the same socket, to hand to another shard (`None`, with a
+/// warning, when the process is out of descriptors).
+pub(crate) fn duplicate(fd: RawFd) -> Option<OwnedFd> {
+    // SAFETY: `fd` is a connection's socket, open until its stream is dropped, which the
+    // caller still holds.
+    let socket = unsafe { BorrowedFd::borrow_raw(fd) };
+    socket
+        .try_clone_to_owned()
+        .inspect_err(
+            |e| tracing::warn!(error = %e, "dup failed; a connection cannot change shards"),
+        )
+        .ok()
+}
+
+/// A glommio stream on a socket handed over from another shard.
+pub(crate) fn stream_from(fd: OwnedFd) -> TcpStream {
+    // SAFETY: `fd` is an open TCP socket owned by the caller, whose ownership moves into
+    // the stream.
+    unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }
 }
 
 /// The `/healthz` body: per-shard counts from the shared counters.

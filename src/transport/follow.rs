@@ -18,12 +18,11 @@
 //! connection onto one core), and `server.follow_rooms = false` turns the whole thing off.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
-use glommio::net::TcpStream;
 use tracing::Instrument as _;
 
 use super::conn::{CloseReason, Timers, Transport};
@@ -123,7 +122,7 @@ pub fn hand_over(shard: &Shard, session: &Rc<Session>, join: DeferredJoin) {
         .fd
         .get()
         .filter(|_| !session.is_closing())
-        .and_then(duplicate);
+        .and_then(super::connection::duplicate);
     // The user and identity travel (taken only once the socket can travel too).
     let user = fd.as_ref().and_then(|_| session.user.borrow_mut().take());
     let (Some(fd), Some((user, identity))) = (fd, user) else {
@@ -152,16 +151,6 @@ pub fn hand_over(shard: &Shard, session: &Rc<Session>, join: DeferredJoin) {
     shard.send(to, ShardMsg::Member(MemberMsg::Moved(Box::new(moved))));
 }
 
-/// A descriptor of our own for the same socket (for the receiving shard).
-fn duplicate(fd: RawFd) -> Option<OwnedFd> {
-    // SAFETY: `fd` is the connection's socket, open until the caller drops its stream.
-    let socket = unsafe { BorrowedFd::borrow_raw(fd) };
-    socket
-        .try_clone_to_owned()
-        .inspect_err(|e| tracing::warn!(error = %e, "dup failed; closing a moving connection"))
-        .ok()
-}
-
 /// Serves a connection that moved here: handles its deferred join, then reads on.
 pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
     let MovedConn {
@@ -182,8 +171,7 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
             },
         from,
     } = *moved;
-    // SAFETY: the sending shard duplicated the descriptor for us and kept no use of it.
-    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    let stream = super::connection::stream_from(fd);
     let session = shard.open_moved_session(sid, timers);
     session.joined_once.set(true);
     session.fd.set(Some(stream.as_raw_fd()));
