@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
-use crate::store::Durability;
+use crate::history::Durability;
 
 /// Everything the server can be told; every field has a default.
 #[derive(Debug, Clone, Default, Deserialize)]

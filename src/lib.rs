@@ -2,7 +2,8 @@
 //!
 //! Layers, from the wire up: `protocol` (Engine.IO / Socket.IO packets), `transport`
 //! (HTTP, WebSocket, per-connection tasks), `chat` (events, sessions, rooms' home
-//! shards), `shard` (executors and the mesh between them), `store` (message history).
+//! shards), `shard` (executors and the mesh between them), `store` (message history) and
+//! `cluster` (the Redis layer between hosts), which share `history`'s data model.
 //! `server::run` ties them together.
 
 pub mod auth;
@@ -11,6 +12,7 @@ pub mod chat;
 pub mod cluster;
 pub mod config;
 pub mod conformance;
+pub mod history;
 pub mod ids;
 pub mod metrics;
 pub mod notify;

@@ -57,7 +57,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::store::StoredMessage;
+use crate::history::StoredMessage;
 
 mod check;
 mod publish;

@@ -8,7 +8,7 @@
 use redis::Value;
 
 use super::{Ack, ClusterError, ClusterEvent, NewMessage};
-use crate::store::StoredMessage;
+use crate::history::StoredMessage;
 
 /// The wire form of a presence event on a room channel (after the `p` tag).
 #[derive(serde::Serialize, serde::Deserialize)]
