@@ -270,7 +270,7 @@ fn seed_redis_url(cfg: &mut Config) -> anyhow::Result<()> {
 /// `corelay check`: one verdict per line; an error (exit 1) naming what failed.
 fn check(cfg: &Config) -> anyhow::Result<()> {
     let mut failed: Vec<&str> = Vec::new();
-    let cluster = cfg.redis_options();
+    let cluster = corelay::cluster::RedisOptions::from_config(cfg);
     match &cluster {
         None => println!("redis: not configured (single host)"),
         Some(options) => {
