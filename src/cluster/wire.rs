@@ -62,7 +62,7 @@ pub(crate) fn decode_event(room: &str, payload: &[u8]) -> Result<ClusterEvent, S
             })
         }
         Some((b't', json)) => {
-            let t: TypingWire = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+            let t: TypingWire<'_> = serde_json::from_slice(json).map_err(|e| e.to_string())?;
             of_room("typing", &t.room)?;
             Ok(ClusterEvent::Typing {
                 room: t.room.into_owned(),

@@ -1178,7 +1178,7 @@ struct BoundedRetrySession {
 }
 
 impl RetrySession for BoundedRetrySession {
-    fn decide_should_retry(&mut self, info: RequestInfo) -> RetryDecision {
+    fn decide_should_retry(&mut self, info: RequestInfo<'_>) -> RetryDecision {
         if !info.is_idempotent || info.consistency.is_serial() || self.used >= self.max {
             return RetryDecision::DontRetry;
         }
