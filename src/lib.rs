@@ -6,6 +6,11 @@
 //! `cluster` (the Redis layer between hosts), which share `history`'s data model.
 //! `server::run` ties them together.
 
+// Network input and other runtime data must never reach `unwrap()`: return an error,
+// or use `expect` naming the invariant that makes it impossible. (Tests may unwrap:
+// clippy.toml.)
+#![warn(clippy::unwrap_used)]
+
 pub mod auth;
 pub mod bridge;
 pub mod chat;

@@ -1,5 +1,10 @@
 //! The `corelay` command: `serve`, `check`, `token`, `schema`.
 
+// Network input and other runtime data must never reach `unwrap()`: return an error,
+// or use `expect` naming the invariant that makes it impossible. (Tests may unwrap:
+// clippy.toml.)
+#![warn(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
