@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test corelay has: Rust unit and integration tests (they start the real
 # binary), then the end-to-end suite with the official socket.io-client from npm.
-# Installs what the tests need when it is missing (Node.js, npm and Chromium for the
-# browser test from Debian, the npm packages from package-lock.json). Needs a Rust
-# toolchain (see README).
+# Checks formatting (rustfmt) and lints (clippy, warnings denied) before any test; adds
+# those components with rustup when they are missing. Installs what the tests need when it
+# is missing (Node.js, npm and Chromium for the browser test from Debian, the npm packages
+# from package-lock.json). Needs a Rust toolchain (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,14 @@ fi
 if [ ! -d node_modules/socket.io-client ] || [ ! -d node_modules/playwright-core ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
+
+# Formatting and lints first: either one failing fails the run (set -e).
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== cargo test (the server, then the load generator's smoke run against it)"
 export CORELAY_BIN="$PWD/target/debug/corelay"

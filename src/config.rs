@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use thiserror::Error;
 
-use crate::store::Durability;
+use crate::history::Durability;
 
 /// Everything the server can be told; every field has a default.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -585,24 +585,6 @@ impl Config {
         self.server.cors_origins = vec!["*".to_string()];
     }
 
-    /// The cluster layer's options, when `redis.url` is set (cluster mode).
-    pub fn redis_options(&self) -> Option<crate::cluster::RedisOptions> {
-        let url = self.redis.url.as_ref()?;
-        let mut o = crate::cluster::RedisOptions::new(url.clone());
-        o.sharded = self.redis.sharded;
-        o.tls_ca_file = self.redis.tls_ca_file.clone();
-        o.tls_cert_file = self.redis.tls_cert_file.clone();
-        o.tls_key_file = self.redis.tls_key_file.clone();
-        o.connect_timeout = self.redis.connect_timeout.0;
-        o.command_timeout = self.redis.command_timeout.0;
-        o.ping_interval = self.redis.ping_interval.0;
-        o.dedupe_window = self.limits.dedupe_window.0;
-        o.history_max_len = self.history.max_len;
-        o.history_max_age = self.history.max_age.map(|d| d.0);
-        o.presence_ttl = self.presence.ttl.0;
-        Some(o)
-    }
-
     /// The number of shards to run: configured, or one per available core.
     pub fn shard_count(&self) -> usize {
         self.server.shards.unwrap_or_else(|| {
@@ -720,7 +702,6 @@ mod tests {
         assert_eq!(c.history.max_len, 10_000);
         assert_eq!(c.history.max_age, None);
         assert_eq!(c.presence.ttl.0, Duration::from_secs(30));
-        assert!(c.redis_options().is_none());
         let c = Config::from_toml_and_env(
             "[redis]\nurl = \"redis://:pw@h:1/0\"\ncommand_timeout = \"500ms\"\n[history]\nmax_age = \"1d\"",
             env(&[
@@ -731,13 +712,20 @@ mod tests {
             ]),
         )
         .unwrap();
-        let o = c.redis_options().unwrap();
-        assert!(o.sharded);
-        assert_eq!(o.command_timeout, Duration::from_millis(500));
-        assert_eq!(o.presence_ttl, Duration::from_secs(10));
-        assert_eq!(o.history_max_len, 50);
-        assert_eq!(o.history_max_age, Some(Duration::from_secs(86_400)));
-        assert_eq!(o.tls_ca_file.as_deref(), Some(Path::new("/etc/ca.pem")));
+        // `cluster::RedisOptions::from_config` turns these into the cluster layer's options
+        // (tested there).
+        assert!(c.redis.sharded);
+        assert_eq!(c.redis.command_timeout.0, Duration::from_millis(500));
+        assert_eq!(c.presence.ttl.0, Duration::from_secs(10));
+        assert_eq!(c.history.max_len, 50);
+        assert_eq!(
+            c.history.max_age.map(|d| d.0),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            c.redis.tls_ca_file.as_deref(),
+            Some(Path::new("/etc/ca.pem"))
+        );
         assert!(!format!("{c:?}").contains(":pw@"));
         let e = Config::from_toml_and_env("[presence]\nttl = \"0s\"", env(&[])).unwrap_err();
         assert!(e.to_string().contains("presence.ttl"), "{e}");

@@ -2,8 +2,14 @@
 //!
 //! Layers, from the wire up: `protocol` (Engine.IO / Socket.IO packets), `transport`
 //! (HTTP, WebSocket, per-connection tasks), `chat` (events, sessions, rooms' home
-//! shards), `shard` (executors and the mesh between them), `store` (message history).
+//! shards), `shard` (executors and the mesh between them), `store` (message history) and
+//! `cluster` (the Redis layer between hosts), which share `history`'s data model.
 //! `server::run` ties them together.
+
+// Network input and other runtime data must never reach `unwrap()`: return an error,
+// or use `expect` naming the invariant that makes it impossible. (Tests may unwrap:
+// clippy.toml.)
+#![warn(clippy::unwrap_used)]
 
 pub mod auth;
 pub mod bridge;
@@ -11,6 +17,7 @@ pub mod chat;
 pub mod cluster;
 pub mod config;
 pub mod conformance;
+pub mod history;
 pub mod ids;
 pub mod metrics;
 pub mod notify;

@@ -1,5 +1,10 @@
 //! The `corelay` command: `serve`, `check`, `token`, `schema`.
 
+// Network input and other runtime data must never reach `unwrap()`: return an error,
+// or use `expect` naming the invariant that makes it impossible. (Tests may unwrap:
+// clippy.toml.)
+#![warn(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -270,7 +275,7 @@ fn seed_redis_url(cfg: &mut Config) -> anyhow::Result<()> {
 /// `corelay check`: one verdict per line; an error (exit 1) naming what failed.
 fn check(cfg: &Config) -> anyhow::Result<()> {
     let mut failed: Vec<&str> = Vec::new();
-    let cluster = cfg.redis_options();
+    let cluster = corelay::cluster::RedisOptions::from_config(cfg);
     match &cluster {
         None => println!("redis: not configured (single host)"),
         Some(options) => {

@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::auth::Authenticator;
 use crate::cluster::redis::RedisCluster;
+use crate::cluster::RedisOptions;
 use crate::config::{Config, StoreKind};
 use crate::metrics::Metrics;
 use crate::shard::runtime::{self, StartError};
@@ -81,7 +82,7 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         tracing::warn!("dev mode: no JWT secret set; clients connect as {{\"user\":\"name\"}} and may join every room");
     }
     runtime::check_io_uring()?;
-    let cluster = match config.redis_options() {
+    let cluster = match RedisOptions::from_config(&config) {
         None => None,
         Some(options) => {
             match config.store.kind {

@@ -14,6 +14,10 @@
 //! - [`report`]: progress line, human summary, the final JSON line.
 //! - [`plot`]: HDR histogram files and the SVG percentile plot.
 
+// Network input and other runtime data must never reach `unwrap()`: return an error,
+// or use `expect` naming the invariant that makes it impossible. (Tests may unwrap:
+// clippy.toml.)
+#![warn(clippy::unwrap_used)]
 #![warn(missing_docs)]
 
 pub mod auth;

@@ -12,6 +12,11 @@
 //! burst 40), e.g. `CORELAY_LIMITS_SEND_RATE=100000 CORELAY_LIMITS_SEND_BURST=100000`;
 //! `rate_limited` acks are reported as errors (`ack_rate_limited`).
 
+// Network input and other runtime data must never reach `unwrap()`: return an error,
+// or use `expect` naming the invariant that makes it impossible. (Tests may unwrap:
+// clippy.toml.)
+#![warn(clippy::unwrap_used)]
+
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use corelay_loadgen::auth::Auth;

@@ -57,7 +57,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::store::StoredMessage;
+use crate::config::Config;
+use crate::history::StoredMessage;
 
 mod check;
 mod publish;
@@ -298,6 +299,27 @@ impl RedisOptions {
             history_max_age: None,
             presence_ttl: Duration::from_secs(30),
         }
+    }
+
+    /// The cluster layer's options from the configuration's `[redis]`, `[history]`,
+    /// `[presence]` and `limits.dedupe_window` settings; `None` when `redis.url` is unset
+    /// (single host). Lives here rather than in `config` so that `config` needs nothing
+    /// from the cluster layer.
+    pub fn from_config(config: &Config) -> Option<RedisOptions> {
+        let url = config.redis.url.as_ref()?;
+        let mut o = RedisOptions::new(url.clone());
+        o.sharded = config.redis.sharded;
+        o.tls_ca_file = config.redis.tls_ca_file.clone();
+        o.tls_cert_file = config.redis.tls_cert_file.clone();
+        o.tls_key_file = config.redis.tls_key_file.clone();
+        o.connect_timeout = config.redis.connect_timeout.0;
+        o.command_timeout = config.redis.command_timeout.0;
+        o.ping_interval = config.redis.ping_interval.0;
+        o.dedupe_window = config.limits.dedupe_window.0;
+        o.history_max_len = config.history.max_len;
+        o.history_max_age = config.history.max_age.map(|d| d.0);
+        o.presence_ttl = config.presence.ttl.0;
+        Some(o)
     }
 
     /// The URL without its password, for logs and messages.
@@ -558,6 +580,38 @@ mod tests {
         assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0".to_owned());
         let opts = RedisOptions::new("redis://:hunter2@h");
         assert!(!format!("{opts:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn options_from_config() {
+        let c = Config::from_toml_and_env("", Vec::new()).unwrap();
+        assert!(RedisOptions::from_config(&c).is_none());
+        let c = Config::from_toml_and_env(
+            "[redis]\nurl = \"redis://:pw@h:1/0\"\ncommand_timeout = \"500ms\"\n[history]\nmax_age = \"1d\"",
+            [
+                ("CORELAY_REDIS_SHARDED", "true"),
+                ("CORELAY_PRESENCE_TTL", "10s"),
+                ("CORELAY_HISTORY_MAX_LEN", "50"),
+                ("CORELAY_REDIS_TLS_CA_FILE", "/etc/ca.pem"),
+                ("CORELAY_LIMITS_DEDUPE_WINDOW", "30s"),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let o = RedisOptions::from_config(&c).unwrap();
+        assert_eq!(o.url, "redis://:pw@h:1/0");
+        assert!(o.sharded);
+        assert_eq!(o.command_timeout, Duration::from_millis(500));
+        assert_eq!(o.presence_ttl, Duration::from_secs(10));
+        assert_eq!(o.history_max_len, 50);
+        assert_eq!(o.history_max_age, Some(Duration::from_secs(86_400)));
+        assert_eq!(o.dedupe_window, Duration::from_secs(30));
+        assert_eq!(
+            o.tls_ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use redis::Value;
 
 use super::{Ack, ClusterError, ClusterEvent, NewMessage};
-use crate::store::StoredMessage;
+use crate::history::StoredMessage;
 
 /// The wire form of a presence event on a room channel (after the `p` tag).
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -62,7 +62,7 @@ pub(crate) fn decode_event(room: &str, payload: &[u8]) -> Result<ClusterEvent, S
             })
         }
         Some((b't', json)) => {
-            let t: TypingWire = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+            let t: TypingWire<'_> = serde_json::from_slice(json).map_err(|e| e.to_string())?;
             of_room("typing", &t.room)?;
             Ok(ClusterEvent::Typing {
                 room: t.room.into_owned(),

@@ -33,7 +33,8 @@
 
 use super::redis::RedisStore;
 use super::scylla::ScyllaStore;
-use super::{HistoryQuery, HistoryStore, StoreError, StoredMessage};
+use super::HistoryStore;
+use crate::history::{HistoryQuery, StoreError, StoredMessage};
 
 /// Recent history from the rooms' Redis streams, durable history in ScyllaDB: the store of
 /// a cluster with `store.kind = "scylla"`. Cheap to clone, `Send + Sync`.

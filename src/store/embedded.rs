@@ -47,7 +47,8 @@ use std::sync::{mpsc, Arc, OnceLock};
 use fjall::{Database, Guard, Keyspace, KeyspaceCreateOptions, PersistMode};
 use futures::channel::oneshot;
 
-use super::{check_batch, Durability, HistoryQuery, HistoryStore, StoreError, StoredMessage};
+use super::{check_batch, HistoryStore};
+use crate::history::{Durability, HistoryQuery, StoreError, StoredMessage};
 
 /// Name of the keyspace holding the rooms' streams.
 const MESSAGES: &str = "messages";

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::{check_batch, HistoryQuery, HistoryStore, StoreError, StoredMessage};
+use super::{check_batch, HistoryStore};
+use crate::history::{HistoryQuery, StoreError, StoredMessage};
 
 /// One room's stream and its cid index.
 #[derive(Debug, Default)]

@@ -36,10 +36,11 @@ use std::sync::Arc;
 
 use ::redis::Value;
 
-use super::{HistoryQuery, HistoryStore, StoreError, StoredMessage};
+use super::HistoryStore;
 use crate::cluster::redis::RedisCluster;
 use crate::cluster::wire::{bytes, lossy, parse_ack, parse_u64, strings};
 use crate::cluster::{keys, ClusterError};
+use crate::history::{HistoryQuery, StoreError, StoredMessage};
 
 /// Raises `KEYS[1]` (an offset counter) to `ARGV[1]` when lower; 1 when raised, else 0. Rare
 /// (room loads in `scylla` cluster mode, when ScyllaDB is ahead), so sent with EVAL.

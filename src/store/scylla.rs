@@ -96,9 +96,10 @@ use scylla::statement::unprepared::Statement;
 use scylla::statement::Consistency;
 use scylla::value::CqlTimestamp;
 
-use super::{check_batch, HistoryQuery, HistoryStore, StoreError, StoredMessage};
+use super::{check_batch, HistoryStore};
 use crate::bridge::{Bridge, BridgeError};
 use crate::config::{ScyllaConfig, ScyllaConsistency};
+use crate::history::{HistoryQuery, StoreError, StoredMessage};
 
 /// `deploy/scylla/schema.cql`, as shipped (keyspace `corelay`, replication factor 3).
 pub const SCHEMA_CQL: &str = include_str!("../../deploy/scylla/schema.cql");
@@ -1177,7 +1178,7 @@ struct BoundedRetrySession {
 }
 
 impl RetrySession for BoundedRetrySession {
-    fn decide_should_retry(&mut self, info: RequestInfo) -> RetryDecision {
+    fn decide_should_retry(&mut self, info: RequestInfo<'_>) -> RetryDecision {
         if !info.is_idempotent || info.consistency.is_serial() || self.used >= self.max {
             return RetryDecision::DontRetry;
         }

@@ -111,8 +111,9 @@ impl FloorReport {
 
 /// This thread's (user, system) CPU time.
 fn thread_cpu() -> (Duration, Duration) {
-    // SAFETY: getrusage writes into the zeroed struct we own; RUSAGE_THREAD is valid on Linux.
+    // SAFETY: `rusage` is plain integers, for which all zeroes is a valid value.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the struct we own; RUSAGE_THREAD is valid on Linux.
     unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) };
     let t = |tv: libc::timeval| Duration::new(tv.tv_sec as u64, tv.tv_usec as u32 * 1000);
     (t(ru.ru_utime), t(ru.ru_stime))
@@ -239,8 +240,11 @@ fn read_with_epoll(readers: &[TcpStream], done: &AtomicBool) -> anyhow::Result<u
             events: libc::EPOLLIN as u32,
             u64: i as u64,
         };
+        // SAFETY: `ep` is our epoll descriptor, `r` a socket we borrow, `ev` lives on our
+        // stack for the call.
         if unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, r.as_raw_fd(), &mut ev) } < 0 {
             let e = std::io::Error::last_os_error();
+            // SAFETY: `ep` is ours and closed once, here, before returning.
             unsafe { libc::close(ep) };
             bail!("epoll_ctl: {e}");
         }
@@ -249,16 +253,19 @@ fn read_with_epoll(readers: &[TcpStream], done: &AtomicBool) -> anyhow::Result<u
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
+        // SAFETY: `events` is a live buffer of `events.len()` entries for the kernel to fill.
         let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, 100) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == ErrorKind::Interrupted {
                 continue;
             }
+            // SAFETY: `ep` is ours and closed once, here, before returning.
             unsafe { libc::close(ep) };
             bail!("epoll_wait: {e}");
         }
         if n == 0 && done.load(Ordering::Acquire) {
+            // SAFETY: `ep` is ours and closed once, here, before returning.
             unsafe { libc::close(ep) };
             return Ok(total);
         }

@@ -172,7 +172,7 @@ impl State {
         let p = codec::decode_sio(text).map_err(|_| "bad_packet")?;
         match p.kind {
             SioKind::Event if codec::event_name(p.data) == Some("message") => {
-                let (_, d): (IgnoredAny, Delivery) =
+                let (_, d): (IgnoredAny, Delivery<'_>) =
                     serde_json::from_str(p.data).map_err(|_| "bad_delivery")?;
                 self.ctx.counters.deliveries_total.fetch_add(1, Relaxed);
                 if *d.room != *self.m.room {
