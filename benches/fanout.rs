@@ -15,9 +15,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use corelay::chat::session::Session;
 use corelay::config::LimitsConfig;
 use corelay::transport::conn::{Queued, Timers, Transport};
+use corelay::transport::session::Session;
 use corelay::transport::websocket::text_frame;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
@@ -51,7 +51,7 @@ fn sessions(n: usize) -> Vec<Session> {
                 Transport::WebSocket,
                 &limits,
                 timers,
-                now,
+                tracing::Span::none(),
             )
         })
         .collect()
@@ -77,7 +77,7 @@ fn bench_fanout(c: &mut Criterion) {
                     // Writers: each connection drains its queue into its write buffer.
                     for s in members {
                         buf.clear();
-                        s.out.borrow_mut().drain_into(&mut buf, WRITE_BATCH);
+                        s.queue().drain_into(&mut buf, WRITE_BATCH);
                         black_box(buf.len());
                     }
                 })

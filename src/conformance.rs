@@ -15,11 +15,11 @@ use std::rc::Rc;
 
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-use crate::chat::session::Session;
 use crate::protocol::socketio::{self, PacketKind};
 use crate::shard::Shard;
 use crate::transport::conn::{CloseReason, Flow};
 use crate::transport::engine::EngineHandler;
+use crate::transport::session::Session;
 use crate::transport::websocket::{close_code, encode_frame, text_frame};
 
 /// The namespaces the reference server serves.
@@ -40,7 +40,7 @@ impl EngineHandler for Conformance {
         path == "/engine.io/" || path == "/engine.io"
     }
 
-    fn on_open(&self, session: &Rc<Session>, path: &str) {
+    fn on_open(&self, _shard: &Shard, session: &Rc<Session>, path: &str) {
         if self.serves_path(path) {
             self.raw.borrow_mut().insert(session.id);
         }
@@ -67,7 +67,7 @@ impl EngineHandler for Conformance {
         on_binary(session, echo.entry(session.id).or_default(), data)
     }
 
-    fn on_close(&self, session: &Session) {
+    fn on_close(&self, _shard: &Shard, session: &Rc<Session>) {
         self.raw.borrow_mut().remove(&session.id);
         self.echo.borrow_mut().remove(&session.id);
     }
@@ -229,9 +229,7 @@ fn on_socketio(shard: &Shard, session: &Rc<Session>, state: &mut EchoState, data
             if !state.connected.contains(&namespace) {
                 state.connected.push(namespace);
             }
-            let mut t = session.timers.get();
-            t.connect_deadline = None;
-            session.timers.set(t);
+            session.connected();
             Flow::Continue
         }
         PacketKind::Disconnect => {

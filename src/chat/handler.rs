@@ -10,8 +10,9 @@ use super::events::{
     self, error_ack_json, history_ack_json, parse_event, ChatError, ChatRequest, ErrorCode, Parsed,
     PayloadLimits,
 };
+use super::follow;
+use super::member::{Connected, Member, User};
 use super::mesh::{home_of, HomeCmd, ReplyTo, UserCmd};
-use super::session::{Session, User, MAX_HELD_PACKETS};
 use crate::auth::Identity;
 use crate::metrics::ShardMetrics;
 use crate::protocol::socketio::{self, encode_ack, PacketKind};
@@ -19,7 +20,8 @@ use crate::shard::Shard;
 use crate::store::HistoryStore;
 use crate::transport::conn::{CloseReason, Flow};
 use crate::transport::engine::EngineHandler;
-use crate::transport::follow;
+use crate::transport::session::Session;
+use crate::transport::websocket::FrameReader;
 use crate::transport::websocket::{close_code, text_frame};
 
 const PROTOCOL_ERROR: Flow = Flow::Close(CloseReason::Protocol(close_code::PROTOCOL));
@@ -39,21 +41,61 @@ const RETRY_CONNECT: Duration = Duration::from_secs(10);
 pub struct ChatHandler;
 
 impl EngineHandler for ChatHandler {
+    fn on_open(&self, shard: &Shard, session: &Rc<Session>, _path: &str) {
+        let member = Member::new(session.clone(), &shard.ctx.config.limits, Instant::now());
+        shard.add_member(Rc::new(member));
+    }
+
     fn on_message(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
-        let mut parser = session.parser.borrow_mut();
-        on_socketio(shard, session, &mut parser, data)
+        let Some(member) = shard.member(session.id) else {
+            return PROTOCOL_ERROR;
+        };
+        let mut parser = member.parser();
+        on_socketio(shard, &member, &mut parser, data)
     }
 
     fn on_binary(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
-        let mut parser = session.parser.borrow_mut();
-        on_binary(shard, session, &mut parser, data)
+        let Some(member) = shard.member(session.id) else {
+            return PROTOCOL_ERROR;
+        };
+        let mut parser = member.parser();
+        on_binary(shard, &member, &mut parser, data)
+    }
+
+    fn ready_to_move(
+        &self,
+        shard: &Shard,
+        session: &Rc<Session>,
+        reader: &mut FrameReader,
+    ) -> bool {
+        shard
+            .member(session.id)
+            .is_some_and(|member| follow::ready_to_move(shard, &member, reader))
+    }
+
+    fn move_away(&self, shard: &Shard, session: &Rc<Session>) {
+        let member = shard.member(session.id);
+        match member
+            .as_ref()
+            .and_then(|m| m.take_deferred_join().map(|j| (m, j)))
+        {
+            Some((member, join)) => follow::hand_over(shard, member, *join),
+            None => shard.close_session(session),
+        }
+    }
+
+    fn on_close(&self, shard: &Shard, session: &Rc<Session>) {
+        if let Some(member) = shard.remove_member(session.id) {
+            shard.leave_all(&member);
+            shard.release_user(&member);
+        }
     }
 }
 
 /// Handles one Socket.IO packet (the Engine.IO message body).
 pub fn on_socketio(
     shard: &Shard,
-    session: &Rc<Session>,
+    member: &Rc<Member>,
     state: &mut ConnState,
     mut data: Vec<u8>,
 ) -> Flow {
@@ -75,27 +117,25 @@ pub fn on_socketio(
         }
     };
     if kind == PacketKind::Connect {
-        return on_connect(shard, session, &namespace, &data[body_at..]);
+        return on_connect(shard, member, &namespace, &data[body_at..]);
     }
-    if namespace == "/" && session.pending_user.borrow().is_some() {
+    if namespace == "/" && member.is_pending() {
         // Sent right behind the CONNECT that is being admitted: kept for `on_admitted`.
-        let mut held = session.held.borrow_mut();
-        if held.len() >= MAX_HELD_PACKETS {
+        if !member.hold(data) {
             tracing::debug!("too many packets before the CONNECT was answered");
             return PROTOCOL_ERROR;
         }
-        held.push(data);
         return Flow::Continue;
     }
-    if namespace != "/" || session.user.borrow().is_none() {
+    if namespace != "/" || !member.is_connected() {
         // Like Socket.IO: packets for a namespace the client is not connected to are ignored.
         return Flow::Continue;
     }
     match kind {
         PacketKind::Disconnect => {
-            shard.leave_all(session);
-            shard.release_user(session);
-            *session.user.borrow_mut() = None;
+            shard.leave_all(member);
+            shard.release_user(member);
+            member.set_connected(None);
             Flow::Continue
         }
         PacketKind::Event => {
@@ -108,18 +148,18 @@ pub fn on_socketio(
                     PROTOCOL_ERROR
                 }
                 Ok(Parsed::Refused(err)) => {
-                    refuse(session, ack_id, &err);
+                    refuse(member.session(), ack_id, &err);
                     Flow::Continue
                 }
                 Ok(Parsed::Request(req)) => {
-                    handle_request(shard, session, req, ack_id);
+                    handle_request(shard, member, req, ack_id);
                     Flow::Continue
                 }
             }
         }
         PacketKind::BinaryEvent | PacketKind::BinaryAck => {
             if attachments == 0 {
-                binary_refused(session, kind, ack_id);
+                binary_refused(member.session(), kind, ack_id);
             } else {
                 state.binary = Some((
                     attachments,
@@ -140,7 +180,7 @@ pub fn on_socketio(
 /// Handles a binary WebSocket message: an attachment of the pending binary packet.
 pub fn on_binary(
     _shard: &Shard,
-    session: &Rc<Session>,
+    member: &Rc<Member>,
     state: &mut ConnState,
     _data: Vec<u8>,
 ) -> Flow {
@@ -150,7 +190,7 @@ pub fn on_binary(
             PROTOCOL_ERROR
         }
         Some((1, ack_id)) => {
-            binary_refused(session, PacketKind::BinaryEvent, ack_id);
+            binary_refused(member.session(), PacketKind::BinaryEvent, ack_id);
             Flow::Continue
         }
         Some((n, ack_id)) => {
@@ -173,9 +213,9 @@ fn binary_refused(session: &Session, kind: PacketKind, ack_id: Option<u64>) {
     }
 }
 
-fn on_connect(shard: &Shard, session: &Rc<Session>, namespace: &str, body: &[u8]) -> Flow {
+fn on_connect(shard: &Shard, member: &Rc<Member>, namespace: &str, body: &[u8]) -> Flow {
     if namespace != "/" {
-        session.push(
+        member.session().push(
             text_frame(&socketio::encode_connect_error(
                 namespace,
                 "Invalid namespace",
@@ -197,7 +237,7 @@ fn on_connect(shard: &Shard, session: &Rc<Session>, namespace: &str, body: &[u8]
     };
     match shard.ctx.auth.authenticate(auth.as_ref()) {
         Ok(identity) => {
-            if session.pending_user.borrow().is_some() {
+            if member.is_pending() {
                 tracing::debug!("CONNECT while the previous one is being admitted: ignored");
                 return Flow::Continue;
             }
@@ -206,17 +246,17 @@ fn on_connect(shard: &Shard, session: &Rc<Session>, namespace: &str, body: &[u8]
                 name: identity.name.as_deref().map(Arc::from),
             };
             // A second CONNECT replaces the identity: the old one's count goes first.
-            shard.release_user(session);
+            shard.release_user(member);
             let identity = Rc::new(identity);
             if shard.ctx.config.limits.max_connections_per_user == 0 {
-                connected(shard, session, user, identity, false);
+                connected(shard, member, user, identity, false);
             } else {
                 // Counted by the user's owner shard; `on_admitted` completes the CONNECT
                 // (at once when this shard is the owner).
-                *session.user.borrow_mut() = None;
-                let conn = session.conn_ref(shard.id);
+                member.set_connected(None);
+                let conn = member.conn_ref(shard.id);
                 let id = user.id.clone();
-                *session.pending_user.borrow_mut() = Some((user, identity));
+                member.set_pending((user, identity));
                 shard.to_user_owner(UserCmd::Acquire { user: id, conn });
             }
         }
@@ -227,8 +267,8 @@ fn on_connect(shard: &Shard, session: &Rc<Session>, namespace: &str, body: &[u8]
                     .to_vec();
             socketio::write_json_str(&mut body, &e.to_string());
             body.extend_from_slice(b"}}");
-            session.push(text_frame(&body), false);
-            close_unless_connected(shard, session);
+            member.session().push(text_frame(&body), false);
+            close_unless_connected(shard, member);
         }
     }
     Flow::Continue
@@ -238,23 +278,23 @@ fn on_connect(shard: &Shard, session: &Rc<Session>, namespace: &str, body: &[u8]
 /// with `too_many_connections` (the session is then closed like an unauthorized one).
 pub fn on_admitted(
     shard: &Shard,
-    session: &Rc<Session>,
-    (user, identity): (User, Rc<Identity>),
+    member: &Rc<Member>,
+    (user, identity): Connected,
     admitted: bool,
 ) {
-    let _entered = session.span.enter();
-    let held = std::mem::take(&mut *session.held.borrow_mut());
+    let _entered = member.session().span.enter();
+    let held = member.take_held();
     if admitted {
-        connected(shard, session, user, identity, true);
+        connected(shard, member, user, identity, true);
         if held.is_empty() {
             // Also the path where this shard owns the user: the answer comes at once,
             // inside `on_connect`, while the parser is borrowed by the caller.
             return;
         }
-        let mut parser = session.parser.borrow_mut();
+        let mut parser = member.parser();
         for packet in held {
-            if let Flow::Close(reason) = on_socketio(shard, session, &mut parser, packet) {
-                session.close(reason);
+            if let Flow::Close(reason) = on_socketio(shard, member, &mut parser, packet) {
+                member.session().close(reason);
                 break;
             }
         }
@@ -265,23 +305,22 @@ pub fn on_admitted(
         limit = shard.ctx.config.limits.max_connections_per_user,
         "CONNECT refused: the user has too many connections"
     );
-    session.push(
+    member.session().push(
         text_frame(&socketio::encode_connect_error("/", "too_many_connections")),
         false,
     );
-    close_unless_connected(shard, session);
+    close_unless_connected(shard, member);
 }
 
 /// Completes a CONNECT: the session now acts as `user`.
-fn connected(shard: &Shard, session: &Session, user: User, identity: Rc<Identity>, counted: bool) {
+fn connected(shard: &Shard, member: &Member, user: User, identity: Rc<Identity>, counted: bool) {
+    let session = member.session();
     session
         .span
         .record("user", tracing::field::display(&user.id));
-    session.counted.set(counted);
-    *session.user.borrow_mut() = Some((user, identity));
-    let mut t = session.timers.get();
-    t.connect_deadline = None;
-    session.timers.set(t);
+    member.set_counted(counted);
+    member.set_connected(Some((user, identity)));
+    session.connected();
     // The Socket.IO session id is distinct from the Engine.IO one, as in Socket.IO.
     let sid = crate::ids::new_sid(shard.id);
     session.push(text_frame(&socketio::encode_connect_ok(&sid)), false);
@@ -290,12 +329,13 @@ fn connected(shard: &Shard, session: &Session, user: User, identity: Rc<Identity
 
 /// After a refused CONNECT, a session that is not connected is closed unless it sends
 /// another CONNECT soon.
-fn close_unless_connected(shard: &Shard, session: &Session) {
-    if session.user.borrow().is_none() {
-        let mut t = session.timers.get();
+fn close_unless_connected(shard: &Shard, member: &Member) {
+    if !member.is_connected() {
+        let session = member.session();
+        let mut t = session.timers();
         let retry = Instant::now() + RETRY_CONNECT.min(shard.ctx.config.engineio.connect_timeout.0);
         t.connect_deadline = Some(t.connect_deadline.map_or(retry, |d| d.min(retry)));
-        session.timers.set(t);
+        session.set_timers(t);
     }
 }
 
@@ -313,22 +353,21 @@ fn ok(session: &Session, ack_id: Option<u64>, json: &[u8]) {
 
 /// Handles a chat request from a connected session: checked here, then sent to the
 /// room's home shard (a first join may move the connection there first).
-pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ack_id: Option<u64>) {
-    let Some((user, identity)) = session.user.borrow().clone() else {
+pub fn handle_request(shard: &Shard, member: &Rc<Member>, req: ChatRequest, ack_id: Option<u64>) {
+    let Some((user, identity)) = member.connected() else {
         return;
     };
-    let conn = session.conn_ref(shard.id);
+    let conn = member.conn_ref(shard.id);
     let room: Arc<str> = Arc::from(req.room());
-    let is_member = session.joined.borrow().contains(&room);
+    let is_member = member.is_in(&room);
     let not_joined = || ChatError::new(ErrorCode::NotJoined, format!("join {room:?} first"));
     let limited = || ChatError::new(ErrorCode::RateLimited, "too many requests; slow down");
     match req {
         ChatRequest::Join { since, token, .. } => {
             let limit = shard.ctx.config.limits.max_rooms_per_conn;
-            let in_rooms = session.joined.borrow().len() + session.joining.borrow().len();
-            if !is_member && !session.joining.borrow().contains(&room) && in_rooms >= limit {
+            if !is_member && !member.is_joining(&room) && member.room_count() >= limit {
                 return refuse(
-                    session,
+                    member.session(),
                     ack_id,
                     &ChatError::new(
                         ErrorCode::Forbidden,
@@ -342,7 +381,7 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
                     .is_some_and(|t| shard.ctx.auth.check_room_token(t, &user.id, &room).is_ok());
             if !allowed {
                 return refuse(
-                    session,
+                    member.session(),
                     ack_id,
                     &ChatError::new(
                         ErrorCode::Forbidden,
@@ -351,13 +390,13 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
                 );
             }
             if !is_member {
-                let first = !session.joined_once.replace(true);
-                if let Some(to) = first
-                    .then(|| follow::destination(shard, session, &room))
+                if let Some(to) = member
+                    .first_join()
+                    .then(|| follow::destination(shard, member, &room))
                     .flatten()
                 {
                     // The join is handled where the connection lands, first thing.
-                    *session.deferred_join.borrow_mut() = Some(Box::new(follow::DeferredJoin {
+                    member.defer_join(follow::DeferredJoin {
                         to,
                         request: ChatRequest::Join {
                             room: room.to_string(),
@@ -366,13 +405,13 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
                         },
                         ack_id,
                         unread: Vec::new(),
-                    }));
+                    });
                     return;
                 }
                 if shard.mesh_congested(home_of(&room, shard.count)) {
-                    return refuse(session, ack_id, &overloaded());
+                    return refuse(member.session(), ack_id, &overloaded());
                 }
-                session.joining.borrow_mut().insert(room.clone());
+                member.start_joining(room.clone());
             }
             shard.to_home(
                 &room,
@@ -386,10 +425,9 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
             );
         }
         ChatRequest::Leave { .. } => {
-            let was_member = session.joined.borrow_mut().remove(&room);
-            let was_joining = session.joining.borrow_mut().remove(&room);
+            let (was_member, was_joining) = member.leave(&room);
             if was_member {
-                shard.remove_local_member(&room, session);
+                shard.remove_local_member(&room, member);
             }
             if was_member || was_joining {
                 shard.to_home(
@@ -401,25 +439,25 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
                     },
                 );
             } else {
-                ok(session, ack_id, events::OK_ACK);
+                ok(member.session(), ack_id, events::OK_ACK);
             }
         }
         ChatRequest::Message { text, cid, .. } => {
             if !is_member {
-                return refuse(session, ack_id, &not_joined());
+                return refuse(member.session(), ack_id, &not_joined());
             }
             if shard
                 .ctx
                 .draining
                 .load(std::sync::atomic::Ordering::Relaxed)
             {
-                return refuse(session, ack_id, &shutting_down());
+                return refuse(member.session(), ack_id, &shutting_down());
             }
-            if !take_token(session) {
-                return refuse(session, ack_id, &limited());
+            if !member.take_token(Instant::now()) {
+                return refuse(member.session(), ack_id, &limited());
             }
             if shard.mesh_congested(home_of(&room, shard.count)) {
-                return refuse(session, ack_id, &overloaded());
+                return refuse(member.session(), ack_id, &overloaded());
             }
             shard.to_home(
                 &room,
@@ -434,10 +472,10 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
         }
         ChatRequest::Typing { .. } => {
             if !is_member {
-                return refuse(session, ack_id, &not_joined());
+                return refuse(member.session(), ack_id, &not_joined());
             }
-            if !take_token(session) {
-                return refuse(session, ack_id, &limited());
+            if !member.take_token(Instant::now()) {
+                return refuse(member.session(), ack_id, &limited());
             }
             // Volatile: under load it is dropped, and the client is told it was taken.
             if !shard.mesh_congested(home_of(&room, shard.count)) {
@@ -450,14 +488,14 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
                     },
                 );
             }
-            ok(session, ack_id, events::OK_ACK);
+            ok(member.session(), ack_id, events::OK_ACK);
         }
         ChatRequest::Presence { .. } => {
             if !is_member {
-                return refuse(session, ack_id, &not_joined());
+                return refuse(member.session(), ack_id, &not_joined());
             }
             if shard.mesh_congested(home_of(&room, shard.count)) {
-                return refuse(session, ack_id, &overloaded());
+                return refuse(member.session(), ack_id, &overloaded());
             }
             shard.to_home(
                 &room,
@@ -469,13 +507,13 @@ pub fn handle_request(shard: &Shard, session: &Rc<Session>, req: ChatRequest, ac
         }
         ChatRequest::History { query, limit, .. } => {
             if !is_member {
-                return refuse(session, ack_id, &not_joined());
+                return refuse(member.session(), ack_id, &not_joined());
             }
-            if !take_token(session) {
-                return refuse(session, ack_id, &limited());
+            if !member.take_token(Instant::now()) {
+                return refuse(member.session(), ack_id, &limited());
             }
             let store = shard.store.clone();
-            let session = session.clone();
+            let session = member.session().clone();
             glommio::spawn_local(async move {
                 let json = match store.read(&room, query, limit).await {
                     Ok(messages) => history_ack_json(&messages),
@@ -506,11 +544,4 @@ pub fn shutting_down() -> ChatError {
         ErrorCode::Unavailable,
         "the server is shutting down; reconnect and retry",
     )
-}
-
-fn take_token(session: &Session) -> bool {
-    let mut bucket = session.bucket.get();
-    let ok = bucket.take(Instant::now());
-    session.bucket.set(bucket);
-    ok
 }

@@ -40,8 +40,8 @@ use super::events::{
     error_ack_json, join_ack_json, message_ack_json, presence_ack_json, presence_event_json,
     typing_json, write_message_json, ChatError, ErrorCode, PresentUser,
 };
+use super::member::{ConnRef, User};
 use super::mesh::{HomeCmd, MemberMsg, ReplyTo, ShardMsg};
-use super::session::{ConnRef, User};
 use crate::cluster::shard_link::ShardLink;
 use crate::cluster::{ClusterError, ClusterEvent, NewMessage, Published};
 use crate::ids::{now_ms, MessageIds};

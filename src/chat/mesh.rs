@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::session::{ConnRef, User};
+use super::member::{ConnRef, User};
 
 /// The shard that owns a room: a stable hash of its name modulo the shard count.
 pub fn home_of(room: &str, shards: usize) -> usize {
@@ -120,8 +120,8 @@ pub enum MemberMsg {
         handoff: Box<crate::transport::connection::Handoff>,
     },
     /// A connected WebSocket moving here, the home shard of the first room it joins
-    /// (`transport::follow`).
-    Moved(Box<crate::transport::follow::MovedConn>),
+    /// (`chat::follow`).
+    Moved(Box<super::follow::MovedConn>),
 }
 
 /// Everything that crosses the shard mesh. (`MemberMsg::Adopt` and `Moved` carry a

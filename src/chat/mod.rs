@@ -1,10 +1,12 @@
-//! The chat layer: what connections ask for (`events`), the per-connection state a
-//! shard keeps (`session`), the per-room state a room's home shard keeps (`home`), and
-//! the messages shards exchange about rooms (`mesh`), and connections per user (`users`).
+//! The chat layer, above the transport: what connections ask for (`events`, `handler`),
+//! a connection's chat state (`member`), a connection following its first room to that
+//! room's home shard (`follow`), the per-room state a room's home shard keeps (`home`), the
+//! messages shards exchange about rooms (`mesh`), and connections per user (`users`).
 
 pub mod events;
+pub mod follow;
 pub mod handler;
 pub mod home;
+pub mod member;
 pub mod mesh;
-pub mod session;
 pub mod users;

@@ -14,14 +14,15 @@ use glommio::channels::local_channel::LocalSender;
 
 use crate::auth::Authenticator;
 use crate::chat::home::Home;
+use crate::chat::member::{ConnRef, Member};
 use crate::chat::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg, UserCmd};
-use crate::chat::session::{ConnRef, Session};
 use crate::chat::users::UserCounts;
 use crate::config::Config;
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::store::Store;
 use crate::transport::conn::{CloseReason, Queued, Timers, Transport};
 use crate::transport::engine::EngineHandler;
+use crate::transport::session::Session;
 use crate::transport::websocket::text_frame;
 
 /// What every shard shares read-only (behind one `Arc`).
@@ -62,10 +63,12 @@ pub struct Shard {
     /// Connection counts of the users whose owner this shard is.
     pub users: UserCounts,
     sessions: RefCell<HashMap<u64, Rc<Session>>>,
+    /// The chat layer's state of each session that has one (not conformance sessions).
+    members: RefCell<HashMap<u64, Rc<Member>>>,
     /// Engine.IO sid → session id, for polling requests and upgrades.
     by_sid: RefCell<HashMap<String, u64>>,
     /// This shard's members of each room (the delivery lists).
-    local_rooms: RefCell<HashMap<Arc<str>, Vec<Rc<Session>>>>,
+    local_rooms: RefCell<HashMap<Arc<str>, Vec<Rc<Member>>>>,
     /// Per peer shard: the queue its outbox task drains into the mesh (`None` for self).
     outboxes: Vec<Option<LocalSender<ShardMsg>>>,
     next_conn: Cell<u64>,
@@ -94,6 +97,7 @@ impl Shard {
             handler,
             users: UserCounts::default(),
             sessions: RefCell::new(HashMap::new()),
+            members: RefCell::new(HashMap::new()),
             by_sid: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
             outboxes,
@@ -186,13 +190,12 @@ impl Shard {
     }
 
     /// Tells the owner shard that this connection's user no longer counts it (once).
-    pub fn release_user(&self, session: &Session) {
-        if !session.counted.replace(false) {
+    pub fn release_user(&self, member: &Member) {
+        if !member.take_counted() {
             return;
         }
-        let user = session.user.borrow().as_ref().map(|(u, _)| u.id.clone());
-        if let Some(user) = user {
-            self.to_user_owner(UserCmd::Release { user });
+        if let Some(user) = member.user() {
+            self.to_user_owner(UserCmd::Release { user: user.id });
         }
     }
 
@@ -211,11 +214,11 @@ impl Shard {
                 };
                 let stats = self.stats();
                 let mut delivered = 0u64;
-                for s in members {
-                    if except == Some(s.conn_ref(self.id)) {
+                for m in members {
+                    if except == Some(m.conn_ref(self.id)) {
                         continue;
                     }
-                    match s.push(frame.clone(), volatile) {
+                    match m.session().push(frame.clone(), volatile) {
                         Queued::Yes => delivered += 1,
                         Queued::Dropped => ShardMetrics::inc(&stats.typing_dropped),
                         Queued::Overflow => ShardMetrics::inc(&stats.slow_consumer_closes),
@@ -239,13 +242,11 @@ impl Shard {
                 user,
                 admitted,
             } => {
-                let session = self.sessions.borrow().get(&conn).cloned();
-                let pending = session
-                    .as_ref()
-                    .and_then(|s| s.pending_user.borrow_mut().take());
-                match (session, pending) {
-                    (Some(session), Some(pending)) if pending.0.id == user => {
-                        crate::chat::handler::on_admitted(self, &session, pending, admitted);
+                let member = self.member(conn);
+                let pending = member.as_ref().and_then(|m| m.take_pending());
+                match (member, pending) {
+                    (Some(member), Some(pending)) if pending.0.id == user => {
+                        crate::chat::handler::on_admitted(self, &member, pending, admitted);
                     }
                     _ => {
                         // The connection ended (or gave up) while the count was on the way.
@@ -264,7 +265,7 @@ impl Shard {
             }
             MemberMsg::Moved(moved) => match self.me.upgrade() {
                 Some(shard) => {
-                    glommio::spawn_local(crate::transport::follow::adopt(shard, moved)).detach();
+                    glommio::spawn_local(crate::chat::follow::adopt(shard, moved)).detach();
                 }
                 // The shard is going away; dropping the connection closes its descriptor.
                 None => drop(moved),
@@ -275,8 +276,7 @@ impl Shard {
                 frame,
                 admitted,
             } => {
-                let session = self.sessions.borrow().get(&conn).cloned();
-                let Some(session) = session else {
+                let Some(member) = self.member(conn) else {
                     if admitted {
                         // The connection ended while its join was on the way.
                         let conn = ConnRef {
@@ -294,17 +294,16 @@ impl Shard {
                     }
                     return;
                 };
-                let was_joining = session.joining.borrow_mut().remove(&room);
+                let was_joining = member.finish_joining(&room, admitted);
                 if admitted && was_joining {
-                    session.joined.borrow_mut().insert(room.clone());
                     self.local_rooms
                         .borrow_mut()
                         .entry(room)
                         .or_default()
-                        .push(session.clone());
+                        .push(member.clone());
                 }
                 if !frame.is_empty() {
-                    session.push(frame, false);
+                    member.session().push(frame, false);
                 }
             }
         }
@@ -320,7 +319,7 @@ impl Shard {
             connect_deadline: Some(now + eio.connect_timeout.0),
             close_deadline: None,
         };
-        let session = self.register(crate::ids::new_sid(self.id), transport, timers, now);
+        let session = self.register(crate::ids::new_sid(self.id), transport, timers);
         ShardMetrics::inc(&self.stats().connections_total);
         session
             .span
@@ -331,17 +330,11 @@ impl Shard {
     /// A session for a WebSocket that moved here from another shard, keeping its sid
     /// and timers (`transport::follow`); the caller restores the rest.
     pub fn open_moved_session(&self, sid: String, timers: Timers) -> Rc<Session> {
-        self.register(sid, Transport::WebSocket, timers, Instant::now())
+        self.register(sid, Transport::WebSocket, timers)
     }
 
     /// Adds a session to this shard's maps and counts it open.
-    fn register(
-        &self,
-        sid: String,
-        transport: Transport,
-        timers: Timers,
-        now: Instant,
-    ) -> Rc<Session> {
+    fn register(&self, sid: String, transport: Transport, timers: Timers) -> Rc<Session> {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
         let span = tracing::info_span!(
@@ -351,9 +344,14 @@ impl Shard {
             sid = %sid,
             user = tracing::field::Empty,
         );
-        let session = Rc::new(
-            Session::new(id, sid, transport, &self.ctx.config.limits, timers, now).with_span(span),
-        );
+        let session = Rc::new(Session::new(
+            id,
+            sid,
+            transport,
+            &self.ctx.config.limits,
+            timers,
+            span,
+        ));
         self.sessions.borrow_mut().insert(id, session.clone());
         self.by_sid.borrow_mut().insert(session.sid.clone(), id);
         ShardMetrics::inc(&self.stats().connections);
@@ -376,12 +374,11 @@ impl Shard {
 
     /// Takes a connection out of every room it is in or joining (Socket.IO disconnect,
     /// or the connection ended).
-    pub fn leave_all(&self, session: &Rc<Session>) {
-        let conn = session.conn_ref(self.id);
-        let joined: Vec<Arc<str>> = session.joined.borrow_mut().drain().collect();
-        let joining: Vec<Arc<str>> = session.joining.borrow_mut().drain().collect();
+    pub fn leave_all(&self, member: &Rc<Member>) {
+        let conn = member.conn_ref(self.id);
+        let (joined, joining) = member.leave_all();
         for room in &joined {
-            self.remove_local_member(room, session);
+            self.remove_local_member(room, member);
         }
         for room in joined.into_iter().chain(joining) {
             self.to_home(
@@ -396,16 +393,33 @@ impl Shard {
     }
 
     /// Stops delivering a room's events to this connection.
-    pub fn remove_local_member(&self, room: &Arc<str>, session: &Rc<Session>) {
+    pub fn remove_local_member(&self, room: &Arc<str>, member: &Rc<Member>) {
         let mut rooms = self.local_rooms.borrow_mut();
         if let Some(members) = rooms.get_mut(room) {
-            if let Some(i) = members.iter().position(|s| Rc::ptr_eq(s, session)) {
+            if let Some(i) = members.iter().position(|m| Rc::ptr_eq(m, member)) {
                 members.swap_remove(i);
             }
             if members.is_empty() {
                 rooms.remove(room);
             }
         }
+    }
+
+    /// The chat state of session `id`, if it has one here.
+    pub fn member(&self, id: u64) -> Option<Rc<Member>> {
+        self.members.borrow().get(&id).cloned()
+    }
+
+    /// Keeps a session's chat state (the chat handler opened it, or it moved here).
+    pub fn add_member(&self, member: Rc<Member>) {
+        self.members
+            .borrow_mut()
+            .insert(member.session().id, member);
+    }
+
+    /// Forgets a session's chat state (it ended, or it moves to another shard).
+    pub fn remove_member(&self, id: u64) -> Option<Rc<Member>> {
+        self.members.borrow_mut().remove(&id)
     }
 
     /// The session with this Engine.IO sid, if this shard has it.
@@ -416,11 +430,9 @@ impl Shard {
 
     /// Forgets a connection that has ended (every way a session ends comes here).
     pub fn close_session(&self, session: &Rc<Session>) {
-        self.leave_all(session);
-        self.release_user(session);
+        self.handler.on_close(self, session);
         if self.detach_session(session) {
-            self.handler.on_close(session);
-            let reason = session.out.borrow().closing();
+            let reason = session.closing();
             session
                 .span
                 .in_scope(|| tracing::debug!(?reason, "session closed"));
@@ -431,7 +443,7 @@ impl Shard {
     /// notice, is forgotten at once (later requests for its sid get "Session ID unknown").
     pub fn end_session(&self, session: &Rc<Session>, reason: CloseReason) {
         session.close(reason);
-        if session.transport.get() != Transport::WebSocket {
+        if session.transport() != Transport::WebSocket {
             self.close_session(session);
         }
     }
@@ -495,11 +507,11 @@ impl Shard {
             let now = Instant::now();
             let sessions: Vec<Rc<Session>> = self.sessions.borrow().values().cloned().collect();
             for s in sessions {
-                let mut t = s.timers.get();
+                let mut t = s.timers();
                 if let Some(deadline) = t.close_deadline {
                     if now >= deadline {
                         s.cut();
-                        if s.transport.get() != Transport::WebSocket {
+                        if s.transport() != Transport::WebSocket {
                             // No socket task will end a polling session: end it here.
                             self.close_session(&s);
                         }
@@ -519,7 +531,7 @@ impl Shard {
                 }
                 if t.pong_deadline.is_none() && now >= t.next_ping {
                     t.pong_deadline = Some(now + Duration::from_millis(eio.ping_timeout));
-                    s.timers.set(t);
+                    s.set_timers(t);
                     s.push(ping.clone(), false);
                 }
             }

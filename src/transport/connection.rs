@@ -19,10 +19,10 @@ use super::conn::{CloseReason, Transport};
 use super::connect_limit::RetryAfter;
 use super::http::{self, HttpError, Request};
 use super::polling;
+use super::session::Session;
 use super::websocket::{self, FrameReader, Message};
-use super::{api, engine, follow};
+use super::{api, engine};
 use crate::chat::mesh::{MemberMsg, ShardMsg};
-use crate::chat::session::Session;
 use crate::metrics::ShardMetrics;
 use crate::protocol::engineio::{self, HandshakeError, OpenPayload};
 use crate::shard::Shard;
@@ -312,7 +312,7 @@ async fn engineio_request(
                 }
             }
             let session = shard.open_session(Transport::Polling);
-            shard.handler.on_open(&session, &req.path);
+            shard.handler.on_open(shard, &session, &req.path);
             let open = engineio::encode_open(&OpenPayload {
                 sid: &session.sid,
                 upgrades: &["websocket"],
@@ -335,7 +335,7 @@ async fn engineio_request(
             break 'answer reject(HandshakeError::SessionIdUnknown);
         };
         if transport == Transport::WebSocket {
-            if session.transport.get() != Transport::Polling {
+            if session.transport() != Transport::Polling {
                 break 'answer reject(HandshakeError::BadRequest);
             }
             match websocket_key(&req) {
@@ -541,13 +541,13 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
                 .instrument(session.span.clone())
                 .await;
             if !probed {
-                if session.transport.get() == Transport::Upgrading {
-                    session.transport.set(Transport::Polling);
+                if session.transport() == Transport::Upgrading {
+                    session.set_transport(Transport::Polling);
                 }
                 return;
             }
-            session.fd.set(Some(stream.as_raw_fd()));
-            session.transport.set(Transport::WebSocket);
+            session.attach_socket(stream.as_raw_fd());
+            session.set_transport(Transport::WebSocket);
             session.wake();
             session
                 .span
@@ -556,8 +556,8 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
         }
         None => {
             let session = shard.open_session(Transport::WebSocket);
-            shard.handler.on_open(&session, &path);
-            session.fd.set(Some(stream.as_raw_fd()));
+            shard.handler.on_open(&shard, &session, &path);
+            session.attach_socket(stream.as_raw_fd());
             let open = engineio::encode_open(&OpenPayload {
                 sid: &session.sid,
                 upgrades: &[],
@@ -587,6 +587,7 @@ pub(crate) async fn read_loop(
     let writer = glommio::spawn_local(
         write_loop(session.clone(), writer_half).instrument(session.span.clone()),
     );
+    let mut moving = false;
     loop {
         let msg = match reader.next(&mut reader_half).await {
             Ok(m) => m,
@@ -602,7 +603,7 @@ pub(crate) async fn read_loop(
                 break;
             }
         };
-        session.movable.set(true);
+        session.set_movable(true);
         let flow = match msg {
             Message::Text(data) => engine::on_text(&shard, &session, data),
             Message::Binary(data) => engine::on_binary(&shard, &session, data),
@@ -613,7 +614,7 @@ pub(crate) async fn read_loop(
             Message::Pong => Flow::Continue,
             Message::Close => Flow::Close(CloseReason::Protocol(websocket::close_code::NORMAL)),
         };
-        session.movable.set(false);
+        session.set_movable(false);
         if let Flow::Close(reason) = flow {
             if matches!(reason, CloseReason::Protocol(c) if c != websocket::close_code::NORMAL) {
                 ShardMetrics::inc(&shard.stats().protocol_errors);
@@ -624,24 +625,21 @@ pub(crate) async fn read_loop(
         if session.is_closing() {
             break;
         }
-        // A first join that moves the connection stays in the session until the writer
-        // stopped (nothing more lives across the awaits: this future is per connection).
-        if follow::ready_to_move(&shard, &session, &mut reader) {
+        // A connection that moves (a chat member's first join, put off) stops reading here;
+        // the bytes read past this frame travel with it.
+        if shard.handler.ready_to_move(&shard, &session, &mut reader) {
+            moving = true;
             break;
         }
     }
-    let deferred = session.deferred_join.borrow_mut().take();
-    match deferred {
-        Some(join) if !session.is_closing() => {
-            session.stop_writer();
-            writer.await;
-            follow::hand_over(&shard, &session, *join);
-            // Dropping the read half closes this shard's descriptor; the duplicate lives on.
-        }
-        _ => {
-            shard.close_session(&session);
-            writer.await;
-        }
+    if moving && !session.is_closing() {
+        session.stop_writer();
+        writer.await;
+        shard.handler.move_away(&shard, &session);
+        // Dropping the read half closes this shard's descriptor; the duplicate lives on.
+    } else {
+        shard.close_session(&session);
+        writer.await;
     }
 }
 
@@ -662,10 +660,10 @@ async fn probe(session: &Rc<Session>, stream: &mut TcpStream, reader: &mut Frame
                     return false;
                 }
                 // Release the pending polling GET with a noop so the client can pause polling.
-                session.transport.set(Transport::Upgrading);
+                session.set_transport(Transport::Upgrading);
                 session.wake();
             }
-            Message::Text(t) if t == b"5" && session.transport.get() == Transport::Upgrading => {
+            Message::Text(t) if t == b"5" && session.transport() == Transport::Upgrading => {
                 return !session.is_closing();
             }
             Message::Ping(p) => {
@@ -689,13 +687,13 @@ async fn write_loop(session: Rc<Session>, mut io: WriteHalf<TcpStream>) {
     let mut buf = Vec::new();
     loop {
         poll_fn(|cx| session.poll_ready(cx)).await;
-        if session.out.borrow().is_moving() {
+        if session.queue().is_moving() {
             // The rest of the queue travels with the connection; the socket stays open.
             return;
         }
         buf.clear();
         let closing = {
-            let mut out = session.out.borrow_mut();
+            let mut out = session.queue();
             out.drain_into(&mut buf, WRITE_BATCH);
             out.closing().is_some() && out.is_empty()
         };

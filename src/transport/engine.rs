@@ -6,8 +6,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::conn::{CloseReason, Flow};
+use super::session::Session;
+use super::websocket::FrameReader;
 use super::websocket::{close_code, text_frame};
-use crate::chat::session::Session;
 use crate::protocol::engineio::{self, PacketType};
 use crate::shard::Shard;
 
@@ -22,7 +23,7 @@ pub trait EngineHandler {
     }
 
     /// A session opened by a request on `path`.
-    fn on_open(&self, _session: &Rc<Session>, _path: &str) {}
+    fn on_open(&self, shard: &Shard, session: &Rc<Session>, path: &str);
 
     /// An Engine.IO message packet's body (the type byte taken off): a Socket.IO packet.
     fn on_message(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow;
@@ -30,8 +31,23 @@ pub trait EngineHandler {
     /// A binary Engine.IO message (a Socket.IO attachment).
     fn on_binary(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow;
 
-    /// The session ended on this shard (every way a session ends comes here once).
-    fn on_close(&self, _session: &Session) {}
+    /// After a WebSocket frame was handled: whether the reader must stop because the
+    /// connection moves to another shard. `reader` holds the bytes read past that frame,
+    /// which travel with the connection.
+    fn ready_to_move(
+        &self,
+        _shard: &Shard,
+        _session: &Rc<Session>,
+        _reader: &mut FrameReader,
+    ) -> bool {
+        false
+    }
+
+    /// The reader stopped for a move and the writer finished: hand the connection over.
+    fn move_away(&self, _shard: &Shard, _session: &Rc<Session>) {}
+
+    /// The session ended on this shard (every way a session ends comes here).
+    fn on_close(&self, shard: &Shard, session: &Rc<Session>);
 }
 
 /// Handles one Engine.IO text packet.
@@ -42,11 +58,11 @@ pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow 
     };
     match packet.kind {
         PacketType::Pong => {
-            let mut t = session.timers.get();
+            let mut t = session.timers();
             t.pong_deadline = None;
             t.next_ping =
                 Instant::now() + Duration::from_millis(shard.ctx.config.engineio.ping_interval);
-            session.timers.set(t);
+            session.set_timers(t);
             Flow::Continue
         }
         PacketType::Ping => {

@@ -6,7 +6,7 @@ pub mod conn;
 pub mod connect_limit;
 pub mod connection;
 pub mod engine;
-pub mod follow;
 pub mod http;
 pub mod polling;
+pub mod session;
 pub mod websocket;

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use super::conn::Flow;
 use super::conn::{CloseReason, Transport};
 use super::engine;
-use crate::chat::session::Session;
+use super::session::Session;
 use crate::protocol::engineio::HandshakeError;
 use crate::shard::Shard;
 
@@ -88,33 +88,33 @@ fn split_server_frame(frame: &[u8]) -> Option<(u8, &[u8])> {
 
 /// A GET: waits for packets, then returns all that fit in `max_payload`.
 pub async fn get(shard: &Shard, session: &Rc<Session>) -> PollAnswer {
-    match session.transport.get() {
+    match session.transport() {
         Transport::WebSocket => return PollAnswer::error(HandshakeError::BadRequest),
         Transport::Upgrading => return PollAnswer::text("6"),
         Transport::Polling => {}
     }
-    if session.poll_get.replace(true) {
+    if !session.start_get() {
         // Two GETs at once: Engine.IO closes the session; the first GET gets `1`.
         shard.end_session(session, CloseReason::Protocol(1008));
         return PollAnswer::error(HandshakeError::BadRequest);
     }
     poll_fn(|cx| {
-        if session.transport.get() != Transport::Polling {
+        if session.transport() != Transport::Polling {
             Poll::Ready(())
         } else {
             session.poll_ready(cx)
         }
     })
     .await;
-    session.poll_get.set(false);
-    if session.transport.get() != Transport::Polling {
+    session.end_get();
+    if session.transport() != Transport::Polling {
         // The client is upgrading: release this GET with a noop.
         return PollAnswer::text("6");
     }
     let max = shard.ctx.config.engineio.max_payload;
     let mut body = Vec::new();
     let closing = {
-        let mut out = session.out.borrow_mut();
+        let mut out = session.queue();
         while let Some(frame) = out.pop() {
             append_packet(&mut body, &frame);
             if body.len() >= max {
@@ -136,10 +136,10 @@ pub async fn get(shard: &Shard, session: &Rc<Session>) -> PollAnswer {
 
 /// A POST: the client's packets.
 pub fn post(shard: &Shard, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
-    if session.transport.get() == Transport::WebSocket {
+    if session.transport() == Transport::WebSocket {
         return PollAnswer::error(HandshakeError::BadRequest);
     }
-    if session.poll_post.replace(true) {
+    if !session.start_post() {
         shard.end_session(session, CloseReason::Protocol(1008));
         return PollAnswer::error(HandshakeError::BadRequest);
     }
@@ -156,7 +156,7 @@ pub fn post(shard: &Shard, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
             break;
         }
     }
-    session.poll_post.set(false);
+    session.end_post();
     if let Flow::Close(reason) = flow {
         // A close packet from the client (`Protocol(1000)`) ends the session quietly: a
         // pending GET gets a noop. A bad packet ends it too, and the POST gets a 400.

@@ -10,7 +10,7 @@
 //! outbound queue, timers, rate limit) and the bytes read but not yet parsed travel through
 //! the mesh, and the home shard handles the join and serves the connection from then on.
 //!
-//! It moves at most once, at its first join (`Session::joined_once`), and only at a quiet
+//! It moves at most once, at its first join (`Member::first_join`), and only at a quiet
 //! moment: a connected WebSocket in no room and joining none, its reader between two
 //! frames, the process not draining. Nothing in flight names the connection then, so
 //! nothing has to be forwarded after it. It stays where it is when its destination already
@@ -25,14 +25,15 @@ use std::sync::atomic::Ordering::Relaxed;
 use bytes::Bytes;
 use tracing::Instrument as _;
 
-use super::conn::{CloseReason, Timers, Transport};
-use super::websocket::FrameReader;
+use super::events::ChatRequest;
+use super::member::{Member, TokenBucket, User};
+use super::mesh::{home_of, MemberMsg, ShardMsg};
 use crate::auth::Identity;
-use crate::chat::events::ChatRequest;
-use crate::chat::mesh::{home_of, MemberMsg, ShardMsg};
-use crate::chat::session::{Session, TokenBucket, User};
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
+use crate::transport::conn::{CloseReason, Timers, Transport};
+use crate::transport::connection;
+use crate::transport::websocket::FrameReader;
 
 /// Connections a destination may hold beyond this shard's count plus a quarter before a
 /// connection stops following its room there.
@@ -70,16 +71,16 @@ pub struct MovedConn {
 }
 
 /// Where a connection making its first join, to `room`, should move to, if anywhere.
-pub fn destination(shard: &Shard, session: &Session, room: &str) -> Option<usize> {
+pub fn destination(shard: &Shard, member: &Member, room: &str) -> Option<usize> {
     let home = home_of(room, shard.count);
-    let quiet = session.movable.get()
-        && session.transport.get() == Transport::WebSocket
-        && session.fd.get().is_some()
-        && session.user.borrow().is_some()
-        && session.pending_user.borrow().is_none()
-        && session.held.borrow().is_empty()
-        && session.joined.borrow().is_empty()
-        && session.joining.borrow().is_empty()
+    let session = member.session();
+    let quiet = session.is_movable()
+        && session.transport() == Transport::WebSocket
+        && session.socket().is_some()
+        && member.is_connected()
+        && !member.is_pending()
+        && !member.has_held()
+        && member.room_count() == 0
         && !session.is_closing();
     let config = &shard.ctx.config.server;
     if home == shard.id || !quiet || !config.follow_rooms || shard.ctx.draining.load(Relaxed) {
@@ -94,21 +95,21 @@ pub fn destination(shard: &Shard, session: &Session, room: &str) -> Option<usize
 /// After a frame was handled: whether the connection must now stop reading and move
 /// (a first join was put off for it). The bytes read past that frame go with the join;
 /// inside a fragmented message they cannot, and the join is handled here after all.
-pub fn ready_to_move(shard: &Shard, session: &Rc<Session>, reader: &mut FrameReader) -> bool {
-    let Some(mut join) = session.deferred_join.borrow_mut().take() else {
+pub fn ready_to_move(shard: &Shard, member: &Rc<Member>, reader: &mut FrameReader) -> bool {
+    let Some(mut join) = member.take_deferred_join() else {
         return false;
     };
     match reader.take_unread() {
         Some(unread) => {
             join.unread = unread;
-            *session.deferred_join.borrow_mut() = Some(join);
+            member.defer_join(*join);
             true
         }
         None => {
             let DeferredJoin {
                 request, ack_id, ..
             } = *join;
-            crate::chat::handler::handle_request(shard, session, request, ack_id);
+            super::handler::handle_request(shard, member, request, ack_id);
             false
         }
     }
@@ -117,14 +118,14 @@ pub fn ready_to_move(shard: &Shard, session: &Rc<Session>, reader: &mut FrameRea
 /// Sends a connection whose reader and writer have stopped to `join.to`; if it started
 /// closing meanwhile, or cannot be handed over, it is closed here instead. The caller
 /// closes its own descriptor afterwards (the receiving shard gets a duplicate).
-pub fn hand_over(shard: &Shard, session: &Rc<Session>, join: DeferredJoin) {
+pub fn hand_over(shard: &Shard, member: &Rc<Member>, join: DeferredJoin) {
+    let session = member.session();
     let fd = session
-        .fd
-        .get()
+        .socket()
         .filter(|_| !session.is_closing())
-        .and_then(super::connection::duplicate);
+        .and_then(connection::duplicate);
     // The user and identity travel (taken only once the socket can travel too).
-    let user = fd.as_ref().and_then(|_| session.user.borrow_mut().take());
+    let user = fd.as_ref().and_then(|_| member.take_connected());
     let (Some(fd), Some((user, identity))) = (fd, user) else {
         // It started closing while the writer stopped (a ping timeout, a drain): its
         // close frame is not written, the socket is cut.
@@ -134,16 +135,17 @@ pub fn hand_over(shard: &Shard, session: &Rc<Session>, join: DeferredJoin) {
     };
     let to = join.to;
     shard.detach_session(session);
-    session.fd.set(None);
+    shard.remove_member(session.id);
+    session.detach_socket();
     let moved = MovedConn {
         fd,
         sid: session.sid.clone(),
         user,
         identity: Rc::try_unwrap(identity).unwrap_or_else(|shared| (*shared).clone()),
-        counted: session.counted.replace(false),
-        queued: session.out.borrow_mut().take_frames(),
-        bucket: session.bucket.get(),
-        timers: session.timers.get(),
+        counted: member.take_counted(),
+        queued: session.queue().take_frames(),
+        bucket: member.bucket(),
+        timers: session.timers(),
         join,
         from: shard.id,
     };
@@ -171,17 +173,18 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
             },
         from,
     } = *moved;
-    let stream = super::connection::stream_from(fd);
+    let stream = connection::stream_from(fd);
     let session = shard.open_moved_session(sid, timers);
-    session.joined_once.set(true);
-    session.fd.set(Some(stream.as_raw_fd()));
-    session.bucket.set(bucket);
-    session.counted.set(counted);
+    session.attach_socket(stream.as_raw_fd());
     session
         .span
         .record("user", tracing::field::display(&user.id));
-    *session.user.borrow_mut() = Some((user, Rc::new(identity)));
-    session.out.borrow_mut().restore_frames(queued);
+    session.queue().restore_frames(queued);
+    let member = Rc::new(Member::with_bucket(session.clone(), bucket));
+    member.first_join();
+    member.set_counted(counted);
+    member.set_connected(Some((user, Rc::new(identity))));
+    shard.add_member(member.clone());
     ShardMetrics::inc(&shard.stats().connections_moved_in);
     session.span.in_scope(|| {
         tracing::debug!(from, "moved here from another shard");
@@ -190,12 +193,12 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
             // connections already: close it like them (clients reconnect elsewhere).
             session.close(CloseReason::Restart);
         } else {
-            crate::chat::handler::handle_request(&shard, &session, request, ack_id);
+            super::handler::handle_request(&shard, &member, request, ack_id);
         }
     });
     let reader = FrameReader::new(shard.ctx.config.engineio.max_payload, &unread);
     let span = session.span.clone();
-    super::connection::read_loop(shard, session, stream, reader)
+    connection::read_loop(shard, session, stream, reader)
         .instrument(span)
         .await;
 }
