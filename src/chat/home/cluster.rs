@@ -39,6 +39,14 @@ pub(super) enum PublishError {
     Store(StoreError),
 }
 
+/// A batch on its way to the publish script.
+struct Outgoing {
+    /// Each message with a floor: its room's delivered offset (Redis's offsets stay above).
+    script: Vec<(NewMessage, u64)>,
+    /// What each message must answer, with its message id.
+    settle: Vec<(Settled, String)>,
+}
+
 /// A home's way through Redis: its shard's link, and what it tracks about its publishes
 /// and subscriptions.
 pub struct ClusterSequencer {
@@ -176,8 +184,8 @@ impl Home {
     /// store (one group write for the batch; a no-op for the `redis` store) and hands each
     /// outcome to the service task. Delivery comes back through the subscription.
     pub(super) async fn publish_to_cluster(&self, c: &ClusterSequencer, batch: Vec<Pending>) {
-        let (msgs, settle) = self.new_messages(c, batch);
-        let results = c.link.publish_batch(msgs).await;
+        let Outgoing { script, settle } = self.new_messages(c, batch);
+        let results = c.link.publish_batch(script).await;
         let mut stored: Vec<(Settled, Published)> = Vec::new();
         for ((settled, id), result) in settle.into_iter().zip(results) {
             if !matches!(result, Ok(Published::Stored(_))) {
@@ -207,15 +215,10 @@ impl Home {
         }
     }
 
-    /// The script's input for a batch (each message with its room's delivered offset as a
-    /// floor), and what each must answer with its message id.
-    #[allow(clippy::type_complexity)]
-    fn new_messages(
-        &self,
-        c: &ClusterSequencer,
-        batch: Vec<Pending>,
-    ) -> (Vec<(NewMessage, u64)>, Vec<(Settled, String)>) {
-        let mut msgs = Vec::with_capacity(batch.len());
+    /// A batch as the publish script takes it, with each message's id kept to skip its
+    /// sender's connection when its echo comes back.
+    fn new_messages(&self, c: &ClusterSequencer, batch: Vec<Pending>) -> Outgoing {
+        let mut script = Vec::with_capacity(batch.len());
         let mut settle = Vec::with_capacity(batch.len());
         for p in batch {
             let ts = now_ms();
@@ -226,7 +229,7 @@ impl Home {
             // Never below what this host delivered already, even if Redis lost the room.
             let floor = self.rooms.borrow().get(&p.room).map_or(0, |r| r.delivered);
             let (settled, text) = p.split();
-            msgs.push((
+            script.push((
                 NewMessage {
                     room: settled.room.to_string(),
                     user: settled.user.to_string(),
@@ -239,7 +242,7 @@ impl Home {
             ));
             settle.push((settled, id));
         }
-        (msgs, settle)
+        Outgoing { script, settle }
     }
 
     /// Makes the messages the script stored durable in the history store (the `redis` store

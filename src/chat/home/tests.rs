@@ -51,6 +51,11 @@ fn on_glommio<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
 
 /// A running local home on shard 0 of `count`, with the store it writes to.
 fn start(count: usize) -> (Rc<Home>, Rc<Recorder>, Store) {
+    start_replaying(count, 100)
+}
+
+/// [`start`], replaying at most `max_replay` missed messages on a join.
+fn start_replaying(count: usize, max_replay: usize) -> (Rc<Home>, Rc<Recorder>, Store) {
     let store = Store::memory();
     let home = Home::new(HomeParts {
         shard: 0,
@@ -59,7 +64,7 @@ fn start(count: usize) -> (Rc<Home>, Rc<Recorder>, Store) {
         metrics: Arc::new(Metrics::new(count)),
         ids: MessageIds::new(7, 0),
         limits: HomeLimits {
-            max_replay: 100,
+            max_replay,
             dedupe_window: Duration::from_secs(600),
         },
         sequencer: Sequencer::Local,
@@ -199,6 +204,32 @@ fn join_is_answered_with_the_rooms_offset_and_what_was_missed() {
         assert_eq!(ack["missed"][0]["text"], "hello");
         assert_eq!(ack["truncated"], false);
         assert_eq!(home.room_count(), 1);
+    });
+}
+
+#[test]
+fn a_join_replays_at_most_max_replay_of_the_newest_missed_messages() {
+    on_glommio(|| async {
+        let (home, mesh, _store) = start_replaying(1, 2);
+        join(&home, "r", conn(0, 1), user("a", None), None);
+        sent(&mesh, 2).await;
+        for i in 1..=4 {
+            publish(&home, "r", conn(0, 1), 10 + i, &format!("m{i}"), None);
+        }
+        sent(&mesh, 8).await;
+        join(&home, "r", conn(0, 2), user("b", None), Some(1));
+        let out = sent(&mesh, 2).await;
+        let (_, c, admitted, ack) = joined(&out[1]);
+        assert_eq!((c, admitted), (2, true));
+        assert_eq!(ack["offset"], 4);
+        let texts: Vec<&str> = ack["missed"]
+            .as_array()
+            .expect("missed")
+            .iter()
+            .filter_map(|m| m["text"].as_str())
+            .collect();
+        assert_eq!(texts, vec!["m3", "m4"]);
+        assert_eq!(ack["truncated"], true);
     });
 }
 
