@@ -141,7 +141,7 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         config.limits.connect_burst_per_ip,
     );
     let ctx = Arc::new(Context {
-        metrics: Metrics::new(shards),
+        metrics: Arc::new(Metrics::new(shards)),
         connect_limiter,
         auth,
         config,

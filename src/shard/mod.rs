@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use glommio::channels::local_channel::LocalSender;
 
 use crate::auth::Authenticator;
-use crate::chat::home::Home;
+use crate::chat::home::{Home, Mesh};
 use crate::chat::member::{ConnRef, Member};
 use crate::chat::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg, UserCmd};
 use crate::chat::users::UserCounts;
@@ -29,7 +29,7 @@ use crate::transport::websocket::text_frame;
 pub struct Context {
     pub config: Config,
     pub auth: Authenticator,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// Random per process: keeps message ids unique across hosts.
     pub id_prefix: u32,
     /// Set by the first SIGTERM/SIGINT: shards stop accepting, finish what is in
@@ -45,7 +45,8 @@ pub struct ShardParts {
     pub count: usize,
     pub ctx: Arc<Context>,
     pub store: Store,
-    pub home: Home,
+    /// The rooms whose home this shard is (its service and writer tasks run on the shard).
+    pub home: Rc<Home>,
     pub handler: Rc<dyn EngineHandler>,
     /// Per peer shard, the queue its outbox task drains into the mesh (`None` for self).
     pub outboxes: Vec<Option<LocalSender<ShardMsg>>>,
@@ -57,7 +58,7 @@ pub struct Shard {
     pub count: usize,
     pub ctx: Arc<Context>,
     pub store: Store,
-    pub home: Home,
+    pub home: Rc<Home>,
     /// What sessions' Engine.IO messages mean (chat, or the conformance echo server).
     pub handler: Rc<dyn EngineHandler>,
     /// Connection counts of the users whose owner this shard is.
@@ -74,6 +75,17 @@ pub struct Shard {
     next_conn: Cell<u64>,
     /// This shard's own `Rc`, for tasks it spawns while handling a message.
     me: Weak<Shard>,
+}
+
+/// A home reaches the other shards (and this one, in place) through its shard.
+impl Mesh for Shard {
+    fn send(&self, to: usize, msg: ShardMsg) {
+        Shard::send(self, to, msg);
+    }
+
+    fn congested(&self, to: usize) -> bool {
+        self.mesh_congested(to)
+    }
 }
 
 impl Shard {
@@ -142,12 +154,6 @@ impl Shard {
             ShardMetrics::inc(&self.stats().mesh_refusals);
         }
         congested
-    }
-
-    /// Whether any queue toward another shard is full for new work (a home refuses a
-    /// publish then: its deliveries would pile up behind a slow shard).
-    pub fn any_mesh_congested(&self) -> bool {
-        (0..self.count).any(|to| to != self.id && self.mesh_congested(to))
     }
 
     /// Sends a request to a room's home shard.

@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use super::{Context, Shard, ShardParts};
 use crate::chat::handler::ChatHandler;
-use crate::chat::home::Home;
+use crate::chat::home::{Home, HomeLimits, HomeParts, Sequencer};
 use crate::chat::mesh::ShardMsg;
 use crate::cluster::redis::RedisCluster;
 use crate::cluster::shard_link::ShardLink;
@@ -223,7 +223,6 @@ async fn shard_main(
         outboxes.push(Some(tx));
     }
 
-    let (home_tx, home_rx) = local_channel::new_unbounded();
     // Cluster mode: this shard's link and subscription stream, before any room is subscribed.
     let (link, cluster_events) = match cluster {
         Some(c) => {
@@ -232,7 +231,15 @@ async fn shard_main(
         }
         None => (None, None),
     };
-    let home = Home::new(home_tx, MessageIds::new(ctx.id_prefix, id), link);
+    let home = Home::new(HomeParts {
+        shard: id,
+        count,
+        store: store.clone(),
+        metrics: ctx.metrics.clone(),
+        ids: MessageIds::new(ctx.id_prefix, id),
+        limits: HomeLimits::from_config(&ctx.config),
+        sequencer: Sequencer::new(link),
+    });
     let handler: Rc<dyn EngineHandler> = if ctx.config.server.conformance {
         Rc::new(Conformance::default())
     } else {
@@ -268,8 +275,7 @@ async fn shard_main(
         })
         .detach();
     }
-    glommio::spawn_local(shard.clone().run_home(home_rx)).detach();
-    glommio::spawn_local(shard.clone().run_writer()).detach();
+    glommio::spawn_local(shard.home.clone().run(shard.clone())).detach();
     glommio::spawn_local(shard.clone().run_sweeper()).detach();
 
     let accepting = shard.clone();
