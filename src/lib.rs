@@ -17,6 +17,8 @@ pub mod chat;
 pub mod cluster;
 pub mod config;
 pub mod conformance;
+pub mod connect_limit;
+pub mod context;
 pub mod history;
 pub mod ids;
 pub mod metrics;

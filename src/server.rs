@@ -14,7 +14,7 @@ use crate::cluster::RedisOptions;
 use crate::config::{Config, StoreKind};
 use crate::metrics::Metrics;
 use crate::shard::runtime::{self, StartError};
-use crate::shard::Context;
+use crate::context::Context;
 use crate::store::{Store, StoreError};
 
 /// Why `corelay serve` could not run.
@@ -136,7 +136,7 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
     let (addr, fds) = runtime::bind_listeners(config.server.listen, shards)?;
     let mut prefix = [0u8; 4];
     crate::ids::random_bytes(&mut prefix);
-    let connect_limiter = crate::transport::connect_limit::ConnectLimiter::new(
+    let connect_limiter = crate::connect_limit::ConnectLimiter::new(
         config.limits.connect_rate_per_ip,
         config.limits.connect_burst_per_ip,
     );

@@ -12,32 +12,17 @@ use std::time::{Duration, Instant};
 
 use glommio::channels::local_channel::LocalSender;
 
-use crate::auth::Authenticator;
 use crate::chat::home::{Home, Mesh};
 use crate::chat::member::{ConnRef, Member};
 use crate::chat::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg, UserCmd};
 use crate::chat::users::UserCounts;
-use crate::config::Config;
-use crate::metrics::{Metrics, ShardMetrics};
+use crate::context::Context;
+use crate::metrics::ShardMetrics;
 use crate::store::Store;
 use crate::transport::conn::{CloseReason, Queued, Timers, Transport};
 use crate::transport::engine::EngineHandler;
 use crate::transport::session::Session;
 use crate::transport::websocket::text_frame;
-
-/// What every shard shares read-only (behind one `Arc`).
-pub struct Context {
-    pub config: Config,
-    pub auth: Authenticator,
-    pub metrics: Arc<Metrics>,
-    /// Random per process: keeps message ids unique across hosts.
-    pub id_prefix: u32,
-    /// Set by the first SIGTERM/SIGINT: shards stop accepting, finish what is in
-    /// flight, close connections with 1012 and stop.
-    pub draining: std::sync::atomic::AtomicBool,
-    /// New sessions per source address (`limits.connect_rate_per_ip`), for every shard.
-    pub connect_limiter: crate::transport::connect_limit::ConnectLimiter,
-}
 
 /// What the runtime builds for a shard before the shard exists.
 pub struct ShardParts {

@@ -14,7 +14,8 @@ use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
-use super::{Context, Shard, ShardParts};
+use super::{Shard, ShardParts};
+use crate::context::Context;
 use crate::chat::handler::ChatHandler;
 use crate::chat::home::{Home, HomeLimits, HomeParts, Sequencer};
 use crate::chat::mesh::ShardMsg;

@@ -16,7 +16,7 @@ use tracing::Instrument as _;
 
 use super::conn::Flow;
 use super::conn::{CloseReason, Transport};
-use super::connect_limit::RetryAfter;
+use crate::connect_limit::RetryAfter;
 use super::http::{self, HttpError, Request};
 use super::polling;
 use super::session::Session;

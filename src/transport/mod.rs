@@ -3,7 +3,6 @@
 
 pub mod api;
 pub mod conn;
-pub mod connect_limit;
 pub mod connection;
 pub mod engine;
 pub mod http;
