@@ -12,9 +12,9 @@ use crate::auth::Authenticator;
 use crate::cluster::redis::RedisCluster;
 use crate::cluster::RedisOptions;
 use crate::config::{Config, StoreKind};
+use crate::context::Context;
 use crate::metrics::Metrics;
 use crate::shard::runtime::{self, StartError};
-use crate::context::Context;
 use crate::store::{Store, StoreError};
 
 /// Why `corelay serve` could not run.

@@ -26,6 +26,7 @@ use bytes::Bytes;
 use tracing::Instrument as _;
 
 use super::events::ChatRequest;
+use super::layer::Chat;
 use super::member::{Member, TokenBucket, User};
 use super::mesh::{home_of, MemberMsg, ShardMsg};
 use crate::auth::Identity;
@@ -71,8 +72,8 @@ pub struct MovedConn {
 }
 
 /// Where a connection making its first join, to `room`, should move to, if anywhere.
-pub fn destination(shard: &Shard, member: &Member, room: &str) -> Option<usize> {
-    let home = home_of(room, shard.count);
+pub fn destination(chat: &Chat, member: &Member, room: &str) -> Option<usize> {
+    let home = home_of(room, chat.count);
     let session = member.session();
     let quiet = session.is_movable()
         && session.transport() == Transport::WebSocket
@@ -82,12 +83,12 @@ pub fn destination(shard: &Shard, member: &Member, room: &str) -> Option<usize> 
         && !member.has_held()
         && member.room_count() == 0
         && !session.is_closing();
-    let config = &shard.ctx.config.server;
-    if home == shard.id || !quiet || !config.follow_rooms || shard.ctx.draining.load(Relaxed) {
+    let config = &chat.ctx.config.server;
+    if home == chat.id || !quiet || !config.follow_rooms || chat.ctx.is_draining() {
         return None;
     }
-    let shards = &shard.ctx.metrics.shards;
-    let here = shards[shard.id].connections.load(Relaxed);
+    let shards = &chat.ctx.metrics.shards;
+    let here = shards[chat.id].connections.load(Relaxed);
     let there = shards[home].connections.load(Relaxed);
     (there < here + here / 4 + BALANCE_SLACK).then_some(home)
 }
@@ -95,7 +96,7 @@ pub fn destination(shard: &Shard, member: &Member, room: &str) -> Option<usize> 
 /// After a frame was handled: whether the connection must now stop reading and move
 /// (a first join was put off for it). The bytes read past that frame go with the join;
 /// inside a fragmented message they cannot, and the join is handled here after all.
-pub fn ready_to_move(shard: &Shard, member: &Rc<Member>, reader: &mut FrameReader) -> bool {
+pub fn ready_to_move(chat: &Chat, member: &Rc<Member>, reader: &mut FrameReader) -> bool {
     let Some(mut join) = member.take_deferred_join() else {
         return false;
     };
@@ -109,7 +110,7 @@ pub fn ready_to_move(shard: &Shard, member: &Rc<Member>, reader: &mut FrameReade
             let DeferredJoin {
                 request, ack_id, ..
             } = *join;
-            super::handler::handle_request(shard, member, request, ack_id);
+            super::handler::handle_request(chat, member, request, ack_id);
             false
         }
     }
@@ -135,7 +136,7 @@ pub fn hand_over(shard: &Shard, member: &Rc<Member>, join: DeferredJoin) {
     };
     let to = join.to;
     shard.detach_session(session);
-    shard.remove_member(session.id);
+    shard.chat.remove_member(session.id);
     session.detach_socket();
     let moved = MovedConn {
         fd,
@@ -184,7 +185,7 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
     member.first_join();
     member.set_counted(counted);
     member.set_connected(Some((user, Rc::new(identity))));
-    shard.add_member(member.clone());
+    shard.chat.add_member(member.clone());
     ShardMetrics::inc(&shard.stats().connections_moved_in);
     session.span.in_scope(|| {
         tracing::debug!(from, "moved here from another shard");
@@ -193,7 +194,7 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
             // connections already: close it like them (clients reconnect elsewhere).
             session.close(CloseReason::Restart);
         } else {
-            super::handler::handle_request(&shard, &member, request, ack_id);
+            super::handler::handle_request(&shard.chat, &member, request, ack_id);
         }
     });
     let reader = FrameReader::new(shard.ctx.config.engineio.max_payload, &unread);

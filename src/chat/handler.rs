@@ -11,6 +11,7 @@ use super::events::{
     PayloadLimits,
 };
 use super::follow;
+use super::layer::Chat;
 use super::member::{Connected, Member, User};
 use super::mesh::{home_of, HomeCmd, ReplyTo, UserCmd};
 use crate::auth::Identity;
@@ -43,23 +44,23 @@ pub struct ChatHandler;
 impl EngineHandler for ChatHandler {
     fn on_open(&self, shard: &Shard, session: &Rc<Session>, _path: &str) {
         let member = Member::new(session.clone(), &shard.ctx.config.limits, Instant::now());
-        shard.add_member(Rc::new(member));
+        shard.chat.add_member(Rc::new(member));
     }
 
     fn on_message(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
-        let Some(member) = shard.member(session.id) else {
+        let Some(member) = shard.chat.member(session.id) else {
             return PROTOCOL_ERROR;
         };
         let mut parser = member.parser();
-        on_socketio(shard, &member, &mut parser, data)
+        on_socketio(&shard.chat, &member, &mut parser, data)
     }
 
     fn on_binary(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
-        let Some(member) = shard.member(session.id) else {
+        let Some(member) = shard.chat.member(session.id) else {
             return PROTOCOL_ERROR;
         };
         let mut parser = member.parser();
-        on_binary(shard, &member, &mut parser, data)
+        on_binary(&shard.chat, &member, &mut parser, data)
     }
 
     fn ready_to_move(
@@ -69,12 +70,13 @@ impl EngineHandler for ChatHandler {
         reader: &mut FrameReader,
     ) -> bool {
         shard
+            .chat
             .member(session.id)
-            .is_some_and(|member| follow::ready_to_move(shard, &member, reader))
+            .is_some_and(|member| follow::ready_to_move(&shard.chat, &member, reader))
     }
 
     fn move_away(&self, shard: &Shard, session: &Rc<Session>) {
-        let member = shard.member(session.id);
+        let member = shard.chat.member(session.id);
         match member
             .as_ref()
             .and_then(|m| m.take_deferred_join().map(|j| (m, j)))
@@ -85,16 +87,16 @@ impl EngineHandler for ChatHandler {
     }
 
     fn on_close(&self, shard: &Shard, session: &Rc<Session>) {
-        if let Some(member) = shard.remove_member(session.id) {
-            shard.leave_all(&member);
-            shard.release_user(&member);
+        if let Some(member) = shard.chat.remove_member(session.id) {
+            shard.chat.leave_all(&member);
+            shard.chat.release_user(&member);
         }
     }
 }
 
 /// Handles one Socket.IO packet (the Engine.IO message body).
 pub fn on_socketio(
-    shard: &Shard,
+    chat: &Chat,
     member: &Rc<Member>,
     state: &mut ConnState,
     mut data: Vec<u8>,
@@ -117,7 +119,7 @@ pub fn on_socketio(
         }
     };
     if kind == PacketKind::Connect {
-        return on_connect(shard, member, &namespace, &data[body_at..]);
+        return on_connect(chat, member, &namespace, &data[body_at..]);
     }
     if namespace == "/" && member.is_pending() {
         // Sent right behind the CONNECT that is being admitted: kept for `on_admitted`.
@@ -133,14 +135,14 @@ pub fn on_socketio(
     }
     match kind {
         PacketKind::Disconnect => {
-            shard.leave_all(member);
-            shard.release_user(member);
+            chat.leave_all(member);
+            chat.release_user(member);
             member.set_connected(None);
             Flow::Continue
         }
         PacketKind::Event => {
             let limits = PayloadLimits {
-                max_text_bytes: shard.ctx.config.limits.max_text_bytes,
+                max_text_bytes: chat.ctx.config.limits.max_text_bytes,
             };
             match parse_event(&mut data[body_at..], limits) {
                 Err(e) => {
@@ -152,7 +154,7 @@ pub fn on_socketio(
                     Flow::Continue
                 }
                 Ok(Parsed::Request(req)) => {
-                    handle_request(shard, member, req, ack_id);
+                    handle_request(chat, member, req, ack_id);
                     Flow::Continue
                 }
             }
@@ -178,12 +180,7 @@ pub fn on_socketio(
 }
 
 /// Handles a binary WebSocket message: an attachment of the pending binary packet.
-pub fn on_binary(
-    _shard: &Shard,
-    member: &Rc<Member>,
-    state: &mut ConnState,
-    _data: Vec<u8>,
-) -> Flow {
+pub fn on_binary(_chat: &Chat, member: &Rc<Member>, state: &mut ConnState, _data: Vec<u8>) -> Flow {
     match state.binary.take() {
         None => {
             tracing::debug!("binary frame without a binary packet");
@@ -213,7 +210,7 @@ fn binary_refused(session: &Session, kind: PacketKind, ack_id: Option<u64>) {
     }
 }
 
-fn on_connect(shard: &Shard, member: &Rc<Member>, namespace: &str, body: &[u8]) -> Flow {
+fn on_connect(chat: &Chat, member: &Rc<Member>, namespace: &str, body: &[u8]) -> Flow {
     if namespace != "/" {
         member.session().push(
             text_frame(&socketio::encode_connect_error(
@@ -235,7 +232,7 @@ fn on_connect(shard: &Shard, member: &Rc<Member>, namespace: &str, body: &[u8]) 
             }
         }
     };
-    match shard.ctx.auth.authenticate(auth.as_ref()) {
+    match chat.ctx.auth.authenticate(auth.as_ref()) {
         Ok(identity) => {
             if member.is_pending() {
                 tracing::debug!("CONNECT while the previous one is being admitted: ignored");
@@ -246,18 +243,18 @@ fn on_connect(shard: &Shard, member: &Rc<Member>, namespace: &str, body: &[u8]) 
                 name: identity.name.as_deref().map(Arc::from),
             };
             // A second CONNECT replaces the identity: the old one's count goes first.
-            shard.release_user(member);
+            chat.release_user(member);
             let identity = Rc::new(identity);
-            if shard.ctx.config.limits.max_connections_per_user == 0 {
-                connected(shard, member, user, identity, false);
+            if chat.ctx.config.limits.max_connections_per_user == 0 {
+                connected(chat, member, user, identity, false);
             } else {
                 // Counted by the user's owner shard; `on_admitted` completes the CONNECT
                 // (at once when this shard is the owner).
                 member.set_connected(None);
-                let conn = member.conn_ref(shard.id);
+                let conn = member.conn_ref(chat.id);
                 let id = user.id.clone();
                 member.set_pending((user, identity));
-                shard.to_user_owner(UserCmd::Acquire { user: id, conn });
+                chat.to_user_owner(UserCmd::Acquire { user: id, conn });
             }
         }
         Err(e) => {
@@ -268,7 +265,7 @@ fn on_connect(shard: &Shard, member: &Rc<Member>, namespace: &str, body: &[u8]) 
             socketio::write_json_str(&mut body, &e.to_string());
             body.extend_from_slice(b"}}");
             member.session().push(text_frame(&body), false);
-            close_unless_connected(shard, member);
+            close_unless_connected(chat, member);
         }
     }
     Flow::Continue
@@ -276,16 +273,11 @@ fn on_connect(shard: &Shard, member: &Rc<Member>, namespace: &str, body: &[u8]) 
 
 /// The owner shard's answer to a CONNECT's count: complete the CONNECT, or refuse it
 /// with `too_many_connections` (the session is then closed like an unauthorized one).
-pub fn on_admitted(
-    shard: &Shard,
-    member: &Rc<Member>,
-    (user, identity): Connected,
-    admitted: bool,
-) {
+pub fn on_admitted(chat: &Chat, member: &Rc<Member>, (user, identity): Connected, admitted: bool) {
     let _entered = member.session().span.enter();
     let held = member.take_held();
     if admitted {
-        connected(shard, member, user, identity, true);
+        connected(chat, member, user, identity, true);
         if held.is_empty() {
             // Also the path where this shard owns the user: the answer comes at once,
             // inside `on_connect`, while the parser is borrowed by the caller.
@@ -293,27 +285,27 @@ pub fn on_admitted(
         }
         let mut parser = member.parser();
         for packet in held {
-            if let Flow::Close(reason) = on_socketio(shard, member, &mut parser, packet) {
+            if let Flow::Close(reason) = on_socketio(chat, member, &mut parser, packet) {
                 member.session().close(reason);
                 break;
             }
         }
         return;
     }
-    ShardMetrics::inc(&shard.stats().user_limit_refusals);
+    ShardMetrics::inc(&chat.stats().user_limit_refusals);
     tracing::debug!(
-        limit = shard.ctx.config.limits.max_connections_per_user,
+        limit = chat.ctx.config.limits.max_connections_per_user,
         "CONNECT refused: the user has too many connections"
     );
     member.session().push(
         text_frame(&socketio::encode_connect_error("/", "too_many_connections")),
         false,
     );
-    close_unless_connected(shard, member);
+    close_unless_connected(chat, member);
 }
 
 /// Completes a CONNECT: the session now acts as `user`.
-fn connected(shard: &Shard, member: &Member, user: User, identity: Rc<Identity>, counted: bool) {
+fn connected(chat: &Chat, member: &Member, user: User, identity: Rc<Identity>, counted: bool) {
     let session = member.session();
     session
         .span
@@ -322,18 +314,18 @@ fn connected(shard: &Shard, member: &Member, user: User, identity: Rc<Identity>,
     member.set_connected(Some((user, identity)));
     session.connected();
     // The Socket.IO session id is distinct from the Engine.IO one, as in Socket.IO.
-    let sid = crate::ids::new_sid(shard.id);
+    let sid = crate::ids::new_sid(chat.id);
     session.push(text_frame(&socketio::encode_connect_ok(&sid)), false);
     tracing::debug!("connected");
 }
 
 /// After a refused CONNECT, a session that is not connected is closed unless it sends
 /// another CONNECT soon.
-fn close_unless_connected(shard: &Shard, member: &Member) {
+fn close_unless_connected(chat: &Chat, member: &Member) {
     if !member.is_connected() {
         let session = member.session();
         let mut t = session.timers();
-        let retry = Instant::now() + RETRY_CONNECT.min(shard.ctx.config.engineio.connect_timeout.0);
+        let retry = Instant::now() + RETRY_CONNECT.min(chat.ctx.config.engineio.connect_timeout.0);
         t.connect_deadline = Some(t.connect_deadline.map_or(retry, |d| d.min(retry)));
         session.set_timers(t);
     }
@@ -353,18 +345,18 @@ fn ok(session: &Session, ack_id: Option<u64>, json: &[u8]) {
 
 /// Handles a chat request from a connected session: checked here, then sent to the
 /// room's home shard (a first join may move the connection there first).
-pub fn handle_request(shard: &Shard, member: &Rc<Member>, req: ChatRequest, ack_id: Option<u64>) {
+pub fn handle_request(chat: &Chat, member: &Rc<Member>, req: ChatRequest, ack_id: Option<u64>) {
     let Some((user, identity)) = member.connected() else {
         return;
     };
-    let conn = member.conn_ref(shard.id);
+    let conn = member.conn_ref(chat.id);
     let room: Arc<str> = Arc::from(req.room());
     let is_member = member.is_in(&room);
     let not_joined = || ChatError::new(ErrorCode::NotJoined, format!("join {room:?} first"));
     let limited = || ChatError::new(ErrorCode::RateLimited, "too many requests; slow down");
     match req {
         ChatRequest::Join { since, token, .. } => {
-            let limit = shard.ctx.config.limits.max_rooms_per_conn;
+            let limit = chat.ctx.config.limits.max_rooms_per_conn;
             if !is_member && !member.is_joining(&room) && member.room_count() >= limit {
                 return refuse(
                     member.session(),
@@ -378,7 +370,7 @@ pub fn handle_request(shard: &Shard, member: &Rc<Member>, req: ChatRequest, ack_
             let allowed = identity.rooms.allows(&room)
                 || token
                     .as_deref()
-                    .is_some_and(|t| shard.ctx.auth.check_room_token(t, &user.id, &room).is_ok());
+                    .is_some_and(|t| chat.ctx.auth.check_room_token(t, &user.id, &room).is_ok());
             if !allowed {
                 return refuse(
                     member.session(),
@@ -392,7 +384,7 @@ pub fn handle_request(shard: &Shard, member: &Rc<Member>, req: ChatRequest, ack_
             if !is_member {
                 if let Some(to) = member
                     .first_join()
-                    .then(|| follow::destination(shard, member, &room))
+                    .then(|| follow::destination(chat, member, &room))
                     .flatten()
                 {
                     // The join is handled where the connection lands, first thing.
@@ -408,12 +400,12 @@ pub fn handle_request(shard: &Shard, member: &Rc<Member>, req: ChatRequest, ack_
                     });
                     return;
                 }
-                if shard.mesh_congested(home_of(&room, shard.count)) {
+                if chat.mesh_congested(home_of(&room, chat.count)) {
                     return refuse(member.session(), ack_id, &overloaded());
                 }
                 member.start_joining(room.clone());
             }
-            shard.to_home(
+            chat.to_home(
                 &room,
                 HomeCmd::Join {
                     room: room.clone(),
@@ -427,10 +419,10 @@ pub fn handle_request(shard: &Shard, member: &Rc<Member>, req: ChatRequest, ack_
         ChatRequest::Leave { .. } => {
             let (was_member, was_joining) = member.leave(&room);
             if was_member {
-                shard.remove_local_member(&room, member);
+                chat.remove_local_member(&room, member);
             }
             if was_member || was_joining {
-                shard.to_home(
+                chat.to_home(
                     &room,
                     HomeCmd::Leave {
                         room: room.clone(),
@@ -446,20 +438,16 @@ pub fn handle_request(shard: &Shard, member: &Rc<Member>, req: ChatRequest, ack_
             if !is_member {
                 return refuse(member.session(), ack_id, &not_joined());
             }
-            if shard
-                .ctx
-                .draining
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
+            if chat.ctx.is_draining() {
                 return refuse(member.session(), ack_id, &shutting_down());
             }
             if !member.take_token(Instant::now()) {
                 return refuse(member.session(), ack_id, &limited());
             }
-            if shard.mesh_congested(home_of(&room, shard.count)) {
+            if chat.mesh_congested(home_of(&room, chat.count)) {
                 return refuse(member.session(), ack_id, &overloaded());
             }
-            shard.to_home(
+            chat.to_home(
                 &room,
                 HomeCmd::Publish {
                     room: room.clone(),
@@ -478,8 +466,8 @@ pub fn handle_request(shard: &Shard, member: &Rc<Member>, req: ChatRequest, ack_
                 return refuse(member.session(), ack_id, &limited());
             }
             // Volatile: under load it is dropped, and the client is told it was taken.
-            if !shard.mesh_congested(home_of(&room, shard.count)) {
-                shard.to_home(
+            if !chat.mesh_congested(home_of(&room, chat.count)) {
+                chat.to_home(
                     &room,
                     HomeCmd::Typing {
                         room: room.clone(),
@@ -494,10 +482,10 @@ pub fn handle_request(shard: &Shard, member: &Rc<Member>, req: ChatRequest, ack_
             if !is_member {
                 return refuse(member.session(), ack_id, &not_joined());
             }
-            if shard.mesh_congested(home_of(&room, shard.count)) {
+            if chat.mesh_congested(home_of(&room, chat.count)) {
                 return refuse(member.session(), ack_id, &overloaded());
             }
-            shard.to_home(
+            chat.to_home(
                 &room,
                 HomeCmd::Presence {
                     room: room.clone(),
@@ -512,7 +500,7 @@ pub fn handle_request(shard: &Shard, member: &Rc<Member>, req: ChatRequest, ack_
             if !member.take_token(Instant::now()) {
                 return refuse(member.session(), ack_id, &limited());
             }
-            let store = shard.store.clone();
+            let store = chat.store.clone();
             let session = member.session().clone();
             glommio::spawn_local(async move {
                 let json = match store.read(&room, query, limit).await {

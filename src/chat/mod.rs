@@ -3,10 +3,12 @@
 //! room's home shard (`follow`), the per-room state a room's home shard keeps (`home`), the
 //! messages shards exchange about rooms (`mesh`), and connections per user (`users`).
 
+pub mod api;
 pub mod events;
 pub mod follow;
 pub mod handler;
 pub mod home;
+pub mod layer;
 pub mod member;
 pub mod mesh;
 pub mod users;

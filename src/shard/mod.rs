@@ -13,13 +13,12 @@ use std::time::{Duration, Instant};
 use glommio::channels::local_channel::LocalSender;
 
 use crate::chat::home::{Home, Mesh};
-use crate::chat::member::{ConnRef, Member};
-use crate::chat::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg, UserCmd};
-use crate::chat::users::UserCounts;
+use crate::chat::layer::Chat;
+use crate::chat::mesh::{MemberMsg, ShardMsg};
 use crate::context::Context;
 use crate::metrics::ShardMetrics;
 use crate::store::Store;
-use crate::transport::conn::{CloseReason, Queued, Timers, Transport};
+use crate::transport::conn::{CloseReason, Timers, Transport};
 use crate::transport::engine::EngineHandler;
 use crate::transport::session::Session;
 use crate::transport::websocket::text_frame;
@@ -43,18 +42,13 @@ pub struct Shard {
     pub count: usize,
     pub ctx: Arc<Context>,
     pub store: Store,
-    pub home: Rc<Home>,
+    /// The chat layer's state on this shard (members, local rooms, users, home rooms).
+    pub chat: Rc<Chat>,
     /// What sessions' Engine.IO messages mean (chat, or the conformance echo server).
     pub handler: Rc<dyn EngineHandler>,
-    /// Connection counts of the users whose owner this shard is.
-    pub users: UserCounts,
     sessions: RefCell<HashMap<u64, Rc<Session>>>,
-    /// The chat layer's state of each session that has one (not conformance sessions).
-    members: RefCell<HashMap<u64, Rc<Member>>>,
     /// Engine.IO sid → session id, for polling requests and upgrades.
     by_sid: RefCell<HashMap<String, u64>>,
-    /// This shard's members of each room (the delivery lists).
-    local_rooms: RefCell<HashMap<Arc<str>, Vec<Rc<Member>>>>,
     /// Per peer shard: the queue its outbox task drains into the mesh (`None` for self).
     outboxes: Vec<Option<LocalSender<ShardMsg>>>,
     next_conn: Cell<u64>,
@@ -62,14 +56,18 @@ pub struct Shard {
     me: Weak<Shard>,
 }
 
-/// A home reaches the other shards (and this one, in place) through its shard.
+/// Chat (its homes and members) reaches the other shards, and this one in place, through
+/// its shard.
 impl Mesh for Shard {
     fn send(&self, to: usize, msg: ShardMsg) {
         Shard::send(self, to, msg);
     }
 
     fn congested(&self, to: usize) -> bool {
-        self.mesh_congested(to)
+        self.outboxes
+            .get(to)
+            .and_then(Option::as_ref)
+            .is_some_and(|outbox| outbox.len() >= self.ctx.config.limits.mesh_outbox)
     }
 }
 
@@ -85,18 +83,17 @@ impl Shard {
             handler,
             outboxes,
         } = parts;
+        let mesh: Weak<dyn Mesh> = me.clone();
+        let chat = Chat::new((id, count), ctx.clone(), store.clone(), home, mesh);
         Shard {
             id,
             count,
             ctx,
             store,
-            home,
+            chat: Rc::new(chat),
             handler,
-            users: UserCounts::default(),
             sessions: RefCell::new(HashMap::new()),
-            members: RefCell::new(HashMap::new()),
             by_sid: RefCell::new(HashMap::new()),
-            local_rooms: RefCell::new(HashMap::new()),
             outboxes,
             next_conn: Cell::new(1),
             me,
@@ -125,178 +122,31 @@ impl Shard {
         }
     }
 
-    /// Whether the queue toward shard `to` is full for new work (`limits.mesh_outbox`):
-    /// a request a client starts is then refused rather than queued. The home's own
-    /// queue counts when `to` is this shard.
-    pub fn mesh_congested(&self, to: usize) -> bool {
-        let queued = match self.outboxes.get(to) {
-            Some(Some(outbox)) => outbox.len(),
-            _ if to == self.id => self.home.queued(),
-            _ => 0,
-        };
-        let congested = queued >= self.ctx.config.limits.mesh_outbox;
-        if congested {
-            ShardMetrics::inc(&self.stats().mesh_refusals);
-        }
-        congested
-    }
-
-    /// Sends a request to a room's home shard.
-    pub fn to_home(&self, room: &str, cmd: HomeCmd) {
-        self.send(home_of(room, self.count), ShardMsg::Home(cmd));
-    }
-
-    /// Handles a message from the mesh (or from this shard itself).
+    /// Handles a message from the mesh (or from this shard itself): sockets handed over
+    /// are the transport's, the rest is chat's.
     pub fn handle(&self, msg: ShardMsg) {
         match msg {
-            ShardMsg::Home(cmd) => self.home.enqueue(cmd),
-            ShardMsg::Member(m) => self.handle_member(m),
-            ShardMsg::Users(cmd) => self.handle_users(cmd),
-        }
-    }
-
-    /// Sends a request to the shard that owns its user's connection count.
-    pub fn to_user_owner(&self, cmd: UserCmd) {
-        let (UserCmd::Acquire { user, .. } | UserCmd::Release { user }) = &cmd;
-        let owner = home_of(user, self.count);
-        self.send(owner, ShardMsg::Users(cmd));
-    }
-
-    fn handle_users(&self, cmd: UserCmd) {
-        match cmd {
-            UserCmd::Acquire { user, conn } => {
-                let limit = self.ctx.config.limits.max_connections_per_user;
-                let admitted = self.users.acquire(user.clone(), limit);
-                self.send(
-                    conn.shard,
-                    ShardMsg::Member(MemberMsg::Admitted {
-                        conn: conn.id,
-                        user,
-                        admitted,
-                    }),
-                );
-            }
-            UserCmd::Release { user } => self.users.release(&user),
-        }
-    }
-
-    /// Tells the owner shard that this connection's user no longer counts it (once).
-    pub fn release_user(&self, member: &Member) {
-        if !member.take_counted() {
-            return;
-        }
-        if let Some(user) = member.user() {
-            self.to_user_owner(UserCmd::Release { user: user.id });
-        }
-    }
-
-    fn handle_member(&self, msg: MemberMsg) {
-        match msg {
-            MemberMsg::Deliver {
-                room,
-                frame,
-                except,
-                volatile,
-                sent_at,
-            } => {
-                let rooms = self.local_rooms.borrow();
-                let Some(members) = rooms.get(&room) else {
-                    return;
-                };
-                let stats = self.stats();
-                let mut delivered = 0u64;
-                for m in members {
-                    if except == Some(m.conn_ref(self.id)) {
-                        continue;
-                    }
-                    match m.session().push(frame.clone(), volatile) {
-                        Queued::Yes => delivered += 1,
-                        Queued::Dropped => ShardMetrics::inc(&stats.typing_dropped),
-                        Queued::Overflow => ShardMetrics::inc(&stats.slow_consumer_closes),
-                        Queued::Closed => {}
-                    }
-                }
-                stats
-                    .messages_out
-                    .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
-                stats.observe_fanout(sent_at.elapsed());
-            }
-            MemberMsg::Reply { conn, frame } => {
-                if let Some(s) = self.sessions.borrow().get(&conn) {
-                    if s.push(frame, false) == Queued::Overflow {
-                        ShardMetrics::inc(&self.stats().slow_consumer_closes);
-                    }
-                }
-            }
-            MemberMsg::Admitted {
-                conn,
-                user,
-                admitted,
-            } => {
-                let member = self.member(conn);
-                let pending = member.as_ref().and_then(|m| m.take_pending());
-                match (member, pending) {
-                    (Some(member), Some(pending)) if pending.0.id == user => {
-                        crate::chat::handler::on_admitted(self, &member, pending, admitted);
-                    }
-                    _ => {
-                        // The connection ended (or gave up) while the count was on the way.
-                        if admitted {
-                            self.to_user_owner(UserCmd::Release { user });
-                        }
-                    }
-                }
-            }
-            MemberMsg::Adopt { fd, handoff } => {
-                // Without the shard (going away) the descriptor closes with the message.
-                if let Some(shard) = self.me.upgrade() {
-                    glommio::spawn_local(crate::transport::connection::adopt(shard, fd, *handoff))
+            ShardMsg::Home(cmd) => self.chat.home.enqueue(cmd),
+            ShardMsg::Users(cmd) => self.chat.handle_users(cmd),
+            ShardMsg::Member(msg) => match msg {
+                MemberMsg::Adopt { fd, handoff } => {
+                    // Without the shard (going away) the descriptor closes with the message.
+                    if let Some(shard) = self.me.upgrade() {
+                        glommio::spawn_local(crate::transport::connection::adopt(
+                            shard, fd, *handoff,
+                        ))
                         .detach();
-                }
-            }
-            MemberMsg::Moved(moved) => match self.me.upgrade() {
-                Some(shard) => {
-                    glommio::spawn_local(crate::chat::follow::adopt(shard, moved)).detach();
-                }
-                // The shard is going away; dropping the connection closes its descriptor.
-                None => drop(moved),
-            },
-            MemberMsg::Joined {
-                room,
-                conn,
-                frame,
-                admitted,
-            } => {
-                let Some(member) = self.member(conn) else {
-                    if admitted {
-                        // The connection ended while its join was on the way.
-                        let conn = ConnRef {
-                            shard: self.id,
-                            id: conn,
-                        };
-                        self.to_home(
-                            &room,
-                            HomeCmd::Leave {
-                                room: room.clone(),
-                                conn,
-                                ack_id: None,
-                            },
-                        );
                     }
-                    return;
-                };
-                let was_joining = member.finish_joining(&room, admitted);
-                if admitted && was_joining {
-                    self.local_rooms
-                        .borrow_mut()
-                        .entry(room)
-                        .or_default()
-                        .push(member.clone());
                 }
-                if !frame.is_empty() {
-                    member.session().push(frame, false);
-                }
-            }
+                MemberMsg::Moved(moved) => match self.me.upgrade() {
+                    Some(shard) => {
+                        glommio::spawn_local(crate::chat::follow::adopt(shard, moved)).detach();
+                    }
+                    // The shard is going away; dropping the connection closes its descriptor.
+                    None => drop(moved),
+                },
+                msg => self.chat.handle_member(msg),
+            },
         }
     }
 
@@ -363,56 +213,6 @@ impl Shard {
         known
     }
 
-    /// Takes a connection out of every room it is in or joining (Socket.IO disconnect,
-    /// or the connection ended).
-    pub fn leave_all(&self, member: &Rc<Member>) {
-        let conn = member.conn_ref(self.id);
-        let (joined, joining) = member.leave_all();
-        for room in &joined {
-            self.remove_local_member(room, member);
-        }
-        for room in joined.into_iter().chain(joining) {
-            self.to_home(
-                &room,
-                HomeCmd::Leave {
-                    room: room.clone(),
-                    conn,
-                    ack_id: None,
-                },
-            );
-        }
-    }
-
-    /// Stops delivering a room's events to this connection.
-    pub fn remove_local_member(&self, room: &Arc<str>, member: &Rc<Member>) {
-        let mut rooms = self.local_rooms.borrow_mut();
-        if let Some(members) = rooms.get_mut(room) {
-            if let Some(i) = members.iter().position(|m| Rc::ptr_eq(m, member)) {
-                members.swap_remove(i);
-            }
-            if members.is_empty() {
-                rooms.remove(room);
-            }
-        }
-    }
-
-    /// The chat state of session `id`, if it has one here.
-    pub fn member(&self, id: u64) -> Option<Rc<Member>> {
-        self.members.borrow().get(&id).cloned()
-    }
-
-    /// Keeps a session's chat state (the chat handler opened it, or it moved here).
-    pub fn add_member(&self, member: Rc<Member>) {
-        self.members
-            .borrow_mut()
-            .insert(member.session().id, member);
-    }
-
-    /// Forgets a session's chat state (it ended, or it moves to another shard).
-    pub fn remove_member(&self, id: u64) -> Option<Rc<Member>> {
-        self.members.borrow_mut().remove(&id)
-    }
-
     /// The session with this Engine.IO sid, if this shard has it.
     pub fn session_by_sid(&self, sid: &str) -> Option<Rc<Session>> {
         let id = *self.by_sid.borrow().get(sid)?;
@@ -461,7 +261,7 @@ impl Shard {
         loop {
             self.stats()
                 .home_busy
-                .store(u64::from(!self.home.is_idle()), Relaxed);
+                .store(u64::from(!self.chat.home.is_idle()), Relaxed);
             let busy: u64 = metrics
                 .shards
                 .iter()

@@ -15,13 +15,13 @@ use glommio::{LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
 use super::{Shard, ShardParts};
-use crate::context::Context;
 use crate::chat::handler::ChatHandler;
 use crate::chat::home::{Home, HomeLimits, HomeParts, Sequencer};
 use crate::chat::mesh::ShardMsg;
 use crate::cluster::redis::RedisCluster;
 use crate::cluster::shard_link::ShardLink;
 use crate::conformance::Conformance;
+use crate::context::Context;
 use crate::ids::MessageIds;
 use crate::store::Store;
 use crate::transport::engine::EngineHandler;
@@ -261,7 +261,7 @@ async fn shard_main(
         glommio::spawn_local(async move {
             use futures::StreamExt as _;
             while let Some(event) = events.next().await {
-                shard.home.enqueue_cluster(event);
+                shard.chat.home.enqueue_cluster(event);
             }
         })
         .detach();
@@ -276,7 +276,7 @@ async fn shard_main(
         })
         .detach();
     }
-    glommio::spawn_local(shard.home.clone().run(shard.clone())).detach();
+    glommio::spawn_local(shard.chat.home.clone().run(shard.clone())).detach();
     glommio::spawn_local(shard.clone().run_sweeper()).detach();
 
     let accepting = shard.clone();

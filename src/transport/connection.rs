@@ -16,13 +16,14 @@ use tracing::Instrument as _;
 
 use super::conn::Flow;
 use super::conn::{CloseReason, Transport};
-use crate::connect_limit::RetryAfter;
+use super::engine;
 use super::http::{self, HttpError, Request};
 use super::polling;
 use super::session::Session;
 use super::websocket::{self, FrameReader, Message};
-use super::{api, engine};
+use crate::chat::api;
 use crate::chat::mesh::{MemberMsg, ShardMsg};
+use crate::connect_limit::RetryAfter;
 use crate::metrics::ShardMetrics;
 use crate::protocol::engineio::{self, HandshakeError, OpenPayload};
 use crate::shard::Shard;
@@ -106,7 +107,7 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
                 Next::Done => return,
             }
         } else if req.path.starts_with("/api/") {
-            let answer = api::handle(&shard, &req, &mut stream, &mut buf).await;
+            let answer = api::handle(&shard.chat, &req, &mut stream, &mut buf).await;
             let consumed = req.method == "GET" || answer.status == 201;
             (answer.status, "application/json", answer.body, consumed)
         } else {

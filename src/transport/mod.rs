@@ -1,7 +1,6 @@
 //! Transports: the HTTP/1.1 listener, the WebSocket upgrade and framing, and the
 //! per-connection tasks that carry Engine.IO over them.
 
-pub mod api;
 pub mod conn;
 pub mod connection;
 pub mod engine;

@@ -7,12 +7,12 @@ use bytes::Bytes;
 use futures::io::AsyncRead;
 use serde::Deserialize;
 
-use super::http::{self, HttpError, Request};
-use crate::chat::events::{history_ack_json, validate_room};
-use crate::chat::mesh::{home_of, HomeCmd, ReplyTo};
+use super::events::{history_ack_json, validate_room};
+use super::layer::Chat;
+use super::mesh::{home_of, HomeCmd, ReplyTo};
 use crate::protocol::socketio::write_json_str;
-use crate::shard::Shard;
 use crate::store::{HistoryQuery, HistoryStore};
+use crate::transport::http::{self, HttpError, Request};
 
 /// The largest API request body.
 const MAX_BODY: usize = 64 * 1024;
@@ -37,12 +37,12 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 /// Handles a request under `/api/`. Reads the body from `io` when the route takes one.
 pub async fn handle<R: AsyncRead + Unpin>(
-    shard: &Shard,
+    chat: &Chat,
     req: &Request,
     io: &mut R,
     buf: &mut Vec<u8>,
 ) -> Answer {
-    let Some(key) = shard.ctx.config.auth.api_key.as_deref() else {
+    let Some(key) = chat.ctx.config.auth.api_key.as_deref() else {
         return error(
             401,
             "unauthorized",
@@ -65,7 +65,7 @@ pub async fn handle<R: AsyncRead + Unpin>(
         return error(400, "bad_request", &e.message);
     }
     match (req.method.as_str(), what) {
-        ("GET", "messages") => read_messages(shard, req, &room).await,
+        ("GET", "messages") => read_messages(chat, req, &room).await,
         ("POST", "messages") => {
             let len = match req
                 .header("content-length")
@@ -75,12 +75,12 @@ pub async fn handle<R: AsyncRead + Unpin>(
                 _ => return error(400, "bad_request", "Content-Length is required"),
             };
             match http::read_body(io, buf, len, MAX_BODY).await {
-                Ok(body) => publish(shard, &room, &body).await,
+                Ok(body) => publish(chat, &room, &body).await,
                 Err(HttpError::BodyTooLarge) => error(413, "too_large", "request body over 64 KiB"),
                 Err(e) => error(400, "bad_request", &e.to_string()),
             }
         }
-        ("GET", "presence") => presence(shard, &room).await,
+        ("GET", "presence") => presence(chat, &room).await,
         (_, "messages" | "presence") => error(405, "bad_request", "method not allowed"),
         _ => error(404, "not_found", "no such API route"),
     }
@@ -100,7 +100,7 @@ fn query_u64(req: &Request, key: &str) -> Result<Option<u64>, Answer> {
     }
 }
 
-async fn read_messages(shard: &Shard, req: &Request, room: &str) -> Answer {
+async fn read_messages(chat: &Chat, req: &Request, room: &str) -> Answer {
     let parsed = (|| {
         let before = query_u64(req, "before")?;
         let after = query_u64(req, "after")?;
@@ -125,7 +125,7 @@ async fn read_messages(shard: &Shard, req: &Request, room: &str) -> Answer {
         Ok(q) => q,
         Err(answer) => return answer,
     };
-    match shard.store.read(room, query, limit).await {
+    match chat.store.read(room, query, limit).await {
         Ok(messages) => {
             // The `history` ack minus its `ok`: {"messages":[…]}.
             let ack = history_ack_json(&messages);
@@ -148,12 +148,12 @@ struct PublishBody {
     cid: Option<String>,
 }
 
-async fn publish(shard: &Shard, room: &str, body: &[u8]) -> Answer {
+async fn publish(chat: &Chat, room: &str, body: &[u8]) -> Answer {
     let body: PublishBody = match serde_json::from_slice(body) {
         Ok(b) => b,
         Err(e) => return error(400, "bad_request", &format!("invalid body: {e}")),
     };
-    let limits = &shard.ctx.config.limits;
+    let limits = &chat.ctx.config.limits;
     if body.text.len() > limits.max_text_bytes {
         return error(
             413,
@@ -172,20 +172,16 @@ async fn publish(shard: &Shard, room: &str, body: &[u8]) -> Answer {
     {
         return error(400, "bad_request", "cid must be 1 to 64 bytes");
     }
-    if shard
-        .ctx
-        .draining
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        let e = crate::chat::handler::shutting_down();
+    if chat.ctx.is_draining() {
+        let e = super::handler::shutting_down();
         return error(503, e.code.as_str(), &e.message);
     }
-    if let Some(answer) = overloaded(shard, room) {
+    if let Some(answer) = overloaded(chat, room) {
         return answer;
     }
     let (tx, rx) = futures::channel::oneshot::channel::<Bytes>();
     let room: Arc<str> = Arc::from(room);
-    shard.to_home(
+    chat.to_home(
         &room,
         HomeCmd::Publish {
             room: room.clone(),
@@ -202,21 +198,21 @@ async fn publish(shard: &Shard, room: &str, body: &[u8]) -> Answer {
 }
 
 /// The 503 for a request while the queue toward the room's home shard is full.
-fn overloaded(shard: &Shard, room: &str) -> Option<Answer> {
-    if !shard.mesh_congested(home_of(room, shard.count)) {
+fn overloaded(chat: &Chat, room: &str) -> Option<Answer> {
+    if !chat.mesh_congested(home_of(room, chat.count)) {
         return None;
     }
-    let e = crate::chat::handler::overloaded();
+    let e = super::handler::overloaded();
     Some(error(503, e.code.as_str(), &e.message))
 }
 
-async fn presence(shard: &Shard, room: &str) -> Answer {
-    if let Some(answer) = overloaded(shard, room) {
+async fn presence(chat: &Chat, room: &str) -> Answer {
+    if let Some(answer) = overloaded(chat, room) {
         return answer;
     }
     let (tx, rx) = futures::channel::oneshot::channel::<Bytes>();
     let room: Arc<str> = Arc::from(room);
-    shard.to_home(
+    chat.to_home(
         &room,
         HomeCmd::Presence {
             room: room.clone(),
