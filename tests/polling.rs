@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{http, token, PollClient, Server, WsClient};
+use common::{chunked, http, raw_exchange, token, PollClient, Server, WsClient};
 use serde_json::{json, Value};
 
 fn ack_of(packets: &[String], id: u64) -> Option<Value> {
@@ -290,4 +290,94 @@ fn cors_for_allowed_origins_only() {
         b"",
     );
     assert!(!a.head.contains("Access-Control-Allow-Origin"));
+}
+
+fn chunked_post_head(sid: &str, connection: &str) -> Vec<u8> {
+    format!(
+        "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain;charset=UTF-8\r\nTransfer-Encoding: chunked\r\nConnection: {connection}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[test]
+fn chunked_polling_posts() {
+    let server = Server::start(&[]);
+    let port = server.port;
+    let timeout = Duration::from_secs(5);
+    // Several sessions, so that requests land on the owning shard and on the other one.
+    for i in 0..4 {
+        let c = connect(port, &format!("chunky{i}"));
+        // A chunked POST, cut in pieces the server reads apart, then a GET on the same
+        // connection.
+        let mut raw = chunked_post_head(&c.sid, "keep-alive");
+        let head_len = raw.len();
+        raw.extend(chunked(b"421[\"join\",{\"room\":\"chunks\"}]", 7));
+        let get = format!(
+            "GET /socket.io/?EIO=4&transport=polling&sid={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            c.sid
+        );
+        let cuts = [head_len - 3, head_len + 2, head_len + 20, raw.len() - 4];
+        raw.extend_from_slice(get.as_bytes());
+        let answers = raw_exchange(port, &raw, &cuts, timeout);
+        assert_eq!(answers.len(), 2, "two answers on the connection");
+        assert_eq!(
+            (answers[0].status, answers[0].text()),
+            (200, "ok".to_string())
+        );
+        assert_eq!(answers[1].status, 200);
+        let packets: Vec<String> = answers[1]
+            .text()
+            .split('\u{1e}')
+            .map(str::to_string)
+            .collect();
+        assert_eq!(ack_of(&packets, 1).unwrap()["ok"], true, "{packets:?}");
+
+        // A malformed chunk: 400 (Engine.IO's "Bad request"), the connection closes, the
+        // session lives on.
+        for bad in [
+            b"zz\r\n42\r\n0\r\n\r\n".as_slice(),
+            b"2\r\n42XX0\r\n\r\n",
+            b"2;a b\r\n42\r\n0\r\n\r\n",
+            b"2\r\n42\r\n0\r\nno colon here\r\n\r\n",
+        ] {
+            let mut raw = chunked_post_head(&c.sid, "keep-alive");
+            raw.extend_from_slice(bad);
+            let answers = raw_exchange(port, &raw, &[], timeout);
+            assert_eq!(answers.len(), 1, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(answers[0].status, 400);
+            assert_eq!(answers[0].text(), r#"{"code":3,"message":"Bad request"}"#);
+            assert!(
+                answers[0].head.contains("Connection: close"),
+                "{}",
+                answers[0].head
+            );
+        }
+        // A body cut short by the client: no answer, nothing hangs, the session lives on.
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(timeout)).unwrap();
+        std::io::Write::write_all(&mut s, &chunked_post_head(&c.sid, "close")).unwrap();
+        std::io::Write::write_all(&mut s, b"5\r\n42[").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut rest).unwrap();
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+        assert_eq!(
+            c.post(&["429[\"leave\",{\"room\":\"chunks\"}]"]).text(),
+            "ok"
+        );
+        assert_eq!(ack_of(&c.get_packets(), 9).unwrap()["ok"], true);
+
+        // Over maxPayload: the same 413 as an oversized Content-Length body, and the
+        // session ends.
+        let mut raw = chunked_post_head(&c.sid, "keep-alive");
+        let huge = format!(
+            "42[\"message\",{{\"room\":\"r\",\"text\":\"{}\"}}]",
+            "x".repeat(1_100_000)
+        );
+        raw.extend(chunked(huge.as_bytes(), 64 * 1024));
+        let answers = raw_exchange(port, &raw, &[], timeout);
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].status, 413);
+        assert_eq!(c.get().status, 400, "the session is gone after a 413");
+    }
 }

@@ -374,11 +374,15 @@ async fn engineio_request(
                 }
             }
             "POST" => {
-                let len = req
-                    .header("content-length")
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                match http::read_body(&mut stream, &mut buf, len, eio.max_payload).await {
+                let framing = match req.body_framing() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::debug!(shard = shard.id, error = %e, "polling POST refused");
+                        break 'answer reject(HandshakeError::BadRequest);
+                    }
+                };
+                match http::read_framed_body(&mut stream, &mut buf, framing, eio.max_payload).await
+                {
                     Ok(body) => {
                         let a = session
                             .span
@@ -395,6 +399,11 @@ async fn engineio_request(
                         );
                         let _ = stream.write_all(&resp).await;
                         return Next::Done;
+                    }
+                    Err(HttpError::Malformed(why)) => {
+                        // The body's end is unknown: answer, then close the connection.
+                        tracing::debug!(shard = shard.id, %why, "polling POST refused");
+                        break 'answer reject(HandshakeError::BadRequest);
                     }
                     Err(_) => return Next::Done,
                 }
