@@ -18,10 +18,14 @@ const SECOND: Duration = Duration::from_secs(1);
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn server() -> (std::sync::MutexGuard<'static, ()>, Server) {
+    server_with_shards(2)
+}
+
+fn server_with_shards(shards: usize) -> (std::sync::MutexGuard<'static, ()>, Server) {
     let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     (
         guard,
-        Server::start_with(&[], &["--store", "memory", "--conformance"], false),
+        Server::start_sharded(shards, &[], &["--store", "memory", "--conformance"], false),
     )
 }
 
@@ -215,6 +219,31 @@ fn upgrades(port: u16, base: &str, echo: bool) {
     if echo {
         c.send_text("4hello");
         assert_eq!(next_non_ping(&mut c), "4hello");
+    }
+}
+
+/// "closes the session upon ping timeout" (HTTP long-polling), both suites: a GET
+/// exactly pingInterval + pingTimeout after the handshake gets 400, whatever the
+/// sweeper's tick.
+#[test]
+fn polling_session_is_gone_right_after_ping_timeout() {
+    for shards in [1, 2] {
+        let (_one, s) = server_with_shards(shards);
+        for base in ["/engine.io/", "/socket.io/"] {
+            for _ in 0..3 {
+                let sid = open_polling(s.port, base);
+                std::thread::sleep(Duration::from_millis(300 + 200));
+                let a = http(s.port, "GET", &poll_path(base, &sid), &[], b"");
+                assert_eq!(
+                    (a.status, a.text()),
+                    (
+                        400,
+                        r#"{"code":1,"message":"Session ID unknown"}"#.to_string()
+                    ),
+                    "{shards} shard(s), {base}"
+                );
+            }
+        }
     }
 }
 

@@ -334,6 +334,13 @@ async fn engineio_request(
         let Some(session) = shard.session_by_sid(&sid) else {
             break 'answer reject(HandshakeError::SessionIdUnknown);
         };
+        // A polling session whose pong is overdue ends now, not at the sweeper's next
+        // tick: a request after pingInterval + pingTimeout finds it gone.
+        if session.transport.get() == Transport::Polling
+            && shard.end_if_overdue(&session, std::time::Instant::now())
+        {
+            break 'answer reject(HandshakeError::SessionIdUnknown);
+        }
         if transport == Transport::WebSocket {
             if session.transport.get() != Transport::Polling {
                 break 'answer reject(HandshakeError::BadRequest);
