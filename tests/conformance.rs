@@ -208,18 +208,26 @@ fn upgrades(port: u16, base: &str, echo: bool) {
         c.send_text("4hello");
         assert_eq!(next_non_ping(&mut c), "4hello");
     }
-    // Polling and a second WebSocket for the sid are refused after the upgrade.
+    // Polling is refused after the upgrade; a second WebSocket for the sid is accepted
+    // and closed at once, and the first one goes on.
     assert_eq!(
         http(port, "GET", &poll_path(base, &sid), &[], b"").status,
         400
     );
-    assert!(
-        WsClient::handshake(port, &format!("{base}?EIO=4&transport=websocket&sid={sid}")).is_err()
-    );
+    second_websocket_is_closed(port, base, &sid);
     if echo {
         c.send_text("4hello");
         assert_eq!(next_non_ping(&mut c), "4hello");
     }
+}
+
+/// A WebSocket for a sid that already upgraded: the handshake completes, then the
+/// server closes that socket (as the reference server does).
+fn second_websocket_is_closed(port: u16, base: &str, sid: &str) {
+    let second = WsClient::handshake(port, &format!("{base}?EIO=4&transport=websocket&sid={sid}"));
+    let mut second = second.unwrap_or_else(|answer| panic!("upgrade refused: {answer}"));
+    second.answer_pings = false;
+    second.expect_closed(2 * SECOND);
 }
 
 /// "closes the session upon ping timeout" (HTTP long-polling), both suites: a GET
@@ -242,6 +250,40 @@ fn polling_session_is_gone_right_after_ping_timeout() {
                     ),
                     "{shards} shard(s), {base}"
                 );
+            }
+        }
+    }
+}
+
+/// "ignores WebSocket connection with same sid after upgrade", both suites: the second
+/// socket is upgraded and closed, the first keeps echoing.
+#[test]
+fn second_websocket_after_upgrade_is_closed_and_the_first_goes_on() {
+    for shards in [1, 2] {
+        let (_one, s) = server_with_shards(shards);
+        let port = s.port;
+        for base in ["/engine.io/", "/socket.io/"] {
+            // Several sessions: with two shards, some second sockets land on the shard
+            // that does not own the session and are handed over.
+            for _ in 0..4 {
+                let sid = open_polling(port, base);
+                let mut c = WsClient::handshake(
+                    port,
+                    &format!("{base}?EIO=4&transport=websocket&sid={sid}"),
+                )
+                .unwrap();
+                c.answer_pings = false;
+                c.send_text("2probe");
+                assert_eq!(c.recv_text(SECOND).unwrap(), "3probe");
+                c.send_text("5");
+                second_websocket_is_closed(port, base, &sid);
+                if base == "/engine.io/" {
+                    c.send_text("4hello");
+                    assert_eq!(next_non_ping(&mut c), "4hello");
+                } else {
+                    c.send_text("40");
+                    assert!(next_non_ping(&mut c).starts_with("40"));
+                }
             }
         }
     }

@@ -343,7 +343,17 @@ async fn engineio_request(
         }
         if transport == Transport::WebSocket {
             if session.transport.get() != Transport::Polling {
-                break 'answer reject(HandshakeError::BadRequest);
+                // Another WebSocket for a session that is upgrading or upgraded: like the
+                // reference server, complete the handshake and close that new socket; the
+                // session's own transport goes on.
+                let Some(key) = websocket_key(&req) else {
+                    break 'answer reject(HandshakeError::BadRequest);
+                };
+                let mut refused = websocket::upgrade_response(&key);
+                refused.extend_from_slice(&websocket::close_frame(websocket::close_code::NORMAL));
+                let _ = stream.write_all(&refused).await;
+                let _ = stream.flush().await;
+                return Next::Done;
             }
             match websocket_key(&req) {
                 Some(key) => {
