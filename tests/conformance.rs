@@ -289,6 +289,49 @@ fn second_websocket_after_upgrade_is_closed_and_the_first_goes_on() {
     }
 }
 
+/// "forcefully closes the session" (HTTP long-polling), both suites: the GET sent with
+/// the close POST gets the noop even when it arrives after the POST (with two shards, a
+/// GET that reached the other shard is handed over and can come second); the next GET
+/// gets 400, and so does a POST meanwhile.
+#[test]
+fn polling_close_releases_a_get_that_comes_after_it() {
+    for shards in [1, 2] {
+        let (_one, s) = server_with_shards(shards);
+        let port = s.port;
+        for base in ["/engine.io/", "/socket.io/"] {
+            for _ in 0..4 {
+                // The GET strictly after the POST.
+                let sid = open_polling(port, base);
+                let path = poll_path(base, &sid);
+                let close = http(port, "POST", &path, &[], b"1");
+                assert_eq!((close.status, close.text()), (200, "ok".to_string()));
+                assert_eq!(http(port, "POST", &path, &[], b"4x").status, 400);
+                let late = http(port, "GET", &path, &[], b"");
+                assert_eq!((late.status, late.text()), (200, "6".to_string()));
+                assert_eq!(http(port, "GET", &path, &[], b"").status, 400);
+                // Both at once, as the suites send them.
+                let sid = open_polling(port, base);
+                let path = poll_path(base, &sid);
+                let get = {
+                    let path = path.clone();
+                    std::thread::spawn(move || http(port, "GET", &path, &[], b""))
+                };
+                let close = http(port, "POST", &path, &[], b"1");
+                assert_eq!(close.status, 200);
+                let got = get.join().unwrap();
+                assert_eq!((got.status, got.text()), (200, "6".to_string()));
+                assert_eq!(http(port, "GET", &path, &[], b"").status, 400);
+            }
+        }
+        // Not claimed by a GET, the closed session is forgotten after a short grace.
+        let sid = open_polling(port, "/engine.io/");
+        let path = poll_path("/engine.io/", &sid);
+        assert_eq!(http(port, "POST", &path, &[], b"1").status, 200);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(http(port, "GET", &path, &[], b"").status, 400);
+    }
+}
+
 #[test]
 fn engineio_suite() {
     let (_one, s) = server();
