@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{chunked, http, raw_exchange, token, PollClient, Server, WsClient};
+use common::{
+    chunked, http, parse_answers, raw_exchange, token, HttpAnswer, PollClient, Server, WsClient,
+};
 use serde_json::{json, Value};
 
 fn ack_of(packets: &[String], id: u64) -> Option<Value> {
@@ -379,5 +381,104 @@ fn chunked_polling_posts() {
         assert_eq!(answers.len(), 1);
         assert_eq!(answers[0].status, 413);
         assert_eq!(c.get().status, 400, "the session is gone after a 413");
+    }
+}
+
+/// One request on a new TCP connection with `Connection: close` (a chunked body when
+/// `chunked_body`); the server must answer with `Connection: close` and close its side.
+fn fresh_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    chunked_body: bool,
+) -> HttpAnswer {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut raw =
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n").into_bytes();
+    if method == "POST" && chunked_body {
+        raw.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+        raw.extend(chunked(body, 9));
+    } else if method == "POST" {
+        raw.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+        raw.extend_from_slice(body);
+    } else {
+        raw.extend_from_slice(b"\r\n");
+    }
+    s.write_all(&raw).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .unwrap_or_else(|e| panic!("the server keeps the connection open: {e}"));
+    let mut answers = parse_answers(&got);
+    assert_eq!(answers.len(), 1, "{}", String::from_utf8_lossy(&got));
+    let answer = answers.remove(0);
+    assert!(answer.head.contains("Connection: close"), "{}", answer.head);
+    answer
+}
+
+#[test]
+fn every_request_on_a_fresh_connection_with_connection_close() {
+    let server = Server::start_sharded(2, &[], &["--store", "memory"], true);
+    let port = server.port;
+    // Sessions until both shards own one: handshakes, like every request here, land
+    // wherever the kernel puts a new connection, so the requests below reach the owning
+    // shard and the other one (handed over) alike.
+    let mut sids: Vec<String> = Vec::new();
+    while !(sids.iter().any(|s| s.starts_with("00")) && sids.iter().any(|s| s.starts_with("01"))) {
+        assert!(sids.len() < 40, "every handshake on one shard: {sids:?}");
+        let open = fresh_request(
+            port,
+            "GET",
+            "/socket.io/?EIO=4&transport=polling",
+            b"",
+            false,
+        );
+        assert_eq!(open.status, 200, "{}", open.text());
+        let v: Value = serde_json::from_str(&open.text()[1..]).unwrap();
+        sids.push(v["sid"].as_str().unwrap().to_string());
+    }
+    for (n, sid) in sids.iter().enumerate() {
+        let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+        let post = |body: &str, i: usize| {
+            let a = fresh_request(port, "POST", &path, body.as_bytes(), i % 2 == 1);
+            assert_eq!((a.status, a.text()), (200, "ok".to_string()), "{sid}");
+        };
+        let get = || {
+            let a = fresh_request(port, "GET", &path, b"", false);
+            assert_eq!(a.status, 200, "{sid}: {}", a.text());
+            a.text()
+                .split('\u{1e}')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        post(
+            &format!(
+                "40{{\"token\":\"{}\"}}",
+                token(&format!("fresh{n}"), Some(&["*"]))
+            ),
+            n,
+        );
+        assert!(get()[0].starts_with("40{\"sid\":"), "{sid}");
+        post("421[\"join\",{\"room\":\"fresh\"}]", n + 1);
+        assert_eq!(ack_of(&get(), 1).unwrap()["ok"], true, "{sid}");
+        for i in 0..6u64 {
+            let id = 10 + i;
+            post(
+                &format!("42{id}[\"message\",{{\"room\":\"fresh\",\"text\":\"m{i}\"}}]"),
+                i as usize,
+            );
+            let mut packets = get();
+            while ack_of(&packets, id).is_none() {
+                assert!(packets.len() < 100, "{packets:?}");
+                packets.extend(get());
+            }
+            assert_eq!(
+                ack_of(&packets, id).unwrap()["ok"],
+                true,
+                "{sid}: {packets:?}"
+            );
+        }
     }
 }
