@@ -232,6 +232,19 @@ fn chunked_request_bodies() {
         let v: Value = serde_json::from_slice(&answers[0].body).unwrap();
         assert_eq!(v["error"]["code"], "bad_request");
     }
+    // A body cut short by the client: the request ends (an answer or none, no hang).
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(&chunked_publish(b"20\r\n{\"text\":")).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .unwrap_or_else(|e| panic!("the server still waits for the body: {e}"));
+    assert!(
+        rest.is_empty() || rest.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
     // Over the 64 KiB limit: 413, as with Content-Length.
     let huge = format!(r#"{{"text":"{}"}}"#, "x".repeat(70 * 1024));
     let answers = raw_exchange(
