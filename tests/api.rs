@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use common::{token, Server, WsClient};
+use common::{chunked, raw_exchange, token, Server, WsClient};
 use serde_json::{json, Value};
 
 const KEY: &str = "api-key-for-tests";
@@ -184,4 +184,92 @@ fn api_errors() {
         .as_str()
         .unwrap()
         .contains("api_key"));
+}
+
+/// A chunked publish request: the head, then `body` as it is.
+fn chunked_publish(body: &[u8]) -> Vec<u8> {
+    let mut raw = format!(
+        "POST /api/rooms/chunked/messages HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    raw.extend_from_slice(body);
+    raw
+}
+
+#[test]
+fn chunked_request_bodies() {
+    let server = Server::start(&[("CORELAY_API_KEY", KEY)]);
+    let port = server.port;
+    let timeout = Duration::from_secs(5);
+    let body = chunked(br#"{"text":"in chunks","cid":"c1"}"#, 5);
+    let raw = chunked_publish(&body);
+    let head_len = raw.len() - body.len();
+    let answers = raw_exchange(
+        port,
+        &raw,
+        &[head_len + 1, head_len + 9, raw.len() - 2],
+        timeout,
+    );
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].status, 201, "{}", answers[0].text());
+    let ack: Value = serde_json::from_slice(&answers[0].body).unwrap();
+    assert_eq!(
+        (ack["ok"].clone(), ack["offset"].clone()),
+        (json!(true), json!(1))
+    );
+    let (_, history) = request(port, "GET", "/api/rooms/chunked/messages", Some(KEY), None);
+    assert_eq!(history["messages"][0]["text"], "in chunks");
+
+    // Malformed chunks: 400.
+    for bad in [
+        b"5\r\n{\"te\r\nxt\":\"a\"}\r\n0\r\n\r\n".as_slice(),
+        b"1g\r\n{}\r\n0\r\n\r\n",
+        b"2;\x01\r\n{}\r\n0\r\n\r\n",
+    ] {
+        let answers = raw_exchange(port, &chunked_publish(bad), &[], timeout);
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].status, 400, "{}", answers[0].text());
+        let v: Value = serde_json::from_slice(&answers[0].body).unwrap();
+        assert_eq!(v["error"]["code"], "bad_request");
+    }
+    // A body cut short by the client: the request ends (an answer or none, no hang).
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    s.write_all(&chunked_publish(b"20\r\n{\"text\":")).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .unwrap_or_else(|e| panic!("the server still waits for the body: {e}"));
+    assert!(
+        rest.is_empty() || rest.starts_with(b"HTTP/1.1 400"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    // Over the 64 KiB limit: 413, as with Content-Length.
+    let huge = format!(r#"{{"text":"{}"}}"#, "x".repeat(70 * 1024));
+    let answers = raw_exchange(
+        port,
+        &chunked_publish(&chunked(huge.as_bytes(), 8192)),
+        &[],
+        timeout,
+    );
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].status, 413);
+    let (status, big) = request(
+        port,
+        "POST",
+        "/api/rooms/chunked/messages",
+        Some(KEY),
+        Some(&huge),
+    );
+    assert_eq!(
+        (status, big["error"]["code"].clone()),
+        (413, json!("too_large"))
+    );
+    let (_, history) = request(port, "GET", "/api/rooms/chunked/messages", Some(KEY), None);
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        1,
+        "{history}"
+    );
 }

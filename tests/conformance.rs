@@ -18,10 +18,14 @@ const SECOND: Duration = Duration::from_secs(1);
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn server() -> (std::sync::MutexGuard<'static, ()>, Server) {
+    server_with_shards(2)
+}
+
+fn server_with_shards(shards: usize) -> (std::sync::MutexGuard<'static, ()>, Server) {
     let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     (
         guard,
-        Server::start_with(&[], &["--store", "memory", "--conformance"], false),
+        Server::start_sharded(shards, &[], &["--store", "memory", "--conformance"], false),
     )
 }
 
@@ -204,17 +208,127 @@ fn upgrades(port: u16, base: &str, echo: bool) {
         c.send_text("4hello");
         assert_eq!(next_non_ping(&mut c), "4hello");
     }
-    // Polling and a second WebSocket for the sid are refused after the upgrade.
+    // Polling is refused after the upgrade; a second WebSocket for the sid is accepted
+    // and closed at once, and the first one goes on.
     assert_eq!(
         http(port, "GET", &poll_path(base, &sid), &[], b"").status,
         400
     );
-    assert!(
-        WsClient::handshake(port, &format!("{base}?EIO=4&transport=websocket&sid={sid}")).is_err()
-    );
+    second_websocket_is_closed(port, base, &sid);
     if echo {
         c.send_text("4hello");
         assert_eq!(next_non_ping(&mut c), "4hello");
+    }
+}
+
+/// A WebSocket for a sid that already upgraded: the handshake completes, then the
+/// server closes that socket (as the reference server does).
+fn second_websocket_is_closed(port: u16, base: &str, sid: &str) {
+    let second = WsClient::handshake(port, &format!("{base}?EIO=4&transport=websocket&sid={sid}"));
+    let mut second = second.unwrap_or_else(|answer| panic!("upgrade refused: {answer}"));
+    second.answer_pings = false;
+    second.expect_closed(2 * SECOND);
+}
+
+/// "closes the session upon ping timeout" (HTTP long-polling), both suites: a GET
+/// exactly pingInterval + pingTimeout after the handshake gets 400, whatever the
+/// sweeper's tick.
+#[test]
+fn polling_session_is_gone_right_after_ping_timeout() {
+    for shards in [1, 2] {
+        let (_one, s) = server_with_shards(shards);
+        for base in ["/engine.io/", "/socket.io/"] {
+            for _ in 0..3 {
+                let sid = open_polling(s.port, base);
+                std::thread::sleep(Duration::from_millis(300 + 200));
+                let a = http(s.port, "GET", &poll_path(base, &sid), &[], b"");
+                assert_eq!(
+                    (a.status, a.text()),
+                    (
+                        400,
+                        r#"{"code":1,"message":"Session ID unknown"}"#.to_string()
+                    ),
+                    "{shards} shard(s), {base}"
+                );
+            }
+        }
+    }
+}
+
+/// "ignores WebSocket connection with same sid after upgrade", both suites: the second
+/// socket is upgraded and closed, the first keeps echoing.
+#[test]
+fn second_websocket_after_upgrade_is_closed_and_the_first_goes_on() {
+    for shards in [1, 2] {
+        let (_one, s) = server_with_shards(shards);
+        let port = s.port;
+        for base in ["/engine.io/", "/socket.io/"] {
+            // Several sessions: with two shards, some second sockets land on the shard
+            // that does not own the session and are handed over.
+            for _ in 0..4 {
+                let sid = open_polling(port, base);
+                let mut c = WsClient::handshake(
+                    port,
+                    &format!("{base}?EIO=4&transport=websocket&sid={sid}"),
+                )
+                .unwrap();
+                c.answer_pings = false;
+                c.send_text("2probe");
+                assert_eq!(c.recv_text(SECOND).unwrap(), "3probe");
+                c.send_text("5");
+                second_websocket_is_closed(port, base, &sid);
+                if base == "/engine.io/" {
+                    c.send_text("4hello");
+                    assert_eq!(next_non_ping(&mut c), "4hello");
+                } else {
+                    c.send_text("40");
+                    assert!(next_non_ping(&mut c).starts_with("40"));
+                }
+            }
+        }
+    }
+}
+
+/// "forcefully closes the session" (HTTP long-polling), both suites: the GET sent with
+/// the close POST gets the noop even when it arrives after the POST (with two shards, a
+/// GET that reached the other shard is handed over and can come second); the next GET
+/// gets 400, and so does a POST meanwhile.
+#[test]
+fn polling_close_releases_a_get_that_comes_after_it() {
+    for shards in [1, 2] {
+        let (_one, s) = server_with_shards(shards);
+        let port = s.port;
+        for base in ["/engine.io/", "/socket.io/"] {
+            for _ in 0..4 {
+                // The GET strictly after the POST.
+                let sid = open_polling(port, base);
+                let path = poll_path(base, &sid);
+                let close = http(port, "POST", &path, &[], b"1");
+                assert_eq!((close.status, close.text()), (200, "ok".to_string()));
+                assert_eq!(http(port, "POST", &path, &[], b"4x").status, 400);
+                let late = http(port, "GET", &path, &[], b"");
+                assert_eq!((late.status, late.text()), (200, "6".to_string()));
+                assert_eq!(http(port, "GET", &path, &[], b"").status, 400);
+                // Both at once, as the suites send them.
+                let sid = open_polling(port, base);
+                let path = poll_path(base, &sid);
+                let get = {
+                    let path = path.clone();
+                    std::thread::spawn(move || http(port, "GET", &path, &[], b""))
+                };
+                let close = http(port, "POST", &path, &[], b"1");
+                assert_eq!(close.status, 200);
+                let got = get.join().unwrap();
+                assert_eq!((got.status, got.text()), (200, "6".to_string()));
+                assert_eq!(http(port, "GET", &path, &[], b"").status, 400);
+            }
+        }
+        // Not claimed by a GET, the closed session is forgotten after a short grace.
+        let sid = open_polling(port, "/engine.io/");
+        let path = poll_path("/engine.io/", &sid);
+        assert_eq!(http(port, "POST", &path, &[], b"1").status, 200);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(http(port, "GET", &path, &[], b"").status, 400);
     }
 }
 

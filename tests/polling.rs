@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{http, token, PollClient, Server, WsClient};
+use common::{
+    chunked, http, parse_answers, raw_exchange, token, HttpAnswer, PollClient, Server, WsClient,
+};
 use serde_json::{json, Value};
 
 fn ack_of(packets: &[String], id: u64) -> Option<Value> {
@@ -220,14 +222,14 @@ fn upgrade_to_websocket() {
     let ack = ws.emit_ack("message", json!({"room": "u", "text": "over ws"}));
     assert_eq!(ack["offset"], 1);
     assert_eq!(c.get().status, 400, "polling is refused after the upgrade");
-    assert!(
-        WsClient::handshake(
-            server.port,
-            &format!("/socket.io/?EIO=4&transport=websocket&sid={}", c.sid)
-        )
-        .is_err(),
-        "a second WebSocket for the session is refused"
-    );
+    // A second WebSocket for the session is upgraded and closed at once.
+    let mut second = WsClient::handshake(
+        server.port,
+        &format!("/socket.io/?EIO=4&transport=websocket&sid={}", c.sid),
+    )
+    .expect("the second WebSocket's handshake completes");
+    second.answer_pings = false;
+    assert_eq!(second.expect_closed(Duration::from_secs(2)), Some(1000));
     assert_eq!(
         ws.emit_ack("history", json!({"room": "u"}))["messages"][0]["text"],
         "over ws"
@@ -290,4 +292,193 @@ fn cors_for_allowed_origins_only() {
         b"",
     );
     assert!(!a.head.contains("Access-Control-Allow-Origin"));
+}
+
+fn chunked_post_head(sid: &str, connection: &str) -> Vec<u8> {
+    format!(
+        "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain;charset=UTF-8\r\nTransfer-Encoding: chunked\r\nConnection: {connection}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+#[test]
+fn chunked_polling_posts() {
+    let server = Server::start(&[]);
+    let port = server.port;
+    let timeout = Duration::from_secs(5);
+    // Several sessions, so that requests land on the owning shard and on the other one.
+    for i in 0..4 {
+        let c = connect(port, &format!("chunky{i}"));
+        // A chunked POST, cut in pieces the server reads apart, then a GET on the same
+        // connection.
+        let mut raw = chunked_post_head(&c.sid, "keep-alive");
+        let head_len = raw.len();
+        raw.extend(chunked(b"421[\"join\",{\"room\":\"chunks\"}]", 7));
+        let get = format!(
+            "GET /socket.io/?EIO=4&transport=polling&sid={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            c.sid
+        );
+        let cuts = [head_len - 3, head_len + 2, head_len + 20, raw.len() - 4];
+        raw.extend_from_slice(get.as_bytes());
+        let answers = raw_exchange(port, &raw, &cuts, timeout);
+        assert_eq!(answers.len(), 2, "two answers on the connection");
+        assert_eq!(
+            (answers[0].status, answers[0].text()),
+            (200, "ok".to_string())
+        );
+        assert_eq!(answers[1].status, 200);
+        let packets: Vec<String> = answers[1]
+            .text()
+            .split('\u{1e}')
+            .map(str::to_string)
+            .collect();
+        assert_eq!(ack_of(&packets, 1).unwrap()["ok"], true, "{packets:?}");
+
+        // A malformed chunk: 400 (Engine.IO's "Bad request"), the connection closes, the
+        // session lives on.
+        for bad in [
+            b"zz\r\n42\r\n0\r\n\r\n".as_slice(),
+            b"2\r\n42XX0\r\n\r\n",
+            b"2;a b\r\n42\r\n0\r\n\r\n",
+            b"2\r\n42\r\n0\r\nno colon here\r\n\r\n",
+        ] {
+            let mut raw = chunked_post_head(&c.sid, "keep-alive");
+            raw.extend_from_slice(bad);
+            let answers = raw_exchange(port, &raw, &[], timeout);
+            assert_eq!(answers.len(), 1, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(answers[0].status, 400);
+            assert_eq!(answers[0].text(), r#"{"code":3,"message":"Bad request"}"#);
+            assert!(
+                answers[0].head.contains("Connection: close"),
+                "{}",
+                answers[0].head
+            );
+        }
+        // A body cut short by the client: no answer, nothing hangs, the session lives on.
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(timeout)).unwrap();
+        std::io::Write::write_all(&mut s, &chunked_post_head(&c.sid, "close")).unwrap();
+        std::io::Write::write_all(&mut s, b"5\r\n42[").unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut rest).unwrap();
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+        assert_eq!(
+            c.post(&["429[\"leave\",{\"room\":\"chunks\"}]"]).text(),
+            "ok"
+        );
+        assert_eq!(ack_of(&c.get_packets(), 9).unwrap()["ok"], true);
+
+        // Over maxPayload: the same 413 as an oversized Content-Length body, and the
+        // session ends.
+        let mut raw = chunked_post_head(&c.sid, "keep-alive");
+        let huge = format!(
+            "42[\"message\",{{\"room\":\"r\",\"text\":\"{}\"}}]",
+            "x".repeat(1_100_000)
+        );
+        raw.extend(chunked(huge.as_bytes(), 64 * 1024));
+        let answers = raw_exchange(port, &raw, &[], timeout);
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].status, 413);
+        assert_eq!(c.get().status, 400, "the session is gone after a 413");
+    }
+}
+
+/// One request on a new TCP connection with `Connection: close` (a chunked body when
+/// `chunked_body`); the server must answer with `Connection: close` and close its side.
+fn fresh_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    chunked_body: bool,
+) -> HttpAnswer {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut raw =
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n").into_bytes();
+    if method == "POST" && chunked_body {
+        raw.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+        raw.extend(chunked(body, 9));
+    } else if method == "POST" {
+        raw.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+        raw.extend_from_slice(body);
+    } else {
+        raw.extend_from_slice(b"\r\n");
+    }
+    s.write_all(&raw).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got)
+        .unwrap_or_else(|e| panic!("the server keeps the connection open: {e}"));
+    let mut answers = parse_answers(&got);
+    assert_eq!(answers.len(), 1, "{}", String::from_utf8_lossy(&got));
+    let answer = answers.remove(0);
+    assert!(answer.head.contains("Connection: close"), "{}", answer.head);
+    answer
+}
+
+#[test]
+fn every_request_on_a_fresh_connection_with_connection_close() {
+    let server = Server::start_sharded(2, &[], &["--store", "memory"], true);
+    let port = server.port;
+    // Sessions until both shards own one: handshakes, like every request here, land
+    // wherever the kernel puts a new connection, so the requests below reach the owning
+    // shard and the other one (handed over) alike.
+    let mut sids: Vec<String> = Vec::new();
+    while !(sids.iter().any(|s| s.starts_with("00")) && sids.iter().any(|s| s.starts_with("01"))) {
+        assert!(sids.len() < 40, "every handshake on one shard: {sids:?}");
+        let open = fresh_request(
+            port,
+            "GET",
+            "/socket.io/?EIO=4&transport=polling",
+            b"",
+            false,
+        );
+        assert_eq!(open.status, 200, "{}", open.text());
+        let v: Value = serde_json::from_str(&open.text()[1..]).unwrap();
+        sids.push(v["sid"].as_str().unwrap().to_string());
+    }
+    for (n, sid) in sids.iter().enumerate() {
+        let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+        let post = |body: &str, i: usize| {
+            let a = fresh_request(port, "POST", &path, body.as_bytes(), i % 2 == 1);
+            assert_eq!((a.status, a.text()), (200, "ok".to_string()), "{sid}");
+        };
+        let get = || {
+            let a = fresh_request(port, "GET", &path, b"", false);
+            assert_eq!(a.status, 200, "{sid}: {}", a.text());
+            a.text()
+                .split('\u{1e}')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        post(
+            &format!(
+                "40{{\"token\":\"{}\"}}",
+                token(&format!("fresh{n}"), Some(&["*"]))
+            ),
+            n,
+        );
+        assert!(get()[0].starts_with("40{\"sid\":"), "{sid}");
+        post("421[\"join\",{\"room\":\"fresh\"}]", n + 1);
+        assert_eq!(ack_of(&get(), 1).unwrap()["ok"], true, "{sid}");
+        for i in 0..6u64 {
+            let id = 10 + i;
+            post(
+                &format!("42{id}[\"message\",{{\"room\":\"fresh\",\"text\":\"m{i}\"}}]"),
+                i as usize,
+            );
+            let mut packets = get();
+            while ack_of(&packets, id).is_none() {
+                assert!(packets.len() < 100, "{packets:?}");
+                packets.extend(get());
+            }
+            assert_eq!(
+                ack_of(&packets, id).unwrap()["ok"],
+                true,
+                "{sid}: {packets:?}"
+            );
+        }
+    }
 }

@@ -67,14 +67,18 @@ pub async fn handle<R: AsyncRead + Unpin>(
     match (req.method.as_str(), what) {
         ("GET", "messages") => read_messages(chat, req, &room).await,
         ("POST", "messages") => {
-            let len = match req
-                .header("content-length")
-                .map(|v| v.trim().parse::<usize>())
-            {
-                Some(Ok(n)) => n,
-                _ => return error(400, "bad_request", "Content-Length is required"),
+            let framing = match req.body_framing() {
+                Ok(http::BodyFraming::None) => {
+                    return error(
+                        400,
+                        "bad_request",
+                        "Content-Length or Transfer-Encoding: chunked is required",
+                    )
+                }
+                Ok(f) => f,
+                Err(e) => return error(400, "bad_request", &e.to_string()),
             };
-            match http::read_body(io, buf, len, MAX_BODY).await {
+            match http::read_framed_body(io, buf, framing, MAX_BODY).await {
                 Ok(body) => publish(chat, &room, &body).await,
                 Err(HttpError::BodyTooLarge) => error(413, "too_large", "request body over 64 KiB"),
                 Err(e) => error(400, "bad_request", &e.to_string()),

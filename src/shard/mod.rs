@@ -239,6 +239,30 @@ impl Shard {
         }
     }
 
+    /// Ends a session whose Socket.IO CONNECT or pong is overdue at `now` (with
+    /// `CloseReason::Timeout`); true if it did. The sweeper checks every session each
+    /// tick; a polling request checks its session first, so that it never finds alive a
+    /// session whose deadline passed since the last tick.
+    pub fn end_if_overdue(&self, session: &Rc<Session>, now: Instant) -> bool {
+        let t = session.timers();
+        if t.close_deadline.is_some() {
+            return false;
+        }
+        let connect_late = t.connect_deadline.is_some_and(|d| now >= d);
+        let pong_late = t.pong_deadline.is_some_and(|d| now >= d);
+        if !connect_late && !pong_late {
+            return false;
+        }
+        session.span.in_scope(|| {
+            tracing::debug!(
+                timer = if connect_late { "connect" } else { "ping" },
+                "timed out"
+            )
+        });
+        self.end_session(session, CloseReason::Timeout);
+        true
+    }
+
     /// Open connections on this shard.
     pub fn session_count(&self) -> usize {
         self.sessions.borrow().len()
@@ -309,19 +333,15 @@ impl Shard {
                     }
                     continue;
                 }
-                let connect_late = t.connect_deadline.is_some_and(|d| now >= d);
-                if connect_late || t.pong_deadline.is_some_and(|d| now >= d) {
-                    s.span.in_scope(|| {
-                        tracing::debug!(
-                            timer = if connect_late { "connect" } else { "ping" },
-                            "timed out"
-                        )
-                    });
-                    self.end_session(&s, CloseReason::Timeout);
+                if self.end_if_overdue(&s, now) {
                     continue;
                 }
                 if t.pong_deadline.is_none() && now >= t.next_ping {
-                    t.pong_deadline = Some(now + Duration::from_millis(eio.ping_timeout));
+                    // The pong is due `ping_timeout` after the ping was due, as with the
+                    // reference server's timers, however late this tick is (but never
+                    // less than half of it after the ping goes out).
+                    let timeout = Duration::from_millis(eio.ping_timeout);
+                    t.pong_deadline = Some((t.next_ping + timeout).max(now + timeout / 2));
                     s.set_timers(t);
                     s.push(ping.clone(), false);
                 }

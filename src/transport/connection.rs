@@ -335,9 +335,26 @@ async fn engineio_request(
         let Some(session) = shard.session_by_sid(&sid) else {
             break 'answer reject(HandshakeError::SessionIdUnknown);
         };
+        // A polling session whose pong is overdue ends now, not at the sweeper's next
+        // tick: a request after pingInterval + pingTimeout finds it gone.
+        if session.transport() == Transport::Polling
+            && shard.end_if_overdue(&session, std::time::Instant::now())
+        {
+            break 'answer reject(HandshakeError::SessionIdUnknown);
+        }
         if transport == Transport::WebSocket {
             if session.transport() != Transport::Polling {
-                break 'answer reject(HandshakeError::BadRequest);
+                // Another WebSocket for a session that is upgrading or upgraded: like the
+                // reference server, complete the handshake and close that new socket; the
+                // session's own transport goes on.
+                let Some(key) = websocket_key(&req) else {
+                    break 'answer reject(HandshakeError::BadRequest);
+                };
+                let mut refused = websocket::upgrade_response(&key);
+                refused.extend_from_slice(&websocket::close_frame(websocket::close_code::NORMAL));
+                let _ = stream.write_all(&refused).await;
+                let _ = stream.flush().await;
+                return Next::Done;
             }
             match websocket_key(&req) {
                 Some(key) => {
@@ -375,11 +392,15 @@ async fn engineio_request(
                 }
             }
             "POST" => {
-                let len = req
-                    .header("content-length")
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .unwrap_or(0);
-                match http::read_body(&mut stream, &mut buf, len, eio.max_payload).await {
+                let framing = match req.body_framing() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::debug!(shard = shard.id, error = %e, "polling POST refused");
+                        break 'answer reject(HandshakeError::BadRequest);
+                    }
+                };
+                match http::read_framed_body(&mut stream, &mut buf, framing, eio.max_payload).await
+                {
                     Ok(body) => {
                         let a = session
                             .span
@@ -396,6 +417,11 @@ async fn engineio_request(
                         );
                         let _ = stream.write_all(&resp).await;
                         return Next::Done;
+                    }
+                    Err(HttpError::Malformed(why)) => {
+                        // The body's end is unknown: answer, then close the connection.
+                        tracing::debug!(shard = shard.id, %why, "polling POST refused");
+                        break 'answer reject(HandshakeError::BadRequest);
                     }
                     Err(_) => return Next::Done,
                 }

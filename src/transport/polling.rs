@@ -19,6 +19,10 @@ use crate::shard::Shard;
 /// The record separator between packets in a polling payload.
 const SEPARATOR: u8 = 0x1e;
 
+/// How long a polling session the client closed stays known for a GET that was sent
+/// before the close but arrives after it.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A polling answer: status, content type, body.
 pub struct PollAnswer {
     pub status: u16,
@@ -139,6 +143,10 @@ pub fn post(shard: &Shard, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
     if session.transport() == Transport::WebSocket {
         return PollAnswer::error(HandshakeError::BadRequest);
     }
+    if session.is_closing() {
+        // Closed by the client, kept only for a GET still on its way (see below).
+        return PollAnswer::error(HandshakeError::SessionIdUnknown);
+    }
     if !session.start_post() {
         shard.end_session(session, CloseReason::Protocol(1008));
         return PollAnswer::error(HandshakeError::BadRequest);
@@ -161,9 +169,24 @@ pub fn post(shard: &Shard, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
         // A close packet from the client (`Protocol(1000)`) ends the session quietly: a
         // pending GET gets a noop. A bad packet ends it too, and the POST gets a 400.
         let bad = matches!(reason, CloseReason::Protocol(code) if code != 1000);
-        shard.end_session(session, if bad { reason } else { CloseReason::Gone });
         if bad {
+            shard.end_session(session, reason);
             return PollAnswer::error(HandshakeError::BadRequest);
+        }
+        if session.get_waiting() {
+            shard.end_session(session, CloseReason::Gone);
+        } else {
+            // No GET waits yet, but one the client sent before its close may be on its way:
+            // it can reach another shard first and be handed over here after this POST. The
+            // session leaves its rooms now and stays known for a short grace: the next GET
+            // gets the noop and forgets it (a later one gets "Session ID unknown"), and the
+            // sweeper forgets it when the grace is over.
+            session.close(CloseReason::Gone);
+            // For the layer above the session has ended (it leaves its rooms).
+            shard.handler.on_close(shard, session);
+            let mut t = session.timers();
+            t.close_deadline = Some(std::time::Instant::now() + CLOSE_GRACE);
+            session.set_timers(t);
         }
     }
     PollAnswer::text("ok")

@@ -145,6 +145,11 @@ impl Session {
         !self.poll_get.replace(true)
     }
 
+    /// Whether a polling GET is waiting for packets.
+    pub fn get_waiting(&self) -> bool {
+        self.poll_get.get()
+    }
+
     /// The polling GET has its answer.
     pub fn end_get(&self) {
         self.poll_get.set(false);

@@ -600,3 +600,63 @@ impl Server {
         }
     }
 }
+
+/// `body` in the chunked transfer coding, cut into chunks of `size` bytes, the first
+/// with a chunk extension, ending with a trailer field.
+pub fn chunked(body: &[u8], size: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, piece) in body.chunks(size.max(1)).enumerate() {
+        let ext = if i == 0 { ";name=\"v a l\"" } else { "" };
+        out.extend_from_slice(format!("{:X}{ext}\r\n", piece.len()).as_bytes());
+        out.extend_from_slice(piece);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\nX-Trailer: t\r\n\r\n");
+    out
+}
+
+/// Sends raw request bytes on a new connection in `pieces` (cut at these offsets, a
+/// short pause between them, so the server reads them separately), then reads until the
+/// server closes the connection or `timeout` passes. Each answer on the connection, in order.
+pub fn raw_exchange(port: u16, raw: &[u8], cuts: &[usize], timeout: Duration) -> Vec<HttpAnswer> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut at = 0;
+    for &cut in cuts.iter().chain(std::iter::once(&raw.len())) {
+        s.write_all(&raw[at..cut]).unwrap();
+        at = cut;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    parse_answers(&got)
+}
+
+/// Splits bytes read from a connection into HTTP answers (each with a `Content-Length`).
+pub fn parse_answers(mut raw: &[u8]) -> Vec<HttpAnswer> {
+    let mut answers = Vec::new();
+    while let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        let body_end = (split + 4 + len).min(raw.len());
+        answers.push(HttpAnswer {
+            status,
+            head,
+            body: raw[split + 4..body_end].to_vec(),
+        });
+        raw = &raw[body_end..];
+    }
+    answers
+}
