@@ -16,9 +16,9 @@ use std::rc::Rc;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use crate::protocol::socketio::{self, PacketKind};
-use crate::shard::Shard;
 use crate::transport::conn::{CloseReason, Flow};
 use crate::transport::engine::EngineHandler;
+use crate::transport::host::Host;
 use crate::transport::session::Session;
 use crate::transport::websocket::{close_code, encode_frame, text_frame};
 
@@ -35,18 +35,18 @@ pub struct Conformance {
     echo: RefCell<HashMap<u64, EchoState>>,
 }
 
-impl EngineHandler for Conformance {
+impl<H: Host> EngineHandler<H> for Conformance {
     fn serves_path(&self, path: &str) -> bool {
-        path == "/engine.io/" || path == "/engine.io"
+        is_raw_echo_path(path)
     }
 
-    fn on_open(&self, _shard: &Shard, session: &Rc<Session>, path: &str) {
-        if self.serves_path(path) {
+    fn on_open(&self, _host: &H, session: &Rc<Session>, path: &str) {
+        if is_raw_echo_path(path) {
             self.raw.borrow_mut().insert(session.id);
         }
     }
 
-    fn on_message(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
+    fn on_message(&self, host: &H, session: &Rc<Session>, data: Vec<u8>) -> Flow {
         if self.raw.borrow().contains(&session.id) {
             let mut packet = Vec::with_capacity(data.len() + 1);
             packet.push(b'4');
@@ -55,10 +55,11 @@ impl EngineHandler for Conformance {
             return Flow::Continue;
         }
         let mut echo = self.echo.borrow_mut();
-        on_socketio(shard, session, echo.entry(session.id).or_default(), &data)
+        let state = echo.entry(session.id).or_default();
+        on_socketio(host.shard_id(), session, state, &data)
     }
 
-    fn on_binary(&self, _shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
+    fn on_binary(&self, _host: &H, session: &Rc<Session>, data: Vec<u8>) -> Flow {
         if self.raw.borrow().contains(&session.id) {
             echo_engineio_binary(session, &data);
             return Flow::Continue;
@@ -67,10 +68,15 @@ impl EngineHandler for Conformance {
         on_binary(session, echo.entry(session.id).or_default(), data)
     }
 
-    fn on_close(&self, _shard: &Shard, session: &Rc<Session>) {
+    fn on_close(&self, _host: &H, session: &Rc<Session>) {
         self.raw.borrow_mut().remove(&session.id);
         self.echo.borrow_mut().remove(&session.id);
     }
+}
+
+/// The reference server's raw Engine.IO path.
+fn is_raw_echo_path(path: &str) -> bool {
+    path == "/engine.io/" || path == "/engine.io"
 }
 
 /// One Socket.IO session's state: its namespaces, and a binary packet being assembled
@@ -188,7 +194,7 @@ fn answer(
 }
 
 /// `/socket.io/` in conformance mode: one Socket.IO packet.
-fn on_socketio(shard: &Shard, session: &Rc<Session>, state: &mut EchoState, data: &[u8]) -> Flow {
+fn on_socketio(shard: usize, session: &Rc<Session>, state: &mut EchoState, data: &[u8]) -> Flow {
     if state.pending.is_some() {
         return PROTOCOL_ERROR;
     }
@@ -217,7 +223,7 @@ fn on_socketio(shard: &Shard, session: &Rc<Session>, state: &mut EchoState, data
                     _ => return PROTOCOL_ERROR,
                 }
             };
-            let sid = crate::ids::new_sid(shard.id);
+            let sid = crate::ids::new_sid(shard);
             let mut out = Vec::new();
             prefix(&mut out, b'0', 0, &namespace, None);
             let _ = write!(out, "{{\"sid\":\"{sid}\"}}");

@@ -26,12 +26,11 @@ use bytes::Bytes;
 use tracing::Instrument as _;
 
 use super::events::ChatRequest;
-use super::layer::Chat;
+use super::layer::{Chat, ChatHost};
 use super::member::{Member, TokenBucket, User};
 use super::mesh::{home_of, MemberMsg, ShardMsg};
 use crate::auth::Identity;
 use crate::metrics::ShardMetrics;
-use crate::shard::Shard;
 use crate::transport::conn::{CloseReason, Timers, Transport};
 use crate::transport::connection;
 use crate::transport::websocket::FrameReader;
@@ -119,7 +118,7 @@ pub fn ready_to_move(chat: &Chat, member: &Rc<Member>, reader: &mut FrameReader)
 /// Sends a connection whose reader and writer have stopped to `join.to`; if it started
 /// closing meanwhile, or cannot be handed over, it is closed here instead. The caller
 /// closes its own descriptor afterwards (the receiving shard gets a duplicate).
-pub fn hand_over(shard: &Shard, member: &Rc<Member>, join: DeferredJoin) {
+pub fn hand_over<H: ChatHost>(host: &H, member: &Rc<Member>, join: DeferredJoin) {
     let session = member.session();
     let fd = session
         .socket()
@@ -131,12 +130,12 @@ pub fn hand_over(shard: &Shard, member: &Rc<Member>, join: DeferredJoin) {
         // It started closing while the writer stopped (a ping timeout, a drain): its
         // close frame is not written, the socket is cut.
         session.cut();
-        shard.close_session(session);
+        host.close_session(session);
         return;
     };
     let to = join.to;
-    shard.detach_session(session);
-    shard.chat.remove_member(session.id);
+    host.detach_session(session);
+    host.chat().remove_member(session.id);
     session.detach_socket();
     let moved = MovedConn {
         fd,
@@ -148,14 +147,15 @@ pub fn hand_over(shard: &Shard, member: &Rc<Member>, join: DeferredJoin) {
         bucket: member.bucket(),
         timers: session.timers(),
         join,
-        from: shard.id,
+        from: host.shard_id(),
     };
     tracing::debug!(to, "moving to the home shard of the first room joined");
-    shard.send(to, ShardMsg::Member(MemberMsg::Moved(Box::new(moved))));
+    host.chat()
+        .send(to, ShardMsg::Member(MemberMsg::Moved(Box::new(moved))));
 }
 
 /// Serves a connection that moved here: handles its deferred join, then reads on.
-pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
+pub async fn adopt<H: ChatHost>(host: Rc<H>, moved: Box<MovedConn>) {
     let MovedConn {
         fd,
         sid,
@@ -175,7 +175,7 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
         from,
     } = *moved;
     let stream = connection::stream_from(fd);
-    let session = shard.open_moved_session(sid, timers);
+    let session = host.open_moved_session(sid, timers);
     session.attach_socket(stream.as_raw_fd());
     session
         .span
@@ -185,21 +185,21 @@ pub async fn adopt(shard: Rc<Shard>, moved: Box<MovedConn>) {
     member.first_join();
     member.set_counted(counted);
     member.set_connected(Some((user, Rc::new(identity))));
-    shard.chat.add_member(member.clone());
-    ShardMetrics::inc(&shard.stats().connections_moved_in);
+    host.chat().add_member(member.clone());
+    ShardMetrics::inc(&host.stats().connections_moved_in);
     session.span.in_scope(|| {
         tracing::debug!(from, "moved here from another shard");
-        if shard.ctx.draining.load(Relaxed) {
+        if host.ctx().is_draining() {
             // The drain began while it travelled and may have closed this shard's
             // connections already: close it like them (clients reconnect elsewhere).
             session.close(CloseReason::Restart);
         } else {
-            super::handler::handle_request(&shard.chat, &member, request, ack_id);
+            super::handler::handle_request(host.chat(), &member, request, ack_id);
         }
     });
-    let reader = FrameReader::new(shard.ctx.config.engineio.max_payload, &unread);
+    let reader = FrameReader::new(host.ctx().config.engineio.max_payload, &unread);
     let span = session.span.clone();
-    connection::read_loop(shard, session, stream, reader)
+    connection::read_loop(host, session, stream, reader)
         .instrument(span)
         .await;
 }

@@ -11,13 +11,12 @@ use super::events::{
     PayloadLimits,
 };
 use super::follow;
-use super::layer::Chat;
+use super::layer::{Chat, ChatHost};
 use super::member::{Connected, Member, User};
 use super::mesh::{home_of, HomeCmd, ReplyTo, UserCmd};
 use crate::auth::Identity;
 use crate::metrics::ShardMetrics;
 use crate::protocol::socketio::{self, encode_ack, PacketKind};
-use crate::shard::Shard;
 use crate::store::HistoryStore;
 use crate::transport::conn::{CloseReason, Flow};
 use crate::transport::engine::EngineHandler;
@@ -41,55 +40,49 @@ const RETRY_CONNECT: Duration = Duration::from_secs(10);
 #[derive(Debug, Default)]
 pub struct ChatHandler;
 
-impl EngineHandler for ChatHandler {
-    fn on_open(&self, shard: &Shard, session: &Rc<Session>, _path: &str) {
-        let member = Member::new(session.clone(), &shard.ctx.config.limits, Instant::now());
-        shard.chat.add_member(Rc::new(member));
+impl<H: ChatHost> EngineHandler<H> for ChatHandler {
+    fn on_open(&self, host: &H, session: &Rc<Session>, _path: &str) {
+        let member = Member::new(session.clone(), &host.ctx().config.limits, Instant::now());
+        host.chat().add_member(Rc::new(member));
     }
 
-    fn on_message(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
-        let Some(member) = shard.chat.member(session.id) else {
+    fn on_message(&self, host: &H, session: &Rc<Session>, data: Vec<u8>) -> Flow {
+        let Some(member) = host.chat().member(session.id) else {
             return PROTOCOL_ERROR;
         };
         let mut parser = member.parser();
-        on_socketio(&shard.chat, &member, &mut parser, data)
+        on_socketio(host.chat(), &member, &mut parser, data)
     }
 
-    fn on_binary(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
-        let Some(member) = shard.chat.member(session.id) else {
+    fn on_binary(&self, host: &H, session: &Rc<Session>, data: Vec<u8>) -> Flow {
+        let Some(member) = host.chat().member(session.id) else {
             return PROTOCOL_ERROR;
         };
         let mut parser = member.parser();
-        on_binary(&shard.chat, &member, &mut parser, data)
+        on_binary(host.chat(), &member, &mut parser, data)
     }
 
-    fn ready_to_move(
-        &self,
-        shard: &Shard,
-        session: &Rc<Session>,
-        reader: &mut FrameReader,
-    ) -> bool {
-        shard
-            .chat
+    fn ready_to_move(&self, host: &H, session: &Rc<Session>, reader: &mut FrameReader) -> bool {
+        host.chat()
             .member(session.id)
-            .is_some_and(|member| follow::ready_to_move(&shard.chat, &member, reader))
+            .is_some_and(|member| follow::ready_to_move(host.chat(), &member, reader))
     }
 
-    fn move_away(&self, shard: &Shard, session: &Rc<Session>) {
-        let member = shard.chat.member(session.id);
+    fn move_away(&self, host: &H, session: &Rc<Session>) {
+        let member = host.chat().member(session.id);
         match member
             .as_ref()
             .and_then(|m| m.take_deferred_join().map(|j| (m, j)))
         {
-            Some((member, join)) => follow::hand_over(shard, member, *join),
-            None => shard.close_session(session),
+            Some((member, join)) => follow::hand_over(host, member, *join),
+            None => host.close_session(session),
         }
     }
 
-    fn on_close(&self, shard: &Shard, session: &Rc<Session>) {
-        if let Some(member) = shard.chat.remove_member(session.id) {
-            shard.chat.leave_all(&member);
-            shard.chat.release_user(&member);
+    fn on_close(&self, host: &H, session: &Rc<Session>) {
+        if let Some(member) = host.chat().remove_member(session.id) {
+            host.chat().leave_all(&member);
+            host.chat().release_user(&member);
         }
     }
 }

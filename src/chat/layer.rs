@@ -14,7 +14,23 @@ use super::users::UserCounts;
 use crate::context::Context;
 use crate::metrics::ShardMetrics;
 use crate::store::Store;
-use crate::transport::conn::Queued;
+use crate::transport::conn::{Queued, Timers};
+use crate::transport::host::Host;
+use crate::transport::session::Session;
+
+/// The shard as chat's handler and a moving connection see it: the transport's host, plus
+/// this shard's chat state and the session registry operations a move needs.
+pub trait ChatHost: Host {
+    /// This shard's chat state.
+    fn chat(&self) -> &Rc<Chat>;
+
+    /// Takes a session out of the shard's registry without ending it (it moves away);
+    /// true if it was there.
+    fn detach_session(&self, session: &Session) -> bool;
+
+    /// A session for a WebSocket that moved here, keeping its sid and timers.
+    fn open_moved_session(&self, sid: String, timers: Timers) -> Rc<Session>;
+}
 
 /// One shard's chat state. Lives in an `Rc` on its shard's thread.
 pub struct Chat {

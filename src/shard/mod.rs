@@ -2,24 +2,31 @@
 //! accepted and the rooms whose home it is. Shards share nothing mutable; they talk
 //! through the mesh (bounded SPSC channels) with the plain messages of `chat::mesh`.
 
+mod routes;
 pub mod runtime;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::LocalBoxFuture;
 use glommio::channels::local_channel::LocalSender;
+use glommio::net::TcpStream;
 
 use crate::chat::home::{Home, Mesh};
-use crate::chat::layer::Chat;
+use crate::chat::layer::{Chat, ChatHost};
 use crate::chat::mesh::{MemberMsg, ShardMsg};
 use crate::context::Context;
 use crate::metrics::ShardMetrics;
 use crate::store::Store;
 use crate::transport::conn::{CloseReason, Timers, Transport};
+use crate::transport::connection::Handoff;
 use crate::transport::engine::EngineHandler;
+use crate::transport::host::{Host, Routed};
+use crate::transport::http::Request;
 use crate::transport::session::Session;
 use crate::transport::websocket::text_frame;
 
@@ -31,7 +38,7 @@ pub struct ShardParts {
     pub store: Store,
     /// The rooms whose home this shard is (its service and writer tasks run on the shard).
     pub home: Rc<Home>,
-    pub handler: Rc<dyn EngineHandler>,
+    pub handler: Rc<dyn EngineHandler<Shard>>,
     /// Per peer shard, the queue its outbox task drains into the mesh (`None` for self).
     pub outboxes: Vec<Option<LocalSender<ShardMsg>>>,
 }
@@ -45,7 +52,7 @@ pub struct Shard {
     /// The chat layer's state on this shard (members, local rooms, users, home rooms).
     pub chat: Rc<Chat>,
     /// What sessions' Engine.IO messages mean (chat, or the conformance echo server).
-    pub handler: Rc<dyn EngineHandler>,
+    pub handler: Rc<dyn EngineHandler<Shard>>,
     sessions: RefCell<HashMap<u64, Rc<Session>>>,
     /// Engine.IO sid → session id, for polling requests and upgrades.
     by_sid: RefCell<HashMap<String, u64>>,
@@ -54,6 +61,76 @@ pub struct Shard {
     next_conn: Cell<u64>,
     /// This shard's own `Rc`, for tasks it spawns while handling a message.
     me: Weak<Shard>,
+}
+
+/// The transport reaches the shard's sessions, its handler, the mesh (for a socket whose
+/// session another shard owns) and the routes outside Engine.IO through it.
+impl Host for Shard {
+    fn ctx(&self) -> &Context {
+        &self.ctx
+    }
+
+    fn shard_id(&self) -> usize {
+        self.id
+    }
+
+    fn shard_count(&self) -> usize {
+        self.count
+    }
+
+    fn handler(&self) -> &dyn EngineHandler<Shard> {
+        &*self.handler
+    }
+
+    fn open_session(&self, transport: Transport) -> Rc<Session> {
+        Shard::open_session(self, transport)
+    }
+
+    fn session_by_sid(&self, sid: &str) -> Option<Rc<Session>> {
+        Shard::session_by_sid(self, sid)
+    }
+
+    fn close_session(&self, session: &Rc<Session>) {
+        Shard::close_session(self, session);
+    }
+
+    fn end_session(&self, session: &Rc<Session>, reason: CloseReason) {
+        Shard::end_session(self, session, reason);
+    }
+
+    fn end_if_overdue(&self, session: &Rc<Session>, now: Instant) -> bool {
+        Shard::end_if_overdue(self, session, now)
+    }
+
+    fn hand_over(&self, owner: usize, fd: OwnedFd, handoff: Handoff) {
+        let handoff = Box::new(handoff);
+        self.send(owner, ShardMsg::Member(MemberMsg::Adopt { fd, handoff }));
+    }
+
+    fn route<'a>(
+        &'a self,
+        req: &'a Request,
+        io: &'a mut TcpStream,
+        buf: &'a mut Vec<u8>,
+    ) -> LocalBoxFuture<'a, Routed> {
+        self.serve_route(req, io, buf)
+    }
+}
+
+/// Chat's handler and a connection that follows its room reach the chat state and the
+/// session registry through the shard.
+impl ChatHost for Shard {
+    fn chat(&self) -> &Rc<Chat> {
+        &self.chat
+    }
+
+    fn detach_session(&self, session: &Session) -> bool {
+        Shard::detach_session(self, session)
+    }
+
+    fn open_moved_session(&self, sid: String, timers: Timers) -> Rc<Session> {
+        Shard::open_moved_session(self, sid, timers)
+    }
 }
 
 /// Chat (its homes and members) reaches the other shards, and this one in place, through

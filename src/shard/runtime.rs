@@ -241,7 +241,7 @@ async fn shard_main(
         limits: HomeLimits::from_config(&ctx.config),
         sequencer: Sequencer::new(link),
     });
-    let handler: Rc<dyn EngineHandler> = if ctx.config.server.conformance {
+    let handler: Rc<dyn EngineHandler<Shard>> = if ctx.config.server.conformance {
         Rc::new(Conformance::default())
     } else {
         Rc::new(ChatHandler)

@@ -2,8 +2,8 @@
 //! upgrades to WebSocket, then a reader (this task) and a writer task sharing the
 //! session's outbound queue.
 //!
-//! A request naming a session (`sid`) that another shard owns is handed over: the socket
-//! is duplicated and sent, with the request already read, to the owning shard, which
+//! A request naming a session (`sid`) that another host owns is handed over: the socket
+//! is duplicated and sent, with the request already read, to the owning host, which
 //! serves the connection from then on. No session map is shared between shards.
 
 use std::future::poll_fn;
@@ -17,21 +17,19 @@ use tracing::Instrument as _;
 use super::conn::Flow;
 use super::conn::{CloseReason, Transport};
 use super::engine;
+use super::host::Host;
 use super::http::{self, HttpError, Request};
 use super::polling;
 use super::session::Session;
 use super::websocket::{self, FrameReader, Message};
-use crate::chat::api;
-use crate::chat::mesh::{MemberMsg, ShardMsg};
 use crate::connect_limit::RetryAfter;
 use crate::metrics::ShardMetrics;
 use crate::protocol::engineio::{self, HandshakeError, OpenPayload};
-use crate::shard::Shard;
 
 /// Largest batch of queued frames written with one syscall.
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// A request read on another shard and handed to this one with its socket.
+/// A request read on another host and handed to this one with its socket.
 #[derive(Debug)]
 pub struct Handoff {
     pub request: Request,
@@ -39,18 +37,18 @@ pub struct Handoff {
 }
 
 /// Serves a freshly accepted TCP connection to its end.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+pub async fn serve<H: Host>(host: Rc<H>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    serve_requests(shard, stream, None).await;
+    serve_requests(host, stream, None).await;
 }
 
-/// Serves a connection another shard handed over (`fd` is a duplicate this shard owns).
-pub async fn adopt(shard: Rc<Shard>, fd: OwnedFd, handoff: Handoff) {
+/// Serves a connection another host handed over (`fd` is a duplicate this host owns).
+pub async fn adopt<H: Host>(host: Rc<H>, fd: OwnedFd, handoff: Handoff) {
     let stream = stream_from(fd);
-    serve_requests(shard, stream, Some(handoff)).await;
+    serve_requests(host, stream, Some(handoff)).await;
 }
 
-async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Option<Handoff>) {
+async fn serve_requests<H: Host>(host: Rc<H>, mut stream: TcpStream, mut first: Option<Handoff>) {
     let mut buf = Vec::new();
     loop {
         let req = match first.take() {
@@ -58,7 +56,7 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
                 buf = h.leftover;
                 h.request
             }
-            None => match read_request_in_time(&shard, &mut stream, &mut buf).await {
+            None => match read_request_in_time(&*host, &mut stream, &mut buf).await {
                 Ok(r) => r,
                 Err(HttpError::HeadTooLarge) => {
                     let _ = stream
@@ -72,7 +70,7 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
                     return;
                 }
                 Err(HttpError::Malformed(why)) => {
-                    tracing::debug!(shard = shard.id, %why, "malformed HTTP request");
+                    tracing::debug!(shard = host.shard_id(), %why, "malformed HTTP request");
                     let _ = stream
                         .write_all(&http::response(
                             400,
@@ -87,12 +85,12 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
             },
         };
 
-        let eio_path = shard.ctx.config.server.path.as_str();
+        let eio_path = host.ctx().config.server.path.as_str();
         let answer = if req.path == eio_path
             || req.path == eio_path.trim_end_matches('/')
-            || shard.handler.serves_path(&req.path)
+            || host.handler().serves_path(&req.path)
         {
-            match engineio_request(&shard, stream, req, buf).await {
+            match engineio_request(&*host, stream, req, buf).await {
                 Next::Http(s, b) => {
                     stream = s;
                     buf = b;
@@ -101,37 +99,19 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
                 Next::Upgrade(upgrade) => {
                     // A task of its own: this HTTP task's state (request, buffers) is
                     // freed instead of living as long as the WebSocket does.
-                    glommio::spawn_local(run_websocket(shard, upgrade)).detach();
+                    glommio::spawn_local(run_websocket(host, upgrade)).detach();
                     return;
                 }
                 Next::Done => return,
             }
-        } else if req.path.starts_with("/api/") {
-            let answer = api::handle(&shard.chat, &req, &mut stream, &mut buf).await;
-            let consumed = req.method == "GET" || answer.status == 201;
-            (answer.status, "application/json", answer.body, consumed)
         } else {
-            let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
-                ("GET", "/healthz") => {
-                    let (status, body) = health(&shard);
-                    (status, "application/json", body)
-                }
-                ("GET", "/metrics") => (
-                    200,
-                    "text/plain; version=0.0.4",
-                    shard
-                        .ctx
-                        .metrics
-                        .render_prometheus(shard.store.health().is_ok())
-                        .into_bytes(),
-                ),
-                _ => (
-                    404,
-                    "application/json",
-                    br#"{"error":{"code":"not_found","message":"no such route"}}"#.to_vec(),
-                ),
-            };
-            (status, content_type, body, !has_body(&req))
+            let routed = host.route(&req, &mut stream, &mut buf).await;
+            (
+                routed.status,
+                routed.content_type,
+                routed.body,
+                routed.consumed,
+            )
         };
         let (status, content_type, body, consumed) = answer;
         let keep_alive = req.keep_alive() && consumed;
@@ -144,12 +124,12 @@ async fn serve_requests(shard: Rc<Shard>, mut stream: TcpStream, mut first: Opti
 
 /// Reads a request head within `limits.handshake_timeout` (an idle or slow client is
 /// dropped quietly).
-async fn read_request_in_time(
-    shard: &Shard,
+async fn read_request_in_time<H: Host>(
+    host: &H,
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
 ) -> Result<Request, HttpError> {
-    let limit = shard.ctx.config.limits.handshake_timeout.0;
+    let limit = host.ctx().config.limits.handshake_timeout.0;
     let read = http::read_request(stream, buf);
     match glommio::timer::timeout(limit, async { Ok(read.await) }).await {
         Ok(result) => result,
@@ -158,14 +138,14 @@ async fn read_request_in_time(
 }
 
 /// Whether the process already serves `limits.max_connections` sessions.
-fn at_capacity(shard: &Shard) -> bool {
-    shard.ctx.metrics.connections() >= shard.ctx.config.limits.max_connections
+fn at_capacity<H: Host>(host: &H) -> bool {
+    host.ctx().metrics.connections() >= host.ctx().config.limits.max_connections
 }
 
 /// Takes a new session from the connection's source address's bucket
 /// (`limits.connect_rate_per_ip`).
-fn admit_source(shard: &Shard, stream: &TcpStream) -> Result<(), RetryAfter> {
-    let limiter = &shard.ctx.connect_limiter;
+fn admit_source<H: Host>(host: &H, stream: &TcpStream) -> Result<(), RetryAfter> {
+    let limiter = &host.ctx().connect_limiter;
     if !limiter.enabled() {
         return Ok(());
     }
@@ -177,7 +157,7 @@ fn admit_source(shard: &Shard, stream: &TcpStream) -> Result<(), RetryAfter> {
         .check(peer.ip(), std::time::Instant::now())
         .inspect_err(|retry| {
             tracing::debug!(
-                shard = shard.id,
+                shard = host.shard_id(),
                 peer = %peer.ip(),
                 retry_after_ms = retry.0.as_millis() as u64,
                 "new session refused: connect rate of its address"
@@ -188,18 +168,12 @@ fn admit_source(shard: &Shard, stream: &TcpStream) -> Result<(), RetryAfter> {
 /// The 503 for a new session past the connection limit.
 const AT_CAPACITY: &[u8] = br#"{"error":{"code":"unavailable","message":"the server is at its connection limit; try another host or later"}}"#;
 
-fn has_body(req: &Request) -> bool {
-    req.header("content-length")
-        .is_some_and(|v| v.trim() != "0")
-        || req.header("transfer-encoding").is_some()
-}
-
 /// The CORS headers for a request's Origin, when that origin is allowed.
-fn cors_headers(shard: &Shard, req: &Request) -> String {
+fn cors_headers<H: Host>(host: &H, req: &Request) -> String {
     let Some(origin) = req.header("origin") else {
         return String::new();
     };
-    let allowed = &shard.ctx.config.server.cors_origins;
+    let allowed = &host.ctx().config.server.cors_origins;
     if !allowed.iter().any(|o| o == "*" || o == origin) {
         return String::new();
     }
@@ -223,18 +197,18 @@ enum Next {
     Http(TcpStream, Vec<u8>),
     /// Switch the connection to WebSocket.
     Upgrade(Upgrade),
-    /// The connection is closed or handed to another shard.
+    /// The connection is closed or handed to another host.
     Done,
 }
 
 /// Handles a request on the Engine.IO path.
-async fn engineio_request(
-    shard: &Rc<Shard>,
+async fn engineio_request<H: Host>(
+    host: &H,
     mut stream: TcpStream,
     req: Request,
     mut buf: Vec<u8>,
 ) -> Next {
-    let cors = cors_headers(shard, &req);
+    let cors = cors_headers(host, &req);
     // Every response carries the CORS headers (none unless the origin is allowed).
     let respond_with = |status: u16, content_type: &str, extra: &str, body: &[u8], keep_alive| {
         http::response_with_headers(status, content_type, &[extra, &cors], body, keep_alive)
@@ -258,7 +232,7 @@ async fn engineio_request(
         return Next::Http(stream, buf);
     }
     let reject = |e: HandshakeError| (400u16, "application/json", e.body().into_bytes());
-    let eio = &shard.ctx.config.engineio;
+    let eio = &host.ctx().config.engineio;
 
     let outcome: (u16, &str, Vec<u8>) = 'answer: {
         if req.query_param("EIO").as_deref() != Some("4") {
@@ -275,16 +249,11 @@ async fn engineio_request(
             if req.method != "GET" {
                 break 'answer reject(HandshakeError::BadHandshakeMethod);
             }
-            if at_capacity(shard)
-                || shard
-                    .ctx
-                    .draining
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            {
+            if at_capacity(host) || host.ctx().is_draining() {
                 break 'answer (503, "application/json", AT_CAPACITY.to_vec());
             }
-            if let Err(retry) = admit_source(shard, &stream) {
-                ShardMetrics::inc(&shard.stats().connect_rate_limited);
+            if let Err(retry) = admit_source(host, &stream) {
+                ShardMetrics::inc(&host.stats().connect_rate_limited);
                 let resp = respond_with(
                     429,
                     "application/json",
@@ -312,8 +281,8 @@ async fn engineio_request(
                     None => break 'answer reject(HandshakeError::BadRequest),
                 }
             }
-            let session = shard.open_session(Transport::Polling);
-            shard.handler.on_open(shard, &session, &req.path);
+            let session = host.open_session(Transport::Polling);
+            host.handler().on_open(host, &session, &req.path);
             let open = engineio::encode_open(&OpenPayload {
                 sid: &session.sid,
                 upgrades: &["websocket"],
@@ -325,20 +294,20 @@ async fn engineio_request(
         };
         // An existing session: is it ours?
         match crate::ids::shard_of_sid(&sid) {
-            Some(owner) if owner < shard.count && owner != shard.id => {
-                hand_over(shard, owner, &stream, req, buf);
+            Some(owner) if owner < host.shard_count() && owner != host.shard_id() => {
+                hand_over(host, owner, &stream, req, buf);
                 return Next::Done;
             }
-            Some(owner) if owner == shard.id => {}
+            Some(owner) if owner == host.shard_id() => {}
             _ => break 'answer reject(HandshakeError::SessionIdUnknown),
         }
-        let Some(session) = shard.session_by_sid(&sid) else {
+        let Some(session) = host.session_by_sid(&sid) else {
             break 'answer reject(HandshakeError::SessionIdUnknown);
         };
         // A polling session whose pong is overdue ends now, not at the sweeper's next
         // tick: a request after pingInterval + pingTimeout finds it gone.
         if session.transport() == Transport::Polling
-            && shard.end_if_overdue(&session, std::time::Instant::now())
+            && host.end_if_overdue(&session, std::time::Instant::now())
         {
             break 'answer reject(HandshakeError::SessionIdUnknown);
         }
@@ -375,7 +344,7 @@ async fn engineio_request(
                 // its GET ends the session (as Engine.IO does).
                 let answer = {
                     let get = std::pin::pin!(
-                        polling::get(shard, &session).instrument(session.span.clone())
+                        polling::get(host, &session).instrument(session.span.clone())
                     );
                     let gone = std::pin::pin!(client_gone(&mut stream, &mut buf));
                     match futures::future::select(get, gone).await {
@@ -386,7 +355,7 @@ async fn engineio_request(
                 match answer {
                     Some(a) => (a.status, a.content_type, a.body),
                     None => {
-                        shard.end_session(&session, CloseReason::Gone);
+                        host.end_session(&session, CloseReason::Gone);
                         return Next::Done;
                     }
                 }
@@ -395,7 +364,7 @@ async fn engineio_request(
                 let framing = match req.body_framing() {
                     Ok(f) => f,
                     Err(e) => {
-                        tracing::debug!(shard = shard.id, error = %e, "polling POST refused");
+                        tracing::debug!(shard = host.shard_id(), error = %e, "polling POST refused");
                         break 'answer reject(HandshakeError::BadRequest);
                     }
                 };
@@ -404,11 +373,11 @@ async fn engineio_request(
                     Ok(body) => {
                         let a = session
                             .span
-                            .in_scope(|| polling::post(shard, &session, body));
+                            .in_scope(|| polling::post(host, &session, body));
                         (a.status, a.content_type, a.body)
                     }
                     Err(HttpError::BodyTooLarge) => {
-                        shard.end_session(&session, CloseReason::Gone);
+                        host.end_session(&session, CloseReason::Gone);
                         let resp = respond(
                             413,
                             "application/json",
@@ -420,7 +389,7 @@ async fn engineio_request(
                     }
                     Err(HttpError::Malformed(why)) => {
                         // The body's end is unknown: answer, then close the connection.
-                        tracing::debug!(shard = shard.id, %why, "polling POST refused");
+                        tracing::debug!(shard = host.shard_id(), %why, "polling POST refused");
                         break 'answer reject(HandshakeError::BadRequest);
                     }
                     Err(_) => return Next::Done,
@@ -464,21 +433,21 @@ fn websocket_key(req: &Request) -> Option<String> {
     (is_upgrade && !key.is_empty()).then(|| key.to_string())
 }
 
-/// Sends the connection, with the request already read, to the shard that owns its session.
-fn hand_over(shard: &Shard, owner: usize, stream: &TcpStream, request: Request, leftover: Vec<u8>) {
+/// Sends the connection, with the request already read, to the host that owns its session.
+fn hand_over<H: Host>(
+    host: &H,
+    owner: usize,
+    stream: &TcpStream,
+    request: Request,
+    leftover: Vec<u8>,
+) {
     let Some(fd) = duplicate(stream.as_raw_fd()) else {
         return;
     };
-    shard.send(
-        owner,
-        ShardMsg::Member(MemberMsg::Adopt {
-            fd,
-            handoff: Box::new(Handoff { request, leftover }),
-        }),
-    );
+    host.hand_over(owner, fd, Handoff { request, leftover });
 }
 
-/// A descriptor of our own for the same socket, to hand to another shard (`None`, with a
+/// A descriptor of our own for the same socket, to hand to another host (`None`, with a
 /// warning, when the process is out of descriptors).
 pub(crate) fn duplicate(fd: RawFd) -> Option<OwnedFd> {
     // SAFETY: `fd` is a connection's socket, open until its stream is dropped, which the
@@ -492,59 +461,17 @@ pub(crate) fn duplicate(fd: RawFd) -> Option<OwnedFd> {
         .ok()
 }
 
-/// A glommio stream on a socket handed over from another shard.
+/// A glommio stream on a socket handed over from another host.
 pub(crate) fn stream_from(fd: OwnedFd) -> TcpStream {
     // SAFETY: `fd` is an open TCP socket owned by the caller, whose ownership moves into
     // the stream.
     unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }
 }
 
-/// The `/healthz` body: per-shard counts from the shared counters.
-fn health(shard: &Shard) -> (u16, Vec<u8>) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let m = &shard.ctx.metrics;
-    let shards: Vec<serde_json::Value> = m
-        .shards
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            serde_json::json!({
-                "shard": i,
-                "connections": s.connections.load(Relaxed),
-                "rooms": s.home_rooms.load(Relaxed),
-            })
-        })
-        .collect();
-    let store_ok = shard.store.health().is_ok();
-    // 503 only when this process no longer serves (draining): load balancers take it out.
-    // With Redis down it still serves (reads, local typing) and says "degraded".
-    let (code, status) = if shard
-        .ctx
-        .draining
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
-        (503, "draining")
-    } else if m.redis_down() {
-        (200, "degraded")
-    } else {
-        (200, "ok")
-    };
-    let body = serde_json::json!({
-        // Redis down in cluster mode: still serving (reads, typing), sends refused.
-        "status": status,
-        "shards": shards,
-        "connections": m.connections(),
-        "rooms": m.rooms(),
-        "redis": m.redis_json(),
-        "store": {"ok": store_ok},
-    });
-    (code, body.to_string().into_bytes())
-}
-
 /// Runs a WebSocket until it ends: a new session, or the upgrade of a polling one
 /// (`2probe` / `3probe`, then `5`). Everything after the session is known runs in the
 /// session's span.
-async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
+async fn run_websocket<H: Host>(host: Rc<H>, upgrade: Upgrade) {
     let Upgrade {
         mut stream,
         key,
@@ -559,7 +486,7 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
     {
         return;
     }
-    let eio = &shard.ctx.config.engineio;
+    let eio = &host.ctx().config.engineio;
     let mut reader = FrameReader::new(eio.max_payload, &leftover);
     drop((key, leftover));
     let session = match upgrading {
@@ -582,8 +509,8 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
             session
         }
         None => {
-            let session = shard.open_session(Transport::WebSocket);
-            shard.handler.on_open(&shard, &session, &path);
+            let session = host.open_session(Transport::WebSocket);
+            host.handler().on_open(&*host, &session, &path);
             session.attach_socket(stream.as_raw_fd());
             let open = engineio::encode_open(&OpenPayload {
                 sid: &session.sid,
@@ -597,15 +524,15 @@ async fn run_websocket(shard: Rc<Shard>, upgrade: Upgrade) {
         }
     };
     let span = session.span.clone();
-    read_loop(shard, session, stream, reader)
+    read_loop(host, session, stream, reader)
         .instrument(span)
         .await;
 }
 
-/// Reads the client's frames until the session ends or moves to another shard, with a
+/// Reads the client's frames until the session ends or moves to another host, with a
 /// writer task beside it.
-pub(crate) async fn read_loop(
-    shard: Rc<Shard>,
+pub(crate) async fn read_loop<H: Host>(
+    host: Rc<H>,
     session: Rc<Session>,
     stream: TcpStream,
     mut reader: FrameReader,
@@ -622,7 +549,7 @@ pub(crate) async fn read_loop(
                 match e.close_code() {
                     Some(code) => {
                         tracing::debug!(error = %e, "closing connection");
-                        ShardMetrics::inc(&shard.stats().protocol_errors);
+                        ShardMetrics::inc(&host.stats().protocol_errors);
                         session.close(CloseReason::Protocol(code));
                     }
                     None => session.close(CloseReason::Gone),
@@ -632,8 +559,8 @@ pub(crate) async fn read_loop(
         };
         session.set_movable(true);
         let flow = match msg {
-            Message::Text(data) => engine::on_text(&shard, &session, data),
-            Message::Binary(data) => engine::on_binary(&shard, &session, data),
+            Message::Text(data) => engine::on_text(&*host, &session, data),
+            Message::Binary(data) => engine::on_binary(&*host, &session, data),
             Message::Ping(payload) => {
                 session.push(websocket::pong_frame(&payload), false);
                 Flow::Continue
@@ -644,7 +571,7 @@ pub(crate) async fn read_loop(
         session.set_movable(false);
         if let Flow::Close(reason) = flow {
             if matches!(reason, CloseReason::Protocol(c) if c != websocket::close_code::NORMAL) {
-                ShardMetrics::inc(&shard.stats().protocol_errors);
+                ShardMetrics::inc(&host.stats().protocol_errors);
             }
             session.close(reason);
             break;
@@ -654,7 +581,7 @@ pub(crate) async fn read_loop(
         }
         // A connection that moves (a chat member's first join, put off) stops reading here;
         // the bytes read past this frame travel with it.
-        if shard.handler.ready_to_move(&shard, &session, &mut reader) {
+        if host.handler().ready_to_move(&*host, &session, &mut reader) {
             moving = true;
             break;
         }
@@ -662,10 +589,10 @@ pub(crate) async fn read_loop(
     if moving && !session.is_closing() {
         session.stop_writer();
         writer.await;
-        shard.handler.move_away(&shard, &session);
-        // Dropping the read half closes this shard's descriptor; the duplicate lives on.
+        host.handler().move_away(&*host, &session);
+        // Dropping the read half closes this host's descriptor; the duplicate lives on.
     } else {
-        shard.close_session(&session);
+        host.close_session(&session);
         writer.await;
     }
 }

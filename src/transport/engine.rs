@@ -6,52 +6,47 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::conn::{CloseReason, Flow};
+use super::host::Host;
 use super::session::Session;
 use super::websocket::FrameReader;
 use super::websocket::{close_code, text_frame};
 use crate::protocol::engineio::{self, PacketType};
-use crate::shard::Shard;
 
 /// The layer above the transport: what a session's Engine.IO messages mean. Chat
 /// implements it for production; `conformance` implements it for the official protocol
 /// suites. The shard runtime picks one at start, so the production path carries no branch
 /// and no state for the other.
-pub trait EngineHandler {
+pub trait EngineHandler<H> {
     /// Whether Engine.IO requests on `path` are served too, besides `server.path`.
     fn serves_path(&self, _path: &str) -> bool {
         false
     }
 
     /// A session opened by a request on `path`.
-    fn on_open(&self, shard: &Shard, session: &Rc<Session>, path: &str);
+    fn on_open(&self, host: &H, session: &Rc<Session>, path: &str);
 
     /// An Engine.IO message packet's body (the type byte taken off): a Socket.IO packet.
-    fn on_message(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow;
+    fn on_message(&self, host: &H, session: &Rc<Session>, data: Vec<u8>) -> Flow;
 
     /// A binary Engine.IO message (a Socket.IO attachment).
-    fn on_binary(&self, shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow;
+    fn on_binary(&self, host: &H, session: &Rc<Session>, data: Vec<u8>) -> Flow;
 
     /// After a WebSocket frame was handled: whether the reader must stop because the
     /// connection moves to another shard. `reader` holds the bytes read past that frame,
     /// which travel with the connection.
-    fn ready_to_move(
-        &self,
-        _shard: &Shard,
-        _session: &Rc<Session>,
-        _reader: &mut FrameReader,
-    ) -> bool {
+    fn ready_to_move(&self, _host: &H, _session: &Rc<Session>, _reader: &mut FrameReader) -> bool {
         false
     }
 
     /// The reader stopped for a move and the writer finished: hand the connection over.
-    fn move_away(&self, _shard: &Shard, _session: &Rc<Session>) {}
+    fn move_away(&self, _host: &H, _session: &Rc<Session>) {}
 
     /// The session ended on this shard (every way a session ends comes here).
-    fn on_close(&self, shard: &Shard, session: &Rc<Session>);
+    fn on_close(&self, host: &H, session: &Rc<Session>);
 }
 
 /// Handles one Engine.IO text packet.
-pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow {
+pub fn on_text<H: Host>(host: &H, session: &Rc<Session>, mut data: Vec<u8>) -> Flow {
     let Some(packet) = engineio::parse_text(&data) else {
         tracing::debug!("invalid Engine.IO packet");
         return Flow::Close(CloseReason::Protocol(close_code::PROTOCOL));
@@ -61,7 +56,7 @@ pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow 
             let mut t = session.timers();
             t.pong_deadline = None;
             t.next_ping =
-                Instant::now() + Duration::from_millis(shard.ctx.config.engineio.ping_interval);
+                Instant::now() + Duration::from_millis(host.ctx().config.engineio.ping_interval);
             session.set_timers(t);
             Flow::Continue
         }
@@ -73,7 +68,7 @@ pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow 
         }
         PacketType::Message => {
             data.remove(0);
-            shard.handler.on_message(shard, session, data)
+            host.handler().on_message(host, session, data)
         }
         PacketType::Close => Flow::Close(CloseReason::Protocol(close_code::NORMAL)),
         PacketType::Noop | PacketType::Upgrade => Flow::Continue,
@@ -82,6 +77,6 @@ pub fn on_text(shard: &Shard, session: &Rc<Session>, mut data: Vec<u8>) -> Flow 
 }
 
 /// Handles one binary packet (a Socket.IO attachment).
-pub fn on_binary(shard: &Shard, session: &Rc<Session>, data: Vec<u8>) -> Flow {
-    shard.handler.on_binary(shard, session, data)
+pub fn on_binary<H: Host>(host: &H, session: &Rc<Session>, data: Vec<u8>) -> Flow {
+    host.handler().on_binary(host, session, data)
 }

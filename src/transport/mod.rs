@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod connection;
 pub mod engine;
+pub mod host;
 pub mod http;
 pub mod polling;
 pub mod session;

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use super::conn::Flow;
 use super::conn::{CloseReason, Transport};
 use super::engine;
+use super::host::Host;
 use super::session::Session;
 use crate::protocol::engineio::HandshakeError;
-use crate::shard::Shard;
 
 /// The record separator between packets in a polling payload.
 const SEPARATOR: u8 = 0x1e;
@@ -91,7 +91,7 @@ fn split_server_frame(frame: &[u8]) -> Option<(u8, &[u8])> {
 }
 
 /// A GET: waits for packets, then returns all that fit in `max_payload`.
-pub async fn get(shard: &Shard, session: &Rc<Session>) -> PollAnswer {
+pub async fn get<H: Host>(host: &H, session: &Rc<Session>) -> PollAnswer {
     match session.transport() {
         Transport::WebSocket => return PollAnswer::error(HandshakeError::BadRequest),
         Transport::Upgrading => return PollAnswer::text("6"),
@@ -99,7 +99,7 @@ pub async fn get(shard: &Shard, session: &Rc<Session>) -> PollAnswer {
     }
     if !session.start_get() {
         // Two GETs at once: Engine.IO closes the session; the first GET gets `1`.
-        shard.end_session(session, CloseReason::Protocol(1008));
+        host.end_session(session, CloseReason::Protocol(1008));
         return PollAnswer::error(HandshakeError::BadRequest);
     }
     poll_fn(|cx| {
@@ -115,7 +115,7 @@ pub async fn get(shard: &Shard, session: &Rc<Session>) -> PollAnswer {
         // The client is upgrading: release this GET with a noop.
         return PollAnswer::text("6");
     }
-    let max = shard.ctx.config.engineio.max_payload;
+    let max = host.ctx().config.engineio.max_payload;
     let mut body = Vec::new();
     let closing = {
         let mut out = session.queue();
@@ -130,7 +130,7 @@ pub async fn get(shard: &Shard, session: &Rc<Session>) -> PollAnswer {
     if closing {
         // A close the server decided ends with `1` (its close frame); one the client
         // asked for (`Gone`) just releases the GET with a noop.
-        shard.close_session(session);
+        host.close_session(session);
     }
     if body.is_empty() {
         body.push(b'6');
@@ -139,7 +139,7 @@ pub async fn get(shard: &Shard, session: &Rc<Session>) -> PollAnswer {
 }
 
 /// A POST: the client's packets.
-pub fn post(shard: &Shard, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
+pub fn post<H: Host>(host: &H, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
     if session.transport() == Transport::WebSocket {
         return PollAnswer::error(HandshakeError::BadRequest);
     }
@@ -148,17 +148,17 @@ pub fn post(shard: &Shard, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
         return PollAnswer::error(HandshakeError::SessionIdUnknown);
     }
     if !session.start_post() {
-        shard.end_session(session, CloseReason::Protocol(1008));
+        host.end_session(session, CloseReason::Protocol(1008));
         return PollAnswer::error(HandshakeError::BadRequest);
     }
     let mut flow = Flow::Continue;
     for packet in body.split(|&b| b == SEPARATOR) {
         flow = match packet.first() {
             Some(b'b') => match base64::engine::general_purpose::STANDARD.decode(&packet[1..]) {
-                Ok(data) => engine::on_binary(shard, session, data),
+                Ok(data) => engine::on_binary(host, session, data),
                 Err(_) => Flow::Close(CloseReason::Protocol(1002)),
             },
-            _ => engine::on_text(shard, session, packet.to_vec()),
+            _ => engine::on_text(host, session, packet.to_vec()),
         };
         if flow != Flow::Continue {
             break;
@@ -170,20 +170,20 @@ pub fn post(shard: &Shard, session: &Rc<Session>, body: Vec<u8>) -> PollAnswer {
         // pending GET gets a noop. A bad packet ends it too, and the POST gets a 400.
         let bad = matches!(reason, CloseReason::Protocol(code) if code != 1000);
         if bad {
-            shard.end_session(session, reason);
+            host.end_session(session, reason);
             return PollAnswer::error(HandshakeError::BadRequest);
         }
         if session.get_waiting() {
-            shard.end_session(session, CloseReason::Gone);
+            host.end_session(session, CloseReason::Gone);
         } else {
             // No GET waits yet, but one the client sent before its close may be on its way:
-            // it can reach another shard first and be handed over here after this POST. The
+            // it can reach another host first and be handed over here after this POST. The
             // session leaves its rooms now and stays known for a short grace: the next GET
             // gets the noop and forgets it (a later one gets "Session ID unknown"), and the
             // sweeper forgets it when the grace is over.
             session.close(CloseReason::Gone);
             // For the layer above the session has ended (it leaves its rooms).
-            shard.handler.on_close(shard, session);
+            host.handler().on_close(host, session);
             let mut t = session.timers();
             t.close_deadline = Some(std::time::Instant::now() + CLOSE_GRACE);
             session.set_timers(t);
