@@ -336,9 +336,13 @@ fn check(cfg: &Config) -> anyhow::Result<()> {
     }
 }
 
+/// The log filter when `RUST_LOG` is unset: one line per notable event of corelay's own;
+/// the storage engine's internals (fjall, its LSM tree) only when they warn.
+const DEFAULT_LOG: &str = "info,fjall=warn,lsm_tree=warn";
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     use std::io::IsTerminal as _;
     // Colours only on a terminal: journald and log shippers get plain text.
     let builder = tracing_subscriber::fmt()
