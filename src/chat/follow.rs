@@ -4,7 +4,7 @@
 //! holds members. A member on another shard costs a crossing of the shard mesh for each
 //! message it sends (and its ack back) and for each delivery batch it receives, and a
 //! crossing wakes the other shard's thread whenever that thread sleeps: below capacity
-//! that wake-up is most of what a delivery costs (BENCHMARKS.md, sixth part). So when a
+//! that wake-up is most of what a delivery costs (docs/bench/journal.md, sixth part). So when a
 //! connection joins its first room and the room's home is another shard, the connection
 //! moves there before the join is handled: its socket is duplicated, its session (identity,
 //! outbound queue, timers, rate limit) and the bytes read but not yet parsed travel through
