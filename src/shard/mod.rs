@@ -177,11 +177,6 @@ impl Shard {
         }
     }
 
-    /// This shard's own `Rc`, for a task that must outlive the current call.
-    pub fn this(&self) -> Option<Rc<Shard>> {
-        self.me.upgrade()
-    }
-
     /// This shard's counters.
     pub fn stats(&self) -> &ShardMetrics {
         &self.ctx.metrics.shards[self.id]
