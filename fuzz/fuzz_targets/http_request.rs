@@ -1,6 +1,7 @@
 //! Fuzzes corelay's HTTP/1.1 request reading (`corelay::transport::http`): the request
 //! head parser behind `read_request` (httparse, path/query split, header lower-casing),
-//! the query and header accessors the routes use, `read_body`, and `percent_decode`.
+//! the query and header accessors the routes use, `read_framed_body` (a Content-Length
+//! or chunked body, as `body_framing` says), and `percent_decode`.
 //!
 //! Input: byte 0 picks how many bytes each read returns (1..=256, or everything at
 //! once), so heads split across reads are covered; the rest is the raw request as a
@@ -15,7 +16,9 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use corelay::transport::http::{percent_decode, read_body, read_request, MAX_HEAD};
+use corelay::transport::http::{
+    percent_decode, read_framed_body, read_request, BodyFraming, MAX_HEAD,
+};
 use futures::executor::block_on;
 use futures::io::AsyncRead;
 use libfuzzer_sys::fuzz_target;
@@ -95,12 +98,13 @@ fuzz_target!(|input: &[u8]| {
             let _ = req.header_has_token(name, "upgrade");
         }
         let _ = req.keep_alive();
-        if let Some(len) = req
-            .header("content-length")
-            .and_then(|v| v.trim().parse::<usize>().ok())
-        {
-            if let Ok(body) = block_on(read_body(&mut io, &mut buf, len, MAX_HEAD)) {
-                assert_eq!(body.len(), len);
+        // The body as the routes read it: Content-Length or chunked (ChunkedDecoder).
+        if let Ok(framing) = req.body_framing() {
+            if let Ok(body) = block_on(read_framed_body(&mut io, &mut buf, framing, MAX_HEAD)) {
+                assert!(body.len() <= MAX_HEAD, "a body over the limit was accepted");
+                if let BodyFraming::Length(len) = framing {
+                    assert_eq!(body.len(), len);
+                }
             }
         }
     }
