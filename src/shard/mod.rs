@@ -426,3 +426,6 @@ impl Shard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
