@@ -526,3 +526,6 @@ pub fn shutting_down() -> ChatError {
         "the server is shutting down; reconnect and retry",
     )
 }
+
+#[cfg(test)]
+mod tests;

@@ -427,3 +427,6 @@ impl Shard {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

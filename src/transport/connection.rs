@@ -665,3 +665,6 @@ async fn write_loop(session: Rc<Session>, mut io: WriteHalf<TcpStream>) {
     let _ = io.flush().await;
     session.cut();
 }
+
+#[cfg(test)]
+mod tests;

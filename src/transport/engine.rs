@@ -80,3 +80,109 @@ pub fn on_text<H: Host>(host: &H, session: &Rc<Session>, mut data: Vec<u8>) -> F
 pub fn on_binary<H: Host>(host: &H, session: &Rc<Session>, data: Vec<u8>) -> Flow {
     host.handler().on_binary(host, session, data)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::conn::Transport;
+    use crate::transport::testing::{on_glommio, Seen, TestHost};
+
+    /// The payloads of the frames queued for the session's client (taken).
+    fn queued(session: &Session) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(frame) = session.queue().pop() {
+            assert_eq!(frame[0], 0x81, "a final text frame");
+            out.push(frame[2..].to_vec());
+        }
+        out
+    }
+
+    #[test]
+    fn a_ping_probe_is_answered_with_a_pong_probe() {
+        on_glommio(|| async {
+            let host = TestHost::new();
+            let session = host.open_session(Transport::WebSocket);
+            assert_eq!(
+                on_text(&*host, &session, b"2probe".to_vec()),
+                Flow::Continue
+            );
+            assert_eq!(on_text(&*host, &session, b"2".to_vec()), Flow::Continue);
+            assert_eq!(queued(&session), [b"3probe".to_vec(), b"3".to_vec()]);
+            assert!(host.seen().is_empty(), "pings are the transport's own");
+        });
+    }
+
+    #[test]
+    fn a_pong_clears_the_pong_deadline_and_schedules_the_next_ping() {
+        on_glommio(|| async {
+            let host = TestHost::new();
+            let session = host.open_session(Transport::WebSocket);
+            let before = Instant::now();
+            let mut t = session.timers();
+            t.pong_deadline = Some(before + Duration::from_millis(5));
+            t.next_ping = before;
+            session.set_timers(t);
+            assert_eq!(on_text(&*host, &session, b"3".to_vec()), Flow::Continue);
+            let t = session.timers();
+            assert!(t.pong_deadline.is_none());
+            let interval = Duration::from_millis(host.ctx().config.engineio.ping_interval);
+            assert!(
+                t.next_ping >= before + interval,
+                "the next ping is an interval away"
+            );
+            assert!(t.next_ping <= Instant::now() + interval);
+            assert!(queued(&session).is_empty());
+        });
+    }
+
+    #[test]
+    fn messages_go_up_without_their_type_byte() {
+        on_glommio(|| async {
+            let host = TestHost::new();
+            let session = host.open_session(Transport::WebSocket);
+            assert_eq!(
+                on_text(&*host, &session, b"42[\"a\"]".to_vec()),
+                Flow::Continue
+            );
+            assert_eq!(on_binary(&*host, &session, vec![1, 2]), Flow::Continue);
+            assert_eq!(
+                host.seen(),
+                [
+                    Seen::Message {
+                        session: session.id,
+                        data: b"2[\"a\"]".to_vec()
+                    },
+                    Seen::Binary {
+                        session: session.id,
+                        data: vec![1, 2]
+                    },
+                ]
+            );
+            // The handler's answer is the transport's.
+            assert_eq!(
+                on_text(&*host, &session, b"4close".to_vec()),
+                Flow::Close(CloseReason::Protocol(close_code::PROTOCOL))
+            );
+        });
+    }
+
+    #[test]
+    fn close_noop_and_bad_packets() {
+        on_glommio(|| async {
+            let host = TestHost::new();
+            let session = host.open_session(Transport::WebSocket);
+            let protocol = Flow::Close(CloseReason::Protocol(close_code::PROTOCOL));
+            assert_eq!(
+                on_text(&*host, &session, b"1".to_vec()),
+                Flow::Close(CloseReason::Protocol(close_code::NORMAL))
+            );
+            assert_eq!(on_text(&*host, &session, b"6".to_vec()), Flow::Continue);
+            assert_eq!(on_text(&*host, &session, b"5".to_vec()), Flow::Continue);
+            assert_eq!(on_text(&*host, &session, b"0".to_vec()), protocol);
+            assert_eq!(on_text(&*host, &session, b"".to_vec()), protocol);
+            assert_eq!(on_text(&*host, &session, b"x".to_vec()), protocol);
+            assert!(queued(&session).is_empty());
+            assert!(host.seen().is_empty());
+        });
+    }
+}

@@ -9,3 +9,6 @@ pub mod http;
 pub mod polling;
 pub mod session;
 pub mod websocket;
+
+#[cfg(test)]
+pub(crate) mod testing;
