@@ -434,11 +434,12 @@ pub fn handle_request(chat: &Chat, member: &Rc<Member>, req: ChatRequest, ack_id
             if chat.ctx.is_draining() {
                 return refuse(member.session(), ack_id, &shutting_down());
             }
-            if !member.take_token(Instant::now()) {
-                return refuse(member.session(), ack_id, &limited());
-            }
+            // Refused for load before the rate is charged: a retry is not held against it.
             if chat.mesh_congested(home_of(&room, chat.count)) {
                 return refuse(member.session(), ack_id, &overloaded());
+            }
+            if !member.take_token(Instant::now()) {
+                return refuse(member.session(), ack_id, &limited());
             }
             chat.to_home(
                 &room,

@@ -233,8 +233,8 @@ impl Chat {
                         .or_default()
                         .push(member.clone());
                 }
-                if !frame.is_empty() {
-                    member.session().push(frame, false);
+                if !frame.is_empty() && member.session().push(frame, false) == Queued::Overflow {
+                    ShardMetrics::inc(&self.stats().slow_consumer_closes);
                 }
             }
         }

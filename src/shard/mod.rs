@@ -293,7 +293,9 @@ impl Shard {
 
     /// Forgets a connection that has ended (every way a session ends comes here).
     pub fn close_session(&self, session: &Rc<Session>) {
-        self.handler.on_close(self, session);
+        if session.take_end_notice() {
+            self.handler.on_close(self, session);
+        }
         if self.detach_session(session) {
             let reason = session.closing();
             session

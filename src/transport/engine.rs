@@ -41,7 +41,7 @@ pub trait EngineHandler<H> {
     /// The reader stopped for a move and the writer finished: hand the connection over.
     fn move_away(&self, _host: &H, _session: &Rc<Session>) {}
 
-    /// The session ended on this shard (every way a session ends comes here).
+    /// The session ended on this shard: once per session, whichever way it ended.
     fn on_close(&self, host: &H, session: &Rc<Session>);
 }
 

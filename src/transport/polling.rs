@@ -183,7 +183,9 @@ pub fn post<H: Host>(host: &H, session: &Rc<Session>, body: Vec<u8>) -> PollAnsw
             // sweeper forgets it when the grace is over.
             session.close(CloseReason::Gone);
             // For the layer above the session has ended (it leaves its rooms).
-            host.handler().on_close(host, session);
+            if session.take_end_notice() {
+                host.handler().on_close(host, session);
+            }
             let mut t = session.timers();
             t.close_deadline = Some(std::time::Instant::now() + CLOSE_GRACE);
             session.set_timers(t);

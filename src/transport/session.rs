@@ -36,6 +36,8 @@ pub struct Session {
     /// True only while the WebSocket reader handles a client frame: the one moment a
     /// connection may move to another shard.
     movable: Cell<bool>,
+    /// The layer above was told that the session ended (`EngineHandler::on_close`).
+    end_noticed: Cell<bool>,
 }
 
 impl Session {
@@ -62,6 +64,7 @@ impl Session {
             )),
             timers: Cell::new(timers),
             movable: Cell::new(false),
+            end_noticed: Cell::new(false),
         }
     }
 
@@ -201,6 +204,13 @@ impl Session {
     /// moment the connection may move to another shard.
     pub fn is_movable(&self) -> bool {
         self.movable.get()
+    }
+
+    /// True the first time only: whoever gets it tells the layer above that the session
+    /// ended, so that `EngineHandler::on_close` runs once per session (a polling session
+    /// the client closed is told at its close POST and forgotten later).
+    pub fn take_end_notice(&self) -> bool {
+        !self.end_noticed.replace(true)
     }
 
     /// Set by the reader around the handling of each frame.

@@ -190,7 +190,9 @@ impl Host for TestHost {
     }
 
     fn close_session(&self, session: &Rc<Session>) {
-        self.handler.on_close(self, session);
+        if session.take_end_notice() {
+            self.handler.on_close(self, session);
+        }
         self.sessions.borrow_mut().remove(&session.sid);
     }
 

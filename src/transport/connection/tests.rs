@@ -173,6 +173,34 @@ fn a_post_with_a_bad_packet_ends_the_session() {
 }
 
 #[test]
+fn a_client_close_is_told_above_once_though_the_sid_outlives_it() {
+    on_glommio(|| async {
+        let host = TestHost::new();
+        let addr = listen(&host);
+        let sid = handshake(addr).await;
+        let id = host.session_by_sid(&sid).unwrap().id;
+        host.seen();
+        // The close comes with no GET waiting: the sid stays known for a grace, so that
+        // a GET still on its way gets the noop.
+        let body = "1";
+        let request = format!(
+            "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: test\r\n\
+             Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let a = exchange(addr, &request).await;
+        assert_eq!(a.status, 200, "{a:?}");
+        assert!(host.session_by_sid(&sid).is_some(), "known for the grace");
+        assert_eq!(host.seen(), [Seen::Close { session: id }]);
+        let target = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+        let a = exchange(addr, &get(&target)).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "6"), "{a:?}");
+        assert!(host.session_by_sid(&sid).is_none(), "forgotten by that GET");
+        assert_eq!(host.seen(), [], "the end is told above once");
+    });
+}
+
+#[test]
 fn a_polling_get_waits_for_a_packet() {
     on_glommio(|| async {
         let host = TestHost::new();
