@@ -32,8 +32,8 @@ use super::mesh::{home_of, MemberMsg, ShardMsg};
 use crate::auth::Identity;
 use crate::metrics::ShardMetrics;
 use crate::transport::conn::{CloseReason, Timers, Transport};
-use crate::transport::connection;
 use crate::transport::websocket::FrameReader;
+use crate::transport::{connection, ws_task};
 
 /// Connections a destination may hold beyond this shard's count plus a quarter before a
 /// connection stops following its room there.
@@ -199,7 +199,7 @@ pub async fn adopt<H: ChatHost>(host: Rc<H>, moved: Box<MovedConn>) {
     });
     let reader = FrameReader::new(host.ctx().config.engineio.max_payload, &unread);
     let span = session.span.clone();
-    connection::read_loop(host, session, stream, reader)
+    ws_task::read_loop(host, session, stream, reader)
         .instrument(span)
         .await;
 }

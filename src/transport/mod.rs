@@ -1,6 +1,7 @@
 //! Transports: the HTTP/1.1 listener, the WebSocket upgrade and framing, and the
 //! per-connection tasks that carry Engine.IO over them.
 
+pub mod chunked;
 pub mod conn;
 pub mod connection;
 pub mod engine;
@@ -9,6 +10,7 @@ pub mod http;
 pub mod polling;
 pub mod session;
 pub mod websocket;
+pub mod ws_task;
 
 #[cfg(test)]
 pub(crate) mod testing;

@@ -177,7 +177,7 @@ pub fn post<H: Host>(host: &H, session: &Rc<Session>, body: Vec<u8>) -> PollAnsw
             host.end_session(session, CloseReason::Gone);
         } else {
             // No GET waits yet, but one the client sent before its close may be on its way:
-            // it can reach another host first and be handed over here after this POST. The
+            // it can reach another shard first and be handed over here after this POST. The
             // session leaves its rooms now and stays known for a short grace: the next GET
             // gets the noop and forgets it (a later one gets "Session ID unknown"), and the
             // sweeper forgets it when the grace is over.
