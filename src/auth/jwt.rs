@@ -20,7 +20,8 @@ pub(super) struct Keys {
 }
 
 impl Keys {
-    /// The keys and validation rules for `secret` (not empty: see [`Authenticator::new`](super::Authenticator::new)).
+    /// The keys and validation rules for `secret` (not empty: see
+    /// [`Authenticator::new`](super::Authenticator::new)).
     pub(super) fn new(secret: &str) -> Keys {
         let mut validation = Validation::new(Algorithm::HS256);
         // `exp` is optional (but enforced when present); `sub` is always required.
