@@ -1,0 +1,183 @@
+//! Redis clients built from [`RedisOptions`]: the URL, RESP2 or RESP3, and the TLS files
+//! for `rediss://`; and the [`ShardTarget`] each shard connects to by itself. Here because
+//! both the process's link and `corelay check` build clients the same way.
+
+use std::path::PathBuf;
+
+use redis::{Client, ConnectionAddr, IntoConnectionInfo, ProtocolVersion, RedisConnectionInfo};
+use rustls::pki_types::ServerName;
+
+use crate::cluster::resp::Tls;
+use crate::cluster::{redact_url, ClusterError, RedisOptions};
+
+/// Where and how a shard connects to Redis by itself (see [`crate::cluster::shard_link`]), worked
+/// out once from the URL and the TLS options when the cluster is connected.
+#[derive(Clone)]
+pub(crate) struct ShardTarget {
+    pub addr: ShardAddr,
+    /// AUTH and SELECT settings.
+    pub info: RedisConnectionInfo,
+}
+
+/// The address part of a [`ShardTarget`].
+#[derive(Clone)]
+pub(crate) enum ShardAddr {
+    /// A host name or IP address and a port; TLS settings for `rediss://`.
+    Tcp {
+        host: String,
+        port: u16,
+        tls: Option<Tls>,
+    },
+    /// A Unix socket's path.
+    Unix(PathBuf),
+}
+
+impl ShardTarget {
+    /// The target of `client`'s URL, with TLS settings from `opts` for `rediss://` (the same
+    /// CA and client certificate files). Fails on TLS settings that cannot be used.
+    pub(super) fn new(client: &Client, opts: &RedisOptions) -> Result<ShardTarget, ClusterError> {
+        let info = client.get_connection_info();
+        let addr = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => ShardAddr::Tcp {
+                host: host.clone(),
+                port: *port,
+                tls: None,
+            },
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let server_name = ServerName::try_from(host.clone()).map_err(|e| {
+                    ClusterError::Config(format!("redis host {host:?} for TLS: {e}"))
+                })?;
+                ShardAddr::Tcp {
+                    host: host.clone(),
+                    port: *port,
+                    tls: Some(Tls {
+                        config: crate::cluster::tls::client_config(opts)?,
+                        server_name,
+                    }),
+                }
+            }
+            ConnectionAddr::Unix(path) => ShardAddr::Unix(path.clone()),
+            other => {
+                return Err(ClusterError::Config(format!(
+                    "unsupported redis address {other}"
+                )))
+            }
+        };
+        Ok(ShardTarget {
+            addr,
+            info: info.redis_settings().clone(),
+        })
+    }
+}
+
+/// Builds a client for `opts` (RESP3 when `resp3`), with the TLS files when `rediss://`.
+pub(crate) fn build_client(opts: &RedisOptions, resp3: bool) -> Result<Client, ClusterError> {
+    let target = redact_url(&opts.url);
+    let info = opts
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| ClusterError::Config(format!("bad redis.url {target}: {e}")))?;
+    let settings = info.redis_settings().clone();
+    let settings = if resp3 {
+        settings.set_protocol(ProtocolVersion::RESP3)
+    } else {
+        settings.set_protocol(ProtocolVersion::RESP2)
+    };
+    let info = info.set_redis_settings(settings);
+    let tls = match info.addr() {
+        ConnectionAddr::TcpTls { insecure: true, .. } => {
+            return Err(ClusterError::Config(format!(
+                "redis.url {target} asks for #insecure (no certificate check), which corelay \
+                 does not do: give the CA that signed the server's certificate in \
+                 redis.tls_ca_file instead"
+            )))
+        }
+        ConnectionAddr::TcpTls { .. } => true,
+        _ => false,
+    };
+    let files = [&opts.tls_ca_file, &opts.tls_cert_file, &opts.tls_key_file];
+    if !tls {
+        if files.iter().any(|f| f.is_some()) {
+            return Err(ClusterError::Config(format!(
+                "TLS files are set but redis.url {target} is not rediss://"
+            )));
+        }
+        return Client::open(info).map_err(|e| ClusterError::Config(format!("{target}: {e}")));
+    }
+    // rustls needs a process-wide crypto provider; only `ring` is compiled in. Installing it
+    // again (another client, another test) is refused harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if files.iter().all(|f| f.is_none()) {
+        return Client::open(info).map_err(|e| ClusterError::Config(format!("{target}: {e}")));
+    }
+    let read = |path: &std::path::PathBuf, what: &str| {
+        std::fs::read(path).map_err(|e| {
+            ClusterError::Config(format!("cannot read {what} {}: {e}", path.display()))
+        })
+    };
+    let root_cert = opts
+        .tls_ca_file
+        .as_ref()
+        .map(|p| read(p, "redis.tls_ca_file"))
+        .transpose()?;
+    let client_tls = match (&opts.tls_cert_file, &opts.tls_key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert, "redis.tls_cert_file")?,
+            client_key: read(key, "redis.tls_key_file")?,
+        }),
+        _ => {
+            return Err(ClusterError::Config(
+                "redis.tls_cert_file and redis.tls_key_file go together".into(),
+            ))
+        }
+    };
+    Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| ClusterError::Config(format!("TLS settings for {target}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_insecure_tls_url_is_refused_with_the_way_out() {
+        let mut opts = RedisOptions::new("rediss://localhost:6380/#insecure");
+        let err = build_client(&opts, false).expect_err("refused");
+        let text = err.to_string();
+        assert!(matches!(err, ClusterError::Config(_)), "{err:?}");
+        assert!(
+            text.contains("#insecure") && text.contains("redis.tls_ca_file"),
+            "{text}"
+        );
+        opts.url = "rediss://localhost:6380/".into();
+        assert!(build_client(&opts, false).is_ok());
+    }
+
+    #[test]
+    fn a_tls_file_without_rediss_is_refused() {
+        let mut opts = RedisOptions::new("redis://127.0.0.1:1");
+        opts.tls_ca_file = Some("/nonexistent".into());
+        assert!(matches!(
+            build_client(&opts, false),
+            Err(ClusterError::Config(_))
+        ));
+        let mut opts = RedisOptions::new("rediss://127.0.0.1:1");
+        opts.tls_ca_file = Some("/nonexistent/ca.pem".into());
+        let err = build_client(&opts, false)
+            .map(|_| ())
+            .expect_err("unreadable");
+        assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        assert!(matches!(
+            build_client(&RedisOptions::new("http://x"), false),
+            Err(ClusterError::Config(_))
+        ));
+    }
+}
