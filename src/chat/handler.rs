@@ -12,12 +12,12 @@ use super::events::{
 };
 use super::follow;
 use super::layer::{Chat, ChatHost};
-use super::member::{Connected, Member, User};
+use super::member::{ConnRef, Connected, Member, User};
 use super::mesh::{home_of, HomeCmd, ReplyTo, UserCmd};
-use crate::auth::Identity;
+use crate::auth::{Identity, Secret};
 use crate::metrics::ShardMetrics;
 use crate::protocol::socketio::{self, encode_ack, PacketKind};
-use crate::store::HistoryStore;
+use crate::store::{HistoryQuery, HistoryStore};
 use crate::transport::conn::{CloseReason, Flow};
 use crate::transport::engine::EngineHandler;
 use crate::transport::session::Session;
@@ -342,173 +342,246 @@ pub fn handle_request(chat: &Chat, member: &Rc<Member>, req: ChatRequest, ack_id
     let Some((user, identity)) = member.connected() else {
         return;
     };
-    let conn = member.conn_ref(chat.id);
     let room: Arc<str> = Arc::from(req.room());
-    let is_member = member.is_in(&room);
-    let not_joined = || ChatError::new(ErrorCode::NotJoined, format!("join {room:?} first"));
-    let limited = || ChatError::new(ErrorCode::RateLimited, "too many requests; slow down");
-    match req {
-        ChatRequest::Join { since, token, .. } => {
-            let limit = chat.ctx.config.limits.max_rooms_per_conn;
-            if !is_member && !member.is_joining(&room) && member.room_count() >= limit {
-                return refuse(
-                    member.session(),
-                    ack_id,
-                    &ChatError::new(
-                        ErrorCode::Forbidden,
-                        format!("a connection may be in at most {limit} rooms"),
-                    ),
-                );
-            }
-            let allowed = identity.rooms.allows(&room)
-                || token
-                    .as_deref()
-                    .is_some_and(|t| chat.ctx.auth.check_room_token(t, &user.id, &room).is_ok());
-            if !allowed {
-                return refuse(
-                    member.session(),
-                    ack_id,
-                    &ChatError::new(
-                        ErrorCode::Forbidden,
-                        format!("not allowed in room {room:?}"),
-                    ),
-                );
-            }
-            if !is_member {
-                if let Some(to) = member
-                    .first_join()
-                    .then(|| follow::destination(chat, member, &room))
-                    .flatten()
-                {
-                    // The join is handled where the connection lands, first thing.
-                    member.defer_join(follow::DeferredJoin {
-                        to,
-                        request: ChatRequest::Join {
-                            room: room.to_string(),
-                            since,
-                            token,
-                        },
-                        ack_id,
-                        unread: Vec::new(),
-                    });
-                    return;
-                }
-                if chat.mesh_congested(home_of(&room, chat.count)) {
-                    return refuse(member.session(), ack_id, &overloaded());
-                }
-                member.start_joining(room.clone());
-            }
-            chat.to_home(
-                &room,
-                HomeCmd::Join {
-                    room: room.clone(),
-                    conn,
-                    user,
-                    since,
-                    ack_id,
-                },
-            );
-        }
-        ChatRequest::Leave { .. } => {
-            let (was_member, was_joining) = member.leave(&room);
-            if was_member {
-                chat.remove_local_member(&room, member);
-            }
-            if was_member || was_joining {
-                chat.to_home(
-                    &room,
-                    HomeCmd::Leave {
-                        room: room.clone(),
-                        conn,
-                        ack_id,
-                    },
-                );
-            } else {
-                ok(member.session(), ack_id, events::OK_ACK);
-            }
-        }
-        ChatRequest::Message { text, cid, .. } => {
-            if !is_member {
-                return refuse(member.session(), ack_id, &not_joined());
-            }
-            if chat.ctx.is_draining() {
-                return refuse(member.session(), ack_id, &shutting_down());
-            }
-            // Refused for load before the rate is charged: a retry is not held against it.
-            if chat.mesh_congested(home_of(&room, chat.count)) {
-                return refuse(member.session(), ack_id, &overloaded());
-            }
-            if !member.take_token(Instant::now()) {
-                return refuse(member.session(), ack_id, &limited());
-            }
-            chat.to_home(
-                &room,
-                HomeCmd::Publish {
-                    room: room.clone(),
-                    user: user.id,
-                    text,
-                    cid,
-                    reply: ReplyTo::Conn { conn, ack_id },
-                },
-            );
-        }
-        ChatRequest::Typing { .. } => {
-            if !is_member {
-                return refuse(member.session(), ack_id, &not_joined());
-            }
-            if !member.take_token(Instant::now()) {
-                return refuse(member.session(), ack_id, &limited());
-            }
-            // Volatile: under load it is dropped, and the client is told it was taken.
-            if !chat.mesh_congested(home_of(&room, chat.count)) {
-                chat.to_home(
-                    &room,
-                    HomeCmd::Typing {
-                        room: room.clone(),
-                        conn,
-                        user: user.id,
-                    },
-                );
-            }
-            ok(member.session(), ack_id, events::OK_ACK);
-        }
-        ChatRequest::Presence { .. } => {
-            if !is_member {
-                return refuse(member.session(), ack_id, &not_joined());
-            }
-            if chat.mesh_congested(home_of(&room, chat.count)) {
-                return refuse(member.session(), ack_id, &overloaded());
-            }
-            chat.to_home(
-                &room,
-                HomeCmd::Presence {
-                    room: room.clone(),
-                    reply: ReplyTo::Conn { conn, ack_id },
-                },
-            );
-        }
-        ChatRequest::History { query, limit, .. } => {
-            if !is_member {
-                return refuse(member.session(), ack_id, &not_joined());
-            }
-            if !member.take_token(Instant::now()) {
-                return refuse(member.session(), ack_id, &limited());
-            }
-            let store = chat.store.clone();
-            let session = member.session().clone();
-            glommio::spawn_local(async move {
-                let json = match store.read(&room, query, limit).await {
-                    Ok(messages) => history_ack_json(&messages),
-                    Err(e) => error_ack_json(&ChatError::new(
-                        ErrorCode::Unavailable,
-                        format!("history store: {e}"),
-                    )),
-                };
-                ok(&session, ack_id, &json);
-            })
-            .detach();
-        }
+    let asked = Asked {
+        chat,
+        member,
+        conn: member.conn_ref(chat.id),
+        home: home_of(&room, chat.count),
+        user,
+        room,
+        ack_id,
+    };
+    if let ChatRequest::Join { since, token, .. } = req {
+        return join(&asked, &identity, since, token);
     }
+    if let ChatRequest::Leave { .. } = req {
+        return leave(&asked);
+    }
+    // Everything else is for members of the room only.
+    if !member.is_in(&asked.room) {
+        let room = &asked.room;
+        return asked.refuse(&ChatError::new(
+            ErrorCode::NotJoined,
+            format!("join {room:?} first"),
+        ));
+    }
+    match req {
+        ChatRequest::Message { text, cid, .. } => send(&asked, text, cid),
+        ChatRequest::Typing { .. } => typing(&asked),
+        ChatRequest::Presence { .. } => presence(&asked),
+        ChatRequest::History { query, limit, .. } => history(&asked, query, limit),
+        ChatRequest::Join { .. } | ChatRequest::Leave { .. } => {}
+    }
+}
+
+/// A request a connected member made, with what every kind of request needs.
+struct Asked<'a> {
+    chat: &'a Chat,
+    member: &'a Rc<Member>,
+    conn: ConnRef,
+    /// The room's home shard.
+    home: usize,
+    user: User,
+    room: Arc<str>,
+    ack_id: Option<u64>,
+}
+
+impl Asked<'_> {
+    fn refuse(&self, err: &ChatError) {
+        refuse(self.member.session(), self.ack_id, err);
+    }
+
+    fn ok(&self, json: &[u8]) {
+        ok(self.member.session(), self.ack_id, json);
+    }
+
+    /// Takes a send token; false (and the client is told) past the connection's rate.
+    fn within_rate(&self) -> bool {
+        let ok = self.member.take_token(Instant::now());
+        if !ok {
+            self.refuse(&ChatError::new(
+                ErrorCode::RateLimited,
+                "too many requests; slow down",
+            ));
+        }
+        ok
+    }
+
+    /// Whether the queue toward the room's home is full (the client is told).
+    fn overloaded(&self) -> bool {
+        let full = self.chat.mesh_congested(self.home);
+        if full {
+            self.refuse(&overloaded());
+        }
+        full
+    }
+}
+
+/// `join`: checked here (room limit, grants or a room token), then answered by the room's
+/// home; a connection's first join may move it to that home first.
+fn join(asked: &Asked<'_>, identity: &Identity, since: Option<u64>, token: Option<Secret>) {
+    let Asked {
+        chat, member, room, ..
+    } = asked;
+    let is_member = member.is_in(room);
+    let limit = chat.ctx.config.limits.max_rooms_per_conn;
+    if !is_member && !member.is_joining(room) && member.room_count() >= limit {
+        return asked.refuse(&ChatError::new(
+            ErrorCode::Forbidden,
+            format!("a connection may be in at most {limit} rooms"),
+        ));
+    }
+    let allowed = identity.rooms.allows(room)
+        || token.as_deref().is_some_and(|t| {
+            chat.ctx
+                .auth
+                .check_room_token(t, &asked.user.id, room)
+                .is_ok()
+        });
+    if !allowed {
+        return asked.refuse(&ChatError::new(
+            ErrorCode::Forbidden,
+            format!("not allowed in room {room:?}"),
+        ));
+    }
+    if !is_member {
+        if let Some(to) = member
+            .first_join()
+            .then(|| follow::destination(chat, member, room))
+            .flatten()
+        {
+            // The join is handled where the connection lands, first thing.
+            member.defer_join(follow::DeferredJoin {
+                to,
+                request: ChatRequest::Join {
+                    room: room.to_string(),
+                    since,
+                    token,
+                },
+                ack_id: asked.ack_id,
+                unread: Vec::new(),
+            });
+            return;
+        }
+        if asked.overloaded() {
+            return;
+        }
+        member.start_joining(room.clone());
+    }
+    chat.to_home(
+        room,
+        HomeCmd::Join {
+            room: room.clone(),
+            conn: asked.conn,
+            user: asked.user.clone(),
+            since,
+            ack_id: asked.ack_id,
+        },
+    );
+}
+
+/// `leave`: local delivery stops at once; the home answers if the room was joined.
+fn leave(asked: &Asked<'_>) {
+    let Asked {
+        chat, member, room, ..
+    } = asked;
+    let (was_member, was_joining) = member.leave(room);
+    if was_member {
+        chat.remove_local_member(room, member);
+    }
+    if was_member || was_joining {
+        chat.to_home(
+            room,
+            HomeCmd::Leave {
+                room: room.clone(),
+                conn: asked.conn,
+                ack_id: asked.ack_id,
+            },
+        );
+    } else {
+        asked.ok(events::OK_ACK);
+    }
+}
+
+/// `message`: to the home, which sequences, stores, fans out and acks it.
+fn send(asked: &Asked<'_>, text: String, cid: Option<String>) {
+    if asked.chat.ctx.is_draining() {
+        return asked.refuse(&shutting_down());
+    }
+    // Refused for load before the rate is charged: a retry is not held against it.
+    if asked.overloaded() || !asked.within_rate() {
+        return;
+    }
+    asked.chat.to_home(
+        &asked.room,
+        HomeCmd::Publish {
+            room: asked.room.clone(),
+            user: asked.user.id.clone(),
+            text,
+            cid,
+            reply: ReplyTo::Conn {
+                conn: asked.conn,
+                ack_id: asked.ack_id,
+            },
+        },
+    );
+}
+
+/// `typing`: volatile. Under load it is dropped, and the client is told it was taken.
+fn typing(asked: &Asked<'_>) {
+    if !asked.within_rate() {
+        return;
+    }
+    if !asked.chat.mesh_congested(asked.home) {
+        asked.chat.to_home(
+            &asked.room,
+            HomeCmd::Typing {
+                room: asked.room.clone(),
+                conn: asked.conn,
+                user: asked.user.id.clone(),
+            },
+        );
+    }
+    asked.ok(events::OK_ACK);
+}
+
+/// `presence`: the home knows who is in the room (cluster-wide in a cluster).
+fn presence(asked: &Asked<'_>) {
+    if asked.overloaded() {
+        return;
+    }
+    asked.chat.to_home(
+        &asked.room,
+        HomeCmd::Presence {
+            room: asked.room.clone(),
+            reply: ReplyTo::Conn {
+                conn: asked.conn,
+                ack_id: asked.ack_id,
+            },
+        },
+    );
+}
+
+/// `history`: read from the store on this shard, no home involved.
+fn history(asked: &Asked<'_>, query: HistoryQuery, limit: usize) {
+    if !asked.within_rate() {
+        return;
+    }
+    let store = asked.chat.store.clone();
+    let session = asked.member.session().clone();
+    let (room, ack_id) = (asked.room.clone(), asked.ack_id);
+    glommio::spawn_local(async move {
+        let json = match store.read(&room, query, limit).await {
+            Ok(messages) => history_ack_json(&messages),
+            Err(e) => error_ack_json(&ChatError::new(
+                ErrorCode::Unavailable,
+                format!("history store: {e}"),
+            )),
+        };
+        ok(&session, ack_id, &json);
+    })
+    .detach();
 }
 
 /// The refusal for work a client starts while the queue toward its room's home shard is
