@@ -17,6 +17,7 @@ use super::conn::{CloseReason, Transport};
 use super::host::Host;
 use super::http::{self, HttpError, Request};
 use super::polling;
+use super::session::Session;
 use super::websocket;
 use super::ws_task::{run_websocket, Upgrade};
 use crate::connect_limit::RetryAfter;
@@ -322,62 +323,21 @@ async fn engineio_request<H: Host>(
             }
         }
         match req.method.as_str() {
-            "GET" => {
-                // Wait for packets, watching the connection: a client that gives up on
-                // its GET ends the session (as Engine.IO does).
-                let answer = {
-                    let get = std::pin::pin!(
-                        polling::get(host, &session).instrument(session.span.clone())
-                    );
-                    let gone = std::pin::pin!(client_gone(&mut stream, &mut buf));
-                    match futures::future::select(get, gone).await {
-                        futures::future::Either::Left((a, _)) => Some(a),
-                        futures::future::Either::Right(_) => None,
-                    }
-                };
-                match answer {
-                    Some(a) => (a.status, a.content_type, a.body),
-                    None => {
-                        host.end_session(&session, CloseReason::Gone);
-                        return Next::Done;
-                    }
+            "GET" => match poll_get(host, &session, &mut stream, &mut buf).await {
+                Some(a) => (a.status, a.content_type, a.body),
+                None => return Next::Done,
+            },
+            "POST" => match poll_post(host, &session, &req, &mut stream, &mut buf).await {
+                Posted::Answer(a) => (a.status, a.content_type, a.body),
+                Posted::Bad => break 'answer reject(HandshakeError::BadRequest),
+                Posted::TooLarge => {
+                    let body = HandshakeError::BadRequest.body();
+                    let resp = respond(413, "application/json", body.as_bytes(), false);
+                    let _ = stream.write_all(&resp).await;
+                    return Next::Done;
                 }
-            }
-            "POST" => {
-                let framing = match req.body_framing() {
-                    Ok(f) => f,
-                    Err(e) => {
-                        tracing::debug!(shard = host.shard_id(), error = %e, "polling POST refused");
-                        break 'answer reject(HandshakeError::BadRequest);
-                    }
-                };
-                match http::read_framed_body(&mut stream, &mut buf, framing, eio.max_payload).await
-                {
-                    Ok(body) => {
-                        let a = session
-                            .span
-                            .in_scope(|| polling::post(host, &session, body));
-                        (a.status, a.content_type, a.body)
-                    }
-                    Err(HttpError::BodyTooLarge) => {
-                        host.end_session(&session, CloseReason::Gone);
-                        let resp = respond(
-                            413,
-                            "application/json",
-                            HandshakeError::BadRequest.body().as_bytes(),
-                            false,
-                        );
-                        let _ = stream.write_all(&resp).await;
-                        return Next::Done;
-                    }
-                    Err(HttpError::Malformed(why)) => {
-                        // The body's end is unknown: answer, then close the connection.
-                        tracing::debug!(shard = host.shard_id(), %why, "polling POST refused");
-                        break 'answer reject(HandshakeError::BadRequest);
-                    }
-                    Err(_) => return Next::Done,
-                }
-            }
+                Posted::Gone => return Next::Done,
+            },
             _ => reject(HandshakeError::BadHandshakeMethod),
         }
     };
@@ -391,6 +351,67 @@ async fn engineio_request<H: Host>(
         return Next::Done;
     }
     Next::Http(stream, buf)
+}
+
+/// A polling GET: waits for packets, watching the connection. A client that gives up on
+/// its GET ends the session (as Engine.IO does): `None`.
+async fn poll_get<H: Host>(
+    host: &H,
+    session: &Rc<Session>,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Option<polling::PollAnswer> {
+    let get = std::pin::pin!(polling::get(host, session).instrument(session.span.clone()));
+    let gone = std::pin::pin!(client_gone(stream, buf));
+    match futures::future::select(get, gone).await {
+        futures::future::Either::Left((a, _)) => Some(a),
+        futures::future::Either::Right(_) => {
+            host.end_session(session, CloseReason::Gone);
+            None
+        }
+    }
+}
+
+/// What came of a polling POST.
+enum Posted {
+    /// The packets were handled: this is the answer.
+    Answer(polling::PollAnswer),
+    /// The body's framing or coding is malformed (400; its end is unknown).
+    Bad,
+    /// The body is over `engineio.max_payload`: the session is ended (413).
+    TooLarge,
+    /// The connection closed before the body's end.
+    Gone,
+}
+
+/// A polling POST: reads the body (`Content-Length` or chunked) and hands its packets up.
+async fn poll_post<H: Host>(
+    host: &H,
+    session: &Rc<Session>,
+    req: &Request,
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Posted {
+    let framing = match req.body_framing() {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::debug!(shard = host.shard_id(), error = %e, "polling POST refused");
+            return Posted::Bad;
+        }
+    };
+    let max = host.ctx().config.engineio.max_payload;
+    match http::read_framed_body(stream, buf, framing, max).await {
+        Ok(body) => Posted::Answer(session.span.in_scope(|| polling::post(host, session, body))),
+        Err(HttpError::BodyTooLarge) => {
+            host.end_session(session, CloseReason::Gone);
+            Posted::TooLarge
+        }
+        Err(HttpError::Malformed(why)) => {
+            tracing::debug!(shard = host.shard_id(), %why, "polling POST refused");
+            Posted::Bad
+        }
+        Err(_) => Posted::Gone,
+    }
 }
 
 /// Resolves when the client closes its side of the connection. Bytes that arrive
