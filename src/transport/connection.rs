@@ -201,22 +201,19 @@ async fn engineio_request<H: Host>(
         respond_with(status, content_type, "", body, keep_alive)
     };
     if req.method == "OPTIONS" {
-        let preflight = if cors.is_empty() {
-            String::new()
-        } else {
-            format!(
-                "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\nAccess-Control-Allow-Headers: {}\r\nAccess-Control-Max-Age: 86400\r\n",
-                req.header("access-control-request-headers").unwrap_or("content-type")
-            )
-        };
-        let resp = respond_with(204, "text/plain", &preflight, b"", req.keep_alive());
+        let resp = respond_with(
+            204,
+            "text/plain",
+            &preflight(&cors, &req),
+            b"",
+            req.keep_alive(),
+        );
         if stream.write_all(&resp).await.is_err() || !req.keep_alive() {
             return Next::Done;
         }
         return Next::Http(stream, buf);
     }
     let reject = |e: HandshakeError| (400u16, "application/json", e.body().into_bytes());
-    let eio = &host.ctx().config.engineio;
 
     let outcome: (u16, &str, Vec<u8>) = 'answer: {
         if req.query_param("EIO").as_deref() != Some("4") {
@@ -238,17 +235,7 @@ async fn engineio_request<H: Host>(
             }
             if let Err(retry) = admit_source(host, &stream) {
                 ShardMetrics::inc(&host.stats().connect_rate_limited);
-                let resp = respond_with(
-                    429,
-                    "application/json",
-                    &format!("Retry-After: {}\r\n", retry.secs()),
-                    &engineio::error_body(
-                        HandshakeError::Forbidden,
-                        "Too many new connections from this address; retry later",
-                    ),
-                    false,
-                );
-                let _ = stream.write_all(&resp).await;
+                let _ = stream.write_all(&too_many_sessions(retry, &cors)).await;
                 return Next::Done;
             }
             if transport == Transport::WebSocket {
@@ -265,15 +252,7 @@ async fn engineio_request<H: Host>(
                     None => break 'answer reject(HandshakeError::BadRequest),
                 }
             }
-            let session = host.open_session(Transport::Polling);
-            host.handler().on_open(host, &session, &req.path);
-            let open = engineio::encode_open(&OpenPayload {
-                sid: &session.sid,
-                upgrades: &["websocket"],
-                ping_interval: eio.ping_interval,
-                ping_timeout: eio.ping_timeout,
-                max_payload: eio.max_payload,
-            });
+            let open = open_polling_session(host, &req.path);
             break 'answer (200, "text/plain; charset=UTF-8", open);
         };
         // An existing session: is it ours?
@@ -303,10 +282,7 @@ async fn engineio_request<H: Host>(
                 let Some(key) = websocket_key(&req) else {
                     break 'answer reject(HandshakeError::BadRequest);
                 };
-                let mut refused = websocket::upgrade_response(&key);
-                refused.extend_from_slice(&websocket::close_frame(websocket::close_code::NORMAL));
-                let _ = stream.write_all(&refused).await;
-                let _ = stream.flush().await;
+                accept_and_close(&mut stream, &key).await;
                 return Next::Done;
             }
             match websocket_key(&req) {
@@ -351,6 +327,55 @@ async fn engineio_request<H: Host>(
         return Next::Done;
     }
     Next::Http(stream, buf)
+}
+
+/// The CORS preflight's headers (none unless the origin is allowed).
+fn preflight(cors: &str, req: &Request) -> String {
+    if cors.is_empty() {
+        return String::new();
+    }
+    format!(
+        "Access-Control-Allow-Methods: GET, POST, OPTIONS\r\nAccess-Control-Allow-Headers: {}\r\nAccess-Control-Max-Age: 86400\r\n",
+        req.header("access-control-request-headers").unwrap_or("content-type")
+    )
+}
+
+/// The 429 for a new session past its source address's rate, with `Retry-After`.
+fn too_many_sessions(retry: RetryAfter, cors: &str) -> Vec<u8> {
+    http::response_with_headers(
+        429,
+        "application/json",
+        &[&format!("Retry-After: {}\r\n", retry.secs()), cors],
+        &engineio::error_body(
+            HandshakeError::Forbidden,
+            "Too many new connections from this address; retry later",
+        ),
+        false,
+    )
+}
+
+/// Opens a polling session: registered, told to the handler, answered with the open packet.
+fn open_polling_session<H: Host>(host: &H, path: &str) -> Vec<u8> {
+    let eio = &host.ctx().config.engineio;
+    let session = host.open_session(Transport::Polling);
+    host.handler().on_open(host, &session, path);
+    engineio::encode_open(&OpenPayload {
+        sid: &session.sid,
+        upgrades: &["websocket"],
+        ping_interval: eio.ping_interval,
+        ping_timeout: eio.ping_timeout,
+        max_payload: eio.max_payload,
+    })
+}
+
+/// Another WebSocket for a session that is upgrading or upgraded: like the reference
+/// server, complete the handshake and close that new socket (1000); the session's own
+/// transport goes on.
+async fn accept_and_close(stream: &mut TcpStream, key: &str) {
+    let mut refused = websocket::upgrade_response(key);
+    refused.extend_from_slice(&websocket::close_frame(websocket::close_code::NORMAL));
+    let _ = stream.write_all(&refused).await;
+    let _ = stream.flush().await;
 }
 
 /// A polling GET: waits for packets, watching the connection. A client that gives up on
