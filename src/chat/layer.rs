@@ -6,6 +6,9 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
 
 use super::home::{Home, Mesh};
 use super::member::{ConnRef, Member};
@@ -111,6 +114,73 @@ impl Chat {
         self.send(owner, ShardMsg::Users(cmd));
     }
 
+    /// A room event for this shard's members of `room`, encoded once (a full WebSocket
+    /// frame): each member's queue gets the same bytes, but the sender's.
+    fn deliver(
+        &self,
+        room: &Arc<str>,
+        frame: &Bytes,
+        except: Option<ConnRef>,
+        volatile: bool,
+        sent_at: Instant,
+    ) {
+        let rooms = self.local_rooms.borrow();
+        let Some(members) = rooms.get(room) else {
+            return;
+        };
+        let stats = self.stats();
+        let mut delivered = 0u64;
+        for m in members {
+            if except == Some(m.conn_ref(self.id)) {
+                continue;
+            }
+            match m.session().push(frame.clone(), volatile) {
+                Queued::Yes => delivered += 1,
+                Queued::Dropped => ShardMetrics::inc(&stats.typing_dropped),
+                Queued::Overflow => ShardMetrics::inc(&stats.slow_consumer_closes),
+                Queued::Closed => {}
+            }
+        }
+        stats
+            .messages_out
+            .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+        stats.observe_fanout(sent_at.elapsed());
+    }
+
+    /// The home answered a join: if admitted, the member joins the delivery list; the ack
+    /// goes out either way (none when the client asked for none).
+    fn joined(&self, room: Arc<str>, conn: u64, frame: Bytes, admitted: bool) {
+        let Some(member) = self.member(conn) else {
+            if admitted {
+                // The connection ended while its join was on the way.
+                let conn = ConnRef {
+                    shard: self.id,
+                    id: conn,
+                };
+                self.to_home(
+                    &room,
+                    HomeCmd::Leave {
+                        room: room.clone(),
+                        conn,
+                        ack_id: None,
+                    },
+                );
+            }
+            return;
+        };
+        let was_joining = member.finish_joining(&room, admitted);
+        if admitted && was_joining {
+            self.local_rooms
+                .borrow_mut()
+                .entry(room)
+                .or_default()
+                .push(member.clone());
+        }
+        if !frame.is_empty() && member.session().push(frame, false) == Queued::Overflow {
+            ShardMetrics::inc(&self.stats().slow_consumer_closes);
+        }
+    }
+
     /// Handles a request about a user's connection count (this shard owns the user).
     pub fn handle_users(&self, cmd: UserCmd) {
         match cmd {
@@ -150,29 +220,7 @@ impl Chat {
                 except,
                 volatile,
                 sent_at,
-            } => {
-                let rooms = self.local_rooms.borrow();
-                let Some(members) = rooms.get(&room) else {
-                    return;
-                };
-                let stats = self.stats();
-                let mut delivered = 0u64;
-                for m in members {
-                    if except == Some(m.conn_ref(self.id)) {
-                        continue;
-                    }
-                    match m.session().push(frame.clone(), volatile) {
-                        Queued::Yes => delivered += 1,
-                        Queued::Dropped => ShardMetrics::inc(&stats.typing_dropped),
-                        Queued::Overflow => ShardMetrics::inc(&stats.slow_consumer_closes),
-                        Queued::Closed => {}
-                    }
-                }
-                stats
-                    .messages_out
-                    .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
-                stats.observe_fanout(sent_at.elapsed());
-            }
+            } => self.deliver(&room, &frame, except, volatile, sent_at),
             MemberMsg::Reply { conn, frame } => {
                 if let Some(m) = self.member(conn) {
                     if m.session().push(frame, false) == Queued::Overflow {
@@ -206,37 +254,7 @@ impl Chat {
                 conn,
                 frame,
                 admitted,
-            } => {
-                let Some(member) = self.member(conn) else {
-                    if admitted {
-                        // The connection ended while its join was on the way.
-                        let conn = ConnRef {
-                            shard: self.id,
-                            id: conn,
-                        };
-                        self.to_home(
-                            &room,
-                            HomeCmd::Leave {
-                                room: room.clone(),
-                                conn,
-                                ack_id: None,
-                            },
-                        );
-                    }
-                    return;
-                };
-                let was_joining = member.finish_joining(&room, admitted);
-                if admitted && was_joining {
-                    self.local_rooms
-                        .borrow_mut()
-                        .entry(room)
-                        .or_default()
-                        .push(member.clone());
-                }
-                if !frame.is_empty() && member.session().push(frame, false) == Queued::Overflow {
-                    ShardMetrics::inc(&self.stats().slow_consumer_closes);
-                }
-            }
+            } => self.joined(room, conn, frame, admitted),
         }
     }
 
