@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 use corelay::auth::Authenticator;
 use corelay::config::{Config, HumanDuration, LogFormat, StoreKind};
@@ -29,72 +29,84 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
-    Serve {
-        /// TOML configuration file.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Address to listen on (default 127.0.0.1:8080).
-        #[arg(long)]
-        listen: Option<SocketAddr>,
-        /// Shards to run (default: one per core).
-        #[arg(long)]
-        shards: Option<usize>,
-        /// Let the kernel place the shards instead of pinning shard i to core i (for hosts
-        /// where other busy processes share the cores).
-        #[arg(long)]
-        no_pin: bool,
-        /// Directory of the embedded store (default ./data).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Redis URL: joins a cluster of corelay hosts.
-        #[arg(long)]
-        redis: Option<String>,
-        /// History store.
-        #[arg(long, value_enum)]
-        store: Option<StoreKind>,
-        /// Test only: behave like the Socket.IO reference test server (ping 300/200 ms,
-        /// CORS *, echo events, raw Engine.IO echo at /engine.io/).
-        #[arg(long)]
-        conformance: bool,
-    },
+    Serve(ServeArgs),
     /// Reach Redis (PING, a pub/sub round trip) and open the configured store; exit 0 or
     /// say what is wrong.
-    Check {
-        /// TOML configuration file.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Redis URL (overrides redis.url).
-        #[arg(long)]
-        redis: Option<String>,
-        /// History store (overrides store.kind).
-        #[arg(long, value_enum)]
-        store: Option<StoreKind>,
-    },
+    Check(CheckArgs),
     /// Mint a JWT with the configured secret (for tests and operations).
-    Token {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// The user id (`sub`).
-        #[arg(long)]
-        sub: String,
-        /// Display name (`name`).
-        #[arg(long)]
-        name: Option<String>,
-        /// Rooms the user may join, comma-separated; `x*` is a prefix, `*` every room.
-        #[arg(long)]
-        rooms: Option<String>,
-        /// Mint a room token for this room instead (`join {token}`).
-        #[arg(long)]
-        room: Option<String>,
-        /// Lifetime, e.g. 30m, 1h, 7d.
-        #[arg(long, default_value = "1h")]
-        ttl: String,
-    },
+    Token(TokenArgs),
     /// The ScyllaDB schema (deploy/scylla/schema.cql) for `store = "scylla"`.
     Schema {
         #[command(subcommand)]
         action: SchemaAction,
     },
+}
+
+// The flags of `serve` (no doc comment here: clap would take it for the command's about).
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:8080).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Shards to run (default: one per core).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Let the kernel place the shards instead of pinning shard i to core i (for hosts
+    /// where other busy processes share the cores).
+    #[arg(long)]
+    no_pin: bool,
+    /// Directory of the embedded store (default ./data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Redis URL: joins a cluster of corelay hosts.
+    #[arg(long)]
+    redis: Option<String>,
+    /// History store.
+    #[arg(long, value_enum)]
+    store: Option<StoreKind>,
+    /// Test only: behave like the Socket.IO reference test server (ping 300/200 ms,
+    /// CORS *, echo events, raw Engine.IO echo at /engine.io/).
+    #[arg(long)]
+    conformance: bool,
+}
+
+// The flags of `check`.
+#[derive(Args)]
+struct CheckArgs {
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Redis URL (overrides redis.url).
+    #[arg(long)]
+    redis: Option<String>,
+    /// History store (overrides store.kind).
+    #[arg(long, value_enum)]
+    store: Option<StoreKind>,
+}
+
+// The flags of `token`.
+#[derive(Args)]
+struct TokenArgs {
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The user id (`sub`).
+    #[arg(long)]
+    sub: String,
+    /// Display name (`name`).
+    #[arg(long)]
+    name: Option<String>,
+    /// Rooms the user may join, comma-separated; `x*` is a prefix, `*` every room.
+    #[arg(long)]
+    rooms: Option<String>,
+    /// Mint a room token for this room instead (`join {token}`).
+    #[arg(long)]
+    room: Option<String>,
+    /// Lifetime, e.g. 30m, 1h, 7d.
+    #[arg(long, default_value = "1h")]
+    ttl: String,
 }
 
 #[derive(Subcommand)]
@@ -131,106 +143,122 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve {
-            config,
-            listen,
-            shards,
-            no_pin,
-            data_dir,
-            redis,
-            store,
-            conformance,
-        } => {
-            let mut cfg = Config::load(config.as_deref())?;
-            if let Some(v) = listen {
-                cfg.server.listen = v;
-            }
-            if let Some(v) = shards {
-                cfg.server.shards = Some(v);
-            }
-            if no_pin {
-                cfg.server.pin_shards = false;
-            }
-            if let Some(v) = data_dir {
-                cfg.server.data_dir = v;
-            }
-            if let Some(v) = redis {
-                cfg.redis.url = Some(v);
-            }
-            if let Some(v) = store {
-                cfg.store.kind = v;
-            }
-            if conformance {
-                cfg.enable_conformance();
-            }
-            seed_redis_url(&mut cfg)?;
-            cfg.validate()?;
-            init_logging(cfg.log.format);
-            corelay::server::run(cfg, |addr, shards| {
-                println!("listening on {addr} shards={shards}");
-                // systemd (Type=notify): ready once every shard accepts.
-                if let Err(e) = corelay::notify::notify("READY=1") {
-                    tracing::warn!(error = %e, "sd_notify READY failed");
-                }
-                tracing::info!(%addr, shards, "listening");
-            })?;
-            Ok(())
+        Command::Serve(args) => run_serve(args),
+        Command::Check(args) => run_check(args),
+        Command::Token(args) => run_token(args),
+        Command::Schema { action } => run_schema(action),
+    }
+}
+
+/// `corelay serve`: the configuration with the flags written over it, then the server.
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        config,
+        listen,
+        shards,
+        no_pin,
+        data_dir,
+        redis,
+        store,
+        conformance,
+    } = args;
+    let mut cfg = Config::load(config.as_deref())?;
+    if let Some(v) = listen {
+        cfg.server.listen = v;
+    }
+    if let Some(v) = shards {
+        cfg.server.shards = Some(v);
+    }
+    if no_pin {
+        cfg.server.pin_shards = false;
+    }
+    if let Some(v) = data_dir {
+        cfg.server.data_dir = v;
+    }
+    if let Some(v) = redis {
+        cfg.redis.url = Some(v);
+    }
+    if let Some(v) = store {
+        cfg.store.kind = v;
+    }
+    if conformance {
+        cfg.enable_conformance();
+    }
+    seed_redis_url(&mut cfg)?;
+    cfg.validate()?;
+    init_logging(cfg.log.format);
+    corelay::server::run(cfg, |addr, shards| {
+        println!("listening on {addr} shards={shards}");
+        // systemd (Type=notify): ready once every shard accepts.
+        if let Err(e) = corelay::notify::notify("READY=1") {
+            tracing::warn!(error = %e, "sd_notify READY failed");
         }
-        Command::Check {
-            config,
-            redis,
-            store,
-        } => {
-            let mut cfg = Config::load(config.as_deref())?;
-            if let Some(v) = redis {
-                cfg.redis.url = Some(v);
-            }
-            if let Some(v) = store {
-                cfg.store.kind = v;
-            }
-            seed_redis_url(&mut cfg)?;
-            cfg.validate()?;
-            check(&cfg)
+        tracing::info!(%addr, shards, "listening");
+    })?;
+    Ok(())
+}
+
+/// `corelay check`: the configuration with the flags written over it, then [`check`].
+fn run_check(args: CheckArgs) -> anyhow::Result<()> {
+    let CheckArgs {
+        config,
+        redis,
+        store,
+    } = args;
+    let mut cfg = Config::load(config.as_deref())?;
+    if let Some(v) = redis {
+        cfg.redis.url = Some(v);
+    }
+    if let Some(v) = store {
+        cfg.store.kind = v;
+    }
+    seed_redis_url(&mut cfg)?;
+    cfg.validate()?;
+    check(&cfg)
+}
+
+/// `corelay token`: a user token (or a room token, with `--room`) on stdout.
+fn run_token(args: TokenArgs) -> anyhow::Result<()> {
+    let TokenArgs {
+        config,
+        sub,
+        name,
+        rooms,
+        room,
+        ttl,
+    } = args;
+    let cfg = Config::load(config.as_deref())?;
+    let Some(secret) = cfg.auth.jwt_secret.as_deref() else {
+        bail!("no secret: set CORELAY_JWT_SECRET or auth.jwt_secret to mint tokens");
+    };
+    let ttl = HumanDuration::parse(&ttl)
+        .map_err(anyhow::Error::msg)?
+        .0
+        .as_secs();
+    let auth = Authenticator::new(Some(secret));
+    let token = match room {
+        Some(room) => auth.mint_room_token(&sub, &room, ttl),
+        None => {
+            let rooms: Option<Vec<String>> = rooms.map(|r| {
+                r.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            });
+            auth.mint(&sub, name.as_deref(), rooms.as_deref(), ttl)
         }
-        Command::Token {
+    }
+    .context("cannot mint token")?;
+    println!("{token}");
+    Ok(())
+}
+
+/// `corelay schema print` and `corelay schema apply`.
+fn run_schema(action: SchemaAction) -> anyhow::Result<()> {
+    match action {
+        SchemaAction::Print {
             config,
-            sub,
-            name,
-            rooms,
-            room,
-            ttl,
-        } => {
-            let cfg = Config::load(config.as_deref())?;
-            let Some(secret) = cfg.auth.jwt_secret.as_deref() else {
-                bail!("no secret: set CORELAY_JWT_SECRET or auth.jwt_secret to mint tokens");
-            };
-            let ttl = HumanDuration::parse(&ttl)
-                .map_err(anyhow::Error::msg)?
-                .0
-                .as_secs();
-            let auth = Authenticator::new(Some(secret));
-            let token = match room {
-                Some(room) => auth.mint_room_token(&sub, &room, ttl),
-                None => {
-                    let rooms: Option<Vec<String>> = rooms.map(|r| {
-                        r.split(',')
-                            .map(|s| s.trim().to_string())
-                            .filter(|s| !s.is_empty())
-                            .collect()
-                    });
-                    auth.mint(&sub, name.as_deref(), rooms.as_deref(), ttl)
-                }
-            }
-            .context("cannot mint token")?;
-            println!("{token}");
-            Ok(())
-        }
-        Command::Schema {
-            action:
-                SchemaAction::Print {
-                    config,
-                    replication_factor,
-                },
+            replication_factor,
         } => {
             let cfg = Config::load(config.as_deref())?;
             let cql =
@@ -238,12 +266,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{cql}");
             Ok(())
         }
-        Command::Schema {
-            action:
-                SchemaAction::Apply {
-                    config,
-                    replication_factor,
-                },
+        SchemaAction::Apply {
+            config,
+            replication_factor,
         } => {
             let cfg = Config::load(config.as_deref())?;
             init_logging(cfg.log.format);

@@ -130,89 +130,26 @@ impl Metrics {
     /// The Prometheus text exposition (version 0.0.4).
     pub fn render_prometheus(&self, store_ok: bool) -> String {
         let mut out = String::with_capacity(4096);
-        let per_shard: [(&str, &str, &str, CounterOf); 13] = [
-            ("corelay_connections", "gauge", "Open connections.", |s| {
-                &s.connections
-            }),
-            (
-                "corelay_connections_total",
-                "counter",
-                "Connections accepted.",
-                |s| &s.connections_total,
-            ),
-            (
-                "corelay_connections_moved_total",
-                "counter",
-                "WebSocket connections moved here, the home shard of the first room they joined.",
-                |s| &s.connections_moved_in,
-            ),
-            (
-                "corelay_rooms",
-                "gauge",
-                "Rooms loaded on their home shard.",
-                |s| &s.home_rooms,
-            ),
-            (
-                "corelay_messages_in_total",
-                "counter",
-                "Chat messages accepted.",
-                |s| &s.messages_in,
-            ),
-            (
-                "corelay_messages_out_total",
-                "counter",
-                "Room events queued to recipients.",
-                |s| &s.messages_out,
-            ),
-            (
-                "corelay_queue_drops_total",
-                "counter",
-                "Typing events dropped from full outbound queues.",
-                |s| &s.typing_dropped,
-            ),
-            (
-                "corelay_slow_consumer_closes_total",
-                "counter",
-                "Connections closed for overflowing their outbound queue.",
-                |s| &s.slow_consumer_closes,
-            ),
-            (
-                "corelay_mesh_refusals_total",
-                "counter",
-                "Sends, joins, typing and presence requests refused because the queue toward their room's home shard was full (limits.mesh_outbox).",
-                |s| &s.mesh_refusals,
-            ),
-            (
-                "corelay_store_errors_total",
-                "counter",
-                "History store operations that failed.",
-                |s| &s.store_errors,
-            ),
-            (
-                "corelay_connect_rate_limited_total",
-                "counter",
-                "New sessions refused with HTTP 429: their source address opened sessions faster than limits.connect_rate_per_ip.",
-                |s| &s.connect_rate_limited,
-            ),
-            (
-                "corelay_redis_link_down",
-                "gauge",
-                "1 while the shard's link to Redis is down (cluster mode).",
-                |s| &s.redis_link_down,
-            ),
-            (
-                "corelay_user_limit_refusals_total",
-                "counter",
-                "Socket.IO CONNECTs refused with too_many_connections: the user already held limits.max_connections_per_user.",
-                |s| &s.user_limit_refusals,
-            ),
-        ];
-        for (name, kind, help, get) in per_shard {
+        self.render_per_shard(&mut out);
+        self.render_protocol_errors(&mut out);
+        self.render_fanout(&mut out);
+        let _ = writeln!(out, "# HELP corelay_store_up Whether the history store answered its last operation.\n# TYPE corelay_store_up gauge\ncorelay_store_up {}", u8::from(store_ok));
+        let _ = writeln!(out, "# HELP corelay_redis_connected Whether Redis is connected (0 on a single host).\n# TYPE corelay_redis_connected gauge\ncorelay_redis_connected {}", u8::from(self.redis.get().is_some_and(|c| c.is_connected())));
+        out
+    }
+
+    /// The counters kept per shard, one sample per shard each.
+    fn render_per_shard(&self, out: &mut String) {
+        for (name, kind, help, get) in PER_SHARD {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (i, s) in self.shards.iter().enumerate() {
                 let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(s).load(Relaxed));
             }
         }
+    }
+
+    /// Protocol errors, summed over shards.
+    fn render_protocol_errors(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP corelay_protocol_errors_total Connections closed for invalid packets.\n# TYPE corelay_protocol_errors_total counter");
         let errors: u64 = self
             .shards
@@ -220,7 +157,10 @@ impl Metrics {
             .map(|s| s.protocol_errors.load(Relaxed))
             .sum();
         let _ = writeln!(out, "corelay_protocol_errors_total {errors}");
+    }
 
+    /// The fan-out latency histogram, summed over shards.
+    fn render_fanout(&self, out: &mut String) {
         let name = "corelay_fanout_latency_seconds";
         let _ = writeln!(out, "# HELP {name} Time from a message's home shard to its recipients' queues.\n# TYPE {name} histogram");
         for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
@@ -244,12 +184,87 @@ impl Metrics {
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(out, "{name}_sum {}", sum_ns as f64 / 1e9);
         let _ = writeln!(out, "{name}_count {count}");
-
-        let _ = writeln!(out, "# HELP corelay_store_up Whether the history store answered its last operation.\n# TYPE corelay_store_up gauge\ncorelay_store_up {}", u8::from(store_ok));
-        let _ = writeln!(out, "# HELP corelay_redis_connected Whether Redis is connected (0 on a single host).\n# TYPE corelay_redis_connected gauge\ncorelay_redis_connected {}", u8::from(self.redis.get().is_some_and(|c| c.is_connected())));
-        out
     }
 }
+
+/// The counters rendered per shard: name, type, help, and where a shard keeps it.
+const PER_SHARD: [(&str, &str, &str, CounterOf); 13] = [
+        ("corelay_connections", "gauge", "Open connections.", |s| {
+            &s.connections
+        }),
+        (
+            "corelay_connections_total",
+            "counter",
+            "Connections accepted.",
+            |s| &s.connections_total,
+        ),
+        (
+            "corelay_connections_moved_total",
+            "counter",
+            "WebSocket connections moved here, the home shard of the first room they joined.",
+            |s| &s.connections_moved_in,
+        ),
+        (
+            "corelay_rooms",
+            "gauge",
+            "Rooms loaded on their home shard.",
+            |s| &s.home_rooms,
+        ),
+        (
+            "corelay_messages_in_total",
+            "counter",
+            "Chat messages accepted.",
+            |s| &s.messages_in,
+        ),
+        (
+            "corelay_messages_out_total",
+            "counter",
+            "Room events queued to recipients.",
+            |s| &s.messages_out,
+        ),
+        (
+            "corelay_queue_drops_total",
+            "counter",
+            "Typing events dropped from full outbound queues.",
+            |s| &s.typing_dropped,
+        ),
+        (
+            "corelay_slow_consumer_closes_total",
+            "counter",
+            "Connections closed for overflowing their outbound queue.",
+            |s| &s.slow_consumer_closes,
+        ),
+        (
+            "corelay_mesh_refusals_total",
+            "counter",
+            "Sends, joins, typing and presence requests refused because the queue toward their room's home shard was full (limits.mesh_outbox).",
+            |s| &s.mesh_refusals,
+        ),
+        (
+            "corelay_store_errors_total",
+            "counter",
+            "History store operations that failed.",
+            |s| &s.store_errors,
+        ),
+        (
+            "corelay_connect_rate_limited_total",
+            "counter",
+            "New sessions refused with HTTP 429: their source address opened sessions faster than limits.connect_rate_per_ip.",
+            |s| &s.connect_rate_limited,
+        ),
+        (
+            "corelay_redis_link_down",
+            "gauge",
+            "1 while the shard's link to Redis is down (cluster mode).",
+            |s| &s.redis_link_down,
+        ),
+        (
+            "corelay_user_limit_refusals_total",
+            "counter",
+            "Socket.IO CONNECTs refused with too_many_connections: the user already held limits.max_connections_per_user.",
+            |s| &s.user_limit_refusals,
+        ),
+];
 
 #[cfg(test)]
 mod tests {

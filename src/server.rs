@@ -82,72 +82,11 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         tracing::warn!("dev mode: no JWT secret set; clients connect as {{\"user\":\"name\"}} and may join every room");
     }
     runtime::check_io_uring()?;
-    let cluster = match RedisOptions::from_config(&config) {
-        None => None,
-        Some(options) => {
-            match config.store.kind {
-                StoreKind::Redis | StoreKind::Scylla => {}
-                StoreKind::Embedded => return Err(ServeError::EmbeddedInCluster),
-                StoreKind::Memory => return Err(ServeError::MemoryInCluster),
-            }
-            let url = options.redacted_url();
-            let (cluster, down) =
-                RedisCluster::connect_or_retry_blocking(options).map_err(|error| {
-                    ServeError::Redis {
-                        url: url.clone(),
-                        error,
-                    }
-                })?;
-            match down {
-                None => {
-                    tracing::info!(host = cluster.host_id(), %url, "cluster mode: connected to redis")
-                }
-                // Serve anyway, as after losing Redis mid-run: the link keeps reconnecting.
-                Some(e) => tracing::warn!(
-                    host = cluster.host_id(),
-                    %url,
-                    error = %e,
-                    "cluster mode: cannot reach redis at {url} yet; serving degraded (sends get \
-                     `unavailable`, /healthz says degraded) and reconnecting with backoff"
-                ),
-            }
-            Some(cluster)
-        }
-    };
-    let store = match config.store.kind {
-        StoreKind::Memory => Store::memory(),
-        StoreKind::Embedded => {
-            Store::open_embedded(&config.server.data_dir, config.store.durability)?
-        }
-        // Its errors already say what is wrong ("cannot reach ScyllaDB at [nodes]: …",
-        // "… run `corelay schema apply`", a bucket_size mismatch).
-        StoreKind::Scylla => match (&cluster, Store::open_scylla(&config.scylla)?) {
-            // In a cluster Redis assigns the offsets and keeps the recent window; ScyllaDB
-            // keeps everything (see store::cluster).
-            (Some(c), Store::Scylla(durable)) => Store::cluster(c, durable),
-            (_, store) => store,
-        },
-        StoreKind::Redis => match &cluster {
-            Some(c) => Store::redis(c),
-            None => return Err(ServeError::RedisStoreWithoutRedis),
-        },
-    };
+    let cluster = connect_cluster(&config)?;
+    let store = open_store(&config, cluster.as_ref())?;
     let shards = config.shard_count();
     let (addr, fds) = runtime::bind_listeners(config.server.listen, shards)?;
-    let mut prefix = [0u8; 4];
-    crate::ids::random_bytes(&mut prefix);
-    let connect_limiter = crate::connect_limit::ConnectLimiter::new(
-        config.limits.connect_rate_per_ip,
-        config.limits.connect_burst_per_ip,
-    );
-    let ctx = Arc::new(Context {
-        metrics: Arc::new(Metrics::new(shards)),
-        connect_limiter,
-        auth,
-        config,
-        id_prefix: u32::from_ne_bytes(prefix),
-        draining: AtomicBool::new(false),
-    });
+    let ctx = Arc::new(context(config, auth, shards));
     if let Some(c) = &cluster {
         let _ = ctx.metrics.redis.set(c.clone());
     }
@@ -160,4 +99,79 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         c.close();
     }
     Ok(result?)
+}
+
+/// Cluster mode (`redis.url` set): the link to Redis, once the store kind is one a cluster
+/// can share. A Redis that cannot be reached yet is logged, not an error; `None` on a
+/// single host.
+fn connect_cluster(config: &Config) -> Result<Option<RedisCluster>, ServeError> {
+    let Some(options) = RedisOptions::from_config(config) else {
+        return Ok(None);
+    };
+    match config.store.kind {
+        StoreKind::Redis | StoreKind::Scylla => {}
+        StoreKind::Embedded => return Err(ServeError::EmbeddedInCluster),
+        StoreKind::Memory => return Err(ServeError::MemoryInCluster),
+    }
+    let url = options.redacted_url();
+    let (cluster, down) =
+        RedisCluster::connect_or_retry_blocking(options).map_err(|error| ServeError::Redis {
+            url: url.clone(),
+            error,
+        })?;
+    match down {
+        None => {
+            tracing::info!(host = cluster.host_id(), %url, "cluster mode: connected to redis")
+        }
+        // Serve anyway, as after losing Redis mid-run: the link keeps reconnecting.
+        Some(e) => tracing::warn!(
+            host = cluster.host_id(),
+            %url,
+            error = %e,
+            "cluster mode: cannot reach redis at {url} yet; serving degraded (sends get \
+             `unavailable`, /healthz says degraded) and reconnecting with backoff"
+        ),
+    }
+    Ok(Some(cluster))
+}
+
+/// The history store `store.kind` names (in cluster mode, through `cluster`).
+fn open_store(config: &Config, cluster: Option<&RedisCluster>) -> Result<Store, ServeError> {
+    Ok(match config.store.kind {
+        StoreKind::Memory => Store::memory(),
+        StoreKind::Embedded => {
+            Store::open_embedded(&config.server.data_dir, config.store.durability)?
+        }
+        // Its errors already say what is wrong ("cannot reach ScyllaDB at [nodes]: …",
+        // "… run `corelay schema apply`", a bucket_size mismatch).
+        StoreKind::Scylla => match (cluster, Store::open_scylla(&config.scylla)?) {
+            // In a cluster Redis assigns the offsets and keeps the recent window; ScyllaDB
+            // keeps everything (see store::cluster).
+            (Some(c), Store::Scylla(durable)) => Store::cluster(c, durable),
+            (_, store) => store,
+        },
+        StoreKind::Redis => match cluster {
+            Some(c) => Store::redis(c),
+            None => return Err(ServeError::RedisStoreWithoutRedis),
+        },
+    })
+}
+
+/// What every shard shares: the configuration, counters for `shards` shards, the
+/// authenticator, the connect limiter, this process's message id prefix.
+fn context(config: Config, auth: Authenticator, shards: usize) -> Context {
+    let mut prefix = [0u8; 4];
+    crate::ids::random_bytes(&mut prefix);
+    let connect_limiter = crate::connect_limit::ConnectLimiter::new(
+        config.limits.connect_rate_per_ip,
+        config.limits.connect_burst_per_ip,
+    );
+    Context {
+        metrics: Arc::new(Metrics::new(shards)),
+        connect_limiter,
+        auth,
+        config,
+        id_prefix: u32::from_ne_bytes(prefix),
+        draining: AtomicBool::new(false),
+    }
 }

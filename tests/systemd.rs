@@ -280,7 +280,7 @@ fn sample_keys(text: &str) -> BTreeMap<String, BTreeSet<String>> {
 
 /// The keys a configuration section accepts (`None`: the sections), read from the
 /// configuration's own "unknown field" error, which lists them all, so keys added to
-/// src/config.rs are noticed here.
+/// src/config/ are noticed here.
 fn accepted_keys(section: Option<&str>) -> BTreeSet<String> {
     let probe = match section {
         Some(section) => format!("[{section}]\n__probe__ = 1\n"),
@@ -346,7 +346,7 @@ fn sample_config_shows_the_real_defaults() {
     assert_eq!(
         format!("{loaded:#?}"),
         format!("{expected:#?}"),
-        "deploy/corelay.toml must show the defaults of src/config.rs"
+        "deploy/corelay.toml must show the defaults of src/config/"
     );
     assert!(
         loaded.redis.url.is_none(),

@@ -4,6 +4,7 @@
 use std::io::Write;
 
 use simd_json::prelude::*;
+use simd_json::value::borrowed::Object;
 use simd_json::BorrowedValue;
 
 use crate::protocol::socketio::write_json_str;
@@ -141,6 +142,8 @@ pub fn parse_event(data: &mut [u8], limits: PayloadLimits) -> Result<Parsed, Inv
     })
 }
 
+/// The request an event names, from its payload object; an unknown event or a bad payload
+/// is the error to ack with.
 fn parse_request(
     name: &str,
     payload: Option<&BorrowedValue<'_>>,
@@ -156,8 +159,8 @@ fn parse_request(
     let obj = payload
         .and_then(|p| p.as_object())
         .ok_or_else(|| ChatError::bad(format!("{name} expects an object payload")))?;
-    let field = |k: &str| obj.get(k).filter(|v| !v.is_null());
-    let room = match field("room") {
+    let fields = Fields(obj);
+    let room = match fields.get("room") {
         Some(v) => v
             .as_str()
             .ok_or_else(|| ChatError::bad("room must be a string"))?,
@@ -165,82 +168,108 @@ fn parse_request(
     };
     validate_room(room)?;
     let room = room.to_string();
-    let opt_u64 = |k: &str| -> Result<Option<u64>, ChatError> {
-        match field(k) {
+
+    Ok(match name {
+        "join" => ChatRequest::Join {
+            room,
+            since: fields.opt_u64("since")?,
+            token: fields.opt_str("token")?.map(crate::auth::Secret::new),
+        },
+        "leave" => ChatRequest::Leave { room },
+        "typing" => ChatRequest::Typing { room },
+        "presence" => ChatRequest::Presence { room },
+        "message" => parse_message(room, &fields, limits)?,
+        _ => parse_history(room, &fields)?, // "history"
+    })
+}
+
+/// A request's payload object, read field by field; a `null` field counts as absent.
+struct Fields<'a, 'v>(&'a Object<'v>);
+
+impl<'a, 'v> Fields<'a, 'v> {
+    /// Field `k`, unless absent or `null`.
+    fn get(&self, k: &str) -> Option<&'a BorrowedValue<'v>> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+
+    /// Field `k` as a non-negative integer, if given.
+    fn opt_u64(&self, k: &str) -> Result<Option<u64>, ChatError> {
+        match self.get(k) {
             None => Ok(None),
             Some(v) => v
                 .as_u64()
                 .map(Some)
                 .ok_or_else(|| ChatError::bad(format!("{k} must be a non-negative integer"))),
         }
-    };
-    let opt_str = |k: &str| -> Result<Option<&str>, ChatError> {
-        match field(k) {
+    }
+
+    /// Field `k` as a string, if given.
+    fn opt_str(&self, k: &str) -> Result<Option<&'a str>, ChatError> {
+        match self.get(k) {
             None => Ok(None),
             Some(v) => v
                 .as_str()
                 .map(Some)
                 .ok_or_else(|| ChatError::bad(format!("{k} must be a string"))),
         }
-    };
+    }
+}
 
-    Ok(match name {
-        "join" => ChatRequest::Join {
-            room,
-            since: opt_u64("since")?,
-            token: opt_str("token")?.map(crate::auth::Secret::new),
-        },
-        "leave" => ChatRequest::Leave { room },
-        "typing" => ChatRequest::Typing { room },
-        "presence" => ChatRequest::Presence { room },
-        "message" => {
-            let text = opt_str("text")?.ok_or_else(|| ChatError::bad("text is required"))?;
-            if text.len() > limits.max_text_bytes {
-                return Err(ChatError::new(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "text is {} bytes, the limit is {}",
-                        text.len(),
-                        limits.max_text_bytes
-                    ),
-                ));
-            }
-            let cid = opt_str("cid")?;
-            if let Some(c) = cid {
-                if c.is_empty() || c.len() > 64 {
-                    return Err(ChatError::bad("cid must be 1 to 64 bytes"));
-                }
-            }
-            ChatRequest::Message {
-                room,
-                text: text.to_string(),
-                cid: cid.map(str::to_string),
-            }
+/// `message {room, text, cid?}`: the text within `limits`, the cid 1 to 64 bytes.
+fn parse_message(
+    room: String,
+    fields: &Fields<'_, '_>,
+    limits: PayloadLimits,
+) -> Result<ChatRequest, ChatError> {
+    let text = fields
+        .opt_str("text")?
+        .ok_or_else(|| ChatError::bad("text is required"))?;
+    if text.len() > limits.max_text_bytes {
+        return Err(ChatError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "text is {} bytes, the limit is {}",
+                text.len(),
+                limits.max_text_bytes
+            ),
+        ));
+    }
+    let cid = fields.opt_str("cid")?;
+    if let Some(c) = cid {
+        if c.is_empty() || c.len() > 64 {
+            return Err(ChatError::bad("cid must be 1 to 64 bytes"));
         }
-        _ => {
-            // "history"
-            let before = opt_u64("before")?;
-            let after = opt_u64("after")?;
-            let limit = match field("limit") {
-                None => 50,
-                Some(v) => match v.as_i64() {
-                    Some(n) if n < 1 => return Err(ChatError::bad("limit must be at least 1")),
-                    Some(n) => (n as u64).min(100) as usize,
-                    None => match v.as_u64() {
-                        Some(_) => 100,
-                        None => return Err(ChatError::bad("limit must be an integer")),
-                    },
-                },
-            };
-            let query = match (before, after) {
-                (Some(_), Some(_)) => return Err(ChatError::bad("give before or after, not both")),
-                (Some(b), None) => HistoryQuery::Before(b),
-                (None, Some(a)) => HistoryQuery::After(a),
-                (None, None) => HistoryQuery::Latest,
-            };
-            ChatRequest::History { room, query, limit }
-        }
+    }
+    Ok(ChatRequest::Message {
+        room,
+        text: text.to_string(),
+        cid: cid.map(str::to_string),
     })
+}
+
+/// `history {room, before? | after?, limit?}`: at most one of `before` and `after`; the
+/// limit 50 by default, at least 1, capped at 100.
+fn parse_history(room: String, fields: &Fields<'_, '_>) -> Result<ChatRequest, ChatError> {
+    let before = fields.opt_u64("before")?;
+    let after = fields.opt_u64("after")?;
+    let limit = match fields.get("limit") {
+        None => 50,
+        Some(v) => match v.as_i64() {
+            Some(n) if n < 1 => return Err(ChatError::bad("limit must be at least 1")),
+            Some(n) => (n as u64).min(100) as usize,
+            None => match v.as_u64() {
+                Some(_) => 100,
+                None => return Err(ChatError::bad("limit must be an integer")),
+            },
+        },
+    };
+    let query = match (before, after) {
+        (Some(_), Some(_)) => return Err(ChatError::bad("give before or after, not both")),
+        (Some(b), None) => HistoryQuery::Before(b),
+        (None, Some(a)) => HistoryQuery::After(a),
+        (None, None) => HistoryQuery::Latest,
+    };
+    Ok(ChatRequest::History { room, query, limit })
 }
 
 /// Room names: 1–128 bytes of `[A-Za-z0-9_.:@-]` (PROTOCOL.md, Rooms).

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushKind, Value};
 
 use super::redis::{build_client, classify};
@@ -107,114 +108,177 @@ async fn run(opts: RedisOptions, target: String) -> CheckReport {
             }
         }
     };
-    let limit = opts.connect_timeout + opts.command_timeout;
-    let err_text = |e: &redis::RedisError, what: &str| match classify(
-        e,
-        &target,
-        what,
-        opts.command_timeout,
-    ) {
-        ClusterError::Timeout(text) => {
-            format!("redis timeout: {text} (is the host or port right? is the server stalled?)")
-        }
-        other => other.to_string(),
+    let steps = Steps {
+        limit: opts.connect_timeout + opts.command_timeout,
+        config: AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(opts.connect_timeout))
+            .set_response_timeout(Some(opts.command_timeout)),
+        opts,
+        target,
     };
-    let timed_out = |what: &str| {
+    let (mut cmd_conn, ping) = match steps.ping(&cmd_client).await {
+        Ok(passed) => passed,
+        Err(failed) => {
+            return CheckReport {
+                target: steps.target,
+                ping: failed,
+                pubsub: skipped(),
+            }
+        }
+    };
+    let pubsub = steps.pubsub(&sub_client, &mut cmd_conn).await;
+    CheckReport {
+        target: steps.target,
+        ping,
+        pubsub,
+    }
+}
+
+/// What the steps share: the options, the URL checked (without its password), each
+/// step's time limit (`connect_timeout + command_timeout`), the connections' timeouts.
+struct Steps {
+    opts: RedisOptions,
+    target: String,
+    limit: Duration,
+    config: AsyncConnectionConfig,
+}
+
+impl Steps {
+    /// A failed call's verdict; a timeout says what to look at.
+    fn err_text(&self, e: &redis::RedisError, what: &str) -> String {
+        match classify(e, &self.target, what, self.opts.command_timeout) {
+            ClusterError::Timeout(text) => {
+                format!("redis timeout: {text} (is the host or port right? is the server stalled?)")
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The verdict when `what` took longer than the step's limit.
+    fn timed_out(&self, what: &str) -> String {
+        let (target, limit) = (&self.target, self.limit);
         ClusterError::Timeout(format!(
             "redis at {target} did not answer {what} within {limit:?} (is the host or port \
              right? is the server stalled?)"
         ))
         .to_string()
-    };
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(opts.connect_timeout))
-        .set_response_timeout(Some(opts.command_timeout));
+    }
 
-    // PING.
-    let started = Instant::now();
-    let ping = tokio::time::timeout(limit, async {
-        let mut conn = cmd_client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| err_text(&e, "connect"))?;
-        let pong: String = redis::cmd("PING")
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| err_text(&e, "PING"))?;
-        let elapsed = started.elapsed();
-        // The version is a courtesy: an ACL user may not be allowed INFO.
-        let version = redis::cmd("INFO")
-            .arg("server")
-            .query_async::<String>(&mut conn)
-            .await
-            .ok()
-            .and_then(|info| {
-                info.lines()
-                    .find_map(|l| l.strip_prefix("redis_version:"))
-                    .map(|v| v.trim().to_owned())
-            });
-        Ok::<_, String>((conn, pong, elapsed, version))
-    })
-    .await;
-    let (mut cmd_conn, ping) = match ping {
-        Err(_) => {
-            return CheckReport {
-                target: target.clone(),
-                ping: CheckStep::fail(timed_out("PING")),
-                pubsub: skipped(),
+    /// PING on a new command connection (the server's version with it, when INFO is
+    /// allowed): the connection, for the pub/sub step to publish on, and the passed step;
+    /// or the failed one.
+    async fn ping(
+        &self,
+        client: &redis::Client,
+    ) -> Result<(MultiplexedConnection, CheckStep), CheckStep> {
+        let started = Instant::now();
+        let ping = tokio::time::timeout(self.limit, async {
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await
+                .map_err(|e| self.err_text(&e, "connect"))?;
+            let pong: String = redis::cmd("PING")
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.err_text(&e, "PING"))?;
+            let elapsed = started.elapsed();
+            // The version is a courtesy: an ACL user may not be allowed INFO.
+            let version = redis::cmd("INFO")
+                .arg("server")
+                .query_async::<String>(&mut conn)
+                .await
+                .ok()
+                .and_then(|info| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix("redis_version:"))
+                        .map(|v| v.trim().to_owned())
+                });
+            Ok::<_, String>((conn, pong, elapsed, version))
+        })
+        .await;
+        match ping {
+            Err(_) => Err(CheckStep::fail(self.timed_out("PING"))),
+            Ok(Err(text)) => Err(CheckStep::fail(text)),
+            Ok(Ok((conn, pong, elapsed, version))) => {
+                let server = version.map_or_else(|| "Redis".to_owned(), |v| format!("Redis {v}"));
+                Ok((
+                    conn,
+                    CheckStep::pass(
+                        elapsed,
+                        format!("{server} answered {pong} in {}", ms(elapsed)),
+                    ),
+                ))
             }
         }
-        Ok(Err(text)) => {
-            return CheckReport {
-                target: target.clone(),
-                ping: CheckStep::fail(text),
-                pubsub: skipped(),
-            }
-        }
-        Ok(Ok((conn, pong, elapsed, version))) => {
-            let server = version.map_or_else(|| "Redis".to_owned(), |v| format!("Redis {v}"));
-            (
-                conn,
-                CheckStep::pass(
-                    elapsed,
-                    format!("{server} answered {pong} in {}", ms(elapsed)),
+    }
+
+    /// Pub/sub round trip: subscribe to a fresh channel on a RESP3 connection of `client`,
+    /// publish to it on `cmd_conn`, and wait for the message to come back.
+    async fn pubsub(
+        &self,
+        client: &redis::Client,
+        cmd_conn: &mut MultiplexedConnection,
+    ) -> CheckStep {
+        let channel = format!("corelay:check:{}", random_hex(8));
+        let (publish, kind) = if self.opts.sharded {
+            ("SPUBLISH", "sharded pub/sub")
+        } else {
+            ("PUBLISH", "pub/sub")
+        };
+        let nonce = random_hex(8);
+        let round_trip = self.round_trip(client, cmd_conn, &channel, publish, &nonce);
+        let limit = self.limit;
+        match tokio::time::timeout(limit, round_trip).await {
+            Ok(Ok((elapsed, _))) => CheckStep::pass(
+                elapsed,
+                format!(
+                    "a message {publish}ed on a fresh channel came back in {} ({kind})",
+                    ms(elapsed)
                 ),
-            )
+            ),
+            Ok(Err(text)) => CheckStep::fail(text),
+            Err(_) => CheckStep::fail(format!(
+                "subscribed, but a message {publish}ed to the channel did not come back within \
+                 {limit:?} ({kind}; is a proxy in between that drops pub/sub?)"
+            )),
         }
-    };
+    }
 
-    // Pub/sub round trip: subscribe on a RESP3 connection, publish on the command one.
-    let channel = format!("corelay:check:{}", random_hex(8));
-    let (publish, kind) = if opts.sharded {
-        ("SPUBLISH", "sharded pub/sub")
-    } else {
-        ("PUBLISH", "pub/sub")
-    };
-    let nonce = random_hex(8);
-    let round_trip = tokio::time::timeout(limit, async {
+    /// Subscribes to `channel`, publishes `nonce` to it with `publish` on `cmd_conn`, and
+    /// reads until it comes back: how long that took and how many receivers Redis counted,
+    /// or what went wrong.
+    async fn round_trip(
+        &self,
+        client: &redis::Client,
+        cmd_conn: &mut MultiplexedConnection,
+        channel: &str,
+        publish: &str,
+        nonce: &str,
+    ) -> Result<(Duration, i64), String> {
+        let target = &self.target;
         let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
-        let mut sub = sub_client
-            .get_multiplexed_async_connection_with_config(&config.clone().set_push_sender(tx))
+        let mut sub = client
+            .get_multiplexed_async_connection_with_config(&self.config.clone().set_push_sender(tx))
             .await
-            .map_err(|e| err_text(&e, "connect (pub/sub)"))?;
-        if opts.sharded {
+            .map_err(|e| self.err_text(&e, "connect (pub/sub)"))?;
+        if self.opts.sharded {
             redis::cmd("SSUBSCRIBE")
-                .arg(&channel)
+                .arg(channel)
                 .query_async::<Value>(&mut sub)
                 .await
-                .map_err(|e| err_text(&e, "SSUBSCRIBE"))?;
+                .map_err(|e| self.err_text(&e, "SSUBSCRIBE"))?;
         } else {
-            sub.subscribe(&channel)
+            sub.subscribe(channel)
                 .await
-                .map_err(|e| err_text(&e, "SUBSCRIBE"))?;
+                .map_err(|e| self.err_text(&e, "SUBSCRIBE"))?;
         }
         let started = Instant::now();
         let receivers: i64 = redis::cmd(publish)
-            .arg(&channel)
-            .arg(&nonce)
-            .query_async(&mut cmd_conn)
+            .arg(channel)
+            .arg(nonce)
+            .query_async(cmd_conn)
             .await
-            .map_err(|e| err_text(&e, publish))?;
+            .map_err(|e| self.err_text(&e, publish))?;
         loop {
             let Some(push) = pushes.recv().await else {
                 return Err(format!("the pub/sub connection to {target} closed"));
@@ -237,25 +301,5 @@ async fn run(opts: RedisOptions, target: String) -> CheckReport {
                 _ => {}
             }
         }
-    })
-    .await;
-    let pubsub = match round_trip {
-        Ok(Ok((elapsed, _))) => CheckStep::pass(
-            elapsed,
-            format!(
-                "a message {publish}ed on a fresh channel came back in {} ({kind})",
-                ms(elapsed)
-            ),
-        ),
-        Ok(Err(text)) => CheckStep::fail(text),
-        Err(_) => CheckStep::fail(format!(
-            "subscribed, but a message {publish}ed to the channel did not come back within \
-             {limit:?} ({kind}; is a proxy in between that drops pub/sub?)"
-        )),
-    };
-    CheckReport {
-        target,
-        ping,
-        pubsub,
     }
 }

@@ -8,8 +8,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use glommio::channels::channel_mesh::MeshBuilder;
-use glommio::channels::local_channel;
+use futures::channel::mpsc;
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
+use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use thiserror::Error;
@@ -20,6 +21,7 @@ use crate::chat::home::{Home, HomeLimits, HomeParts, Sequencer};
 use crate::chat::mesh::ShardMsg;
 use crate::cluster::redis::RedisCluster;
 use crate::cluster::shard_link::ShardLink;
+use crate::cluster::ClusterEvent;
 use crate::conformance::Conformance;
 use crate::context::Context;
 use crate::ids::MessageIds;
@@ -180,10 +182,36 @@ async fn shard_main(
     ctx: Arc<Context>,
     store: Store,
     cluster: Option<RedisCluster>,
-    mesh: MeshBuilder<ShardMsg, glommio::channels::channel_mesh::Full>,
+    mesh: MeshBuilder<ShardMsg, Full>,
     fd: RawFd,
     ready: &std::sync::mpsc::Sender<Result<usize, StartError>>,
 ) -> Result<(), StartError> {
+    let (senders, mut receivers) = join_mesh(id, mesh).await?;
+    // SAFETY: the fd is a bound, listening socket created for this shard alone.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    let outboxes = spawn_outboxes(id, count, senders);
+    // Cluster mode: this shard's link and subscription stream, before any room is subscribed.
+    let (link, cluster_events) = match cluster {
+        Some(c) => {
+            let (link, events) = ShardLink::start(c, id).await;
+            (Some(link), Some(events))
+        }
+        None => (None, None),
+    };
+    let shard = build_shard(id, count, ctx, store, link, outboxes);
+    spawn_tasks(&shard, cluster_events, &mut receivers);
+    glommio::spawn_local(accept_loop(shard.clone(), listener)).detach();
+    let _ = ready.send(Ok(id));
+    shard.run_drain(fd).await;
+    Ok(())
+}
+
+/// Joins the channel mesh with the other shards: this shard's senders toward them and
+/// its receivers from them.
+async fn join_mesh(
+    id: usize,
+    mesh: MeshBuilder<ShardMsg, Full>,
+) -> Result<(Senders<ShardMsg>, Receivers<ShardMsg>), StartError> {
     // glommio can park an executor whose mesh connection is still pending and miss the
     // peer's arrival (seen here: ~1 start in 6 under load hung forever). A ticking timer
     // bounds every park, so the pending connection is polled again.
@@ -197,13 +225,19 @@ async fn shard_main(
     .detach();
     let joining = mesh.join().await;
     joined.set(true);
-    let (senders, mut receivers) = joining.map_err(|e| StartError::Shard {
+    joining.map_err(|e| StartError::Shard {
         shard: id,
         message: format!("mesh join failed: {e}"),
-    })?;
-    // SAFETY: the fd is a bound, listening socket created for this shard alone.
-    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    })
+}
 
+/// One outbox per shard (`None` for shard `id` itself): an unbounded local queue, drained
+/// by a task of its own into the mesh channel toward that peer.
+fn spawn_outboxes(
+    id: usize,
+    count: usize,
+    senders: Senders<ShardMsg>,
+) -> Vec<Option<LocalSender<ShardMsg>>> {
     let senders = Rc::new(senders);
     let mut outboxes = Vec::with_capacity(count);
     for peer in 0..count {
@@ -223,15 +257,19 @@ async fn shard_main(
         .detach();
         outboxes.push(Some(tx));
     }
+    outboxes
+}
 
-    // Cluster mode: this shard's link and subscription stream, before any room is subscribed.
-    let (link, cluster_events) = match cluster {
-        Some(c) => {
-            let (link, events) = ShardLink::start(c, id).await;
-            (Some(link), Some(events))
-        }
-        None => (None, None),
-    };
+/// Shard `id`: its home (sequencing through `link` in cluster mode), its handler (chat,
+/// or the conformance server's) and its outboxes toward the other shards.
+fn build_shard(
+    id: usize,
+    count: usize,
+    ctx: Arc<Context>,
+    store: Store,
+    link: Option<ShardLink>,
+    outboxes: Vec<Option<LocalSender<ShardMsg>>>,
+) -> Rc<Shard> {
     let home = Home::new(HomeParts {
         shard: id,
         count,
@@ -255,7 +293,16 @@ async fn shard_main(
         handler,
         outboxes,
     };
-    let shard = Rc::new_cyclic(|me| Shard::new(parts, me.clone()));
+    Rc::new_cyclic(|me| Shard::new(parts, me.clone()))
+}
+
+/// The shard's tasks besides accepting: its cluster events (in cluster mode) and the
+/// other shards' messages handed to it, its home's run loop, its sweeper.
+fn spawn_tasks(
+    shard: &Rc<Shard>,
+    cluster_events: Option<mpsc::UnboundedReceiver<ClusterEvent>>,
+    receivers: &mut Receivers<ShardMsg>,
+) {
     if let Some(mut events) = cluster_events {
         let shard = shard.clone();
         glommio::spawn_local(async move {
@@ -278,36 +325,29 @@ async fn shard_main(
     }
     glommio::spawn_local(shard.chat.home.clone().run(shard.clone())).detach();
     glommio::spawn_local(shard.clone().run_sweeper()).detach();
+}
 
-    let accepting = shard.clone();
-    glommio::spawn_local(async move {
-        loop {
-            match listener.accept().await {
-                Ok(stream) => {
-                    glommio::spawn_local(crate::transport::connection::serve(
-                        accepting.clone(),
-                        stream,
-                    ))
+/// Accepts connections until the shard drains, each served by a task of its own.
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(crate::transport::connection::serve(shard.clone(), stream))
                     .detach();
-                }
-                Err(_)
-                    if accepting
-                        .ctx
-                        .draining
-                        .load(std::sync::atomic::Ordering::Relaxed) =>
-                {
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(shard = id, error = %e, "accept failed");
-                    // Out of descriptors or memory: give connections a moment to close.
-                    glommio::timer::sleep(Duration::from_millis(20)).await;
-                }
+            }
+            Err(_)
+                if shard
+                    .ctx
+                    .draining
+                    .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                // Out of descriptors or memory: give connections a moment to close.
+                glommio::timer::sleep(Duration::from_millis(20)).await;
             }
         }
-    })
-    .detach();
-    let _ = ready.send(Ok(id));
-    shard.run_drain(fd).await;
-    Ok(())
+    }
 }
