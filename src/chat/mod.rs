@@ -11,4 +11,6 @@ pub mod home;
 pub mod layer;
 pub mod member;
 pub mod mesh;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod users;

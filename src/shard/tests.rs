@@ -1,46 +1,26 @@
 //! A shard on its own (shard 0 of 2, no peer running): its sweeper and the congestion
 //! of its mesh outboxes.
 
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 
 use glommio::channels::local_channel::{self, LocalReceiver};
-use glommio::{LocalExecutorBuilder, Placement};
 
 use super::*;
-use crate::auth::Authenticator;
 use crate::chat::handler::ChatHandler;
 use crate::chat::home::{HomeLimits, HomeParts, Sequencer};
 use crate::chat::mesh::{HomeCmd, ReplyTo, UserCmd};
 use crate::config::Config;
-use crate::connect_limit::ConnectLimiter;
 use crate::ids::MessageIds;
-use crate::metrics::Metrics;
 use crate::transport::engine;
-
-/// Runs `test` on a glommio executor small enough for an 8 MiB memlock limit.
-fn on_glommio<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .io_memory(256 << 10)
-        .make()
-        .expect("a glommio executor")
-        .run(test());
-}
+use crate::transport::testing::{self, on_glommio};
 
 /// Shard 0 of 2 with `config` adjusted by `tune`, and the receiving end of its outbox
 /// toward shard 1 (nothing drains it). Its home does not run.
 fn shard(tune: impl FnOnce(&mut Config)) -> (Rc<Shard>, LocalReceiver<ShardMsg>) {
     let mut config = Config::default();
     tune(&mut config);
-    let metrics = Arc::new(Metrics::new(2));
-    let ctx = Arc::new(Context {
-        connect_limiter: ConnectLimiter::new(0.0, 0.0),
-        auth: Authenticator::new(None),
-        metrics: metrics.clone(),
-        id_prefix: 7,
-        draining: AtomicBool::new(false),
-        config,
-    });
+    let ctx = Arc::new(testing::context(config));
+    let metrics = ctx.metrics.clone();
     let store = Store::memory();
     let home = Home::new(HomeParts {
         shard: 0,

@@ -2,62 +2,20 @@
 //! that is not running, and a mesh that records what chat sends. Members sit on plain
 //! transport sessions; the tests read what they queue for their clients.
 
-use std::cell::RefCell;
-use std::future::Future;
 use std::rc::Rc;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use glommio::{LocalExecutorBuilder, Placement};
-
 use super::*;
-use crate::auth::Authenticator;
 use crate::chat::home::{Home, HomeLimits, HomeParts, Mesh, Sequencer};
 use crate::chat::mesh::{MemberMsg, ShardMsg};
+use crate::chat::testing::Recorder;
 use crate::config::Config;
-use crate::connect_limit::ConnectLimiter;
-use crate::context::Context;
 use crate::ids::MessageIds;
-use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::transport::conn::{Timers, Transport};
-
-/// The shards of the test process; the chat under test is shard 0.
-const SHARDS: usize = 2;
-
-/// A mesh that keeps what it is asked to send; shards in `congested` refuse new work.
-#[derive(Default)]
-struct Recorder {
-    sent: RefCell<Vec<(usize, ShardMsg)>>,
-    congested: RefCell<Vec<usize>>,
-}
-
-impl Mesh for Recorder {
-    fn send(&self, to: usize, msg: ShardMsg) {
-        self.sent.borrow_mut().push((to, msg));
-    }
-
-    fn congested(&self, to: usize) -> bool {
-        self.congested.borrow().contains(&to)
-    }
-}
-
-impl Recorder {
-    fn take(&self) -> Vec<(usize, ShardMsg)> {
-        std::mem::take(&mut *self.sent.borrow_mut())
-    }
-}
-
-/// Runs `test` on a glommio executor small enough for an 8 MiB memlock limit.
-fn on_glommio<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .io_memory(256 << 10)
-        .make()
-        .expect("a glommio executor")
-        .run(test());
-}
+use crate::transport::testing::{self, on_glommio, SHARDS};
 
 /// What a test runs against: shard 0's chat state and the mesh it sends through.
 struct Fixture {
@@ -70,15 +28,8 @@ struct Fixture {
 fn fixture(tune: impl FnOnce(&mut Config)) -> Fixture {
     let mut config = Config::default();
     tune(&mut config);
-    let metrics = Arc::new(Metrics::new(SHARDS));
-    let ctx = Arc::new(Context {
-        connect_limiter: ConnectLimiter::new(0.0, 0.0),
-        auth: Authenticator::new(None),
-        metrics: metrics.clone(),
-        id_prefix: 7,
-        draining: AtomicBool::new(false),
-        config,
-    });
+    let ctx = Arc::new(testing::context(config));
+    let metrics = ctx.metrics.clone();
     let store = Store::memory();
     let home = Home::new(HomeParts {
         shard: 0,

@@ -1,53 +1,16 @@
 //! A home on its own: the memory store, and a mesh that records what the home sends.
 
-use std::cell::RefCell;
-use std::future::Future;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use glommio::{LocalExecutorBuilder, Placement};
 use serde_json::Value;
 
 use super::*;
 use crate::chat::member::User;
+use crate::chat::testing::Recorder;
 use crate::store::{HistoryStore, Store};
-
-/// A mesh that keeps what it is asked to send; shards in `congested` refuse new work.
-#[derive(Default)]
-struct Recorder {
-    sent: RefCell<Vec<(usize, ShardMsg)>>,
-    congested: RefCell<Vec<usize>>,
-}
-
-impl Mesh for Recorder {
-    fn send(&self, to: usize, msg: ShardMsg) {
-        self.sent.borrow_mut().push((to, msg));
-    }
-
-    fn congested(&self, to: usize) -> bool {
-        self.congested.borrow().contains(&to)
-    }
-}
-
-impl Recorder {
-    fn take(&self) -> Vec<(usize, ShardMsg)> {
-        std::mem::take(&mut *self.sent.borrow_mut())
-    }
-
-    fn len(&self) -> usize {
-        self.sent.borrow().len()
-    }
-}
-
-/// Runs `test` on a glommio executor small enough for an 8 MiB memlock limit.
-fn on_glommio<F: Future<Output = ()>>(test: impl FnOnce() -> F) {
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .io_memory(256 << 10)
-        .make()
-        .expect("a glommio executor")
-        .run(test());
-}
+use crate::transport::testing::on_glommio;
 
 /// A running local home on shard 0 of `count`, with the store it writes to.
 fn start(count: usize) -> (Rc<Home>, Rc<Recorder>, Store) {
