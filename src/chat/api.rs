@@ -183,22 +183,35 @@ async fn publish(chat: &Chat, room: &str, body: &[u8]) -> Answer {
     if let Some(answer) = overloaded(chat, room) {
         return answer;
     }
-    let (tx, rx) = futures::channel::oneshot::channel::<Bytes>();
     let room: Arc<str> = Arc::from(room);
-    chat.to_home(
-        &room,
-        HomeCmd::Publish {
-            room: room.clone(),
-            user: Arc::from(user.as_str()),
-            text: body.text,
-            cid: body.cid,
-            reply: ReplyTo::Api(tx),
-        },
-    );
-    match rx.await {
-        Ok(ack) => from_ack(&ack, 201),
-        Err(_) => error(500, "internal", "the room's home shard did not answer"),
+    let ack = ask_home(chat, &room, |reply| HomeCmd::Publish {
+        room: room.clone(),
+        user: Arc::from(user.as_str()),
+        text: body.text,
+        cid: body.cid,
+        reply,
+    });
+    match ack.await {
+        Some(ack) => from_ack(&ack, 201),
+        None => no_answer(),
     }
+}
+
+/// Sends a request to the room's home shard and waits for its ack body (`None` if the
+/// home dropped the request unanswered).
+async fn ask_home(
+    chat: &Chat,
+    room: &Arc<str>,
+    cmd: impl FnOnce(ReplyTo) -> HomeCmd,
+) -> Option<Bytes> {
+    let (tx, rx) = futures::channel::oneshot::channel::<Bytes>();
+    chat.to_home(room, cmd(ReplyTo::Api(tx)));
+    rx.await.ok()
+}
+
+/// The 500 when the home shard dropped a request unanswered.
+fn no_answer() -> Answer {
+    error(500, "internal", "the room's home shard did not answer")
 }
 
 /// The 503 for a request while the queue toward the room's home shard is full.
@@ -214,17 +227,13 @@ async fn presence(chat: &Chat, room: &str) -> Answer {
     if let Some(answer) = overloaded(chat, room) {
         return answer;
     }
-    let (tx, rx) = futures::channel::oneshot::channel::<Bytes>();
     let room: Arc<str> = Arc::from(room);
-    chat.to_home(
-        &room,
-        HomeCmd::Presence {
-            room: room.clone(),
-            reply: ReplyTo::Api(tx),
-        },
-    );
-    match rx.await {
-        Ok(ack) => {
+    let ack = ask_home(chat, &room, |reply| HomeCmd::Presence {
+        room: room.clone(),
+        reply,
+    });
+    match ack.await {
+        Some(ack) => {
             let mut answer = from_ack(&ack, 200);
             if answer.status == 200 {
                 // {"ok":true,"users":[…]} → {"users":[…]}
@@ -234,7 +243,7 @@ async fn presence(chat: &Chat, room: &str) -> Answer {
             }
             answer
         }
-        Err(_) => error(500, "internal", "the room's home shard did not answer"),
+        None => no_answer(),
     }
 }
 
