@@ -213,8 +213,6 @@ async fn engineio_request<H: Host>(
         }
         return Next::Http(stream, buf);
     }
-    let reject = |e: HandshakeError| (400u16, "application/json", e.body().into_bytes());
-
     let outcome: (u16, &str, Vec<u8>) = 'answer: {
         if req.query_param("EIO").as_deref() != Some("4") {
             break 'answer reject(HandshakeError::UnsupportedProtocolVersion);
@@ -226,34 +224,13 @@ async fn engineio_request<H: Host>(
             _ => break 'answer reject(HandshakeError::TransportUnknown),
         };
         let Some(sid) = req.query_param("sid") else {
-            // A new session.
-            if req.method != "GET" {
-                break 'answer reject(HandshakeError::BadHandshakeMethod);
-            }
-            if at_capacity(host) || host.ctx().is_draining() {
-                break 'answer (503, "application/json", AT_CAPACITY.to_vec());
-            }
-            if let Err(retry) = admit_source(host, &stream) {
-                ShardMetrics::inc(&host.stats().connect_rate_limited);
-                let _ = stream.write_all(&too_many_sessions(retry, &cors)).await;
-                return Next::Done;
-            }
-            if transport == Transport::WebSocket {
-                match websocket_key(&req) {
-                    Some(key) => {
-                        return Next::Upgrade(Upgrade {
-                            stream,
-                            key,
-                            leftover: buf,
-                            session: None,
-                            path: req.path.clone(),
-                        })
-                    }
-                    None => break 'answer reject(HandshakeError::BadRequest),
+            match new_session(host, stream, buf, &req, transport, &cors).await {
+                Step::Answer(s, b, answer) => {
+                    (stream, buf) = (s, b);
+                    break 'answer answer;
                 }
+                Step::Next(next) => return next,
             }
-            let open = open_polling_session(host, &req.path);
-            break 'answer (200, "text/plain; charset=UTF-8", open);
         };
         // An existing session: is it ours?
         match crate::ids::shard_of_sid(&sid) {
@@ -264,57 +241,12 @@ async fn engineio_request<H: Host>(
             Some(owner) if owner == host.shard_id() => {}
             _ => break 'answer reject(HandshakeError::SessionIdUnknown),
         }
-        let Some(session) = host.session_by_sid(&sid) else {
-            break 'answer reject(HandshakeError::SessionIdUnknown);
-        };
-        // A polling session whose pong is overdue ends now, not at the sweeper's next
-        // tick: a request after pingInterval + pingTimeout finds it gone.
-        if session.transport() == Transport::Polling
-            && host.end_if_overdue(&session, std::time::Instant::now())
-        {
-            break 'answer reject(HandshakeError::SessionIdUnknown);
-        }
-        if transport == Transport::WebSocket {
-            if session.transport() != Transport::Polling {
-                // Another WebSocket for a session that is upgrading or upgraded: like the
-                // reference server, complete the handshake and close that new socket; the
-                // session's own transport goes on.
-                let Some(key) = websocket_key(&req) else {
-                    break 'answer reject(HandshakeError::BadRequest);
-                };
-                accept_and_close(&mut stream, &key).await;
-                return Next::Done;
+        match existing_session(host, stream, buf, &req, &sid, transport, &cors).await {
+            Step::Answer(s, b, answer) => {
+                (stream, buf) = (s, b);
+                answer
             }
-            match websocket_key(&req) {
-                Some(key) => {
-                    return Next::Upgrade(Upgrade {
-                        stream,
-                        key,
-                        leftover: buf,
-                        session: Some(session),
-                        path: req.path.clone(),
-                    })
-                }
-                None => break 'answer reject(HandshakeError::BadRequest),
-            }
-        }
-        match req.method.as_str() {
-            "GET" => match poll_get(host, &session, &mut stream, &mut buf).await {
-                Some(a) => (a.status, a.content_type, a.body),
-                None => return Next::Done,
-            },
-            "POST" => match poll_post(host, &session, &req, &mut stream, &mut buf).await {
-                Posted::Answer(a) => (a.status, a.content_type, a.body),
-                Posted::Bad => break 'answer reject(HandshakeError::BadRequest),
-                Posted::TooLarge => {
-                    let body = HandshakeError::BadRequest.body();
-                    let resp = respond(413, "application/json", body.as_bytes(), false);
-                    let _ = stream.write_all(&resp).await;
-                    return Next::Done;
-                }
-                Posted::Gone => return Next::Done,
-            },
-            _ => reject(HandshakeError::BadHandshakeMethod),
+            Step::Next(next) => return next,
         }
     };
     let (status, content_type, body) = outcome;
@@ -327,6 +259,121 @@ async fn engineio_request<H: Host>(
         return Next::Done;
     }
     Next::Http(stream, buf)
+}
+
+/// The Engine.IO error answer: HTTP 400 with the JSON error body.
+fn reject(e: HandshakeError) -> (u16, &'static str, Vec<u8>) {
+    (400, "application/json", e.body().into_bytes())
+}
+
+/// What a request on a session of this shard came to.
+enum Step {
+    /// Answer it (status, content type, body); the connection goes on serving requests.
+    Answer(TcpStream, Vec<u8>, (u16, &'static str, Vec<u8>)),
+    /// The connection is upgraded, or closed.
+    Next(Next),
+}
+
+/// A request for a new session: refused past the connection limit or the source's rate,
+/// else a WebSocket upgrade or a polling session's open packet.
+async fn new_session<H: Host>(
+    host: &H,
+    mut stream: TcpStream,
+    buf: Vec<u8>,
+    req: &Request,
+    transport: Transport,
+    cors: &str,
+) -> Step {
+    if req.method != "GET" {
+        return Step::Answer(stream, buf, reject(HandshakeError::BadHandshakeMethod));
+    }
+    if at_capacity(host) || host.ctx().is_draining() {
+        let answer = (503, "application/json", AT_CAPACITY.to_vec());
+        return Step::Answer(stream, buf, answer);
+    }
+    if let Err(retry) = admit_source(host, &stream) {
+        ShardMetrics::inc(&host.stats().connect_rate_limited);
+        let _ = stream.write_all(&too_many_sessions(retry, cors)).await;
+        return Step::Next(Next::Done);
+    }
+    if transport == Transport::WebSocket {
+        return match websocket_key(req) {
+            Some(key) => Step::Next(Next::Upgrade(Upgrade {
+                stream,
+                key,
+                leftover: buf,
+                session: None,
+                path: req.path.clone(),
+            })),
+            None => Step::Answer(stream, buf, reject(HandshakeError::BadRequest)),
+        };
+    }
+    let open = open_polling_session(host, &req.path);
+    Step::Answer(stream, buf, (200, "text/plain; charset=UTF-8", open))
+}
+
+/// A request naming a session this shard owns: a WebSocket for it (its upgrade, or a
+/// second one), a polling GET or a polling POST.
+async fn existing_session<H: Host>(
+    host: &H,
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    req: &Request,
+    sid: &str,
+    transport: Transport,
+    cors: &str,
+) -> Step {
+    let Some(session) = host.session_by_sid(sid) else {
+        return Step::Answer(stream, buf, reject(HandshakeError::SessionIdUnknown));
+    };
+    // A polling session whose pong is overdue ends now, not at the sweeper's next
+    // tick: a request after pingInterval + pingTimeout finds it gone.
+    if session.transport() == Transport::Polling
+        && host.end_if_overdue(&session, std::time::Instant::now())
+    {
+        return Step::Answer(stream, buf, reject(HandshakeError::SessionIdUnknown));
+    }
+    if transport == Transport::WebSocket {
+        let Some(key) = websocket_key(req) else {
+            return Step::Answer(stream, buf, reject(HandshakeError::BadRequest));
+        };
+        if session.transport() != Transport::Polling {
+            accept_and_close(&mut stream, &key).await;
+            return Step::Next(Next::Done);
+        }
+        return Step::Next(Next::Upgrade(Upgrade {
+            stream,
+            key,
+            leftover: buf,
+            session: Some(session),
+            path: req.path.clone(),
+        }));
+    }
+    let answer = match req.method.as_str() {
+        "GET" => match poll_get(host, &session, &mut stream, &mut buf).await {
+            Some(a) => (a.status, a.content_type, a.body),
+            None => return Step::Next(Next::Done),
+        },
+        "POST" => match poll_post(host, &session, req, &mut stream, &mut buf).await {
+            Posted::Answer(a) => (a.status, a.content_type, a.body),
+            Posted::Bad => reject(HandshakeError::BadRequest),
+            Posted::TooLarge => {
+                let body = HandshakeError::BadRequest.body();
+                let resp = http::response_with_headers(
+                    413,
+                    "application/json",
+                    &["", cors],
+                    body.as_bytes(),
+                    false,
+                );
+                let _ = stream.write_all(&resp).await;
+                return Step::Next(Next::Done);
+            }
+            Posted::Gone => return Step::Next(Next::Done),
+        },
+        _ => reject(HandshakeError::BadHandshakeMethod),
+    };
+    Step::Answer(stream, buf, answer)
 }
 
 /// The CORS preflight's headers (none unless the origin is allowed).
