@@ -273,3 +273,46 @@ fn chunked_request_bodies() {
         "{history}"
     );
 }
+
+/// Writes a request head and part of its body, then stalls: what the server sends back
+/// before it closes, and how long it took to close.
+fn stall_mid_body(port: u16, head: &str) -> (String, Duration) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(b"{\"te").unwrap();
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn a_body_that_stalls_is_not_waited_for_past_the_handshake_timeout() {
+    let server = Server::start(&[
+        ("CORELAY_API_KEY", KEY),
+        ("CORELAY_LIMITS_HANDSHAKE_TIMEOUT", "1s"),
+    ]);
+    let head = format!(
+        "POST /api/rooms/stall/messages HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+    );
+    let (answer, took) = stall_mid_body(server.port, &head);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("\"code\":\"timeout\""), "{answer}");
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+
+    // A polling POST that stalls mid-body loses its connection the same way.
+    let (_poll, open) = common::PollClient::open(server.port);
+    let sid = open["sid"].as_str().unwrap().to_string();
+    let head = format!(
+        "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: t\r\n\
+         Content-Type: text/plain\r\nContent-Length: 40\r\n\r\n"
+    );
+    let (answer, took) = stall_mid_body(server.port, &head);
+    assert!(answer.is_empty(), "{answer}");
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+}

@@ -78,9 +78,11 @@ pub async fn handle<R: AsyncRead + Unpin>(
                 Ok(f) => f,
                 Err(e) => return error(400, "bad_request", &e.to_string()),
             };
-            match http::read_framed_body(io, buf, framing, MAX_BODY).await {
+            let limit = chat.ctx.config.limits.handshake_timeout.0;
+            match http::read_framed_body_within(io, buf, framing, MAX_BODY, limit).await {
                 Ok(body) => publish(chat, &room, &body).await,
                 Err(HttpError::BodyTooLarge) => error(413, "too_large", "request body over 64 KiB"),
+                Err(e @ HttpError::TimedOut(_)) => error(408, "timeout", &e.to_string()),
                 Err(e) => error(400, "bad_request", &e.to_string()),
             }
         }

@@ -118,8 +118,8 @@ pub struct LimitsConfig {
     pub outbound_queue_bytes: usize,
     /// Sessions the whole process serves; a new one past it gets a clean HTTP 503.
     pub max_connections: u64,
-    /// Time a client has to send a complete HTTP request head (slow-loris guard), and the
-    /// longest an idle keep-alive HTTP connection is kept.
+    /// Time a client has to send a complete HTTP request head, and again its body
+    /// (slow-loris guard), and the longest an idle keep-alive HTTP connection is kept.
     pub handshake_timeout: HumanDuration,
     /// Socket.IO connections one user may hold at once in this process (0: unlimited);
     /// a CONNECT past it gets `too_many_connections`.

@@ -471,8 +471,12 @@ async fn poll_post<H: Host>(
             return Posted::Bad;
         }
     };
-    let max = host.ctx().config.engineio.max_payload;
-    match http::read_framed_body(stream, buf, framing, max).await {
+    let config = &host.ctx().config;
+    let (max, limit) = (
+        config.engineio.max_payload,
+        config.limits.handshake_timeout.0,
+    );
+    match http::read_framed_body_within(stream, buf, framing, max, limit).await {
         Ok(body) => Posted::Answer(session.span.in_scope(|| polling::post(host, session, body))),
         Err(HttpError::BodyTooLarge) => {
             host.end_session(session, CloseReason::Gone);

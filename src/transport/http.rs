@@ -85,8 +85,26 @@ pub enum HttpError {
     BodyTooLarge,
     #[error("connection closed")]
     Closed,
+    #[error("request body not received within {0:?}")]
+    TimedOut(std::time::Duration),
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// [`read_framed_body`] within `limit` (on a glommio executor): a client that stalls in
+/// the middle of its body gets [`HttpError::TimedOut`] instead of holding the connection.
+pub async fn read_framed_body_within<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    framing: BodyFraming,
+    max: usize,
+    limit: std::time::Duration,
+) -> Result<Vec<u8>, HttpError> {
+    let read = read_framed_body(io, buf, framing, max);
+    match glommio::timer::timeout(limit, async { Ok(read.await) }).await {
+        Ok(result) => result,
+        Err(_) => Err(HttpError::TimedOut(limit)),
+    }
 }
 
 /// Reads one request head. `buf` holds bytes already read; on return it holds what
@@ -347,6 +365,7 @@ fn reason(status: u16) -> &'static str {
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         413 => "Payload Too Large",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
