@@ -286,11 +286,6 @@ impl Member {
     pub fn take_deferred_join(&self) -> Option<Box<DeferredJoin>> {
         self.deferred_join.borrow_mut().take()
     }
-
-    /// Whether a join waits for the connection to move.
-    pub fn is_moving(&self) -> bool {
-        self.deferred_join.borrow().is_some()
-    }
 }
 
 #[cfg(test)]
