@@ -65,6 +65,7 @@ mod resp;
 mod scripts;
 pub mod shard_link;
 mod tls;
+pub mod topology;
 pub(crate) mod wire;
 
 pub use check::{check, CheckReport, CheckStep};

@@ -70,6 +70,26 @@ impl ShardTarget {
     }
 }
 
+impl ShardTarget {
+    /// The same target (credentials, database, TLS settings) at another node of a Redis
+    /// Cluster. Over TLS the certificate must still carry the name in `redis.url`: managed
+    /// clusters announce IP addresses and serve one certificate for every node.
+    pub(crate) fn at_node(&self, node: &crate::cluster::topology::NodeAddr) -> ShardTarget {
+        let tls = match &self.addr {
+            ShardAddr::Tcp { tls, .. } => tls.clone(),
+            ShardAddr::Unix(_) => None,
+        };
+        ShardTarget {
+            addr: ShardAddr::Tcp {
+                host: node.host.clone(),
+                port: node.port,
+                tls,
+            },
+            info: self.info.clone(),
+        }
+    }
+}
+
 /// Builds a client for `opts` (RESP3 when `resp3`), with the TLS files when `rediss://`.
 pub(crate) fn build_client(opts: &RedisOptions, resp3: bool) -> Result<Client, ClusterError> {
     let target = redact_url(&opts.url);
