@@ -1,7 +1,7 @@
-//! The publish script's call: one room's messages become one `EVALSHA` ([`PublishCall`]),
-//! and its reply one result per message. A batch over several rooms is grouped by room
-//! ([`group_by_room`]), one call each, and the results are put back in the batch's order
-//! ([`scatter`]). A shard's own command connection sends it ([`super::shard_link`]).
+//! The publish script's call: a batch is grouped by room ([`group_by_room`]), the rooms of
+//! one Redis node become one `EVALSHA` ([`PublishCall`]), its reply one result per message
+//! of each room, and the results are put back in the batch's order ([`scatter`]). A
+//! shard's own connections send it ([`super::shard_link`]).
 
 use std::time::Duration;
 
@@ -55,113 +55,220 @@ pub(crate) fn scatter(
         .collect()
 }
 
-/// One call of the publish script for one room's messages: the `EVALSHA` command, and
-/// what is needed to turn its reply into one result per message.
+/// One room's messages, as they go into a [`PublishCall`].
+pub(crate) struct RoomMessages<'a> {
+    /// The room's group in the batch (an index into [`group_by_room`]'s answer).
+    pub group: usize,
+    /// The room's messages, in order.
+    pub msgs: Vec<&'a NewMessage>,
+    /// The highest floor given with them.
+    pub floor: u64,
+}
+
+/// One call of the publish script for the messages of one or many rooms (all of one Redis
+/// node): the `EVALSHA` command, and what is needed to turn its reply into one result per
+/// message.
 pub(crate) struct PublishCall<'a> {
     /// `EVALSHA <publish script> …`; on `NOSCRIPT`, load the script and send it again.
     pub cmd: redis::Cmd,
+    /// The rooms in the call, in order.
+    rooms: Vec<RoomPart<'a>>,
+}
+
+/// A room's part of a [`PublishCall`].
+struct RoomPart<'a> {
+    /// Its group in the batch.
+    group: usize,
     /// The messages in the call, in order.
     sent: Vec<&'a NewMessage>,
     /// Per message of the room: `Some` when it failed before the call (its payload could
-    /// not be built), `None` when its result is the next reply.
+    /// not be built), `None` when its result is the next of the room's replies.
     early: Vec<Option<Result<Published, ClusterError>>>,
 }
 
+/// What a call gave one room: its messages' results, or one error for all of them.
+pub(crate) type RoomOutcome = Result<Vec<Result<Published, ClusterError>>, ClusterError>;
+
 impl<'a> PublishCall<'a> {
-    /// The call for `msgs` (one room's, in order), their offsets above `floor`: the script
-    /// whose SHA1 is `script_sha`, with the limits of `opts` and a deadline in Redis's clock
-    /// (`redis_now_ms`, see [`ClusterError::Timeout`]).
+    /// The call for `rooms`: the script whose SHA1 is `script_sha`, with the limits of
+    /// `opts`, publishing with `publish_command` (`PUBLISH` or `SPUBLISH`), refused by
+    /// Redis after `deadline` (Redis's clock, ms; see [`ClusterError::Timeout`]).
     pub fn new(
         opts: &RedisOptions,
         script_sha: &str,
-        redis_now_ms: u64,
-        msgs: &[&'a NewMessage],
-        floor: u64,
+        publish_command: &str,
+        deadline: u64,
+        rooms: Vec<RoomMessages<'a>>,
     ) -> PublishCall<'a> {
-        let room = msgs.first().map_or("", |m| m.room.as_str());
         // A message whose payload cannot be built fails alone; the others go.
-        let mut parts = Vec::with_capacity(msgs.len());
-        let mut early = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            match message_payload_parts(m) {
-                Ok(p) => {
-                    parts.push((*m, p));
-                    early.push(None);
+        let mut payloads: Vec<Vec<(String, String)>> = Vec::with_capacity(rooms.len());
+        let mut parts = Vec::with_capacity(rooms.len());
+        for room in rooms {
+            let mut part = RoomPart {
+                group: room.group,
+                sent: Vec::with_capacity(room.msgs.len()),
+                early: Vec::with_capacity(room.msgs.len()),
+            };
+            let mut room_payloads = Vec::with_capacity(room.msgs.len());
+            for m in room.msgs {
+                match message_payload_parts(m) {
+                    Ok(p) => {
+                        room_payloads.push(p);
+                        part.sent.push(m);
+                        part.early.push(None);
+                    }
+                    Err(e) => part.early.push(Some(Err(e))),
                 }
-                Err(e) => early.push(Some(Err(e))),
+            }
+            payloads.push(room_payloads);
+            parts.push((part, room.floor));
+        }
+        let mut keys = Vec::with_capacity(parts.len() * 3);
+        for (part, _) in parts.iter().filter(|(p, _)| !p.sent.is_empty()) {
+            let room = part.room();
+            keys.push(keys::offset(room));
+            keys.push(keys::stream(room));
+            for m in &part.sent {
+                if let Some(cid) = &m.cid {
+                    keys.push(keys::cid(room, &m.user, cid));
+                }
             }
         }
-        let half = opts.command_timeout / 2;
-        // In Redis's clock: the script refuses to run after it (see `ClusterError::Timeout`).
-        let deadline = redis_now_ms.saturating_add(half.as_millis() as u64);
-        let mut keys = vec![keys::offset(room), keys::stream(room)];
-        for (m, _) in &parts {
-            if let Some(cid) = &m.cid {
-                keys.push(keys::cid(room, &m.user, cid));
-            }
-        }
+        let sent_rooms = parts.iter().filter(|(p, _)| !p.sent.is_empty()).count();
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(script_sha)
             .arg(keys.len())
             .arg(keys)
-            .arg(keys::channel(room))
             .arg(opts.dedupe_window.as_millis() as u64)
             .arg(opts.history_max_len)
             .arg(opts.history_max_age.map_or(0, |d| d.as_millis() as u64))
-            .arg(opts.publish_command())
+            .arg(publish_command)
             .arg(deadline)
-            .arg(floor)
-            .arg(parts.len());
-        for (m, (prefix, suffix)) in &parts {
-            cmd.arg(if m.cid.is_some() { "1" } else { "0" })
-                .arg(m.cid.as_deref().unwrap_or(""))
-                .arg(&m.user)
-                .arg(&m.text)
-                .arg(m.ts)
-                .arg(&m.id)
-                .arg(prefix)
-                .arg(suffix);
+            .arg(sent_rooms);
+        for ((part, floor), payloads) in parts.iter().zip(&payloads) {
+            if part.sent.is_empty() {
+                continue;
+            }
+            cmd.arg(keys::channel(part.room()))
+                .arg(*floor)
+                .arg(part.sent.len());
+            for (m, (prefix, suffix)) in part.sent.iter().zip(payloads) {
+                cmd.arg(if m.cid.is_some() { "1" } else { "0" })
+                    .arg(m.cid.as_deref().unwrap_or(""))
+                    .arg(&m.user)
+                    .arg(&m.text)
+                    .arg(m.ts)
+                    .arg(&m.id)
+                    .arg(prefix)
+                    .arg(suffix);
+            }
         }
         PublishCall {
             cmd,
-            sent: parts.into_iter().map(|(m, _)| m).collect(),
-            early,
+            rooms: parts.into_iter().map(|(p, _)| p).collect(),
         }
     }
 
     /// Whether the call carries no message (every payload failed): nothing to send.
     pub fn is_empty(&self) -> bool {
-        self.sent.is_empty()
+        self.rooms.iter().all(|r| r.sent.is_empty())
     }
 
-    /// One result per message of the call from the script's reply (`target` and
-    /// `command_timeout` for the messages).
+    /// What the call gave each of its rooms (by group) when it failed as a whole: `e` for
+    /// the messages sent, their own error for those that failed before.
+    pub fn fail(self, e: &ClusterError) -> Vec<(usize, RoomOutcome)> {
+        self.rooms
+            .into_iter()
+            .map(|r| {
+                let each = r
+                    .early
+                    .into_iter()
+                    .map(|x| x.unwrap_or_else(|| Err(e.clone())))
+                    .collect();
+                (r.group, Ok(each))
+            })
+            .collect()
+    }
+
+    /// What the call gave each of its rooms (by group), from the script's reply (`target`
+    /// and `command_timeout` for the messages).
     pub fn settle(
         self,
         reply: Value,
         target: &str,
         command_timeout: Duration,
-    ) -> Result<Vec<Result<Published, ClusterError>>, ClusterError> {
-        if self.sent.is_empty() {
-            return Ok(self.early.into_iter().flatten().collect());
+    ) -> Vec<(usize, RoomOutcome)> {
+        match self.room_replies(reply, target, command_timeout) {
+            Err(e) => self.fail(&e),
+            Ok(mut replies) => {
+                replies.reverse();
+                self.rooms
+                    .into_iter()
+                    .map(|r| {
+                        if r.sent.is_empty() {
+                            return (r.group, Ok(r.early.into_iter().flatten().collect()));
+                        }
+                        let group = r.group;
+                        let outcome = match replies.pop() {
+                            Some(replies) => r.settle(replies),
+                            None => Err(ClusterError::Protocol("publish: no reply".into())),
+                        };
+                        (group, outcome)
+                    })
+                    .collect()
+            }
         }
-        let Value::Array(replies) = reply else {
+    }
+
+    /// The script's reply split per room that was sent, or why it cannot be.
+    fn room_replies(
+        &self,
+        reply: Value,
+        target: &str,
+        command_timeout: Duration,
+    ) -> Result<Vec<Vec<Vec<Vec<u8>>>>, ClusterError> {
+        let Value::Array(rooms) = reply else {
             return Err(ClusterError::Protocol(format!(
                 "publish script answered {reply:?}"
             )));
         };
-        let replies = replies
-            .into_iter()
-            .map(strings)
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(b"expired") = replies.first().and_then(|r| r.first()).map(Vec::as_slice) {
-            // Comes alone: the script did nothing.
-            return Err(ClusterError::Timeout(format!(
-                "redis at {target} ran the publish after its deadline ({:?}): it was stalled \
-                 (or its clock jumped); nothing was stored",
-                command_timeout / 2
+        if let Some(Value::BulkString(first)) = rooms.first() {
+            if first == b"expired" {
+                // Comes alone: the script did nothing.
+                return Err(ClusterError::Timeout(format!(
+                    "redis at {target} ran the publish after its deadline ({:?}): it was \
+                     stalled (or its clock jumped); nothing was stored",
+                    command_timeout / 2
+                )));
+            }
+        }
+        let sent = self.rooms.iter().filter(|r| !r.sent.is_empty()).count();
+        if rooms.len() != sent {
+            return Err(ClusterError::Protocol(format!(
+                "publish script answered {} rooms for {sent}",
+                rooms.len()
             )));
         }
+        rooms
+            .into_iter()
+            .map(|room| match room {
+                Value::Array(replies) => replies.into_iter().map(strings).collect(),
+                other => Err(ClusterError::Protocol(format!(
+                    "publish script answered {other:?} for a room"
+                ))),
+            })
+            .collect()
+    }
+}
+
+impl RoomPart<'_> {
+    /// The room's name (of its first message sent).
+    fn room(&self) -> &str {
+        self.sent.first().map_or("", |m| m.room.as_str())
+    }
+
+    /// One result per message of the room from its replies.
+    fn settle(self, replies: Vec<Vec<Vec<u8>>>) -> RoomOutcome {
         if replies.len() != self.sent.len() {
             return Err(ClusterError::Protocol(format!(
                 "publish script answered {} replies for {} messages",

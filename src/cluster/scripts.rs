@@ -1,5 +1,6 @@
 //! The Lua scripts the cluster layer runs in Redis. Each one touches the keys of a single
-//! room only (one hash tag, so one Redis Cluster slot), and runs atomically: no other
+//! room only (one hash tag, so one Redis Cluster slot), but for the publish script, which
+//! carries the rooms of one Redis node; each runs atomically: no other
 //! command sees a half-done publish. They are sent with EVALSHA and loaded (SCRIPT LOAD) on
 //! the first `NOSCRIPT` of each connection, by `redis::Script`.
 
@@ -126,82 +127,102 @@ local function reap(hosts_key, prefix, reaped_prefix, keep_ms, now, room, pubcmd
 end
 "#;
 
-/// The publish script, for one room's messages (one or many: a home shard sends whatever
-/// queued for the room while its previous call was out, so one round trip carries a batch).
+/// The publish script, for the messages of one or many rooms: a home shard sends whatever
+/// queued while its previous call was out, every room of one Redis node in one call, so
+/// one round trip and one script run carry a batch (the per-call cost of a script is most
+/// of its cost at a few messages per room).
 ///
-/// KEYS: 1 offset counter, 2 stream, 3.. the dedupe keys of the messages that carry a cid,
-/// in message order.
-/// ARGV: 1 channel, 2 dedupe window ms, 3 stream max len (0: none), 4 max age ms (0: none),
-/// 5 `PUBLISH` or `SPUBLISH`, 6 deadline (Redis clock ms; 0: none), 7 floor: an offset the
-/// caller knows was handed out already (0: none; the new offsets are always above it), 8
-/// message count n, then 8 values per message (message i from ARGV[9 + 8 * i]): has cid
-/// (`0`/`1`), cid, user, text, ts, id, payload prefix, payload suffix (the channel payload is
-/// prefix .. offset .. suffix).
+/// KEYS, per room in call order: 1 offset counter, 2 stream, then the dedupe keys of its
+/// messages that carry a cid, in message order.
+/// ARGV: 1 dedupe window ms, 2 stream max len (0: none), 3 max age ms (0: none), 4
+/// `PUBLISH` or `SPUBLISH`, 5 deadline (Redis clock ms; 0: none), 6 room count, then per
+/// room: channel, floor (an offset the caller knows was handed out already, 0: none; the
+/// room's new offsets are always above it), message count n, then 8 values per message:
+/// has cid (`0`/`1`), cid, user, text, ts, id, payload prefix, payload suffix (the channel
+/// payload is prefix .. offset .. suffix).
 ///
-/// Returns one reply per message, in order: `{'ok', offset}`, or `{'dup',
-/// '<offset>:<ts>:<id>'}` (the first send's ack; nothing done for this one). Past the
-/// deadline it returns `{{'expired', now}}` and does nothing (the caller gave up already).
-/// The messages get consecutive offsets in the order given, and are published in that
-/// order: a batch is the same as its messages published one after another.
+/// Returns one array per room, of one reply per message, in order: `{'ok', offset}`, or
+/// `{'dup', '<offset>:<ts>:<id>'}` (the first send's ack; nothing done for this one). Past
+/// the deadline it returns `{'expired', now}` and does nothing (the caller gave up
+/// already). A room's messages get consecutive offsets in the order given, and are
+/// published in that order: a call is the same as its messages published one after
+/// another.
+///
+/// On a Redis Cluster the rooms of one call live on one node but on many slots: the
+/// script is sent with the `allow-cross-slot-keys` flag ([`CROSS_SLOT_FLAGS`]).
 const PUBLISH_BODY: &str = r#"
 local now = now_ms()
-local deadline = tonumber(ARGV[6])
+local deadline = tonumber(ARGV[5])
 if deadline > 0 and now > deadline then
-  return {{'expired', string.format('%d', now)}}
+  return {'expired', string.format('%d', now)}
 end
-local channel, window, max_len, pubcmd = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[5]
-local n = tonumber(ARGV[8])
--- New offsets go above the caller's floor. They also go above the stream's top id: XADD
--- refuses one at or below it, which is how a counter that fell behind (lost or reset) is
--- noticed, without reading the stream on every call.
-local last = tonumber(ARGV[7]) or 0
-local replies = {}
-local next_key = 3
-for i = 0, n - 1 do
-  local b = 9 + 8 * i
-  local has_cid = ARGV[b] == '1'
-  local cid_key = nil
-  if has_cid then
-    cid_key = KEYS[next_key]
-    next_key = next_key + 1
-  end
-  local first = cid_key and redis.call('GET', cid_key)
-  if first then
-    replies[#replies + 1] = {'dup', first}
-  else
-    local offset = redis.call('INCR', KEYS[1])
-    if last >= offset then
-      -- The counter fell behind the caller's floor: never reuse an offset.
-      offset = last + 1
-      redis.call('SET', KEYS[1], string.format('%d', offset))
-    end
-    local fields = {'id', ARGV[b + 5], 'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4]}
+local window, max_len, max_age, pubcmd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local rooms = tonumber(ARGV[6])
+local out = {}
+local a = 7
+local k = 1
+for _ = 1, rooms do
+  local channel, n = ARGV[a], tonumber(ARGV[a + 2])
+  local offset_key, stream = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  -- New offsets go above the caller's floor. They also go above the stream's top id: XADD
+  -- refuses one at or below it, which is how a counter that fell behind (lost or reset) is
+  -- noticed, without reading the stream on every call.
+  local last = tonumber(ARGV[a + 1]) or 0
+  local replies = {}
+  for i = 0, n - 1 do
+    local b = a + 3 + 8 * i
+    local has_cid = ARGV[b] == '1'
+    local cid_key = nil
     if has_cid then
-      fields[#fields + 1] = 'cid'
-      fields[#fields + 1] = ARGV[b + 1]
+      cid_key = KEYS[k]
+      k = k + 1
     end
-    local added = xadd(KEYS[2], max_len, offset, fields)
-    if type(added) == 'table' and added.err then
-      local top = top_offset(KEYS[2])
-      if top < offset then return redis.error_reply(added.err) end
-      -- The counter fell behind the stream (lost or reset): go on after the stream's top.
-      offset = top + 1
-      redis.call('SET', KEYS[1], string.format('%d', offset))
-      added = xadd(KEYS[2], max_len, offset, fields)
-      if type(added) == 'table' and added.err then return redis.error_reply(added.err) end
+    local first = cid_key and redis.call('GET', cid_key)
+    if first then
+      replies[#replies + 1] = {'dup', first}
+    else
+      local offset = redis.call('INCR', offset_key)
+      if last >= offset then
+        -- The counter fell behind the caller's floor: never reuse an offset.
+        offset = last + 1
+        redis.call('SET', offset_key, string.format('%d', offset))
+      end
+      local fields = {'id', ARGV[b + 5], 'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4]}
+      if has_cid then
+        fields[#fields + 1] = 'cid'
+        fields[#fields + 1] = ARGV[b + 1]
+      end
+      local added = xadd(stream, max_len, offset, fields)
+      if type(added) == 'table' and added.err then
+        local top = top_offset(stream)
+        if top < offset then return redis.error_reply(added.err) end
+        -- The counter fell behind the stream (lost or reset): go on after the stream's top.
+        offset = top + 1
+        redis.call('SET', offset_key, string.format('%d', offset))
+        added = xadd(stream, max_len, offset, fields)
+        if type(added) == 'table' and added.err then return redis.error_reply(added.err) end
+      end
+      last = offset
+      local off = string.format('%d', offset)
+      if has_cid and window > 0 then
+        redis.call('SET', cid_key, off .. ':' .. ARGV[b + 4] .. ':' .. ARGV[b + 5], 'PX', window)
+      end
+      redis.call(pubcmd, channel, ARGV[b + 6] .. off .. ARGV[b + 7])
+      replies[#replies + 1] = {'ok', off}
     end
-    last = offset
-    local off = string.format('%d', offset)
-    if has_cid and window > 0 then
-      redis.call('SET', cid_key, off .. ':' .. ARGV[b + 4] .. ':' .. ARGV[b + 5], 'PX', window)
-    end
-    redis.call(pubcmd, channel, ARGV[b + 6] .. off .. ARGV[b + 7])
-    replies[#replies + 1] = {'ok', off}
   end
+  trim_age(stream, max_age, now)
+  out[#out + 1] = replies
+  a = a + 3 + 8 * n
 end
-trim_age(KEYS[2], tonumber(ARGV[4]), now)
-return replies
+return out
 "#;
+
+/// The first line of a script sent to a Redis Cluster node: it may touch the keys of many
+/// slots, all on that node (Redis ≥ 7). Standalone Redis gets no flags line, so that Redis
+/// 6 runs the same script.
+pub(crate) const CROSS_SLOT_FLAGS: &str = "#!lua flags=allow-cross-slot-keys\n";
 
 /// The store's append script, for one room's part of a batch.
 ///
@@ -373,11 +394,11 @@ return out
 
 /// The scripts, with their SHA1s computed once.
 pub(crate) struct Scripts {
-    /// See [`PUBLISH_BODY`].
-    pub publish: redis::Script,
-    /// The publish script's source, for a shard's own connection to load it (SCRIPT LOAD)
-    /// when Redis answers `NOSCRIPT`.
-    pub publish_source: String,
+    /// See [`PUBLISH_BODY`]: for standalone Redis, and with [`CROSS_SLOT_FLAGS`] for a
+    /// Redis Cluster.
+    pub publish: ScriptSource,
+    /// The publish script with [`CROSS_SLOT_FLAGS`].
+    pub publish_cross_slot: ScriptSource,
     /// See [`APPEND_BODY`].
     pub append: redis::Script,
     /// See [`PRESENCE_SET_BODY`].
@@ -394,12 +415,31 @@ impl Scripts {
         let source = |body: &str| format!("{HELPERS}\n{body}");
         let with_helpers = |body: &str| redis::Script::new(&source(body));
         Scripts {
-            publish: with_helpers(PUBLISH_BODY),
-            publish_source: source(PUBLISH_BODY),
+            publish: ScriptSource::new(source(PUBLISH_BODY)),
+            publish_cross_slot: ScriptSource::new(format!(
+                "{CROSS_SLOT_FLAGS}{}",
+                source(PUBLISH_BODY)
+            )),
             append: with_helpers(APPEND_BODY),
             presence_set: with_helpers(PRESENCE_SET_BODY),
             presence_leave: with_helpers(PRESENCE_LEAVE_BODY),
             presence_list: with_helpers(PRESENCE_LIST_BODY),
         }
+    }
+}
+
+/// A script a shard sends itself (EVALSHA over its own connections): its source, to load
+/// it (SCRIPT LOAD) when a node answers `NOSCRIPT`, and its SHA1.
+pub(crate) struct ScriptSource {
+    /// The whole source.
+    pub source: String,
+    /// Its SHA1, as EVALSHA wants it.
+    pub sha: String,
+}
+
+impl ScriptSource {
+    fn new(source: String) -> ScriptSource {
+        let sha = redis::Script::new(&source).get_hash().to_owned();
+        ScriptSource { source, sha }
     }
 }

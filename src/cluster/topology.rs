@@ -296,7 +296,10 @@ mod tests {
         ]);
         let map = SlotMap::parse(reply, "seed").expect("parses");
         assert_eq!(map.uncovered(), 0);
-        assert_eq!(map.master_of(0).map(|n| n.to_string()), Some("seed:7000".into()));
+        assert_eq!(
+            map.master_of(0).map(|n| n.to_string()),
+            Some("seed:7000".into())
+        );
         assert_eq!(map.master_of(5461).map(|n| n.port), Some(7001));
         assert_eq!(map.master_of(16383).map(|n| n.port), Some(7002));
         assert_eq!(map.masters().len(), 3);
@@ -321,7 +324,10 @@ mod tests {
     fn redirects_are_read_from_errors() {
         assert_eq!(
             Redirect::of("MOVED", "3999 127.0.0.1:6381"),
-            Some(Redirect::Moved(3999, NodeAddr::parse("127.0.0.1:6381").expect("addr")))
+            Some(Redirect::Moved(
+                3999,
+                NodeAddr::parse("127.0.0.1:6381").expect("addr")
+            ))
         );
         assert_eq!(
             Redirect::of("ASK", "3999 [::1]:6381").map(|r| match r {
@@ -330,7 +336,10 @@ mod tests {
             }),
             Some("[::1]:6381".into())
         );
-        assert_eq!(Redirect::of("TRYAGAIN", "Multiple keys"), Some(Redirect::TryAgain));
+        assert_eq!(
+            Redirect::of("TRYAGAIN", "Multiple keys"),
+            Some(Redirect::TryAgain)
+        );
         assert_eq!(Redirect::of("ERR", "x"), None);
     }
 }

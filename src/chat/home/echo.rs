@@ -79,9 +79,11 @@ impl Home {
     /// The link is back: every loaded room catches up from the store, checked again a few
     /// times (and until the store answers).
     async fn on_reconnected(&self, c: &ClusterSequencer) {
-        self.metrics()
-            .redis_link_down
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        // On a Redis Cluster, another master's link may still be down.
+        self.metrics().redis_link_down.store(
+            u64::from(c.link.is_down()),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let rooms: Vec<Arc<str>> = self.rooms.borrow().keys().cloned().collect();
         tracing::info!(
             shard = self.shard,

@@ -52,12 +52,11 @@ use std::time::Instant;
 
 use futures::channel::oneshot;
 use redis::aio::MultiplexedConnection;
-use redis::{Client, RedisError, Value};
+use redis::{Client, Value};
 
-use super::publish::PublishCall;
-use super::scripts::Scripts;
+use super::scripts::{ScriptSource, Scripts};
 use super::wire::typing_payload;
-use super::{keys, redact_url, ClusterError, NewMessage, RedisOptions};
+use super::{keys, redact_url, ClusterError, RedisOptions};
 use crate::bridge::Bridge;
 
 mod client;
@@ -376,24 +375,25 @@ impl RedisCluster {
         self.inner.shared.closed.load(Ordering::Acquire)
     }
 
-    /// The publish script call for one room's messages (see [`PublishCall`]).
-    pub(crate) fn publish_call<'a>(&self, msgs: &[&'a NewMessage], floor: u64) -> PublishCall<'a> {
+    /// The publish script as a shard sends it: with the `allow-cross-slot-keys` flag for
+    /// a Redis Cluster (`cross_slot`), without for a standalone server.
+    pub(crate) fn publish_script(&self, cross_slot: bool) -> &ScriptSource {
+        let scripts = &self.inner.shared.scripts;
+        if cross_slot {
+            &scripts.publish_cross_slot
+        } else {
+            &scripts.publish
+        }
+    }
+
+    /// The deadline of a publish starting now, in Redis's clock (ms): half the command
+    /// timeout ahead (see [`ClusterError::Timeout`]).
+    pub(crate) fn publish_deadline(&self) -> u64 {
         let shared = &self.inner.shared;
-        let sha = shared.scripts.publish.get_hash();
-        PublishCall::new(&shared.opts, sha, shared.redis_now_ms(), msgs, floor)
-    }
-
-    /// `SCRIPT LOAD` of the publish script.
-    pub(crate) fn load_publish_script(&self) -> redis::Cmd {
-        let mut cmd = redis::cmd("SCRIPT");
-        cmd.arg("LOAD")
-            .arg(&self.inner.shared.scripts.publish_source);
-        cmd
-    }
-
-    /// A [`ClusterError`] for `e` that says what went wrong with `what`.
-    pub(crate) fn classify(&self, e: &RedisError, what: &str) -> ClusterError {
-        self.inner.shared.classify(e, what)
+        let half = shared.opts.command_timeout / 2;
+        shared
+            .redis_now_ms()
+            .saturating_add(half.as_millis() as u64)
     }
 
     /// `Ok` unless closed or the command connection is known to be down (then the last

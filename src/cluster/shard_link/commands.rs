@@ -1,119 +1,107 @@
-//! Publishing: the publish script on the shard's command connection, one batch at a
-//! time, with its reconnect backoff.
+//! A node's command connection: the publish script (with `ASKING` before it during a
+//! slot's migration, and `WAIT` after it on a master with replicas), one call at a time,
+//! with its reconnect backoff.
 
 use std::rc::Rc;
 use std::time::Instant;
 
-use redis::{ErrorKind, ServerErrorKind, Value};
+use redis::{ErrorKind, RedisResult, ServerErrorKind, Value};
 
-use super::{within, Commands, Conns};
-use crate::cluster::publish::{group_by_room, scatter, PublishCall};
+use super::node::{Commands, NodeLink};
+use super::within;
 use crate::cluster::redis::backoff;
 use crate::cluster::resp::RespConn;
-use crate::cluster::{ClusterError, NewMessage, Published};
+use crate::cluster::topology::Redirect;
+use crate::cluster::ClusterError;
 
-/// Result of one publish script call: per message, or one error for the call.
-type CallOutcome = Result<Vec<Result<Published, ClusterError>>, ClusterError>;
+/// What one publish script call on a node gave.
+pub(super) enum ScriptReply {
+    /// The script ran: its reply.
+    Reply(Value),
+    /// The node sent the call elsewhere (a Redis Cluster's slot moved, or is moving);
+    /// nothing ran.
+    Redirect(Redirect),
+    /// The call failed: nothing ran, except after a lost reply ([`ClusterError::Timeout`]).
+    Failed(ClusterError),
+}
 
-impl Conns {
-    pub(super) async fn publish_batch(
+impl NodeLink {
+    /// Runs the publish script `script` (an `EVALSHA` of `sha`, whose source is `source`)
+    /// on this node within `command_timeout`: after `ASKING` when `asking`, followed by
+    /// `WAIT 1` when the node has replicas, all in one write.
+    pub(super) async fn run_script(
         &self,
-        msgs: Vec<(NewMessage, u64)>,
-    ) -> Vec<Result<Published, ClusterError>> {
-        let groups = group_by_room(&msgs);
-        let calls: Vec<PublishCall<'_>> = groups
-            .iter()
-            .map(|(idx, floor)| {
-                let group: Vec<&NewMessage> = idx.iter().map(|&i| &msgs[i].0).collect();
-                self.cluster.publish_call(&group, *floor)
-            })
-            .collect();
-        let outcomes = self.run_calls(calls).await;
-        scatter(msgs.len(), &groups, outcomes)
-    }
-
-    /// Sends the calls in one write and reads their replies, within `command_timeout`.
-    async fn run_calls(&self, calls: Vec<PublishCall<'_>>) -> Vec<CallOutcome> {
-        let (target, timeout) = (self.cluster.target(), self.opts().command_timeout);
+        script: &redis::Cmd,
+        source: &str,
+        asking: bool,
+    ) -> ScriptReply {
+        let timeout = self.opts().command_timeout;
         let mut commands = self.commands.lock().await;
-        let sendable: Vec<&redis::Cmd> = calls
-            .iter()
-            .filter(|c| !c.is_empty())
-            .map(|c| &c.cmd)
-            .collect();
-        let replies = match within(timeout, self.exchange(&mut commands, &sendable)).await {
-            Some(replies) => replies,
+        let wait = (self.replicas.get() > 0).then(|| {
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(1).arg((timeout / 2).as_millis() as u64);
+            wait
+        });
+        let exchange = async {
+            let conn = self.command_conn(&mut commands).await?;
+            let mut reply = script_exchange(conn, script, asking, wait.as_ref()).await;
+            if matches!(&reply, Ok(Err(e)) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
+            {
+                // First call on this connection since Redis lost its scripts: load, again.
+                let load = redis::cmd("SCRIPT").arg("LOAD").arg(source).clone();
+                reply = match conn.call(&load).await {
+                    Ok(_) => script_exchange(conn, script, asking, wait.as_ref()).await,
+                    Err(e) => Err(e),
+                };
+            }
+            reply.map_err(|e| self.classify(&e, "the publish script"))
+        };
+        let outcome = within(timeout, exchange).await;
+        let reply = match outcome {
             None => {
                 // The replies may still come: this connection cannot be trusted any more.
                 commands.conn = None;
-                Err(self.timed_out("the publish script"))
+                return ScriptReply::Failed(self.timed_out("the publish script"));
             }
+            Some(Err(e)) => {
+                commands.conn = None;
+                return ScriptReply::Failed(e);
+            }
+            Some(Ok(reply)) => reply,
         };
         drop(commands);
-        let mut replies = match replies {
-            Ok(each) => each,
-            Err(e) => vec![Err(e); sendable.len()],
+        match reply {
+            Ok(value) => ScriptReply::Reply(value),
+            Err(e) => match Redirect::of_error(&e) {
+                Some(redirect) => ScriptReply::Redirect(redirect),
+                None => ScriptReply::Failed(self.classify(&e, "the publish script")),
+            },
         }
-        .into_iter();
-        calls
-            .into_iter()
-            .map(|call| {
-                if call.is_empty() {
-                    return call.settle(Value::Nil, target, timeout);
-                }
-                match replies.next() {
-                    Some(Ok(reply)) => call.settle(reply, target, timeout),
-                    Some(Err(e)) => Err(e),
-                    None => Err(ClusterError::Protocol("publish: no reply".into())),
-                }
-            })
-            .collect()
     }
 
-    /// Writes `cmds` (pipelined) on the command connection and reads one reply each: the
-    /// error of the connection, or one result per command (a command Redis refused fails
-    /// alone). Loads the script and sends again the calls Redis answered `NOSCRIPT`.
-    async fn exchange(
-        &self,
-        commands: &mut Commands,
-        cmds: &[&redis::Cmd],
-    ) -> Result<Vec<Result<Value, ClusterError>>, ClusterError> {
-        if cmds.is_empty() {
-            return Ok(Vec::new());
-        }
-        let conn = self.command_conn(commands).await?;
-        let mut replies = match pipeline(conn, cmds).await {
-            Ok(r) => r,
-            Err(e) => {
-                commands.conn = None;
-                return Err(self.cluster.classify(&e, "the publish script"));
-            }
+    /// One command on the command connection, within `command_timeout`.
+    pub(super) async fn call(&self, cmd: &redis::Cmd) -> Result<Value, ClusterError> {
+        let timeout = self.opts().command_timeout;
+        let mut commands = self.commands.lock().await;
+        let exchange = async {
+            let conn = self.command_conn(&mut commands).await?;
+            conn.call(cmd)
+                .await
+                .map_err(|e| self.classify(&e, "a command"))
         };
-        let unknown: Vec<usize> = (0..replies.len())
-            .filter(|&i| matches!(&replies[i], Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)))
-            .collect();
-        if !unknown.is_empty() {
-            let again: Vec<&redis::Cmd> = unknown.iter().map(|&i| cmds[i]).collect();
-            let loaded = async {
-                conn.call(&self.cluster.load_publish_script()).await?;
-                pipeline(conn, &again).await
-            };
-            match loaded.await {
-                Ok(second) => {
-                    for (i, r) in unknown.into_iter().zip(second) {
-                        replies[i] = r;
-                    }
-                }
-                Err(e) => {
+        match within(timeout, exchange).await {
+            Some(Ok(value)) => Ok(value),
+            Some(Err(e)) => {
+                if e.is_transient() {
                     commands.conn = None;
-                    return Err(self.cluster.classify(&e, "loading the publish script"));
                 }
+                Err(e)
+            }
+            None => {
+                commands.conn = None;
+                Err(self.timed_out("a command"))
             }
         }
-        Ok(replies
-            .into_iter()
-            .map(|r| r.map_err(|e| self.cluster.classify(&e, "the publish script")))
-            .collect())
     }
 
     /// The command connection: the current one, or a new one (while in backoff after a
@@ -153,7 +141,7 @@ impl Conns {
     pub(super) async fn warm_commands(self: Rc<Self>) {
         let mut commands = self.commands.lock().await;
         if let Err(e) = self.command_conn(&mut commands).await {
-            tracing::warn!(shard = self.shard, error = %e, "redis command connection of a shard failed at start; publishes retry it after backoff");
+            tracing::warn!(shard = self.shard, node = %self.name, error = %e, "redis command connection of a shard failed at start; publishes retry it after backoff");
         }
     }
 
@@ -165,20 +153,40 @@ impl Conns {
     }
 }
 
-/// Writes `cmds` in one go and reads one reply each, in order: an I/O or protocol error
-/// for the connection, else a result per command.
-async fn pipeline(
+/// Writes `[ASKING] script [WAIT]` in one go and reads their replies: an I/O or protocol
+/// error for the connection (`Err`), else the script's result (`Ok(Err)` when Redis
+/// refused it, or `ASKING` was refused).
+async fn script_exchange(
     conn: &mut RespConn,
-    cmds: &[&redis::Cmd],
-) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
+    script: &redis::Cmd,
+    asking: bool,
+    wait: Option<&redis::Cmd>,
+) -> RedisResult<RedisResult<Value>> {
     let mut packed = Vec::new();
-    for cmd in cmds {
-        cmd.write_packed_command(&mut packed);
+    if asking {
+        redis::cmd("ASKING").write_packed_command(&mut packed);
+    }
+    script.write_packed_command(&mut packed);
+    if let Some(wait) = wait {
+        wait.write_packed_command(&mut packed);
     }
     conn.writer.send(&packed).await?;
-    let mut replies = Vec::with_capacity(cmds.len());
-    for _ in cmds {
-        replies.push(conn.reader.read().await?.extract_error());
+    let asked = if asking {
+        Some(conn.reader.read().await?.extract_error())
+    } else {
+        None
+    };
+    let reply = conn.reader.read().await?.extract_error();
+    if wait.is_some() {
+        match conn.reader.read().await?.extract_error() {
+            Ok(Value::Int(0)) if reply.is_ok() => {
+                tracing::debug!("no replica confirmed a publish within the wait; acked anyway")
+            }
+            _ => {}
+        }
     }
-    Ok(replies)
+    Ok(match asked {
+        Some(Err(e)) => Err(e),
+        _ => reply,
+    })
 }

@@ -15,7 +15,19 @@
 //! the shard itself: TCP, a Unix socket, and `rediss://` (rustls, with the same CA and
 //! client certificate files as the bridge's client).
 //!
-//! # Connections, per shard
+//! # Redis Cluster
+//!
+//! At start the link asks the server for its slot map (`CLUSTER SLOTS`); a standalone
+//! server refuses, and then it is the only node. On a cluster each room's keys and channel
+//! live on the master of the room's slot ([`super::topology`]), and the shard keeps the
+//! connections below to each master it needs: a batch is one script call per master, sent
+//! to all of them at once, and each master's subscriber carries the rooms of its slots. A
+//! topology task reads the map again when a node answers `MOVED`, drops a room's sharded
+//! subscription (its slot moved: Redis 7 does that), or cannot be reached (a failover), and
+//! every few seconds besides; rooms whose master changed are subscribed on the new one,
+//! and [`ClusterEvent::Reconnected`] tells the home to catch up what they may have missed.
+//!
+//! # Connections, per shard and Redis node
 //!
 //! - **Commands** (the publish script): connected at start (again on first use after it
 //!   was lost), one batch at a time (the
@@ -31,108 +43,107 @@
 //!
 //! # Layout
 //!
-//! This file holds the link's public face and the state its parts share; `commands` runs
-//! the publish script on the command connection, `subscribe` sends a caller's
-//! (un)subscribe commands and waits for Redis to confirm them, and `reader` is the
-//! subscriber task (keeping the link up, reading what Redis pushes, probing).
+//! This file holds the link's public face; `router` finds each room's node and keeps the
+//! slot map (the topology task), `publish` splits a batch over the nodes and follows
+//! redirects, `node` is one node's connections: `commands` runs the publish script on its
+//! command connection, `subscribe` sends a caller's (un)subscribe commands and waits for
+//! Redis to confirm them, and `reader` is the subscriber task (keeping the link up,
+//! reading what Redis pushes, probing).
 
-use std::cell::RefCell;
-use std::collections::{HashSet, VecDeque};
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::channel::{mpsc, oneshot};
-use futures::lock::Mutex;
+use futures::channel::mpsc;
 
-use super::redis::{RedisCluster, ShardAddr};
-use super::resp::{Endpoint, RespConn, RespWriter};
+use super::redis::RedisCluster;
 use super::{ClusterError, ClusterEvent, NewMessage, Published};
 
 mod commands;
+mod node;
+mod publish;
 mod reader;
+mod router;
 mod subscribe;
+
+use router::Router;
 
 /// One shard's way to Redis for subscribing rooms and publishing messages; see the module
 /// docs. Lives on its shard (not `Send`); the rest of [`RedisCluster`] is reached through
 /// [`ShardLink::redis`].
 pub struct ShardLink {
-    conns: Rc<Conns>,
+    router: Rc<Router>,
 }
 
 impl ShardLink {
     /// The link of shard `shard`, and the stream of its [`ClusterEvent`]s. Call it on the
-    /// shard's executor, before any room is subscribed. It connects the subscriber
-    /// (bounded by `connect_timeout`) and starts its task; when Redis cannot be reached yet,
-    /// the stream starts with [`ClusterEvent::Down`] and the task keeps trying, then
-    /// announces [`ClusterEvent::Reconnected`] once connected, as after a lost link.
+    /// shard's executor, before any room is subscribed. It finds out whether Redis is a
+    /// cluster (and reads its slot map), connects the subscriber (bounded by
+    /// `connect_timeout`) and starts its tasks; when Redis cannot be reached yet, the
+    /// stream starts with [`ClusterEvent::Down`] and the tasks keep trying, then announce
+    /// [`ClusterEvent::Reconnected`] once connected, as after a lost link.
     pub async fn start(
         cluster: RedisCluster,
         shard: usize,
     ) -> (ShardLink, mpsc::UnboundedReceiver<ClusterEvent>) {
         let (tx, events) = mpsc::unbounded();
-        let conns = Rc::new(Conns {
-            cluster,
-            shard,
-            events: tx,
-            commands: Mutex::new(Commands::default()),
-            sub: Rc::new(RefCell::new(Subscriber::default())),
-        });
-        let first = match conns.connect("connect (pub/sub)", "pubsub").await {
-            Ok(conn) => Some(conns.install(conn)),
-            Err(e) => {
-                tracing::warn!(shard, error = %e, "redis pub/sub link of a shard is down at start; retrying");
-                conns.send(ClusterEvent::Down {
-                    reason: e.to_string(),
-                });
-                None
-            }
-        };
-        if first.is_some() {
-            // The first publish need not wait for a connection (and a refused one shows at
-            // start, in the log).
-            glommio::spawn_local(conns.clone().warm_commands()).detach();
-        }
-        glommio::spawn_local(conns.clone().run_subscriber(first)).detach();
-        (ShardLink { conns }, events)
+        let router = Router::start(cluster, shard, tx).await;
+        (ShardLink { router }, events)
     }
 
     /// The process's link to Redis, for everything but the hot path.
     pub fn redis(&self) -> &RedisCluster {
-        &self.conns.cluster
+        &self.router.cluster
     }
 
-    /// Subscribes `room`'s channel: `Ok` once Redis confirmed it; on
-    /// [`ClusterError::Unavailable`] / [`ClusterError::Timeout`] the room stays wanted and
-    /// is subscribed when the link is back (announced by [`ClusterEvent::Reconnected`]);
+    /// Whether Redis is a Redis Cluster (known once it was reached).
+    pub fn is_cluster(&self) -> bool {
+        self.router.is_cluster()
+    }
+
+    /// Whether a link to Redis (to any node, on a cluster) is down now: some rooms miss
+    /// their messages until [`ClusterEvent::Reconnected`].
+    pub fn is_down(&self) -> bool {
+        self.router.is_down()
+    }
+
+    /// Subscribes `room`'s channel (on the node serving its slot): `Ok` once Redis confirmed
+    /// it; on [`ClusterError::Unavailable`] / [`ClusterError::Timeout`] the room stays wanted
+    /// and is subscribed when the link is back (announced by [`ClusterEvent::Reconnected`]);
     /// other errors leave nothing behind.
     pub async fn subscribe(&self, room: &str) -> Result<(), ClusterError> {
-        self.conns.subscribe(room).await
+        Box::pin(self.router.subscribe(room)).await
     }
 
     /// Unsubscribes `room`'s channel. Events already on their way may still arrive.
     pub async fn unsubscribe(&self, room: &str) -> Result<(), ClusterError> {
-        self.conns.unsubscribe(room).await
+        self.router.unsubscribe(room).await
     }
 
-    /// Publishes a batch with the publish script, one call per room, all in one write and
-    /// one round trip; a result per message, in the order given. A home shard sends
-    /// whatever queued while its previous batch was out.
+    /// Publishes a batch with the publish script: one call per Redis node carrying all its
+    /// rooms' messages, the calls to several nodes at once; a result per message, in the
+    /// order given. A home shard sends whatever queued while its previous batch was out.
     ///
-    /// Per message, in one atomic script: when it carries a `cid` that this user sent to
-    /// this room within the dedupe window, the first ack ([`Published::Duplicate`]) and
-    /// nothing else; otherwise the room's next offset, the message appended to the room's
-    /// stream (trimmed by count and age), the cid recorded, and the message published on
-    /// the room's channel, so the channel's order is the offset order. A room's messages
-    /// get consecutive offsets in the order given (a batch is the same as publishing them
-    /// one after another).
+    /// Per message, atomically: when it carries a `cid` that this user sent to this room
+    /// within the dedupe window, the first ack ([`Published::Duplicate`]) and nothing else;
+    /// otherwise the room's next offset, the message appended to the room's stream (trimmed
+    /// by count and age), the cid recorded, and the message published on the room's
+    /// channel, so the channel's order is the offset order. A room's messages get
+    /// consecutive offsets in the order given (a batch is the same as publishing them one
+    /// after another).
     ///
     /// Each message comes with a floor: an offset of its room the caller knows was handed
     /// out already (a home shard's newest delivered one). The room's new offsets are above
     /// the highest floor given with its messages, even when Redis lost the room's counter
-    /// and stream (restarted without persistence): offsets never go back for the members,
-    /// and a durable store never gets an offset it holds already.
+    /// and stream (restarted without persistence, or a failover lost the last writes):
+    /// offsets never go back for the members, and a durable store never gets an offset it
+    /// holds already.
+    ///
+    /// On a Redis Cluster, calls follow `MOVED` (reading the slot map again) and `ASK`, wait
+    /// out `TRYAGAIN` during a slot's migration, and on a master with replicas wait until
+    /// one has the writes (`WAIT`), so that an acked message survives a failover.
     ///
     /// On error nothing was stored, except after a [`ClusterError::Timeout`] whose reply
     /// was lost (see there): a retry with the same `cid` is safe.
@@ -140,125 +151,47 @@ impl ShardLink {
         &self,
         msgs: Vec<(NewMessage, u64)>,
     ) -> Vec<Result<Published, ClusterError>> {
-        self.conns.publish_batch(msgs).await
+        // Boxed: the future is large (a call per node, redirects, a map refresh), and a
+        // shard's stack should not carry it in every caller's state.
+        Box::pin(self.router.publish_batch(msgs)).await
     }
 }
 
-/// The shard's own connections and their state.
-struct Conns {
-    cluster: RedisCluster,
-    shard: usize,
-    /// The shard's event stream.
-    events: mpsc::UnboundedSender<ClusterEvent>,
-    /// The command connection; locked for the whole of a batch.
-    commands: Mutex<Commands>,
-    /// Shared with the stray-unsubscribe tasks.
-    sub: Rc<RefCell<Subscriber>>,
+/// What a node asks of its shard's topology task: read the cluster's map again, and the
+/// rooms it stopped serving (Redis dropped their sharded subscriptions when their slot
+/// moved), to subscribe again wherever they are now.
+pub(super) struct Requests {
+    /// A refresh was asked for.
+    pending: Cell<bool>,
+    /// Rooms to subscribe again after the refresh.
+    orphans: RefCell<HashSet<String>>,
+    /// Wakes the topology task (one wake-up pending at most: a bounded queue of one).
+    wake: mpsc::Sender<()>,
 }
 
-/// The command connection and its reconnect state.
-#[derive(Default)]
-struct Commands {
-    conn: Option<RespConn>,
-    failures: u32,
-    /// While in backoff after a failed connect: when to try again, and the error till then.
-    retry: Option<(Instant, ClusterError)>,
-}
-
-/// The subscriber connection's shared state (its reader is owned by its task).
-#[derive(Default)]
-struct Subscriber {
-    /// The rooms the shard wants, subscribed whenever the link is up.
-    rooms: HashSet<String>,
-    /// The live connection's writing half, while the link is up.
-    writer: Option<Rc<Mutex<RespWriter>>>,
-    /// (Un)subscribe commands sent and not confirmed yet, oldest first.
-    waiting: VecDeque<Waiter>,
-    /// Channels being unsubscribed because they delivered for no wanted room.
-    strays: HashSet<String>,
-    /// When the unanswered PING was sent.
-    ping_sent: Option<Instant>,
-}
-
-/// A caller waiting for Redis to confirm its (un)subscribe command.
-struct Waiter {
-    subscribe: bool,
-    channel: String,
-    done: oneshot::Sender<Result<(), ClusterError>>,
-}
-
-impl Conns {
-    fn opts(&self) -> &super::RedisOptions {
-        self.cluster.options()
+impl Requests {
+    fn new(wake: mpsc::Sender<()>) -> Requests {
+        Requests {
+            pending: Cell::new(false),
+            orphans: RefCell::new(HashSet::new()),
+            wake,
+        }
     }
 
-    fn link_down(&self, room: &str) -> ClusterError {
-        ClusterError::Unavailable(format!(
-            "the pub/sub link to {} is down; {room:?} will be subscribed when it is back",
-            self.cluster.target()
-        ))
+    /// Asks for a refresh; `orphan`, a room to subscribe again after it.
+    pub(super) fn ask(&self, orphan: Option<&str>) {
+        if let Some(room) = orphan {
+            self.orphans.borrow_mut().insert(room.to_owned());
+        }
+        self.pending.set(true);
+        // Full: a wake-up is pending already.
+        let _ = self.wake.clone().try_send(());
     }
 
-    fn timed_out(&self, what: &str) -> ClusterError {
-        ClusterError::Timeout(format!(
-            "redis at {} did not answer {what} within {:?}",
-            self.cluster.target(),
-            self.opts().command_timeout
-        ))
-    }
-
-    /// A new connection named `corelay:<host>:shard<N>:<role>`, within `connect_timeout`
-    /// (AUTH and SELECT included).
-    async fn connect(&self, what: &str, role: &str) -> Result<RespConn, ClusterError> {
-        let name = format!(
-            "corelay:{}:shard{}:{role}",
-            self.cluster
-                .host_id()
-                .replace(|c: char| !c.is_ascii_graphic(), "_"),
-            self.shard
-        );
-        let target = self.cluster.shard_target();
-        let attempt = async {
-            let (addrs, tls) = match &target.addr {
-                ShardAddr::Unix(path) => {
-                    return RespConn::connect(Endpoint::Unix(path), &target.info, &name)
-                        .await
-                        .map_err(|e| self.cluster.classify(&e, what));
-                }
-                ShardAddr::Tcp { host, port, tls } => match host.parse::<IpAddr>() {
-                    Ok(ip) => (vec![SocketAddr::new(ip, *port)], tls.as_ref()),
-                    Err(_) => (
-                        self.cluster.resolve(host.clone(), *port).await?,
-                        tls.as_ref(),
-                    ),
-                },
-            };
-            let mut last = None;
-            for addr in addrs {
-                let to = Endpoint::Tcp { addr, tls };
-                match RespConn::connect(to, &target.info, &name).await {
-                    Ok(conn) => return Ok(conn),
-                    Err(e) => last = Some(self.cluster.classify(&e, what)),
-                }
-            }
-            Err(last.unwrap_or_else(|| {
-                ClusterError::Unavailable(format!(
-                    "redis at {} resolves to no address",
-                    self.cluster.target()
-                ))
-            }))
-        };
-        let limit = self.opts().connect_timeout;
-        within(limit, attempt).await.unwrap_or_else(|| {
-            Err(ClusterError::Timeout(format!(
-                "connecting to redis at {} took longer than {limit:?}",
-                self.cluster.target()
-            )))
-        })
-    }
-
-    fn send(&self, event: ClusterEvent) {
-        let _ = self.events.unbounded_send(event);
+    /// Takes the pending request: whether there was one, and its orphans.
+    fn take(&self) -> (bool, Vec<String>) {
+        let orphans = self.orphans.borrow_mut().drain().collect();
+        (self.pending.replace(false), orphans)
     }
 }
 

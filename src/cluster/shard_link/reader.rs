@@ -2,23 +2,24 @@
 //! probes the link with PING, and reads what Redis pushes (room messages to the shard's
 //! stream, confirmations to their waiters).
 
-use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Instant;
 
 use futures::lock::Mutex;
 use redis::Value;
 
-use super::{first_of, within, Conns};
+use super::node::NodeLink;
+use super::{first_of, within};
 use crate::cluster::redis::backoff;
 use crate::cluster::resp::{RespConn, RespReader, RespWriter};
+use crate::cluster::topology::Redirect;
 use crate::cluster::wire::{bytes, decode_event};
-use crate::cluster::{keys, ClusterEvent};
+use crate::cluster::{keys, ClusterError, ClusterEvent};
 
 /// PING as sent on the subscriber connection.
 const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
 
-impl Conns {
+impl NodeLink {
     /// Makes `conn` the live subscriber connection: its writer is shared with callers,
     /// its reader goes to the subscriber task.
     pub(super) fn install(&self, conn: RespConn) -> (RespReader, Rc<Mutex<RespWriter>>) {
@@ -37,20 +38,20 @@ impl Conns {
         self: Rc<Self>,
         mut first: Option<(RespReader, Rc<Mutex<RespWriter>>)>,
     ) {
-        // Without a first connection, the link starts as down (`start` said so).
-        let announced_down = Cell::new(first.is_none());
         let mut failures: u32 = 0;
-        while !self.cluster.is_closed() {
+        while !self.is_stopped() {
             let (reader, writer) = match first.take() {
                 Some(live) => live,
                 None => match self.connect("connect (pub/sub)", "pubsub").await {
                     Ok(conn) => self.install(conn),
                     Err(e) => {
-                        if !announced_down.replace(true) {
+                        if !self.down.replace(true) {
                             self.send(ClusterEvent::Down {
                                 reason: e.to_string(),
                             });
                         }
+                        // A failover may have moved the node's slots to another.
+                        self.ask_refresh(None);
                         failures = failures.saturating_add(1);
                         let delay = backoff(self.opts(), failures);
                         tracing::debug!(error = %e, ?delay, "redis pub/sub reconnect of a shard failed");
@@ -70,9 +71,12 @@ impl Conns {
                     .collect();
                 match self.sub_commands(true, channels).await {
                     Ok(()) => {
-                        if announced_down.replace(false) {
-                            tracing::info!(target = %self.cluster.target(), "redis pub/sub link of a shard is back; rooms resubscribed");
+                        let was_down = self.down.replace(false);
+                        if was_down {
+                            tracing::info!(target = %self.name, "redis pub/sub link of a shard is back; rooms resubscribed");
                             self.reset_command_backoff();
+                        }
+                        if self.owed_reconnect.replace(false) || was_down {
                             self.send(ClusterEvent::Reconnected);
                         }
                         futures::future::pending::<String>().await
@@ -98,13 +102,14 @@ impl Conns {
             if let Some(mut commands) = self.commands.try_lock() {
                 commands.conn = None;
             }
-            if self.cluster.is_closed() {
+            if self.is_stopped() {
                 return;
             }
-            tracing::warn!(%reason, "redis pub/sub link of a shard is down; reconnecting");
-            if !announced_down.replace(true) {
+            tracing::warn!(%reason, node = %self.name, "redis pub/sub link of a shard is down; reconnecting");
+            if !self.down.replace(true) {
                 self.send(ClusterEvent::Down { reason });
             }
+            self.ask_refresh(None);
         }
     }
 
@@ -113,12 +118,7 @@ impl Conns {
         loop {
             match reader.read().await {
                 Ok(value) => self.on_push(value),
-                Err(e) => {
-                    return format!(
-                        "lost the pub/sub connection to {}: {e}",
-                        self.cluster.target()
-                    )
-                }
+                Err(e) => return format!("lost the pub/sub connection to {}: {e}", self.name),
             }
         }
     }
@@ -129,7 +129,7 @@ impl Conns {
         let (every, limit) = (self.opts().ping_interval, self.opts().command_timeout);
         loop {
             glommio::timer::sleep(every).await;
-            if self.cluster.is_closed() {
+            if self.is_stopped() {
                 return "the redis client was closed".into();
             }
             let sent = self.sub.borrow().ping_sent;
@@ -137,7 +137,7 @@ impl Conns {
                 Some(at) if at.elapsed() > limit => {
                     return format!(
                         "no answer to PING from redis at {} within {limit:?}",
-                        self.cluster.target()
+                        self.name
                     )
                 }
                 Some(_) => continue,
@@ -162,10 +162,25 @@ impl Conns {
             }
             Value::ServerError(e) => {
                 // Errors answer in order: this one is the oldest command's (a refused
-                // subscribe, e.g. an ACL without the channel).
-                let e = self.cluster.classify(&e.into(), "subscribe");
-                match self.sub.borrow_mut().waiting.pop_front() {
+                // subscribe, e.g. an ACL without the channel, or MOVED: the room's slot is
+                // served elsewhere now).
+                let e: redis::RedisError = e.into();
+                let waiter = self.sub.borrow_mut().waiting.pop_front();
+                let moved = Redirect::of_error(&e).is_some();
+                let e = if moved {
+                    ClusterError::Unavailable(format!(
+                        "redis at {} no longer serves the channel's slot ({e}); it is \
+                         subscribed again on its master",
+                        self.name
+                    ))
+                } else {
+                    self.classify(&e, "subscribe")
+                };
+                match waiter {
                     Some(w) => {
+                        if moved {
+                            self.ask_refresh(keys::room_of_channel(w.channel.as_bytes()));
+                        }
                         let _ = w.done.send(Err(e));
                     }
                     None => tracing::warn!(error = %e, "redis refused a pub/sub command"),
@@ -194,8 +209,21 @@ impl Conns {
                     .waiting
                     .iter()
                     .position(|w| w.subscribe == subscribe && w.channel.as_bytes() == channel);
-                if let Some(w) = at.and_then(|i| sub.waiting.remove(i)) {
-                    let _ = w.done.send(Ok(()));
+                match at.and_then(|i| sub.waiting.remove(i)) {
+                    Some(w) => {
+                        let _ = w.done.send(Ok(()));
+                    }
+                    None if !subscribe => {
+                        // Nobody asked: Redis dropped a sharded subscription because the
+                        // slot moved to another node.
+                        let room = keys::room_of_channel(&channel);
+                        if let Some(room) = room.filter(|r| sub.rooms.contains(*r)) {
+                            drop(sub);
+                            tracing::debug!(node = %self.name, room, "redis dropped a room's subscription: its slot moved");
+                            self.ask_refresh(Some(room));
+                        }
+                    }
+                    None => {}
                 }
             }
             b"pong" => self.sub.borrow_mut().ping_sent = None,
@@ -224,7 +252,7 @@ impl Conns {
 
     /// Unsubscribes the channel of a room no longer wanted (a subscription left by a race
     /// with a reconnect), once, unless the room is wanted again by the time it is written.
-    fn drop_stray(&self, room: &str) {
+    pub(super) fn drop_stray(&self, room: &str) {
         let channel = keys::channel(room);
         let writer = {
             let mut sub = self.sub.borrow_mut();
@@ -234,7 +262,7 @@ impl Conns {
             sub.writer.clone()
         };
         let Some(writer) = writer else { return };
-        let name = self.opts().subscribe_command(false);
+        let name = self.subscribe_command(false);
         let limit = self.opts().command_timeout;
         let room = room.to_owned();
         let me = self.sub.clone();

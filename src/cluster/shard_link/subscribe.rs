@@ -3,21 +3,28 @@
 
 use futures::channel::oneshot;
 
-use super::{within, Conns, Waiter};
+use super::node::{NodeLink, Waiter};
+use super::within;
 use crate::cluster::{keys, ClusterError};
 
-impl Conns {
+impl NodeLink {
     pub(super) async fn subscribe(&self, room: &str) -> Result<(), ClusterError> {
         if !self.sub.borrow_mut().rooms.insert(room.to_owned()) {
             // Wanted already: subscribed, or pending until the link is back.
             return match self.sub.borrow().writer {
                 Some(_) => Ok(()),
-                None => Err(self.link_down(room)),
+                None => {
+                    self.owed_reconnect.set(true);
+                    Err(self.link_down(room))
+                }
             };
         }
         let result = self.sub_commands(true, vec![keys::channel(room)]).await;
         match result {
-            Err(ClusterError::Unavailable(_)) => Err(self.link_down(room)),
+            Err(ClusterError::Unavailable(_)) => {
+                self.owed_reconnect.set(true);
+                Err(self.link_down(room))
+            }
             Err(e) if !e.is_transient() => {
                 self.sub.borrow_mut().rooms.remove(room);
                 Err(e)
@@ -55,10 +62,10 @@ impl Conns {
         let Some(writer) = writer else {
             return Err(ClusterError::Unavailable(format!(
                 "the pub/sub link to {} is down",
-                self.cluster.target()
+                self.name
             )));
         };
-        let name = self.opts().subscribe_command(subscribe);
+        let name = self.subscribe_command(subscribe);
         let limit = self.opts().command_timeout;
         let mut packed = Vec::new();
         let mut confirmations = Vec::with_capacity(channels.len());
@@ -93,7 +100,7 @@ impl Conns {
             Some(Err(e)) => {
                 return Err(ClusterError::Unavailable(format!(
                     "redis at {}, {what}: {e}",
-                    self.cluster.target()
+                    self.name
                 )))
             }
             Some(Ok(())) => {}
@@ -108,7 +115,7 @@ impl Conns {
                 Err(oneshot::Canceled) => {
                     return Err(ClusterError::Unavailable(format!(
                         "lost the pub/sub connection to {} before it confirmed {what}",
-                        self.cluster.target()
+                        self.name
                     )))
                 }
             }
