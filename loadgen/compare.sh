@@ -33,6 +33,17 @@
 # peer-1 peer-2"). A setup whose servers do not start (a process exits, or does not
 # listen within 30 s) is skipped, and the table says why.
 #
+# Redis CPU: for every fanout run of a setup that uses Redis, the script samples the
+# CPU time (utime + stime, /proc/PID/stat) of each of the setup's Redis processes every
+# 0.1 s while the loadgen runs, and takes it over the loadgen's measured window: that
+# window is not in the loadgen's JSON, so it is placed at [exit - GRACE - DURATION,
+# exit - GRACE], exit being when the loadgen returned (it ends a few ms after its
+# grace period; the error is that shift at an even send rate). The tables show it as
+# "Redis CPU %" (of one core), "Redis CPU µs/message" (divided by the messages sent in
+# the window, not by deliveries: what one message costs Redis however many receive it)
+# and, for corelay-Nc, each master's share of it ("34/33/33 %"). The figures are in
+# OUT-runs/RUN.redis.json, the samples in OUT-runs/RUN.redis-cpu.
+#
 # Knobs (environment): CONNS=1000 ROOM=10 RATES="500 2000 5000" ALL_SENDERS_RATE=1000
 # (empty: skip) DURATION=10s WARMUP=2s
 # GRACE=2s CONNECT_CONNS=5000 (empty or 0: skip the connect run) HOLD=5s SHARDS=2
@@ -56,7 +67,8 @@
 # each rate, and the rate passes only if every one does: at saturation a single run can
 # pass or fail by luck, and CAP_RUNS=3 gives a capacity that holds. The table gives the
 # loadgen's CPU at capacity: on a shared machine the loadgen may be the limit. RATES,
-# ALL_SENDERS_RATE and the connect run are not used.
+# ALL_SENDERS_RATE and the connect run are not used. It has the Redis CPU columns too, at
+# each setup's capacity.
 set -euo pipefail
 
 out=${1:?usage: loadgen/compare.sh OUT.md}
@@ -347,16 +359,87 @@ setup_up() {
   return 1
 }
 
+# cpu_ticks PID...: a line "UNIX_TIME TICKS..." with each process's CPU time (utime +
+# stime, /proc/PID/stat, in clock ticks). Builtins only: no process is started.
+cpu_ticks() {
+  local line p f
+  line=$EPOCHREALTIME
+  for p in "$@"; do
+    { read -r f </proc/"$p"/stat; } 2>/dev/null || return 1
+    f=${f##*) }
+    read -r -a f <<<"$f"
+    line+=" $(( f[11] + f[12] ))"
+  done
+  echo "${line//,/.}"
+}
+
+# redis_window NAME END: Redis CPU over the loadgen's measured window of run NAME, from
+# the samples in $runs/NAME.redis-cpu; END is when the loadgen returned. Writes
+# $runs/NAME.redis.json (redis_cpu_us_per_msg, redis_cpu_pct, redis_cpu_us per process,
+# redis_cpu_share_pct per process).
+redis_window() {
+  node - "$runs/$1.redis-cpu" "$runs/$1.json" "$2" "$(getconf CLK_TCK)" "${REDIS_PIDS[*]}" \
+    >"$runs/$1.redis.json" <<'JS' || rm -f "$runs/$1.redis.json"
+const fs = require('fs');
+const [samplesFile, jsonFile, endArg, tckArg, pidsArg] = process.argv.slice(2);
+const run = JSON.parse(fs.readFileSync(jsonFile, 'utf8'));
+const rows = fs.readFileSync(samplesFile, 'utf8').trim().split('\n')
+  .map((l) => l.trim().split(/\s+/).map(Number)).filter((r) => r.every(Number.isFinite));
+const pids = pidsArg.split(/\s+/).map(Number);
+const tck = Number(tckArg) || 100;
+// The loadgen's window: it ends GRACE before the loadgen returned (plus the few ms it
+// takes to finish), and lasts DURATION.
+const end = Number(endArg.replace(',', '.')) - run.grace_s;
+const start = end - run.duration_s;
+// Ticks of process k at time t, interpolated between the samples around t.
+const at = (t, k) => {
+  for (let j = 1; j < rows.length; j++) {
+    const [a, b] = [rows[j - 1], rows[j]];
+    if (a[0] <= t && t <= b[0]) return a[k + 1] + (b[0] > a[0] ? (b[k + 1] - a[k + 1]) * (t - a[0]) / (b[0] - a[0]) : 0);
+  }
+  return null;
+};
+const us = pids.map((_, k) => {
+  const [a, b] = [at(start, k), at(end, k)];
+  return a === null || b === null ? null : (b - a) / tck * 1e6;
+});
+if (!run.sent || us.some((v) => v === null)) process.exit(1);
+const total = us.reduce((x, y) => x + y, 0);
+console.log(JSON.stringify({
+  redis_pids: pids,
+  redis_cpu_us: us.map(Math.round),
+  redis_cpu_us_per_msg: total / run.sent,
+  redis_cpu_pct: 100 * total / 1e6 / run.duration_s,
+  redis_cpu_share_pct: us.map((v) => (total > 0 ? 100 * v / total : null)),
+  redis_window_unix_s: [start, end],
+}));
+JS
+}
+
 run_lg() { # NAME ARGS...: runs the loadgen, keeps the JSON line in $runs/NAME.json
   local name=$1; shift
-  local pid_args=()
+  local pid_args=() sampler="" end
   for p in "${SERVER_PIDS[@]}"; do pid_args+=(--server-pid "$p"); done
+  rm -f "$runs/$name.redis-cpu" "$runs/$name.redis.json"
+  if [ "$1" = fanout ] && [ ${#REDIS_PIDS[@]} -gt 0 ]; then
+    # The setup's Redis CPU, sampled every 0.1 s while the loadgen runs (redis_window).
+    ( while cpu_ticks "${REDIS_PIDS[@]}"; do sleep 0.1; done ) >"$runs/$name.redis-cpu" &
+    sampler=$!
+    pids+=("$sampler")
+  fi
   log "$name: corelay-loadgen $* --target $TARGETS"
   "${lg_cpus[@]}" "$lg" "$@" --target "$TARGETS" --secret "$SECRET" --threads "$THREADS" --no-progress \
     "${pid_args[@]}" --label "$name" >"$runs/$name.txt" 2>"$runs/$name.err" || {
     echo "run $name failed:" >&2; cat "$runs/$name.err" "$runs/$name.txt" >&2; }
+  end=$EPOCHREALTIME
   tail -n 1 "$runs/$name.txt" >"$runs/$name.json"
   sed '$d' "$runs/$name.txt" >&2
+  if [ -n "$sampler" ]; then
+    kill "$sampler" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
+    cpu_ticks "${REDIS_PIDS[@]}" >>"$runs/$name.redis-cpu" || true
+    redis_window "$name" "$end" || log "$name: no Redis CPU figure (see $runs/$name.redis-cpu)"
+  fi
 }
 
 if [ -n "${CAPACITY:-}" ]; then
@@ -388,6 +471,7 @@ if [ -n "${CAPACITY:-}" ]; then
       if ! passes "$name"; then
         log "$name failed"
         cp "$runs/$name.json" "$runs/$1-fanout-$2.failed.json" 2>/dev/null || true
+        cp "$runs/$name.redis.json" "$runs/$1-fanout-$2.failed.redis.json" 2>/dev/null || true
         stop_setup
         setup_up "$1" || setup_dead=1
         return 1
@@ -429,10 +513,18 @@ const path = require('path');
 const os = require('os');
 const [runs, out, setupsArg, corelayArgs, lgThreads, p99Max, capMax, cpuNote, capRuns] = process.argv.slice(2);
 const setups = setupsArg.split(/\s+/).filter(Boolean);
+// A run's JSON, with the Redis CPU figures compare.sh adds (RUN.redis.json) merged in.
 const load = (name) => {
-  try { return JSON.parse(fs.readFileSync(path.join(runs, name + '.json'), 'utf8')); }
+  let r;
+  try { r = JSON.parse(fs.readFileSync(path.join(runs, name + '.json'), 'utf8')); }
   catch (_) { return null; }
+  try { Object.assign(r, JSON.parse(fs.readFileSync(path.join(runs, name + '.redis.json'), 'utf8'))); }
+  catch (_) {}
+  return r;
 };
+// Each master's share of the cluster's Redis CPU, "34/33/33 %" (only with several).
+const shares = (r) => (r && Array.isArray(r.redis_cpu_share_pct) && r.redis_cpu_share_pct.length > 1
+  ? r.redis_cpu_share_pct.map((v) => (typeof v === 'number' ? v.toFixed(0) : '?')).join('/') + ' %' : '–');
 const notStarted = (s) => {
   try { return fs.readFileSync(path.join(runs, `${s}.not-started`), 'utf8').trim().split('\n').pop(); }
   catch (_) { return null; }
@@ -457,13 +549,13 @@ md += `servers and load generator on the same machine${cpuNote ? ` (${cpuNote})`
 md += `corelay: \`${corelayArgs}\`. Capacity: the highest paced rate with zero loss, no reordering, no errors and delivery p99 ≤ ${p99Max} ms`;
 md += Number(capRuns) > 1 ? ` in each of ${capRuns} runs in a row (the figures are the first run's; a failing rate's are those of the run that failed). ` : '. ';
 md += 'The loadgen\'s own share of the latency: how late it wrote the paced sends (p99), and how long a delivered frame waited in its sockets before it read it (mean). ';
-md += 'Server CPU includes Redis (every master of the cluster for corelay-Nc).\n\n';
-md += '| setup | capacity msg/s | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery | server CPU % | loadgen CPU % | loadgen: sends late p99 ms | loadgen: read lag ms | first failing rate | why it failed |\n';
-md += '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n';
+md += 'Server CPU includes Redis (every master of the cluster for corelay-Nc). Redis CPU: the CPU time of the setup\'s Redis process(es) over the loadgen\'s measured window (sampled by compare.sh, the window placed from the loadgen\'s exit), in % of one core and per message sent (not per delivery); for a cluster, each master\'s share of it.\n\n';
+md += '| setup | capacity msg/s | deliveries/s | p50 ms | p99 ms | server CPU µs/delivery | server CPU % | Redis CPU µs/message | Redis CPU % | Redis CPU per master | loadgen CPU % | loadgen: sends late p99 ms | loadgen: read lag ms | first failing rate | why it failed |\n';
+md += '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n';
 for (const s of setups) {
   const ns = notStarted(s);
   if (ns && !fs.existsSync(path.join(runs, `${s}-capacity.txt`))) {
-    md += `| ${s} | – | – | – | – | – | – | – | – | – | – | – | did not start: ${ns.replace(/\|/g, '\\|')} |\n`;
+    md += `| ${s} | – | – | – | – | – | – | – | – | – | – | – | – | – | did not start: ${ns.replace(/\|/g, '\\|')} |\n`;
     continue;
   }
   let lo = 0, hi = 0;
@@ -472,7 +564,8 @@ for (const s of setups) {
   const bad = hi ? (load(`${s}-fanout-${hi}.failed`) || load(`${s}-fanout-${hi}`)) : null;
   const cap = lo ? (hi ? String(lo) : `≥ ${lo} (none failed up to ${capMax})`) : `< ${hi}`;
   md += `| ${s} | ${cap} | ${num(ok && ok.deliveries_per_sec)} | ${num(ok && ok.delivery_p50_ms)} | ${num(ok && ok.delivery_p99_ms)} | `;
-  md += `${num(ok && ok.server_cpu_us_per_delivery)} | ${num(ok && ok.server_cpu_pct, 1)} | ${num(ok && ok.loadgen_cpu_pct, 1)} | `;
+  md += `${num(ok && ok.server_cpu_us_per_delivery)} | ${num(ok && ok.server_cpu_pct, 1)} | `;
+  md += `${num(ok && ok.redis_cpu_us_per_msg)} | ${num(ok && ok.redis_cpu_pct, 1)} | ${shares(ok)} | ${num(ok && ok.loadgen_cpu_pct, 1)} | `;
   md += `${num(ok && ok.send_lag_p99_ms)} | ${num(ok && ok.loadgen_lag_ms)} | ${hi || '–'} | ${hi ? why(bad) : '–'} |\n`;
 }
 md += `\nPlot: \`${path.basename(runs)}/capacity.svg\` (each setup at its capacity)\n`;
@@ -485,7 +578,7 @@ fi
 
 for setup in $setups; do
   # No figures left from an earlier run into the same OUT if this setup does not start.
-  rm -f "$runs/$setup"-{fanout-*,allsend,connect}.json
+  rm -f "$runs/$setup"-{fanout-*,allsend,connect}.{json,redis.json}
   setup_up "$setup" || continue
   for rate in $RATES; do
     run_lg "$setup-fanout-$rate" fanout -c "$CONNS" -m "$ROOM" --rate "$rate" \
@@ -536,9 +629,18 @@ for (const s of setups.filter((s) => /^corelay-\d+c$/.test(s))) {
   const one = s.slice(0, -1);
   if (setups.includes(one)) pairs.push([s, one]);
 }
+// A run's JSON, with the Redis CPU figures compare.sh adds (RUN.redis.json) merged in,
+// and each master's share of the cluster's Redis CPU as text ("34/33/33 %").
 const load = (name) => {
-  try { return JSON.parse(fs.readFileSync(path.join(runs, name + '.json'), 'utf8')); }
+  let r;
+  try { r = JSON.parse(fs.readFileSync(path.join(runs, name + '.json'), 'utf8')); }
   catch (_) { return null; }
+  try { Object.assign(r, JSON.parse(fs.readFileSync(path.join(runs, name + '.redis.json'), 'utf8'))); }
+  catch (_) {}
+  if (Array.isArray(r.redis_cpu_share_pct) && r.redis_cpu_share_pct.length > 1) {
+    r.redis_cpu_shares = r.redis_cpu_share_pct.map((v) => (typeof v === 'number' ? v.toFixed(0) : '?')).join('/') + ' %';
+  }
+  return r;
 };
 const notStarted = (s) => {
   try { return fs.readFileSync(path.join(runs, `${s}.not-started`), 'utf8').trim().split('\n').pop(); }
@@ -562,6 +664,9 @@ const metrics = [
   ['server CPU µs/delivery', 'server_cpu_us_per_delivery'],
   ['server user-space µs/delivery', 'server_user_us_per_delivery'],
   ['server RSS KiB', 'server_rss_kib'],
+  ['Redis CPU %', 'redis_cpu_pct'],
+  ['Redis CPU µs/message', 'redis_cpu_us_per_msg'],
+  ['Redis CPU per master', 'redis_cpu_shares'],
   ['loadgen CPU %', 'loadgen_cpu_pct'],
   ['loadgen: sends late p99 ms', 'send_lag_p99_ms'],
   ['loadgen: read lag ms', 'loadgen_lag_ms'],
@@ -597,7 +702,9 @@ md += `Setups: **corelay** (release build, \`${corelayArgs}\`, send limit raised
 md += `**corelay-N**: N corelay processes (\`--shards 1${pinArg ? ' ' + pinArg : ''}\` each) in cluster mode through one Redis (\`--store redis\`); `;
 md += `**corelay-Nc**: the same through a Redis Cluster of ${clusterMasters} masters without replicas (host i given master i mod ${clusterMasters}); `;
 md += `**peer-N**: the seed's stack (Node socket.io 4.8 + @socket.io/redis-adapter 8.3 + Redis) with N Node processes. `;
-md += `Server CPU and RSS include Redis (every master of the cluster) for corelay-N, corelay-Nc and the peers.\n\n`;
+md += `Server CPU and RSS include Redis (every master of the cluster) for corelay-N, corelay-Nc and the peers. `;
+md += `Redis CPU: the CPU time of the setup's Redis process(es) over the loadgen's measured window (sampled by compare.sh, the window placed from the loadgen's exit), `;
+md += `in % of one core and per message sent (not per delivery); for a cluster, each master's share of it.\n\n`;
 for (const s of setups) {
   const ns = notStarted(s);
   if (ns) md += `**${s} did not start** (or failed to restart for a run): \`${ns}\`\n\n`;
