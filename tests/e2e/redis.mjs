@@ -469,9 +469,10 @@ export async function startRedisCluster({ masters = 3, replicasPerMaster = 1, pa
     /**
      * Moves `slot` to master `to`, live, as redis-cli --cluster reshard would: the target
      * IMPORTING and the source MIGRATING it, its keys MIGRATEd `batch` at a time
-     * (GETKEYSINSLOT) with `pauseMs` between batches, then SETSLOT … NODE on the target,
-     * the source and every other master; resolves once every node agrees. Clients see
-     * ASK and TRYAGAIN meanwhile, then MOVED. Resolves {from, keys: how many it moved}.
+     * (GETKEYSINSLOT), then SETSLOT … NODE on the target, the source and every other
+     * master; resolves once every node agrees. `pauseMs` after the slot is opened and
+     * after each batch keeps it half-moved longer, for traffic to meet. Clients see ASK
+     * and TRYAGAIN meanwhile, then MOVED. Resolves {from, keys: how many it moved}.
      */
     async migrateSlot(slot, to, { batch = 10, pauseMs = 0 } = {}) {
       const from = await cluster.masterIndexForSlot(slot);
@@ -479,6 +480,7 @@ export async function startRedisCluster({ masters = 3, replicasPerMaster = 1, pa
       if (!(await cluster.masters()).includes(to)) throw new Error(`node ${to} is not a master`);
       await cluster.cmd(to, "CLUSTER", "SETSLOT", slot, "IMPORTING", nodes[from].id);
       await cluster.cmd(from, "CLUSTER", "SETSLOT", slot, "MIGRATING", nodes[to].id);
+      if (pauseMs) await sleep(pauseMs);
       let moved = 0;
       for (;;) {
         const keys = await cluster.cmd(from, "CLUSTER", "GETKEYSINSLOT", slot, batch);
@@ -521,4 +523,330 @@ export async function startRedisCluster({ masters = 3, replicasPerMaster = 1, pa
     throw e;
   }
   return cluster;
+}
+
+// ---------------------------------------------------------------- corelay hosts on Redis
+
+/** A room's offset key: its slot is the room's slot (hash tag `{room}`), channel included. */
+export const roomKey = (room) => `corelay:{${room}}:offset`;
+
+/** Environment of a corelay host for these tests: no send limits to speak of, fast Redis probes, presence TTL ttlMs. */
+export const hostEnv = (ttlMs) => ({
+  CORELAY_LIMITS_SEND_RATE: "10000",
+  CORELAY_LIMITS_SEND_BURST: "10000",
+  CORELAY_REDIS_PING_INTERVAL: "200ms",
+  CORELAY_REDIS_COMMAND_TIMEOUT: "1s",
+  CORELAY_PRESENCE_TTL: `${ttlMs}ms`,
+});
+
+/** One corelay host (`serve --redis URL --store redis`) per URL in redisUrls, started side by side. */
+export function startHosts(redisUrls, { secret, ttlMs }) {
+  return Promise.all(
+    redisUrls.map((url) => startServer({ store: "redis", args: ["--redis", url], env: hostEnv(ttlMs), secret })),
+  );
+}
+
+const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
+
+/**
+ * The checks three corelay hosts on Redis must pass, whatever the Redis (standalone or a
+ * cluster): a message crosses hosts and not back to its sender; concurrent senders give
+ * one contiguous offset sequence; many rooms at once (spread over every master of a
+ * cluster), each in order, once, with the history agreeing; a member that was away
+ * recovers with `join {since}` on another host; typing and presence cross hosts; a killed
+ * host's user goes offline once (that one kills host 2: it runs last). Registers the
+ * tests (node:test `it`) in the caller's `describe`. PROTOCOL.md "Server → client
+ * events", "Guarantees"; ARCHITECTURE.md "Between hosts: Redis".
+ *
+ * ctx: {hosts (three started hosts, set by the caller's `before`), secret (their JWT
+ * secret), ttlMs (their presence TTL), cluster (a startRedisCluster() under them, or null)}.
+ */
+export function crossHostChecks(ctx) {
+  const T = (fn) => guard(() => ctx.hosts, fn);
+  const LIMIT = { timeout: 60000 };
+  const auth = (sub) => ({ token: mintToken(ctx.secret, { sub, rooms: ["*"] }) });
+
+  /** A socket.io client of `user` on host i, joined to `rooms`. */
+  async function member(i, user, ...rooms) {
+    const s = await connect(ctx.hosts[i].url, { auth: auth(user) });
+    for (const room of rooms) assertOkAck(await emitAck(s, "join", { room }), `${user} joins ${room} on host ${i}`);
+    return s;
+  }
+
+  /** Every message of `room` in the history, as `s` (a member) reads it, page by page, oldest first. */
+  async function wholeHistory(s, room) {
+    const out = [];
+    for (let after = 0; ; ) {
+      const page = assertOkAck(await emitAck(s, "history", { room, after, limit: 100 }, 10000), `history of ${room}`);
+      if (page.messages.length === 0) return out;
+      out.push(...page.messages);
+      after = page.messages[page.messages.length - 1].offset;
+    }
+  }
+
+  it(
+    "a message sent on any host reaches the members on every host and not the sender's socket",
+    LIMIT,
+    T(async () => {
+      const users = ["m0", "m1", "m2"];
+      const sockets = [];
+      for (const [i, u] of users.entries()) sockets.push(await member(i, u, "lobby"));
+      for (const [i, sender] of sockets.entries()) {
+        const others = sockets.filter((_, j) => j !== i);
+        const got = others.map((s) => waitEvent(s, "message", (m) => m.room === "lobby" && m.text === `from ${i}`, 5000));
+        const echo = collect(sender, "message");
+        const ack = assertOkAck(await emitAck(sender, "message", { room: "lobby", text: `from ${i}` }), `send on host ${i}`);
+        assert.equal(ack.offset, i + 1);
+        for (const m of await Promise.all(got)) {
+          assert.deepEqual(m, { room: "lobby", id: ack.id, offset: ack.offset, user: users[i], text: `from ${i}`, ts: ack.ts });
+        }
+        await sleep(300);
+        assert.deepEqual(echo.stop(), [], `the sender on host ${i} got its own message back`);
+      }
+    }),
+  );
+
+  it(
+    "three senders on three hosts at once: every receiver sees one contiguous offset sequence",
+    LIMIT,
+    T(async () => {
+      const EACH = 40;
+      const TOTAL = 3 * EACH;
+      const readers = await Promise.all([0, 1, 2].map((i) => member(i, `reader${i}`, "busy")));
+      const writers = await Promise.all([0, 1, 2].map((i) => member(i, `writer${i}`, "busy")));
+      const readerLogs = readers.map((r) => collect(r, "message"));
+      const writerLogs = writers.map((w) => collect(w, "message"));
+      const acks = await Promise.all(
+        writers.map((w, i) =>
+          Promise.all(range(1, EACH).map((n) => emitAck(w, "message", { room: "busy", text: `${i}:${n}` }, 10000))),
+        ),
+      );
+      const acked = [];
+      for (const [i, list] of acks.entries()) {
+        list.forEach((a) => assertOkAck(a, `writer${i}`));
+        const offs = list.map((a) => a.offset);
+        assert.ok(
+          offs.every((o, k) => k === 0 || o > offs[k - 1]),
+          `writer${i}'s messages are accepted in the order sent: ${offs}`,
+        );
+        acked.push(...offs);
+      }
+      assert.deepEqual([...acked].sort((a, b) => a - b), range(1, TOTAL), "one offset per message, no gap");
+      for (const [i, log] of readerLogs.entries()) {
+        await log.waitFor(TOTAL, 15000);
+        await sleep(300); // a duplicate would show up now
+        const got = log.stop();
+        assert.deepEqual(got.map((m) => m.offset), range(1, TOTAL), `reader${i}: contiguous, in order, once`);
+        for (const w of [0, 1, 2]) {
+          const texts = got.filter((m) => m.user === `writer${w}`).map((m) => m.text);
+          assert.deepEqual(texts, range(1, EACH).map((n) => `${w}:${n}`), `reader${i}: writer${w}'s order`);
+        }
+      }
+      // Each writer sees everyone else's messages, in offset order, and none of its own.
+      for (const [i, log] of writerLogs.entries()) {
+        const own = new Set(acks[i].map((a) => a.offset));
+        const want = range(1, TOTAL).filter((o) => !own.has(o));
+        await log.waitFor(want.length, 15000);
+        await sleep(300);
+        assert.deepEqual(log.stop().map((m) => m.offset), want, `writer${i}`);
+      }
+    }),
+  );
+
+  it(
+    "thirty rooms at once (on a cluster: spread over every master): per room, every member on every host gets every message once, in offset order, and the history on every host agrees",
+    LIMIT,
+    T(async () => {
+      const ROOMS = range(0, 29).map((n) => `many-${n}`);
+      const EACH = 4; // per writer and room
+      const PER_ROOM = 3 * EACH;
+      if (ctx.cluster) {
+        const c = ctx.cluster;
+        const owners = await Promise.all(ROOMS.map(async (r) => c.masterIndexForSlot(await c.slotOf(roomKey(r)))));
+        assert.deepEqual([...new Set(owners)].sort((a, b) => a - b), await c.masters(), "the rooms' slots are on every master");
+      }
+      const readers = await Promise.all([0, 1, 2].map((i) => member(i, `mreader${i}`, ...ROOMS)));
+      const writers = await Promise.all([0, 1, 2].map((i) => member(i, `mwriter${i}`, ...ROOMS)));
+      const readerLogs = readers.map((r) => collect(r, "message"));
+      const writerLogs = writers.map((w) => collect(w, "message"));
+      const sends = await Promise.all(
+        writers.map((w, i) =>
+          Promise.all(
+            ROOMS.flatMap((room) =>
+              range(1, EACH).map(async (n) => ({ room, n, ack: await emitAck(w, "message", { room, text: `${i}:${n}` }, 15000) })),
+            ),
+          ),
+        ),
+      );
+      // Per room: offsets 1..PER_ROOM, one per message; each writer's accepted in the order sent.
+      const byRoom = new Map(ROOMS.map((r) => [r, []]));
+      for (const [i, list] of sends.entries()) {
+        for (const { room, n, ack } of list) byRoom.get(room).push({ ...assertOkAck(ack, `writer${i}, ${room}, #${n}`), writer: i, n });
+      }
+      for (const [room, list] of byRoom) {
+        assert.deepEqual(list.map((a) => a.offset).sort((a, b) => a - b), range(1, PER_ROOM), `${room}: one offset per message, no gap`);
+        for (const w of [0, 1, 2]) {
+          const offs = list.filter((a) => a.writer === w).map((a) => a.offset);
+          assert.ok(offs.every((o, k) => k === 0 || o > offs[k - 1]), `${room}: writer${w}'s messages accepted in the order sent: ${offs}`);
+        }
+        list.sort((a, b) => a.offset - b.offset);
+      }
+      const want = (room, skipWriter = -1) =>
+        byRoom
+          .get(room)
+          .filter((a) => a.writer !== skipWriter)
+          .map((a) => ({ offset: a.offset, id: a.id, user: `mwriter${a.writer}`, text: `${a.writer}:${a.n}` }));
+      const pick = (m) => ({ offset: m.offset, id: m.id, user: m.user, text: m.text });
+      for (const [i, log] of readerLogs.entries()) {
+        await log.waitFor(ROOMS.length * PER_ROOM, 20000).catch(() => {}); // what is missing is named below
+        await sleep(300); // a duplicate would show up now
+        const got = log.stop();
+        for (const room of ROOMS) {
+          assert.deepEqual(got.filter((m) => m.room === room).map(pick), want(room), `reader on host ${i}, ${room}: every message, once, in offset order`);
+        }
+      }
+      for (const [i, log] of writerLogs.entries()) {
+        await log.waitFor(ROOMS.length * (PER_ROOM - EACH), 20000).catch(() => {});
+        await sleep(300);
+        const got = log.stop();
+        for (const room of ROOMS) {
+          assert.deepEqual(got.filter((m) => m.room === room).map(pick), want(room, i), `writer on host ${i}, ${room}: the others' messages, in offset order`);
+        }
+      }
+      for (const [i, r] of readers.entries()) {
+        for (const room of ROOMS) {
+          assert.deepEqual((await wholeHistory(r, room)).map(pick), want(room), `history of ${room} on host ${i}`);
+        }
+      }
+    }),
+  );
+
+  it(
+    "a member away from its rooms gets exactly what it missed through join {since} on another host; history and paging agree on every host",
+    LIMIT,
+    T(async () => {
+      const ROOMS = range(0, 5).map((n) => `away-${n}`);
+      const away = await member(0, "wanderer", ...ROOMS);
+      const sender = await member(1, "asender", ...ROOMS);
+      const other = await member(2, "aother", ...ROOMS);
+      const seen = collect(away, "message");
+      for (const room of ROOMS) {
+        for (const n of [1, 2, 3]) assertOkAck(await emitAck(sender, "message", { room, text: `before ${n}` }), `${room}: before ${n}`);
+      }
+      await seen.waitFor(ROOMS.length * 3, 10000);
+      const last = new Map();
+      for (const m of seen.stop()) last.set(m.room, Math.max(last.get(m.room) ?? 0, m.offset));
+      for (const room of ROOMS) assert.equal(last.get(room), 3, `${room}: the member saw offsets 1..3`);
+
+      away.close();
+      await sleep(100);
+      const missed = new Map(ROOMS.map((r) => [r, []]));
+      for (const room of ROOMS) {
+        for (const [who, s, n] of [...range(1, 5).map((n) => ["asender", sender, n]), ...range(1, 2).map((n) => ["aother", other, n])]) {
+          const text = `away ${who} ${n}`;
+          const ack = assertOkAck(await emitAck(s, "message", { room, text }), `${room}: ${text}`);
+          missed.get(room).push({ offset: ack.offset, id: ack.id, user: who, text });
+        }
+      }
+      const back = await connect(ctx.hosts[2].url, { auth: auth("wanderer") });
+      for (const room of ROOMS) {
+        const ack = assertOkAck(await emitAck(back, "join", { room, since: last.get(room) }), `rejoin ${room}`);
+        assert.equal(ack.offset, 10, `${room}: the room's latest offset`);
+        assert.equal(ack.truncated, false);
+        assert.deepEqual(
+          ack.missed.map((m) => ({ offset: m.offset, id: m.id, user: m.user, text: m.text })),
+          missed.get(room),
+          `${room}: exactly what was missed, in order`,
+        );
+      }
+      const live = waitEvent(back, "message", (m) => m.room === ROOMS[0] && m.text === "after", 5000);
+      assertOkAck(await emitAck(sender, "message", { room: ROOMS[0], text: "after" }));
+      assert.equal((await live).offset, 11, "live delivery resumes after the replay");
+
+      const reader0 = await member(0, "hreader", ...ROOMS);
+      for (const [i, s] of [reader0, sender, other].entries()) {
+        for (const room of ROOMS) {
+          const all = assertOkAck(await emitAck(s, "history", { room }), `history of ${room} on host ${i}`).messages;
+          const wantOffsets = range(1, room === ROOMS[0] ? 11 : 10);
+          assert.deepEqual(all.map((m) => m.offset), wantOffsets, `history of ${room} on host ${i}`);
+          assert.deepEqual(all.slice(3, 10).map((m) => m.id), missed.get(room).map((m) => m.id), `history of ${room} on host ${i}: the ids`);
+          const page = assertOkAck(await emitAck(s, "history", { room, after: 3, limit: 2 })).messages;
+          assert.deepEqual(page.map((m) => m.offset), [4, 5], `${room} on host ${i}: after 3, limit 2`);
+          const older = assertOkAck(await emitAck(s, "history", { room, before: 4 })).messages;
+          assert.deepEqual(older.map((m) => m.text), ["before 1", "before 2", "before 3"], `${room} on host ${i}: before 4`);
+        }
+      }
+    }),
+  );
+
+  it(
+    "typing reaches the room's members on the other hosts, not the typer",
+    LIMIT,
+    T(async () => {
+      const [t0, t1, t2] = await Promise.all([0, 1, 2].map((i) => member(i, `typist${i}`, "typing-room")));
+      await sleep(200); // the joins' presence events go by
+      const seen = [t1, t2].map((s) => waitEvent(s, "typing", (p) => p.user === "typist0", 3000));
+      const own = collect(t0, "typing");
+      t0.emit("typing", { room: "typing-room" });
+      for (const p of await Promise.all(seen)) assert.deepEqual(p, { room: "typing-room", user: "typist0" });
+      // Once each, and the typer gets nothing back.
+      await expectNoEvent(t1, "typing", (p) => p.user === "typist0", 300);
+      assert.deepEqual(own.stop(), []);
+      // With an ack it is acked {ok:true}; the other way round too.
+      const back = waitEvent(t0, "typing", (p) => p.user === "typist2", 3000);
+      assert.deepEqual(await emitAck(t2, "typing", { room: "typing-room" }), { ok: true });
+      assert.deepEqual(await back, { room: "typing-room", user: "typist2" });
+    }),
+  );
+
+  it(
+    "presence: online on the first connection cluster-wide, offline on the last, heard on every host",
+    LIMIT,
+    T(async () => {
+      const [w0, w2] = [await member(0, "watch0", "pres"), await member(2, "watch2", "pres")];
+      await sleep(200);
+      const online = [w0, w2].map((s) => waitEvent(s, "presence", (p) => p.user === "pat", 3000));
+      const pat1 = await member(1, "pat", "pres");
+      for (const p of await Promise.all(online)) assert.deepEqual(p, { room: "pres", user: "pat", online: true });
+      const q = assertOkAck(await emitAck(w2, "presence", { room: "pres" }));
+      assert.deepEqual(q.users.map((u) => u.user).sort(), ["pat", "watch0", "watch2"]);
+
+      // A second connection on another host: no event; closing one of the two: none either.
+      const quiet = [w0, w2].map((s) => collect(s, "presence"));
+      const pat2 = await member(2, "pat", "pres");
+      pat1.close();
+      await sleep(800);
+      assert.deepEqual(quiet.map((c) => c.stop()), [[], []], "pat is still online through host 2");
+
+      const offline = [w0, w2].map((s) => waitEvent(s, "presence", (p) => p.user === "pat", 3000));
+      pat2.close();
+      for (const p of await Promise.all(offline)) assert.deepEqual(p, { room: "pres", user: "pat", online: false });
+      const q2 = assertOkAck(await emitAck(w0, "presence", { room: "pres" }));
+      assert.deepEqual(q2.users.map((u) => u.user).sort(), ["watch0", "watch2"]);
+    }),
+  );
+
+  it(
+    "a killed host's user goes offline once for the members on the other hosts",
+    LIMIT,
+    T(async () => {
+      const ttl = ctx.ttlMs;
+      const [k0, k1] = [await member(0, "keep0", "kill"), await member(1, "keep1", "kill")];
+      await member(2, "doomed", "kill");
+      await sleep(300);
+      const logs = [k0, k1].map((s) => collect(s, "presence"));
+      const killedAt = Date.now();
+      ctx.hosts[2].stopping = true; // killed on purpose: not a crash
+      ctx.hosts[2].proc.kill("SIGKILL");
+      // ttl, plus a refresh interval (ttl/3), plus slack.
+      const bound = ttl + ttl / 3 + 1500;
+      await Promise.all(logs.map((l) => l.waitFor(1, bound)));
+      const took = Date.now() - killedAt;
+      await sleep(ttl); // a second event would show up now
+      for (const l of logs) assert.deepEqual(l.stop(), [{ room: "kill", user: "doomed", online: false }]);
+      assert.ok(took <= bound, `offline after ${took} ms`);
+      const q = assertOkAck(await emitAck(k0, "presence", { room: "kill" }));
+      assert.deepEqual(q.users.map((u) => u.user).sort(), ["keep0", "keep1"]);
+    }),
+  );
 }
