@@ -15,6 +15,8 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 # The Redis cluster layer's tests start real servers (TLS ones with openssl-made certificates).
 [ -x /usr/bin/redis-server ] || missing+=(redis-server)
+# The Redis Cluster tests form clusters with redis-cli.
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"

@@ -12,8 +12,14 @@
 //! and what publishing gave ([`stored`], [`offset`]), and, on a shard, waiting for events
 //! ([`next_event`], [`wait_event`], [`wait_down`], [`wait_reconnected`], [`wait_message`],
 //! [`offsets`]) or a condition ([`eventually`]).
+//!
+//! A Redis Cluster made of such servers (for corelay on a Redis Cluster, and its harness
+//! test `redis_cluster_harness.rs`): [`cluster::RedisClusterProcs`].
+//!
 //! Not every test crate uses every helper, hence `allow(dead_code)`.
 #![allow(dead_code)]
+
+pub mod cluster;
 
 use std::io::Read as _;
 use std::net::{TcpListener, TcpStream};
@@ -52,14 +58,32 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// The path of `redis-server`, or a panic that says how to get it.
-fn redis_server_bin() -> String {
-    for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
-        if Path::new(candidate).exists() {
-            return candidate.to_owned();
+/// Runs one command (any argument types: keys may be bytes) with a blocking client on a
+/// fresh connection to `url`: the reply, or the server's error text. What
+/// [`RedisServer::cmd`] and the cluster helpers send their commands with.
+pub fn query<A: redis::ToRedisArgs>(url: &str, args: &[A]) -> Result<redis::Value, String> {
+    let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    let mut cmd = redis::Cmd::new();
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.query::<redis::Value>(&mut con)
+        .map_err(|e| e.to_string())
+}
+
+/// The path of Redis's program `name` (`redis-server`, or `redis-cli` for the cluster
+/// helpers), or a panic that says how to get it.
+fn redis_bin(name: &str) -> String {
+    for dir in ["/usr/bin", "/usr/local/bin"] {
+        let candidate = format!("{dir}/{name}");
+        if Path::new(&candidate).exists() {
+            return candidate;
         }
     }
-    panic!("redis-server not found: apt-get install redis-server (scripts/test.sh does it)");
+    panic!("{name} not found: apt-get install redis-server redis-tools (scripts/test.sh does it)");
 }
 
 impl RedisServer {
@@ -98,11 +122,17 @@ impl RedisServer {
     }
 
     fn launch(extra: &[&str], tls: bool) -> RedisServer {
+        RedisServer::launch_on(extra, tls, free_port)
+    }
+
+    /// Starts a server on a port `pick_port` gives (cluster nodes need one whose bus port,
+    /// port + 10000, is free too: see [`cluster`]).
+    fn launch_on(extra: &[&str], tls: bool, pick_port: fn() -> u16) -> RedisServer {
         let mut last_log = String::new();
         // A port picked free may be taken before redis binds it: try a few.
         for _ in 0..5 {
             let mut server = RedisServer {
-                port: free_port(),
+                port: pick_port(),
                 dir: tempfile::tempdir().expect("tempdir"),
                 args: extra.iter().map(|s| (*s).to_owned()).collect(),
                 child: None,
@@ -121,7 +151,7 @@ impl RedisServer {
     fn spawn(&mut self) -> Result<(), String> {
         self.starts += 1;
         let log = self.dir.path().join(format!("redis-{}.log", self.starts));
-        let mut cmd = Command::new(redis_server_bin());
+        let mut cmd = Command::new(redis_bin("redis-server"));
         cmd.arg("--bind")
             .arg("127.0.0.1")
             .arg("--dir")
@@ -261,16 +291,7 @@ impl RedisServer {
     /// Runs one command with a blocking client (setup and inspection in tests): the
     /// reply, or the server's error text.
     pub fn cmd(&self, url: &str, args: &[&str]) -> Result<redis::Value, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let mut con = client
-            .get_connection_with_timeout(Duration::from_secs(5))
-            .map_err(|e| e.to_string())?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query::<redis::Value>(&mut con)
-            .map_err(|e| e.to_string())
+        query(url, args)
     }
 
     /// Creates (or resets) ACL user `user` with password `password`, limited to what
