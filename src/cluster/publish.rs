@@ -92,12 +92,15 @@ pub(crate) type RoomOutcome = Result<Vec<Result<Published, ClusterError>>, Clust
 impl<'a> PublishCall<'a> {
     /// The call for `rooms`: the script whose SHA1 is `script_sha`, with the limits of
     /// `opts`, publishing with `publish_command` (`PUBLISH` or `SPUBLISH`), refused by
-    /// Redis after `deadline` (Redis's clock, ms; see [`ClusterError::Timeout`]).
+    /// Redis after `deadline` (Redis's clock, ms; see [`ClusterError::Timeout`]). The keys
+    /// are declared (KEYS) when `declare_keys`, else passed in ARGV (a Redis Cluster call
+    /// over several slots; see the script).
     pub fn new(
         opts: &RedisOptions,
         script_sha: &str,
         publish_command: &str,
         deadline: u64,
+        declare_keys: bool,
         rooms: Vec<RoomMessages<'a>>,
     ) -> PublishCall<'a> {
         // A message whose payload cannot be built fails alone; the others go.
@@ -136,15 +139,25 @@ impl<'a> PublishCall<'a> {
         }
         let sent_rooms = parts.iter().filter(|(p, _)| !p.sent.is_empty()).count();
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script_sha)
-            .arg(keys.len())
-            .arg(keys)
-            .arg(opts.dedupe_window.as_millis() as u64)
+        cmd.arg(script_sha);
+        if declare_keys {
+            cmd.arg(keys.len()).arg(&keys);
+        } else {
+            cmd.arg(0);
+        }
+        cmd.arg(opts.dedupe_window.as_millis() as u64)
             .arg(opts.history_max_len)
             .arg(opts.history_max_age.map_or(0, |d| d.as_millis() as u64))
             .arg(publish_command)
             .arg(deadline)
             .arg(sent_rooms);
+        // Where the keys start in ARGV (1-based, after the fixed 7 and the rooms' values).
+        let argv_len: usize = 7 + parts
+            .iter()
+            .filter(|(p, _)| !p.sent.is_empty())
+            .map(|(p, _)| 3 + 8 * p.sent.len())
+            .sum::<usize>();
+        cmd.arg(if declare_keys { 0 } else { argv_len + 1 });
         for ((part, floor), payloads) in parts.iter().zip(&payloads) {
             if part.sent.is_empty() {
                 continue;
@@ -162,6 +175,9 @@ impl<'a> PublishCall<'a> {
                     .arg(prefix)
                     .arg(suffix);
             }
+        }
+        if !declare_keys {
+            cmd.arg(keys);
         }
         PublishCall {
             cmd,

@@ -132,14 +132,16 @@ end
 /// one round trip and one script run carry a batch (the per-call cost of a script is most
 /// of its cost at a few messages per room).
 ///
-/// KEYS, per room in call order: 1 offset counter, 2 stream, then the dedupe keys of its
-/// messages that carry a cid, in message order.
+/// Keys, per room in call order: 1 offset counter, 2 stream, then the dedupe keys of its
+/// messages that carry a cid, in message order. They are KEYS (declared) or, when ARGV[7]
+/// is not 0, ARGV from that index on (undeclared: see below).
 /// ARGV: 1 dedupe window ms, 2 stream max len (0: none), 3 max age ms (0: none), 4
-/// `PUBLISH` or `SPUBLISH`, 5 deadline (Redis clock ms; 0: none), 6 room count, then per
-/// room: channel, floor (an offset the caller knows was handed out already, 0: none; the
-/// room's new offsets are always above it), message count n, then 8 values per message:
-/// has cid (`0`/`1`), cid, user, text, ts, id, payload prefix, payload suffix (the channel
-/// payload is prefix .. offset .. suffix).
+/// `PUBLISH` or `SPUBLISH`, 5 deadline (Redis clock ms; 0: none), 6 room count, 7 where the
+/// keys start in ARGV (0: they are KEYS), then per room: channel, floor (an offset the
+/// caller knows was handed out already, 0: none; the room's new offsets are always above
+/// it), message count n, then 8 values per message: has cid (`0`/`1`), cid, user, text,
+/// ts, id, payload prefix, payload suffix (the channel payload is prefix .. offset ..
+/// suffix).
 ///
 /// Returns one array per room, of one reply per message, in order: `{'ok', offset}`, or
 /// `{'dup', '<offset>:<ts>:<id>'}` (the first send's ack; nothing done for this one). Past
@@ -148,22 +150,36 @@ end
 /// published in that order: a call is the same as its messages published one after
 /// another.
 ///
-/// On a Redis Cluster the rooms of one call live on one node but on many slots: the
-/// script is sent with the `allow-cross-slot-keys` flag ([`CROSS_SLOT_FLAGS`]).
+/// On a Redis Cluster the rooms of one call live on one node but on many slots, and Redis
+/// refuses declared keys of several slots (`CROSSSLOT`). Such a call passes its keys in
+/// ARGV, and the script is sent with the `allow-cross-slot-keys` flag
+/// ([`CROSS_SLOT_FLAGS`]). Redis then checks each key as the script touches it, and fails
+/// the script at the first key this node does not serve (its slot moved, or is moving):
+/// so the script touches every key before it writes anything, and a call that fails that
+/// way wrote nothing.
 const PUBLISH_BODY: &str = r#"
 local now = now_ms()
 local deadline = tonumber(ARGV[5])
 if deadline > 0 and now > deadline then
   return {'expired', string.format('%d', now)}
 end
+local ko = tonumber(ARGV[7])
+local function key(i)
+  if ko == 0 then return KEYS[i] end
+  return ARGV[ko + i - 1]
+end
+if ko > 0 then
+  -- Undeclared keys: fail here, before any write, if this node does not serve one.
+  for i = ko, #ARGV do redis.call('EXISTS', ARGV[i]) end
+end
 local window, max_len, max_age, pubcmd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local rooms = tonumber(ARGV[6])
 local out = {}
-local a = 7
+local a = 8
 local k = 1
 for _ = 1, rooms do
   local channel, n = ARGV[a], tonumber(ARGV[a + 2])
-  local offset_key, stream = KEYS[k], KEYS[k + 1]
+  local offset_key, stream = key(k), key(k + 1)
   k = k + 2
   -- New offsets go above the caller's floor. They also go above the stream's top id: XADD
   -- refuses one at or below it, which is how a counter that fell behind (lost or reset) is
@@ -175,7 +191,7 @@ for _ = 1, rooms do
     local has_cid = ARGV[b] == '1'
     local cid_key = nil
     if has_cid then
-      cid_key = KEYS[k]
+      cid_key = key(k)
       k = k + 1
     end
     local first = cid_key and redis.call('GET', cid_key)

@@ -226,6 +226,9 @@ pub enum Redirect {
     TryAgain,
     /// `CLUSTERDOWN`: the cluster cannot serve the slot now (a failover in progress).
     Down,
+    /// A script touched an undeclared key this node does not serve (its slot moved, or is
+    /// moving): the call's rooms go again one by one, with their keys declared.
+    NotLocal,
 }
 
 impl Redirect {
@@ -249,7 +252,16 @@ impl Redirect {
     pub fn of_error(e: &redis::RedisError) -> Option<Redirect> {
         let code = e.code()?;
         let detail = e.detail().unwrap_or("");
-        Redirect::of(code, detail)
+        Redirect::of(code, detail).or_else(|| {
+            // Redis 7's words when a script touches a key of another node's slot.
+            let text = e.to_string();
+            if text.contains("while the cluster is down") {
+                Some(Redirect::Down)
+            } else {
+                (text.contains("non local key") || text.contains("do not hash to the same slot"))
+                    .then_some(Redirect::NotLocal)
+            }
+        })
     }
 }
 

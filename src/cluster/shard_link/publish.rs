@@ -16,8 +16,9 @@ use crate::cluster::publish::{group_by_room, scatter, PublishCall, RoomMessages,
 use crate::cluster::topology::{slot_of, NodeAddr, Redirect};
 use crate::cluster::{ClusterError, NewMessage, Published};
 
-/// Most rounds of redirects one batch follows.
-const MAX_ROUNDS: usize = 8;
+/// Most rounds of redirects one batch follows (within half the command timeout, the
+/// script's deadline, whichever comes first).
+const MAX_ROUNDS: usize = 64;
 
 /// Pause before sending again the rooms of a slot being migrated (`TRYAGAIN`).
 const TRY_AGAIN_PAUSE: Duration = Duration::from_millis(25);
@@ -57,7 +58,7 @@ impl Router {
             let pending: Vec<usize> = (0..groups.len())
                 .filter(|&g| outcomes[g].is_none())
                 .collect();
-            if pending.is_empty() || started.elapsed() >= limit {
+            if pending.is_empty() || started.elapsed() >= limit / 2 {
                 break;
             }
             let rooms: Vec<&str> = groups
@@ -71,6 +72,7 @@ impl Router {
                     &script.sha,
                     p.node.publish_command(),
                     deadline,
+                    !cross_slot || p.groups.len() == 1,
                     p.groups
                         .iter()
                         .map(|&g| RoomMessages {
@@ -123,6 +125,12 @@ impl Router {
                             Redirect::Ask(slot, to) => {
                                 for g in of_slot(slot) {
                                     detours.insert(g, Detour::Ask(to.clone()));
+                                }
+                            }
+                            Redirect::NotLocal => {
+                                refresh = true;
+                                for &g in &p.groups {
+                                    detours.entry(g).or_insert(Detour::Alone);
                                 }
                             }
                             Redirect::TryAgain => {
