@@ -47,12 +47,16 @@ pub struct RedisOptions {
     /// How long a host's presence survives without a refresh (`presence.ttl`); refreshed
     /// every third of it.
     pub presence_ttl: Duration,
+    /// While sends keep coming, a home sends its batch at most once per window
+    /// (`redis.batch_window`): Redis's cost is mostly per script call, not per message.
+    pub batch_window: Duration,
 }
 
 impl RedisOptions {
     /// The defaults, for `url`: classic pub/sub, system CAs, a random host id, 2 s connect
     /// and command timeouts, a probe every second, reconnects from 100 ms to 5 s, a 10 min
-    /// dedupe window, 10 000 messages per room stream without an age limit, 30 s presence.
+    /// dedupe window, 10 000 messages per room stream without an age limit, 30 s presence,
+    /// a 1 ms batch window.
     pub fn new(url: impl Into<String>) -> RedisOptions {
         RedisOptions {
             url: url.into(),
@@ -70,6 +74,7 @@ impl RedisOptions {
             history_max_len: 10_000,
             history_max_age: None,
             presence_ttl: Duration::from_secs(30),
+            batch_window: Duration::from_millis(1),
         }
     }
 
@@ -91,6 +96,7 @@ impl RedisOptions {
         o.history_max_len = config.history.max_len;
         o.history_max_age = config.history.max_age.map(|d| d.0);
         o.presence_ttl = config.presence.ttl.0;
+        o.batch_window = config.redis.batch_window.0;
         Some(o)
     }
 
@@ -138,6 +144,7 @@ impl fmt::Debug for RedisOptions {
             .field("history_max_len", &self.history_max_len)
             .field("history_max_age", &self.history_max_age)
             .field("presence_ttl", &self.presence_ttl)
+            .field("batch_window", &self.batch_window)
             .finish()
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redis::Value;
 
-use super::wire::{lossy, message_payload_parts, parse_ack, parse_u64, strings};
+use super::wire::{message_payload_parts, parse_ack, strings};
 use super::{keys, ClusterError, NewMessage, Published, RedisOptions};
 
 /// The messages of a batch grouped by room, in order of first appearance: each group's
@@ -242,7 +242,7 @@ impl<'a> PublishCall<'a> {
         reply: Value,
         target: &str,
         command_timeout: Duration,
-    ) -> Result<Vec<Vec<Vec<Vec<u8>>>>, ClusterError> {
+    ) -> Result<Vec<Vec<Vec<u8>>>, ClusterError> {
         let Value::Array(rooms) = reply else {
             return Err(ClusterError::Protocol(format!(
                 "publish script answered {reply:?}"
@@ -268,7 +268,7 @@ impl<'a> PublishCall<'a> {
         rooms
             .into_iter()
             .map(|room| match room {
-                Value::Array(replies) => replies.into_iter().map(strings).collect(),
+                room @ Value::Array(_) => strings(room),
                 other => Err(ClusterError::Protocol(format!(
                     "publish script answered {other:?} for a room"
                 ))),
@@ -284,7 +284,7 @@ impl RoomPart<'_> {
     }
 
     /// One result per message of the room from its replies.
-    fn settle(self, replies: Vec<Vec<Vec<u8>>>) -> RoomOutcome {
+    fn settle(self, replies: Vec<Vec<u8>>) -> RoomOutcome {
         if replies.len() != self.sent.len() {
             return Err(ClusterError::Protocol(format!(
                 "publish script answered {} replies for {} messages",
@@ -307,22 +307,21 @@ impl RoomPart<'_> {
     }
 }
 
-/// One message's reply of the publish script: `ok <offset>` or `dup <first ack>`.
-fn published(msg: &NewMessage, reply: &[Vec<u8>]) -> Result<Published, ClusterError> {
-    match reply.first().map(Vec::as_slice) {
-        Some(b"ok") => {
-            let offset = parse_u64(reply.get(1), "publish offset")?;
+/// One message's reply of the publish script: its offset, or `d<first ack>`.
+fn published(msg: &NewMessage, reply: &[u8]) -> Result<Published, ClusterError> {
+    match reply.strip_prefix(b"d") {
+        Some(first) => Ok(Published::Duplicate(parse_ack(first)?)),
+        None => {
+            let offset = std::str::from_utf8(reply)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| {
+                    ClusterError::Protocol(format!(
+                        "publish script answered {:?}",
+                        String::from_utf8_lossy(reply)
+                    ))
+                })?;
             Ok(Published::Stored(msg.at(offset)))
         }
-        Some(b"dup") => {
-            let first = reply
-                .get(1)
-                .ok_or_else(|| ClusterError::Protocol("publish: dup without ack".into()))?;
-            Ok(Published::Duplicate(parse_ack(first)?))
-        }
-        _ => Err(ClusterError::Protocol(format!(
-            "publish script answered {:?}",
-            lossy(reply)
-        ))),
     }
 }

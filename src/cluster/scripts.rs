@@ -143,12 +143,14 @@ end
 /// ts, id, payload prefix, payload suffix (the channel payload is prefix .. offset ..
 /// suffix).
 ///
-/// Returns one array per room, of one reply per message, in order: `{'ok', offset}`, or
-/// `{'dup', '<offset>:<ts>:<id>'}` (the first send's ack; nothing done for this one). Past
+/// Returns one array per room, of one reply per message, in order: the offset it got, or
+/// `d<offset>:<ts>:<id>` (a duplicate: the first send's ack; nothing done for this one). Past
 /// the deadline it returns `{'expired', now}` and does nothing (the caller gave up
 /// already). A room's messages get consecutive offsets in the order given, and are
 /// published in that order: a call is the same as its messages published one after
-/// another.
+/// another. Per room, the counter moves once (INCRBY) for all its new messages; per message
+/// the script makes one XADD and one PUBLISH (and GET, SET of its cid): Redis's cost per
+/// message is those calls, the rest is per call and per room.
 ///
 /// On a Redis Cluster the rooms of one call live on one node but on many slots, and Redis
 /// refuses declared keys of several slots (`CROSSSLOT`). Such a call passes its keys in
@@ -173,60 +175,92 @@ if ko > 0 then
   for i = ko, #ARGV do redis.call('EXISTS', ARGV[i]) end
 end
 local window, max_len, max_age, pubcmd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local rooms = tonumber(ARGV[6])
 local out = {}
 local a = 8
 local k = 1
-for _ = 1, rooms do
-  local channel, n = ARGV[a], tonumber(ARGV[a + 2])
+-- XADD of one message at `offset`, as redis.pcall: an error comes back as a value. The
+-- arguments go straight to the call (no table): this runs once per message.
+local function add(stream, offset, b, cid)
+  local id = string.format('%d', offset) .. '-0'
+  if max_len > 0 then
+    if cid then
+      return redis.pcall('XADD', stream, 'MAXLEN', '~', max_len, id, 'id', ARGV[b + 5],
+        'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4], 'cid', ARGV[b + 1])
+    end
+    return redis.pcall('XADD', stream, 'MAXLEN', '~', max_len, id, 'id', ARGV[b + 5],
+      'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4])
+  end
+  if cid then
+    return redis.pcall('XADD', stream, id, 'id', ARGV[b + 5], 'user', ARGV[b + 2],
+      'text', ARGV[b + 3], 'ts', ARGV[b + 4], 'cid', ARGV[b + 1])
+  end
+  return redis.pcall('XADD', stream, id, 'id', ARGV[b + 5], 'user', ARGV[b + 2],
+    'text', ARGV[b + 3], 'ts', ARGV[b + 4])
+end
+for _ = 1, tonumber(ARGV[6]) do
+  local channel, floor, n = ARGV[a], tonumber(ARGV[a + 1]) or 0, tonumber(ARGV[a + 2])
   local offset_key, stream = key(k), key(k + 1)
   k = k + 2
-  -- New offsets go above the caller's floor. They also go above the stream's top id: XADD
-  -- refuses one at or below it, which is how a counter that fell behind (lost or reset) is
-  -- noticed, without reading the stream on every call.
-  local last = tonumber(ARGV[a + 1]) or 0
+  -- Dedupe first, so that the room's counter moves once for all its new messages.
   local replies = {}
+  local cid_keys = {}
+  -- A cid sent twice in this call: the later message's index → the first one's.
+  local seen, again = {}, {}
+  local fresh = 0
   for i = 0, n - 1 do
     local b = a + 3 + 8 * i
-    local has_cid = ARGV[b] == '1'
-    local cid_key = nil
-    if has_cid then
-      cid_key = key(k)
+    if ARGV[b] == '1' then
+      local cid_key = key(k)
+      cid_keys[i] = cid_key
       k = k + 1
+      if window > 0 and seen[cid_key] then
+        again[i] = seen[cid_key]
+      else
+        local first = redis.call('GET', cid_key)
+        if first then replies[i + 1] = 'd' .. first else seen[cid_key] = i end
+      end
     end
-    local first = cid_key and redis.call('GET', cid_key)
-    if first then
-      replies[#replies + 1] = {'dup', first}
-    else
-      local offset = redis.call('INCR', offset_key)
-      if last >= offset then
-        -- The counter fell behind the caller's floor: never reuse an offset.
-        offset = last + 1
-        redis.call('SET', offset_key, string.format('%d', offset))
-      end
-      local fields = {'id', ARGV[b + 5], 'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4]}
-      if has_cid then
-        fields[#fields + 1] = 'cid'
-        fields[#fields + 1] = ARGV[b + 1]
-      end
-      local added = xadd(stream, max_len, offset, fields)
-      if type(added) == 'table' and added.err then
-        local top = top_offset(stream)
-        if top < offset then return redis.error_reply(added.err) end
-        -- The counter fell behind the stream (lost or reset): go on after the stream's top.
-        offset = top + 1
-        redis.call('SET', offset_key, string.format('%d', offset))
-        added = xadd(stream, max_len, offset, fields)
-        if type(added) == 'table' and added.err then return redis.error_reply(added.err) end
-      end
-      last = offset
-      local off = string.format('%d', offset)
-      if has_cid and window > 0 then
-        redis.call('SET', cid_key, off .. ':' .. ARGV[b + 4] .. ':' .. ARGV[b + 5], 'PX', window)
-      end
-      redis.call(pubcmd, channel, ARGV[b + 6] .. off .. ARGV[b + 7])
-      replies[#replies + 1] = {'ok', off}
+    if not replies[i + 1] and not again[i] then fresh = fresh + 1 end
+  end
+  if fresh > 0 then
+    -- New offsets go above the caller's floor. They also go above the stream's top id:
+    -- XADD refuses one at or below it, which is how a counter that fell behind (lost or
+    -- reset) is noticed, without reading the stream on every call.
+    local offset = redis.call('INCRBY', offset_key, fresh) - fresh
+    local moved = false
+    if offset < floor then
+      offset = floor
+      moved = true
     end
+    for i = 0, n - 1 do
+      local j = again[i]
+      if j then
+        -- After the first one's write (j < i): its ack, as a later retry would get it.
+        local bj = a + 3 + 8 * j
+        replies[i + 1] = 'd' .. replies[j + 1] .. ':' .. ARGV[bj + 4] .. ':' .. ARGV[bj + 5]
+      elseif not replies[i + 1] then
+        local b = a + 3 + 8 * i
+        local cid_key = cid_keys[i]
+        offset = offset + 1
+        local added = add(stream, offset, b, cid_key)
+        if type(added) == 'table' and added.err then
+          local top = top_offset(stream)
+          if top < offset then return redis.error_reply(added.err) end
+          -- The counter fell behind the stream (lost or reset): go on after its top.
+          offset = top + 1
+          moved = true
+          added = add(stream, offset, b, cid_key)
+          if type(added) == 'table' and added.err then return redis.error_reply(added.err) end
+        end
+        local off = string.format('%d', offset)
+        if cid_key and window > 0 then
+          redis.call('SET', cid_key, off .. ':' .. ARGV[b + 4] .. ':' .. ARGV[b + 5], 'PX', window)
+        end
+        redis.call(pubcmd, channel, ARGV[b + 6] .. off .. ARGV[b + 7])
+        replies[i + 1] = off
+      end
+    end
+    if moved then redis.call('SET', offset_key, string.format('%d', offset)) end
   end
   trim_age(stream, max_age, now)
   out[#out + 1] = replies

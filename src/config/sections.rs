@@ -214,6 +214,10 @@ pub struct RedisConfig {
     pub command_timeout: HumanDuration,
     /// How often the pub/sub link is probed with a round trip.
     pub ping_interval: HumanDuration,
+    /// While sends keep coming, a home sends its publish batch to Redis at most once per
+    /// window, so that one script call carries many messages (0: as soon as the previous
+    /// batch is answered). A send after a quiet spell goes at once.
+    pub batch_window: HumanDuration,
 }
 
 impl Default for RedisConfig {
@@ -227,6 +231,7 @@ impl Default for RedisConfig {
             connect_timeout: HumanDuration(Duration::from_secs(2)),
             command_timeout: HumanDuration(Duration::from_secs(2)),
             ping_interval: HumanDuration(Duration::from_secs(1)),
+            batch_window: HumanDuration(Duration::from_millis(1)),
         }
     }
 }
@@ -243,6 +248,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("command_timeout", &self.command_timeout)
             .field("ping_interval", &self.ping_interval)
+            .field("batch_window", &self.batch_window)
             .finish()
     }
 }

@@ -317,6 +317,7 @@ impl Home {
     /// The writer task: takes what was published since its last write (up to the
     /// sequencer's batch size) and hands it to the sequencer as one batch.
     async fn run_writer(self: Rc<Self>) {
+        let mut last_sent: Option<Instant> = None;
         loop {
             poll_fn(|cx| {
                 if self.pending.borrow().is_empty() {
@@ -327,6 +328,16 @@ impl Home {
                 }
             })
             .await;
+            if let Sequencer::Cluster(c) = &self.sequencer {
+                // Busy: wait out the batch window, so that one script call carries more.
+                let window = c.link.redis().options().batch_window;
+                if let Some(wait) = last_sent.and_then(|at| window.checked_sub(at.elapsed())) {
+                    if self.pending.borrow().len() < self.sequencer.max_batch() {
+                        glommio::timer::sleep(wait).await;
+                    }
+                }
+                last_sent = Some(Instant::now());
+            }
             let batch: Vec<Pending> = {
                 let mut pending = self.pending.borrow_mut();
                 let n = pending.len().min(self.sequencer.max_batch());
