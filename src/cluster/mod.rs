@@ -1,6 +1,7 @@
 //! Between hosts: Redis. Offsets, pub/sub, idempotent sends, presence and recent history of
-//! a cluster of corelay hosts, through one Redis (standalone, or one that serves sharded
-//! pub/sub).
+//! a cluster of corelay hosts, through one Redis: standalone (classic or sharded pub/sub),
+//! or a Redis Cluster reached through any of its nodes (each room on the master of its
+//! slot, sharded pub/sub; see [`redis`]'s "Redis Cluster").
 //!
 //! [`redis::RedisCluster`] is the one value a process holds (`Clone + Send + Sync`; its
 //! connections live on the [tokio bridge](crate::bridge)). Each shard wraps it in a
