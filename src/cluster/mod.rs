@@ -69,7 +69,7 @@ mod tls;
 pub mod topology;
 pub(crate) mod wire;
 
-pub use check::{check, CheckReport, CheckStep};
+pub use check::{check, CheckReport, CheckStep, ClusterCheck, MasterCheck};
 pub(crate) use options::redact_url;
 pub use options::{url_from_env, url_from_vars, RedisOptions};
 

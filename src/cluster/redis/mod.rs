@@ -96,6 +96,7 @@ pub(crate) use client::{
 use command::CmdConn;
 pub(crate) use failure::{backoff, classify};
 use link::{connect_link, supervise};
+pub(crate) use nodes::is_cluster_node;
 use nodes::{Mode, Topology};
 pub use nodes::{NodeRole, NodeStatus};
 
