@@ -52,6 +52,17 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A free port for a Redis Cluster node: at most 55535, so that its cluster bus port (the
+/// port + 10000) exists, and with that bus port free too.
+pub fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_535 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// The path of `redis-server`, or a panic that says how to get it.
 fn redis_server_bin() -> String {
     for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
@@ -70,7 +81,23 @@ impl RedisServer {
 
     /// A plain server with extra command-line options (e.g. `["--requirepass", "pw"]`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
-        RedisServer::launch(extra, false)
+        RedisServer::launch(extra, false, free_port)
+    }
+
+    /// A Redis Cluster node (`--cluster-enabled yes`, its `nodes.conf` in its directory,
+    /// no persistence) on a port of [`free_cluster_port`], with extra options (e.g.
+    /// `["--cluster-node-timeout", "2000"]`). Not yet part of any cluster.
+    pub fn start_cluster_node(extra: &[&str]) -> RedisServer {
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--appendonly",
+            "no",
+        ];
+        args.extend_from_slice(extra);
+        RedisServer::launch(&args, false, free_cluster_port)
     }
 
     /// A server that keeps its data across [`RedisServer::restart`] (AOF, fsync always).
@@ -94,15 +121,15 @@ impl RedisServer {
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        RedisServer::launch(&refs, true)
+        RedisServer::launch(&refs, true, free_port)
     }
 
-    fn launch(extra: &[&str], tls: bool) -> RedisServer {
+    fn launch(extra: &[&str], tls: bool, pick_port: fn() -> u16) -> RedisServer {
         let mut last_log = String::new();
         // A port picked free may be taken before redis binds it: try a few.
         for _ in 0..5 {
             let mut server = RedisServer {
-                port: free_port(),
+                port: pick_port(),
                 dir: tempfile::tempdir().expect("tempdir"),
                 args: extra.iter().map(|s| (*s).to_owned()).collect(),
                 child: None,
