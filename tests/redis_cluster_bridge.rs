@@ -681,6 +681,56 @@ fn a_cluster_with_a_password() {
             n.len() == 6 && n.iter().all(|x| x["up"] == true)
         });
 
+        // The ACL user of deploy/redis.md, with the two cluster commands it adds for a
+        // Redis Cluster (users are per node: set on each).
+        for i in 0..cluster.nodes.len() {
+            cluster
+                .admin(
+                    i,
+                    &[
+                        "ACL",
+                        "SETUSER",
+                        "corelay",
+                        "reset",
+                        "on",
+                        ">pw2",
+                        "resetchannels",
+                        "~corelay:*",
+                        "&corelay:*",
+                        "-@all",
+                        "+@connection",
+                        "+@read",
+                        "+@write",
+                        "+@pubsub",
+                        "+@scripting",
+                        "-@dangerous",
+                        "+info",
+                        "+time",
+                        "+cluster|slots",
+                        "+cluster|nodes",
+                    ],
+                )
+                .expect("ACL SETUSER");
+        }
+        let acl = opts(&format!("redis://corelay:pw2@{}", cluster.addr(0)));
+        let user = connect(acl.clone(), &bridge);
+        assert!(user.is_cluster());
+        assert!(eventually(Duration::from_secs(3), || link_up(&user)));
+        for (_, room) in cluster.room_per_master("acl") {
+            assert_eq!(block_on(user.presence_join(&room, "dave", None)), Ok(true));
+            block_on(RedisStore::new(&user).append(vec![message(&room, 1)])).expect("append");
+        }
+        wait_nodes(
+            &user,
+            Duration::from_secs(5),
+            "all up for the ACL user",
+            |n| n.len() == 6 && n.iter().all(|x| x["up"] == true),
+        );
+        let report = block_on(check(&acl, &bridge));
+        println!("{report}");
+        assert!(report.ok(), "{report}");
+        user.close();
+
         let wrong = opts(&cluster.url(1).replace("s3cret", "wrong"));
         let refused = block_on(RedisCluster::connect(wrong.clone(), bridge.clone()));
         assert!(matches!(refused, Err(ClusterError::Auth(_))), "{refused:?}");
