@@ -19,7 +19,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common_redis::{connect, connect_hosts, fast_opts as opts, within, RedisServer};
+use common_redis::{connect, connect_hosts, fast_opts as opts, within, RedisServer, TlsFiles};
 use corelay::bridge::Bridge;
 use corelay::cluster::redis::{NodeRole, RedisCluster};
 use corelay::cluster::topology::{slot_of, SlotMap};
@@ -34,6 +34,8 @@ use futures::executor::block_on;
 struct Cluster {
     nodes: Vec<RedisServer>,
     password: Option<String>,
+    /// The CA certificate (PEM) of a TLS cluster.
+    ca: Option<Vec<u8>>,
 }
 
 impl Cluster {
@@ -41,20 +43,40 @@ impl Cluster {
     /// with `requirepass` and `masterauth` when `password` is given; returns once every
     /// node reports `cluster_state:ok` and the same slot map, replicas included.
     fn start(masters: usize, replicas: usize, password: Option<&str>) -> Cluster {
+        Cluster::start_with(masters, replicas, password, None)
+    }
+
+    /// [`Cluster::start`], speaking TLS only (clients, replication, cluster bus) with
+    /// `tls`'s certificates when given.
+    fn start_with(
+        masters: usize,
+        replicas: usize,
+        password: Option<&str>,
+        tls: Option<&TlsFiles>,
+    ) -> Cluster {
         let mut extra = vec!["--cluster-node-timeout", "2000"];
         if let Some(pw) = password {
             extra.extend(["--requirepass", pw, "--masterauth", pw]);
         }
         let nodes = (0..masters * (1 + replicas))
-            .map(|_| RedisServer::start_cluster_node(&extra))
+            .map(|_| match tls {
+                Some(tls) => RedisServer::start_cluster_node_tls(tls, &extra),
+                None => RedisServer::start_cluster_node(&extra),
+            })
             .collect();
         let cluster = Cluster {
             nodes,
             password: password.map(str::to_owned),
+            ca: tls.map(|t| std::fs::read(&t.ca_cert).expect("CA file")),
         };
-        let mut cli = Command::new("redis-cli");
+        // Bounded: a cluster whose nodes cannot meet would keep it waiting forever.
+        let mut cli = Command::new("timeout");
+        cli.args(["30", "redis-cli"]);
         if let Some(pw) = password {
             cli.args(["-a", pw, "--no-auth-warning"]);
+        }
+        if let Some(tls) = tls {
+            cli.arg("--tls").arg("--cacert").arg(&tls.ca_cert);
         }
         cli.arg("--cluster").arg("create");
         for i in 0..cluster.nodes.len() {
@@ -112,17 +134,39 @@ impl Cluster {
         format!("127.0.0.1:{}", self.nodes[i].port)
     }
 
-    /// `redis://[:pw@]127.0.0.1:<port>` of node `i`.
+    /// `redis://[:pw@]127.0.0.1:<port>` of node `i`; `rediss://[:pw@]localhost:<port>`
+    /// over TLS (the name in the test certificate, which also carries 127.0.0.1).
     fn url(&self, i: usize) -> String {
-        match &self.password {
-            Some(pw) => format!("redis://:{pw}@{}", self.addr(i)),
-            None => format!("redis://{}", self.addr(i)),
+        let auth = self
+            .password
+            .as_ref()
+            .map_or_else(String::new, |pw| format!(":{pw}@"));
+        match self.ca {
+            Some(_) => format!("rediss://{auth}localhost:{}", self.nodes[i].port),
+            None => format!("redis://{auth}{}", self.addr(i)),
         }
     }
 
-    /// One command on node `i` (authenticated).
+    /// One command on node `i` (authenticated, over TLS for a TLS cluster).
     fn admin(&self, i: usize, args: &[&str]) -> Result<redis::Value, String> {
-        self.nodes[i].cmd(&self.url(i), args)
+        let Some(ca) = &self.ca else {
+            return self.nodes[i].cmd(&self.url(i), args);
+        };
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.clone()),
+        };
+        let client = redis::Client::build_with_tls(self.url(i).as_str(), certs)
+            .map_err(|e| e.to_string())?;
+        let mut con = client
+            .get_connection_with_timeout(Duration::from_secs(5))
+            .map_err(|e| e.to_string())?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query::<redis::Value>(&mut con)
+            .map_err(|e| e.to_string())
     }
 
     /// The slot map as node `i` sees it.
@@ -739,6 +783,41 @@ fn a_cluster_with_a_password() {
             !report.ok() && report.ping.verdict.contains("refused the credentials"),
             "{report}"
         );
+        c.close();
+        bridge.shutdown();
+    });
+}
+
+#[test]
+fn a_cluster_over_tls() {
+    // rustls needs a process-wide crypto provider before the test's own TLS client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = TlsFiles::generate().expect("test certificates (apt-get install openssl)");
+    let cluster = Cluster::start_with(3, 0, None, Some(&tls));
+    let mut o = opts(&cluster.url(1));
+    o.tls_ca_file = Some(tls.ca_cert.clone());
+    within(Duration::from_secs(60), move || {
+        let bridge = Bridge::start().expect("bridge");
+        let c = connect(o.clone(), &bridge);
+        assert!(c.is_cluster());
+        assert!(eventually(Duration::from_secs(3), || link_up(&c)));
+        let store = RedisStore::new(&c);
+        for (_, room) in cluster.room_per_master("tls") {
+            assert_eq!(block_on(c.presence_join(&room, "alice", None)), Ok(true));
+            block_on(store.append(vec![message(&room, 1)])).expect("append");
+            assert_eq!(
+                block_on(store.read(&room, HistoryQuery::Latest, 10))
+                    .expect("read")
+                    .len(),
+                1
+            );
+        }
+        let report = block_on(check(&o, &bridge));
+        println!("{report}");
+        assert!(report.ok(), "{report}");
+        wait_nodes(&c, Duration::from_secs(5), "all up", |n| {
+            n.len() == 3 && n.iter().all(|x| x["up"] == true)
+        });
         c.close();
         bridge.shutdown();
     });

@@ -63,6 +63,20 @@ pub fn free_cluster_port() -> u16 {
     }
 }
 
+/// The options of a Redis Cluster node without persistence, then `extra`.
+fn cluster_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--appendonly",
+        "no",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// The path of `redis-server`, or a panic that says how to get it.
 fn redis_server_bin() -> String {
     for candidate in ["/usr/bin/redis-server", "/usr/local/bin/redis-server"] {
@@ -88,16 +102,37 @@ impl RedisServer {
     /// no persistence) on a port of [`free_cluster_port`], with extra options (e.g.
     /// `["--cluster-node-timeout", "2000"]`). Not yet part of any cluster.
     pub fn start_cluster_node(extra: &[&str]) -> RedisServer {
-        let mut args = vec![
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--appendonly",
-            "no",
+        RedisServer::launch(&cluster_args(extra), false, free_cluster_port)
+    }
+
+    /// [`RedisServer::start_cluster_node`] speaking TLS only, to clients, to its replicas
+    /// and on the cluster bus, with `tls`'s server certificate (clients need none).
+    pub fn start_cluster_node_tls(tls: &TlsFiles, extra: &[&str]) -> RedisServer {
+        let files = [
+            "--tls-cert-file".to_owned(),
+            tls.server_cert.display().to_string(),
+            "--tls-key-file".to_owned(),
+            tls.server_key.display().to_string(),
+            "--tls-ca-cert-file".to_owned(),
+            tls.ca_cert.display().to_string(),
+            // The cluster bus always asks for a client certificate: the nodes present the
+            // client one (the server one is for server authentication only).
+            "--tls-client-cert-file".to_owned(),
+            tls.client_cert.display().to_string(),
+            "--tls-client-key-file".to_owned(),
+            tls.client_key.display().to_string(),
         ];
+        let mut args: Vec<&str> = files.iter().map(String::as_str).collect();
+        args.extend([
+            "--tls-auth-clients",
+            "no",
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+        ]);
         args.extend_from_slice(extra);
-        RedisServer::launch(&args, false, free_cluster_port)
+        RedisServer::launch(&cluster_args(&args), true, free_cluster_port)
     }
 
     /// A server that keeps its data across [`RedisServer::restart`] (AOF, fsync always).
