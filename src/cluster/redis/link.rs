@@ -196,6 +196,8 @@ pub(super) async fn supervise(
                         _ = sleep => false,
                     };
                     if stopped || shared.closed.load(Ordering::Acquire) {
+                        lock(&shared.cmd).conn = None;
+                        lock(&shared.topology).close();
                         return;
                     }
                     continue;
@@ -213,6 +215,7 @@ pub(super) async fn supervise(
                 shared.connected.store(false, Ordering::Release);
                 *lock(&shared.pubsub) = None;
                 lock(&shared.cmd).conn = None;
+                lock(&shared.topology).close();
                 return;
             }
             LinkEnd::Lost(reason) => {

@@ -87,6 +87,13 @@ pub(super) struct Topology {
     pings: HashMap<NodeAddr, MultiplexedConnection>,
 }
 
+impl Topology {
+    /// Closes the supervisor's PING connections (the supervisor is stopping).
+    pub(super) fn close(&mut self) {
+        self.pings.clear();
+    }
+}
+
 impl RedisCluster {
     /// Whether the server is a Redis Cluster: then commands go to the master of their key's
     /// slot, pub/sub is sharded ([`RedisOptions::sharded`] is set in
