@@ -85,16 +85,48 @@ impl Metrics {
     }
 
     /// `/healthz`'s `redis`: `null` on a single host, else `{connected,
-    /// pubsub_roundtrip_ms, shard_links_down}` (the process's probe link, and how many
-    /// shards' own links are down).
+    /// pubsub_roundtrip_ms, shard_links_down, cluster}` (the process's probe link, how many
+    /// shards' own links are down, and whether Redis is a Redis Cluster), and on a Redis
+    /// Cluster `nodes`: every node as the process's supervisor last saw it (every second;
+    /// no I/O here), masters first, each sorted by address:
+    ///
+    /// ```json
+    /// {"addr": "10.0.0.2:7001", "role": "master", "master": null, "slots": 5462, "up": true}
+    /// {"addr": "10.0.0.5:7004", "role": "replica", "master": "10.0.0.2:7001", "slots": 0, "up": true}
+    /// ```
+    ///
+    /// `role` is `master` or `replica` as the cluster announces it (a failed master stays a
+    /// master, with its slots, until a replica takes over); `master` is a replica's master;
+    /// `up` means it answered this host's PING within `redis.command_timeout` and the
+    /// cluster does not flag it failing. Empty until the first look.
     pub fn redis_json(&self) -> serde_json::Value {
         match self.redis.get() {
             None => serde_json::Value::Null,
-            Some(c) => serde_json::json!({
-                "connected": c.is_connected(),
-                "pubsub_roundtrip_ms": c.last_roundtrip_ms(),
-                "shard_links_down": self.shard_links_down(),
-            }),
+            Some(c) => {
+                let mut redis = serde_json::json!({
+                    "connected": c.is_connected(),
+                    "pubsub_roundtrip_ms": c.last_roundtrip_ms(),
+                    "shard_links_down": self.shard_links_down(),
+                    "cluster": c.is_cluster(),
+                });
+                if c.is_cluster() {
+                    let nodes: Vec<serde_json::Value> = c
+                        .nodes()
+                        .iter()
+                        .map(|n| {
+                            serde_json::json!({
+                                "addr": n.addr.to_string(),
+                                "role": n.role.as_str(),
+                                "master": n.master.as_ref().map(ToString::to_string),
+                                "slots": n.slots,
+                                "up": n.up,
+                            })
+                        })
+                        .collect();
+                    redis["nodes"] = serde_json::Value::Array(nodes);
+                }
+                redis
+            }
         }
     }
 

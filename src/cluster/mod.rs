@@ -1,6 +1,7 @@
 //! Between hosts: Redis. Offsets, pub/sub, idempotent sends, presence and recent history of
-//! a cluster of corelay hosts, through one Redis (standalone, or one that serves sharded
-//! pub/sub).
+//! a cluster of corelay hosts, through one Redis: standalone (classic or sharded pub/sub),
+//! or a Redis Cluster reached through any of its nodes (each room on the master of its
+//! slot, sharded pub/sub; see [`redis`]'s "Redis Cluster").
 //!
 //! [`redis::RedisCluster`] is the one value a process holds (`Clone + Send + Sync`; its
 //! connections live on the [tokio bridge](crate::bridge)). Each shard wraps it in a
@@ -68,7 +69,7 @@ mod tls;
 pub mod topology;
 pub(crate) mod wire;
 
-pub use check::{check, CheckReport, CheckStep};
+pub use check::{check, CheckReport, CheckStep, ClusterCheck, MasterCheck};
 pub(crate) use options::redact_url;
 pub use options::{url_from_env, url_from_vars, RedisOptions};
 

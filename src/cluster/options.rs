@@ -15,7 +15,8 @@ pub struct RedisOptions {
     /// `redis.url`; see [`url_from_env`] for the seed's `REDIS_*` variables).
     pub url: String,
     /// Sharded pub/sub (SSUBSCRIBE / SPUBLISH, Redis ≥ 7) instead of the classic one
-    /// (`redis.sharded`).
+    /// (`redis.sharded`). Set by [`RedisCluster`](super::redis::RedisCluster) when the
+    /// server is a Redis Cluster, whatever the configuration says.
     pub sharded: bool,
     /// PEM file of the CA(s) that signed the server's certificate (`redis.tls_ca_file`);
     /// unset: the system's trust store.

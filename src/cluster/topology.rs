@@ -7,6 +7,9 @@
 //! same shape on every managed service); [`slot_of`] is Redis's own hash (CRC16/XMODEM
 //! of the hash tag, modulo 16,384).
 //!
+//! [`parse_nodes`] reads `CLUSTER NODES`, which also lists the nodes that serve no slot
+//! (replicas, failed masters), for `/healthz` and `corelay check`.
+//!
 //! Written here rather than taken from `redis`'s `cluster` feature: its routing table
 //! is private to its tokio-driven cluster connection, and the shards need the map on
 //! their own executors ([`super::shard_link`]).
@@ -149,6 +152,97 @@ impl SlotMap {
     pub fn ranges(&self) -> &[SlotRange] {
         &self.ranges
     }
+
+    /// How many slots `master` serves.
+    pub fn slots_of(&self, master: &NodeAddr) -> u32 {
+        self.ranges
+            .iter()
+            .filter(|r| &r.master == master)
+            .map(|r| u32::from(r.end) - u32::from(r.start) + 1)
+            .sum()
+    }
+
+    /// The ranges of slots no master serves (first, last; inclusive), sorted: what
+    /// `corelay check` names when the map has holes.
+    pub fn holes(&self) -> Vec<(u16, u16)> {
+        let mut holes = Vec::new();
+        let mut next: u32 = 0;
+        for r in &self.ranges {
+            if u32::from(r.start) > next {
+                holes.push((next as u16, r.start - 1));
+            }
+            next = u32::from(r.end) + 1;
+        }
+        if next < u32::from(SLOTS) {
+            holes.push((next as u16, SLOTS - 1));
+        }
+        holes
+    }
+}
+
+/// One line of `CLUSTER NODES`: a node as the answering node sees it. Unlike `CLUSTER
+/// SLOTS`, it lists the nodes that serve no slot too: replicas of a failed master, a failed
+/// master itself, a node without slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    /// The node's id (40 hex characters).
+    pub id: String,
+    /// Its client address.
+    pub addr: NodeAddr,
+    /// A master (else a replica).
+    pub master: bool,
+    /// A replica's master id.
+    pub master_id: Option<String>,
+    /// Flagged `fail` or `fail?` by the answering node.
+    pub failing: bool,
+    /// How many slots it serves (a master).
+    pub slots: u32,
+}
+
+/// The nodes in a `CLUSTER NODES` reply, in its order. Nodes without an address yet
+/// (`noaddr`, a handshake in progress) are left out, as is any line that does not parse.
+/// `seed_host` stands in for an empty host, as in [`SlotMap::parse`].
+pub fn parse_nodes(text: &str, seed_host: &str) -> Vec<ClusterNode> {
+    text.lines()
+        .filter_map(|l| parse_node(l, seed_host))
+        .collect()
+}
+
+/// `<id> <ip:port@cport[,hostname]> <flags> <master> <ping> <pong> <epoch> <link> <slot>…`
+fn parse_node(line: &str, seed_host: &str) -> Option<ClusterNode> {
+    let mut f = line.split_whitespace();
+    let id = f.next()?.to_owned();
+    let addr = f.next()?;
+    let addr = addr.split(['@', ',']).next()?;
+    let mut addr = NodeAddr::parse(addr)?;
+    let flags: Vec<&str> = f.next()?.split(',').collect();
+    if addr.port == 0 || flags.iter().any(|&x| x == "noaddr" || x == "handshake") {
+        return None;
+    }
+    if addr.host.is_empty() {
+        addr.host = seed_host.to_owned();
+    }
+    let master_id = f.next().filter(|m| *m != "-").map(str::to_owned);
+    // ping-sent, pong-recv, config-epoch, link-state; then slots.
+    let mut slots = 0u32;
+    for s in f.skip(4) {
+        // "[slot->-node]" / "[slot-<-node]": a migration in progress, not a served slot.
+        if s.starts_with('[') {
+            continue;
+        }
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>()) {
+            slots += b.saturating_sub(a) + 1;
+        }
+    }
+    Some(ClusterNode {
+        id,
+        addr,
+        master: flags.contains(&"master"),
+        master_id,
+        failing: flags.iter().any(|&x| x == "fail" || x == "fail?"),
+        slots,
+    })
 }
 
 fn slot_number(v: Option<Value>) -> Option<u16> {
@@ -329,7 +423,40 @@ mod tests {
         let map = SlotMap::parse(reply, "seed").expect("parses");
         assert_eq!(map.uncovered(), 16_384 - 100);
         assert_eq!(map.master_of(100), None);
+        assert_eq!(map.holes(), vec![(100, 16_383)]);
+        assert_eq!(map.slots_of(&NodeAddr::parse("h:1").expect("addr")), 100);
         assert!(SlotMap::parse(Value::Int(1), "s").is_err());
+    }
+
+    #[test]
+    fn holes_are_named_at_both_ends_and_between() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![Value::Int(10), Value::Int(99), node("h", 1)]),
+            Value::Array(vec![Value::Int(200), Value::Int(16_000), node("h", 2)]),
+        ]);
+        let map = SlotMap::parse(reply, "seed").expect("parses");
+        assert_eq!(map.holes(), vec![(0, 9), (100, 199), (16_001, 16_383)]);
+        assert_eq!(SlotMap::default().holes(), vec![(0, 16_383)]);
+    }
+
+    #[test]
+    fn cluster_nodes_lines_are_read() {
+        let text = "\
+07c3 127.0.0.1:30004@40004 slave e6f8 0 1700 3 connected
+e6f8 127.0.0.1:30003@40003,node-3 myself,master - 0 0 3 connected 10923-16383
+9569 127.0.0.1:30002@40002 master,fail - 1700 1700 2 disconnected
+74fd :30001@40001 master - 0 1700 1 connected 0-5460 5461 [5462->-9569]
+aaaa :0@0 master,noaddr - 0 0 0 disconnected
+";
+        let nodes = parse_nodes(text, "seed");
+        assert_eq!(nodes.len(), 4, "{nodes:?}");
+        assert!(!nodes[0].master);
+        assert_eq!(nodes[0].master_id.as_deref(), Some("e6f8"));
+        assert_eq!(nodes[1].addr.to_string(), "127.0.0.1:30003");
+        assert_eq!((nodes[1].master, nodes[1].slots), (true, 5461));
+        assert!(nodes[2].failing && nodes[2].master && nodes[2].slots == 0);
+        assert_eq!(nodes[3].addr.to_string(), "seed:30001");
+        assert_eq!(nodes[3].slots, 5462);
     }
 
     #[test]

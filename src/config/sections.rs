@@ -200,7 +200,7 @@ impl Default for PresenceConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     pub url: Option<String>,
-    /// Sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis >= 7, Redis Cluster).
+    /// Sharded pub/sub (SSUBSCRIBE/SPUBLISH, Redis >= 7); always on with a Redis Cluster.
     pub sharded: bool,
     /// PEM CA file for `rediss://` (unset: the system's trust store).
     pub tls_ca_file: Option<PathBuf>,

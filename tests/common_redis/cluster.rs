@@ -43,7 +43,7 @@ fn bindable(port: u16) -> bool {
 /// A port for a cluster node: at most 55535 and free, with its bus port (port + 10000)
 /// free too. The search starts at a place that depends on the process and the time, so
 /// that test processes running side by side rarely try the same ports.
-fn free_cluster_port() -> u16 {
+pub fn free_cluster_port() -> u16 {
     let span = u32::from(HIGHEST_PORT - LOWEST_PORT) + 1;
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -58,6 +58,20 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// The options of a Redis Cluster node without persistence, then `extra`.
+fn cluster_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--appendonly",
+        "no",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Runs one command (any argument types: keys may be bytes) with a blocking client on a
 /// fresh connection to `url`: the reply, or the server's error text. What
 /// [`RedisServer::cmd`] and the cluster helpers send their commands with.
@@ -95,6 +109,43 @@ impl RedisServer {
     /// A plain server with extra command-line options (e.g. `["--requirepass", "pw"]`).
     pub fn start_with(extra: &[&str]) -> RedisServer {
         RedisServer::launch(extra, false)
+    }
+
+    /// A Redis Cluster node (`--cluster-enabled yes`, its `nodes.conf` in its directory,
+    /// no persistence) on a port of [`free_cluster_port`], with extra options (e.g.
+    /// `["--cluster-node-timeout", "2000"]`). Not yet part of any cluster.
+    pub fn start_cluster_node(extra: &[&str]) -> RedisServer {
+        RedisServer::launch_on(&cluster_args(extra), false, cluster::free_cluster_port)
+    }
+
+    /// [`RedisServer::start_cluster_node`] speaking TLS only, to clients, to its replicas
+    /// and on the cluster bus, with `tls`'s server certificate (clients need none).
+    pub fn start_cluster_node_tls(tls: &TlsFiles, extra: &[&str]) -> RedisServer {
+        let files = [
+            "--tls-cert-file".to_owned(),
+            tls.server_cert.display().to_string(),
+            "--tls-key-file".to_owned(),
+            tls.server_key.display().to_string(),
+            "--tls-ca-cert-file".to_owned(),
+            tls.ca_cert.display().to_string(),
+            // The cluster bus always asks for a client certificate: the nodes present the
+            // client one (the server one is for server authentication only).
+            "--tls-client-cert-file".to_owned(),
+            tls.client_cert.display().to_string(),
+            "--tls-client-key-file".to_owned(),
+            tls.client_key.display().to_string(),
+        ];
+        let mut args: Vec<&str> = files.iter().map(String::as_str).collect();
+        args.extend([
+            "--tls-auth-clients",
+            "no",
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+        ]);
+        args.extend_from_slice(extra);
+        RedisServer::launch_on(&cluster_args(&args), true, cluster::free_cluster_port)
     }
 
     /// A server that keeps its data across [`RedisServer::restart`] (AOF, fsync always).

@@ -32,7 +32,8 @@ pub(crate) fn classify(
     if e.kind() == ErrorKind::Server(ServerErrorKind::NoPerm) || code == "NOPERM" {
         return ClusterError::Auth(format!(
             "the redis user lacks a permission for {what} ({text}); it needs keys and channels \
-             `corelay:*` and the read, write, pubsub and scripting commands"
+             `corelay:*` and the read, write, pubsub and scripting commands (on a Redis \
+             Cluster also CLUSTER SLOTS and CLUSTER NODES)"
         ));
     }
     if lower.contains("certificate")
@@ -41,6 +42,17 @@ pub(crate) fn classify(
         || lower.contains("peer sent no certificates")
     {
         return ClusterError::Tls(format!("TLS with redis at {target} failed: {text}"));
+    }
+    if matches!(
+        code,
+        "CLUSTERDOWN" | "TRYAGAIN" | "MASTERDOWN" | "MOVED" | "ASK" | "LOADING" | "READONLY"
+    ) {
+        // A Redis Cluster in the middle of a failover or a slot migration (or a node still
+        // loading its data): the same call succeeds once it is over.
+        return ClusterError::Unavailable(format!(
+            "redis at {target} cannot serve {what} now ({text}): a failover or slot \
+             migration in progress, or a slot with no master"
+        ));
     }
     if e.is_timeout() {
         return ClusterError::Timeout(format!(
@@ -87,6 +99,28 @@ pub(crate) fn backoff(opts: &RedisOptions, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cluster_between_two_states_is_unavailable() {
+        use ServerErrorKind::*;
+        for kind in [
+            ClusterDown,
+            TryAgain,
+            Moved,
+            Ask,
+            MasterDown,
+            ReadOnly,
+            BusyLoading,
+        ] {
+            let e = RedisError::from((ErrorKind::Server(kind), "refused", "3999 h:1".to_owned()));
+            let err = classify(&e, "redis://h", "a read", Duration::from_secs(1));
+            assert!(
+                matches!(err, ClusterError::Unavailable(_)),
+                "{kind:?}: {err:?}"
+            );
+            assert!(err.is_transient());
+        }
+    }
 
     #[test]
     fn backoff_grows_with_jitter_and_is_capped() {

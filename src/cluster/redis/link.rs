@@ -1,6 +1,13 @@
 //! The pub/sub link of a [`RedisCluster`](super::RedisCluster): a RESP3 connection subscribed
 //! to this host's probe channel only, and the supervisor task that probes it, reconnects it
-//! with backoff, and starts the periodic chores (clock, command connection, presence).
+//! with backoff, and starts the periodic chores (clock, command connection, presence; on a
+//! Redis Cluster, the topology watch).
+//!
+//! On a Redis Cluster the connection goes to the master that owns the probe channel's slot
+//! (SSUBSCRIBE is refused elsewhere with MOVED, which is followed once if the map was out
+//! of date). That master's death drops the connection; a slot migration unsubscribes the
+//! channel (a `sunsubscribe` push) and the probe's SPUBLISH then answers MOVED: each ends
+//! the link, and the reconnect reads the slot map again.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,7 +18,9 @@ use futures::FutureExt as _;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, PushKind, Value};
 
-use super::{backoff, lock, Shared, NO_RTT};
+use super::nodes::{watch_topology, Mode};
+use super::{backoff, build_client_at, lock, Shared, NO_RTT};
+use crate::cluster::topology::{slot_of, NodeAddr, Redirect};
 use crate::cluster::wire::bytes;
 use crate::cluster::{keys, ClusterError, RedisOptions};
 
@@ -57,6 +66,15 @@ async fn subscribe_one(
 pub(super) struct Link {
     conn: MultiplexedConnection,
     pushes: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    /// Where it is connected, for messages: the URL, or on a cluster the master's address.
+    at: String,
+}
+
+/// Why [`open_link`] failed.
+enum OpenError {
+    /// The probe channel's slot is served by that node (a cluster whose map was stale).
+    Moved(NodeAddr),
+    Failed(ClusterError),
 }
 
 /// Why [`run_link`] returned.
@@ -65,26 +83,89 @@ enum LinkEnd {
     Lost(String),
 }
 
-/// Opens the pub/sub connection and subscribes this host's probe channel.
+/// Opens the pub/sub connection and subscribes this host's probe channel: on the URL's
+/// server, or on a Redis Cluster on the master that owns the channel's slot.
 pub(super) async fn connect_link(shared: &Shared) -> Result<Link, ClusterError> {
+    let channel = keys::ping(&shared.opts.host_id);
+    let mut node = match shared.mode().await? {
+        Mode::Standalone => None,
+        Mode::Cluster { .. } => {
+            let map = shared.read_slot_map().await?;
+            let slot = slot_of(channel.as_bytes());
+            let master = map.master_of(slot).cloned().ok_or_else(|| {
+                ClusterError::Unavailable(format!(
+                    "no master serves slot {slot} (this host's probe channel) in the redis \
+                     cluster at {}",
+                    shared.target
+                ))
+            })?;
+            Some(master)
+        }
+    };
+    // A stale map sends us to a node that answers MOVED: follow it, a couple of times.
+    for _ in 0..3 {
+        match open_link(shared, node.as_ref(), &channel).await {
+            Ok(link) => return Ok(link),
+            Err(OpenError::Moved(to)) => node = Some(to),
+            Err(OpenError::Failed(e)) => return Err(e),
+        }
+    }
+    Err(ClusterError::Unavailable(format!(
+        "the slot of this host's probe channel keeps moving in the redis cluster at {}",
+        shared.target
+    )))
+}
+
+/// Opens a RESP3 connection to `node` (else the URL's server) and subscribes `channel`.
+async fn open_link(
+    shared: &Shared,
+    node: Option<&NodeAddr>,
+    channel: &str,
+) -> Result<Link, OpenError> {
+    let (client, at) = match node {
+        Some(n) => (
+            build_client_at(&shared.opts, true, Some(n)).map_err(OpenError::Failed)?,
+            format!("{} (node {n})", shared.target),
+        ),
+        None => (shared.sub_client.clone(), shared.target.clone()),
+    };
     let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(shared.opts.connect_timeout))
         .set_response_timeout(Some(shared.opts.command_timeout))
         .set_push_sender(tx);
-    let mut conn = shared
-        .sub_client
+    let mut conn = client
         .get_multiplexed_async_connection_with_config(&config)
         .await
-        .map_err(|e| shared.classify(&e, "connect (pub/sub)"))?;
-    shared
-        .bounded(
-            "subscribe (probe channel)",
-            subscribe_one(&mut conn, &shared.opts, keys::ping(&shared.opts.host_id)),
-        )
-        .await?;
+        .map_err(|e| OpenError::Failed(shared.classify(&e, "connect (pub/sub)")))?;
+    let what = "subscribe (probe channel)";
+    let limit = shared.opts.command_timeout;
+    let subscribe = subscribe_one(&mut conn, shared.options(), channel.to_owned());
+    match tokio::time::timeout(limit, subscribe).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(match (node, Redirect::of_error(&e)) {
+                (Some(_), Some(Redirect::Moved(_, to))) => OpenError::Moved(to),
+                _ => OpenError::Failed(shared.classify(&e, what)),
+            })
+        }
+        Err(_) => {
+            return Err(OpenError::Failed(ClusterError::Timeout(format!(
+                "redis at {at} did not confirm {what} within {limit:?}"
+            ))))
+        }
+    }
     *lock(&shared.pubsub) = Some(conn.clone());
-    Ok(Link { conn, pushes })
+    Ok(Link { conn, pushes, at })
+}
+
+/// Aborts the task on drop (the supervisor's topology watch stops with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The supervisor: keeps the pub/sub link up, probes it, reconnects. Without a `first`
@@ -95,6 +176,7 @@ pub(super) async fn supervise(
     first: Option<Link>,
     mut stop: oneshot::Receiver<()>,
 ) {
+    let _topology = AbortOnDrop(tokio::spawn(watch_topology(shared.clone())));
     let mut was_down = first.is_none();
     let mut link = first;
     let mut failures: u32 = 0;
@@ -114,6 +196,8 @@ pub(super) async fn supervise(
                         _ = sleep => false,
                     };
                     if stopped || shared.closed.load(Ordering::Acquire) {
+                        lock(&shared.cmd).conn = None;
+                        lock(&shared.topology).close();
                         return;
                     }
                     continue;
@@ -131,6 +215,7 @@ pub(super) async fn supervise(
                 shared.connected.store(false, Ordering::Release);
                 *lock(&shared.pubsub) = None;
                 lock(&shared.cmd).conn = None;
+                lock(&shared.topology).close();
                 return;
             }
             LinkEnd::Lost(reason) => {
@@ -180,20 +265,24 @@ async fn run_link(
         match next {
             Tick::Stop => return LinkEnd::Stop,
             Tick::Push(None) => {
-                return LinkEnd::Lost(format!(
-                    "the pub/sub connection to {} closed",
-                    shared.target
-                ))
+                return LinkEnd::Lost(format!("the pub/sub connection to {} closed", link.at))
             }
             Tick::Push(Some(push)) => match push.kind {
                 PushKind::Disconnection => {
-                    return LinkEnd::Lost(format!(
-                        "lost the pub/sub connection to {}",
-                        shared.target
-                    ))
+                    return LinkEnd::Lost(format!("lost the pub/sub connection to {}", link.at))
                 }
                 PushKind::Message | PushKind::SMessage => {
                     on_echo(shared, push.data, &ping_channel, &mut pending)
+                }
+                // Not asked for: Redis dropped the subscription (on a cluster, the channel's
+                // slot moved to another master).
+                PushKind::Unsubscribe | PushKind::SUnsubscribe
+                    if is_channel(&push.data, &ping_channel) =>
+                {
+                    return LinkEnd::Lost(format!(
+                        "redis at {} unsubscribed this host's probe channel (its slot moved?)",
+                        link.at
+                    ))
                 }
                 _ => {}
             },
@@ -202,7 +291,7 @@ async fn run_link(
                     if sent.elapsed() > shared.opts.command_timeout {
                         return LinkEnd::Lost(format!(
                             "no pub/sub echo from redis at {} within {:?}",
-                            shared.target, shared.opts.command_timeout
+                            link.at, shared.opts.command_timeout
                         ));
                     }
                 } else {
@@ -211,7 +300,7 @@ async fn run_link(
                     let sent = shared
                         .bounded(
                             "the pub/sub probe",
-                            redis::cmd(shared.opts.publish_command())
+                            redis::cmd(shared.options().publish_command())
                                 .arg(&ping_channel)
                                 .arg(format!("q{nonce}"))
                                 .query_async::<Value>(&mut link.conn),
@@ -261,6 +350,13 @@ fn chores(
             s.refreshing.store(false, Ordering::Release);
         });
     }
+}
+
+/// Whether a push's first element is `channel`.
+fn is_channel(data: &[Value], channel: &str) -> bool {
+    data.first()
+        .and_then(|c| bytes(c.clone()))
+        .is_some_and(|c| c == channel.as_bytes())
 }
 
 /// A message push: only the probe's echo comes here (this connection subscribes nothing

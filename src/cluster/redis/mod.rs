@@ -16,6 +16,28 @@
 //!   answer it either) and reconnects with backoff and jitter. The same task refreshes this
 //!   host's presence, measures Redis's clock, and brings a lost command connection back.
 //!
+//! # Redis Cluster
+//!
+//! The first command connection asks the server what it is (`HELLO`'s `mode`,
+//! [`RedisCluster::is_cluster`]). On a Redis Cluster, reached through any one node:
+//!
+//! - pub/sub is sharded (SSUBSCRIBE / SPUBLISH; [`RedisOptions::sharded`] is set);
+//! - the command connection is a Redis Cluster connection (redis-rs's `cluster-async`):
+//!   each command goes to the master of its key's slot (a room's keys and channel share
+//!   one slot, see [`crate::cluster`]), MOVED and ASK are followed, TRYAGAIN and
+//!   CLUSTERDOWN are waited out a few times (about half a second in all), the slot map is
+//!   read again when the cluster says it changed, and lost nodes are reconnected in the
+//!   background. It is never dropped for a failed call: while a slot has no reachable
+//!   master (a master died and no replica took over yet) the calls for that slot's rooms
+//!   fail with [`ClusterError::Unavailable`] (or [`ClusterError::Timeout`]), and the other
+//!   rooms are served as usual;
+//! - the probe channel is SSUBSCRIBEd on the master that owns its slot, read from
+//!   `CLUSTER SLOTS`; the link is down while that master is (its connection drops, its
+//!   echo is late, or Redis unsubscribes the channel because its slot moved) and reconnects
+//!   to the slot's master of the moment, which after a failover is the promoted replica;
+//! - every second the supervisor reads the slot map and the node list and PINGs each node
+//!   ([`RedisCluster::nodes`], for `/healthz`).
+//!
 //! # The hot path is not here
 //!
 //! Each shard publishes its rooms' messages and receives their channels over connections
@@ -40,6 +62,7 @@
 //!   clock);
 //! - `link`: the pub/sub connection and its supervisor (probe, reconnect, chores);
 //! - `presence`: this host's presence in Redis (join, leave, list, periodic refresh);
+//! - `nodes`: standalone or cluster, and a cluster's slot map and nodes;
 //! - `client`: Redis clients from the options (TLS files) and the shards' [`ShardTarget`];
 //! - `failure`: what a Redis error means for the operator ([`classify`]) and when to try
 //!   again ([`backoff`]).
@@ -47,7 +70,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use futures::channel::oneshot;
@@ -63,11 +86,18 @@ mod client;
 mod command;
 mod failure;
 mod link;
+mod nodes;
 mod presence;
 
-pub(crate) use client::{build_client, ShardAddr, ShardTarget};
+pub(crate) use client::{
+    build_client, build_client_at, build_cluster_client, ShardAddr, ShardTarget,
+};
+use command::CmdConn;
 pub(crate) use failure::{backoff, classify};
 use link::{connect_link, supervise};
+pub(crate) use nodes::is_cluster_node;
+use nodes::{Mode, Topology};
+pub use nodes::{NodeRole, NodeStatus};
 
 /// No round trip measured yet (or the link is down).
 const NO_RTT: u64 = u64::MAX;
@@ -94,6 +124,7 @@ impl std::fmt::Debug for RedisCluster {
             .field("target", &self.inner.shared.target)
             .field("host_id", &self.inner.shared.opts.host_id)
             .field("connected", &self.is_connected())
+            .field("cluster", &self.is_cluster())
             .finish()
     }
 }
@@ -117,7 +148,12 @@ impl Drop for Handle {
 /// State shared by the callers' tasks and the supervisor, all on the bridge thread. The
 /// std mutexes are held only briefly and never across an await.
 struct Shared {
+    /// The options as configured; [`Shared::options`] has the ones in force.
     opts: RedisOptions,
+    /// Standalone or cluster, once the server was first reached.
+    mode: OnceLock<Mode>,
+    /// On a cluster: the slot map and the nodes, as the supervisor last saw them.
+    topology: Mutex<Topology>,
     /// The URL without password, for messages.
     target: String,
     /// RESP2 client for the command connection.
@@ -158,7 +194,7 @@ struct Shared {
 /// does not drop a new one) and reconnect backoff.
 #[derive(Default)]
 struct CmdState {
-    conn: Option<(u64, MultiplexedConnection)>,
+    conn: Option<(u64, CmdConn)>,
     generation: u64,
     failures: u32,
     retry_at: Option<Instant>,
@@ -266,9 +302,10 @@ impl RedisCluster {
         futures::executor::block_on(RedisCluster::connect_or_retry(options, bridge))
     }
 
-    /// The options it was connected with.
+    /// The options in force: the ones it was connected with, with
+    /// [`sharded`](RedisOptions::sharded) set on a Redis Cluster ([`RedisCluster::is_cluster`]).
     pub fn options(&self) -> &RedisOptions {
-        &self.inner.shared.opts
+        self.inner.shared.options()
     }
 
     /// This host's id (presence keys and events).
@@ -315,7 +352,7 @@ impl RedisCluster {
         let s = shared.clone();
         // Handed over at once; runs to completion without anyone awaiting it.
         drop(self.inner.bridge.spawn(async move {
-            let cmd = s.opts.publish_command();
+            let cmd = s.options().publish_command();
             let sent = s
                 .with_conn("typing", |mut c| async move {
                     redis::cmd(cmd)
@@ -390,7 +427,7 @@ impl RedisCluster {
     /// timeout ahead (see [`ClusterError::Timeout`]).
     pub(crate) fn publish_deadline(&self) -> u64 {
         let shared = &self.inner.shared;
-        let half = shared.opts.command_timeout / 2;
+        let half = shared.options().command_timeout / 2;
         shared
             .redis_now_ms()
             .saturating_add(half.as_millis() as u64)
@@ -470,12 +507,22 @@ impl RedisCluster {
 }
 
 impl Shared {
+    /// The options in force: on a Redis Cluster, with `sharded` set.
+    fn options(&self) -> &RedisOptions {
+        match self.mode.get() {
+            Some(Mode::Cluster { opts }) => opts,
+            _ => &self.opts,
+        }
+    }
+
     fn new(opts: RedisOptions) -> Result<Shared, ClusterError> {
         let target = redact_url(&opts.url);
         let cmd_client = build_client(&opts, false)?;
         let sub_client = build_client(&opts, true)?;
         let shard_target = ShardTarget::new(&cmd_client, &opts)?;
         Ok(Shared {
+            mode: OnceLock::new(),
+            topology: Mutex::new(Topology::default()),
             target,
             shard_target,
             cmd_client,

@@ -2,12 +2,13 @@
 //! written by the presence scripts (join, leave, periodic refresh), and the cluster-wide
 //! list of a room. See the key table in [`crate::cluster`] for what the scripts keep.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use redis::Value;
 
 use super::{lock, RedisCluster, Shared};
+use crate::cluster::topology::{slot_of, NodeAddr};
 use crate::cluster::wire::{presence_payload, strings, utf8};
 use crate::cluster::{keys, ClusterError, PresenceEntry};
 
@@ -83,7 +84,7 @@ impl Shared {
             .arg(self.opts.presence_ttl.as_millis() as u64)
             .arg(keys::presence_prefix(room))
             .arg(mode)
-            .arg(self.opts.publish_command())
+            .arg(self.options().publish_command())
             .arg(keys::channel(room))
             .arg(payload)
             .arg(room)
@@ -134,7 +135,7 @@ impl Shared {
             .arg(&self.opts.host_id)
             .arg(keys::presence_prefix(&room))
             .arg(&user)
-            .arg(self.opts.publish_command())
+            .arg(self.options().publish_command())
             .arg(keys::channel(&room))
             .arg(payload)
             .arg(&room)
@@ -181,7 +182,10 @@ impl Shared {
     }
 
     /// Rewrites this host's presence hash of every room it has users in, and refreshes the
-    /// expiries (also puts it back after Redis lost it).
+    /// expiries (also puts it back after Redis lost it). Stops at the first failure (Redis
+    /// is down or stalled: each further room would wait for it too), but on a Redis Cluster
+    /// only skips the other rooms of the master that failed: the others' rooms are still
+    /// refreshed, so their presence does not expire while one master is down.
     pub(super) async fn presence_refresh(&self) {
         let rooms: Vec<(String, Vec<PresenceUser>)> = lock(&self.presence)
             .iter()
@@ -192,7 +196,20 @@ impl Shared {
                 )
             })
             .collect();
+        let map = if self.is_cluster() {
+            lock(&self.topology).map.clone()
+        } else {
+            None
+        };
+        let mut failed: HashSet<NodeAddr> = HashSet::new();
         for (room, users) in rooms {
+            let master = map.as_ref().and_then(|m| {
+                m.master_of(slot_of(keys::presence_hosts(&room).as_bytes()))
+                    .cloned()
+            });
+            if master.as_ref().is_some_and(|m| failed.contains(m)) {
+                continue;
+            }
             let mut inv = self.presence_set_call(&room, "refresh", "");
             for (user, name) in &users {
                 inv.arg(user).arg(name.as_deref().unwrap_or(""));
@@ -205,7 +222,12 @@ impl Shared {
                 .await;
             if let Err(e) = refreshed {
                 tracing::debug!(room = %room, error = %e, "presence refresh failed");
-                return;
+                match master {
+                    Some(m) => {
+                        failed.insert(m);
+                    }
+                    None => return,
+                }
             }
         }
     }
