@@ -175,6 +175,8 @@ if ko > 0 then
   for i = ko, #ARGV do redis.call('EXISTS', ARGV[i]) end
 end
 local window, max_len, max_age, pubcmd = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+-- The same as Redis got them: a Lua number would be formatted again on every call.
+local window_arg, max_len_arg = ARGV[1], ARGV[2]
 local out = {}
 local a = 8
 local k = 1
@@ -184,10 +186,10 @@ local function add(stream, offset, b, cid)
   local id = string.format('%d', offset) .. '-0'
   if max_len > 0 then
     if cid then
-      return redis.pcall('XADD', stream, 'MAXLEN', '~', max_len, id, 'id', ARGV[b + 5],
+      return redis.pcall('XADD', stream, 'MAXLEN', '~', max_len_arg, id, 'id', ARGV[b + 5],
         'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4], 'cid', ARGV[b + 1])
     end
-    return redis.pcall('XADD', stream, 'MAXLEN', '~', max_len, id, 'id', ARGV[b + 5],
+    return redis.pcall('XADD', stream, 'MAXLEN', '~', max_len_arg, id, 'id', ARGV[b + 5],
       'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4])
   end
   if cid then
@@ -254,7 +256,7 @@ for _ = 1, tonumber(ARGV[6]) do
         end
         local off = string.format('%d', offset)
         if cid_key and window > 0 then
-          redis.call('SET', cid_key, off .. ':' .. ARGV[b + 4] .. ':' .. ARGV[b + 5], 'PX', window)
+          redis.call('SET', cid_key, off .. ':' .. ARGV[b + 4] .. ':' .. ARGV[b + 5], 'PX', window_arg)
         end
         redis.call(pubcmd, channel, ARGV[b + 6] .. off .. ARGV[b + 7])
         replies[i + 1] = off

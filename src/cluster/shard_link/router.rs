@@ -215,7 +215,15 @@ impl Router {
             Ok(value) => self.parse_map(value).map(Some),
             Err(e) => {
                 let text = e.to_string().to_ascii_lowercase();
-                if text.contains("cluster support disabled") || text.contains("noperm") {
+                if text.contains("cluster support disabled") {
+                    Ok(None)
+                } else if text.contains("noperm") && self.cluster.is_cluster() {
+                    Err(ClusterError::Auth(format!(
+                        "redis at {name} is a cluster, but the redis user may not read its slot \
+                         map: grant +cluster|slots (see deploy/redis.md)"
+                    )))
+                } else if text.contains("noperm") {
+                    // An ACL without CLUSTER on a standalone server (HELLO said so).
                     Ok(None)
                 } else {
                     Err(crate::cluster::redis::classify(
