@@ -3,7 +3,8 @@
 //! the server runs them: rooms on every master published in one batch and received in
 //! order by another host; a busy room's slot migrated to another master mid-stream; a
 //! batch over two rooms of one master meeting one's half-migrated slot (nothing written
-//! twice); and the room's master SIGKILLed mid-stream, its replica promoted. In the last two, every
+//! twice); and the room's master SIGKILLed mid-stream, its replica promoted (a node no
+//! host was given, and the one the sending host was given). In the last two, every
 //! send is retried with its `cid` until acked (as a client does after `unavailable`), and
 //! the acks must be 1, 2, 3, … with no offset twice and none missing.
 
@@ -224,14 +225,32 @@ fn a_busy_rooms_slot_migrated_mid_stream_loses_and_repeats_nothing() {
 
 #[test]
 fn a_master_killed_mid_stream_fails_over_with_no_acked_message_lost() {
+    failover_mid_stream(false);
+}
+
+#[test]
+fn the_master_a_host_was_given_killed_mid_stream_fails_over_too() {
+    failover_mid_stream(true);
+}
+
+/// A room's master SIGKILLed while one host sends to the room and another receives, its
+/// replica promoted; `seed`: the room's master is the node the sending host was given in
+/// `redis.url` (else a node no host was given).
+fn failover_mid_stream(seed: bool) {
     let mut cluster = RedisClusterProcs::start(3, 1, &[]);
     let bridge = Bridge::start().expect("bridge");
     let [a, b] = hosts(&cluster, &bridge);
-    // A room on a master neither host dials (their probes stay up).
     let dialled: Vec<String> = [&a, &b].iter().map(|h| h.options().url.clone()).collect();
     let room: &'static str = (0..)
         .map(|i| format!("failover{i}"))
-        .find(|r| !dialled.contains(&cluster.node_url(cluster.master_for_slot(room_slot(r)))))
+        .find(|r| {
+            let master = cluster.node_url(cluster.master_for_slot(room_slot(r)));
+            if seed {
+                master == dialled[0]
+            } else {
+                !dialled.contains(&master)
+            }
+        })
         .map(|r| &*Box::leak(r.into_boxed_str()))
         .expect("a room");
     let slot = room_slot(room);
@@ -257,7 +276,7 @@ fn a_master_killed_mid_stream_fails_over_with_no_acked_message_lost() {
         receiver.join().expect("receiver")
     });
     eprintln!(
-        "failover: {failures} sends retried, {} of {count} received live",
+        "failover (seed: {seed}): {failures} sends retried, {} of {count} received live",
         received.len()
     );
     assert!(failures > 0, "the sends met the failover");
