@@ -39,6 +39,15 @@ fn hosts(cluster: &RedisClusterProcs, bridge: &Bridge) -> [RedisCluster; 2] {
     [a, b]
 }
 
+/// A master of `cluster` other than `from`.
+fn other_master(cluster: &RedisClusterProcs, from: usize) -> usize {
+    cluster
+        .masters()
+        .into_iter()
+        .find(|&m| m != from)
+        .expect("another master")
+}
+
 /// The slot of `room`'s keys and channel.
 fn room_slot(room: &str) -> u16 {
     slot_of(format!("corelay:{{{room}}}").as_bytes())
@@ -190,14 +199,29 @@ fn a_busy_rooms_slot_migrated_mid_stream_loses_and_repeats_nothing() {
     let room = "busy";
     let slot = room_slot(room);
     let from = cluster.master_for_slot(slot);
-    let to = cluster
-        .masters()
-        .into_iter()
-        .find(|&m| m != from)
-        .expect("another master");
+    let to = other_master(&cluster, from);
     let bridge = Bridge::start().expect("bridge");
     let [a, b] = hosts(&cluster, &bridge);
-    let count = 300;
+    let mut cluster = cluster;
+    let failures = stream_through(a, b, room, 300, &mut cluster, |cluster| {
+        cluster.migrate_slot(slot, to);
+        assert_eq!(cluster.master_for_slot(slot), to, "the slot moved");
+    });
+    eprintln!("migration: {failures} sends retried");
+}
+
+/// One host (`a`) sends `count` messages to `room`, each retried with its cid until
+/// acked, while another (`b`) receives; `disrupt` runs on the cluster 300 ms into the
+/// stream. Checks every send acked once at 1..=count and the receiver's stream (see
+/// [`check_stream`]); how many sends failed before their retry.
+fn stream_through(
+    a: RedisCluster,
+    b: RedisCluster,
+    room: &'static str,
+    count: usize,
+    cluster: &mut RedisClusterProcs,
+    disrupt: impl FnOnce(&mut RedisClusterProcs),
+) -> usize {
     let last = Arc::new(AtomicU64::new(0));
     let ready = Arc::new(AtomicBool::new(false));
     let (l, r) = (last.clone(), ready.clone());
@@ -207,20 +231,17 @@ fn a_busy_rooms_slot_migrated_mid_stream_loses_and_repeats_nothing() {
     }
     let sender = start_shard(move || async move { send_until_acked(a, room, count).await });
     std::thread::sleep(Duration::from_millis(300));
-    cluster.migrate_slot(slot, to);
-    assert_eq!(cluster.master_for_slot(slot), to, "the slot moved");
-    let (acked, failures) = within(Duration::from_secs(60), move || {
+    disrupt(cluster);
+    let (acked, failures) = within(Duration::from_secs(90), move || {
         sender.join().expect("sender")
     });
     last.store(count as u64, Ordering::Release);
     let (received, reconnected) = within(Duration::from_secs(60), move || {
         receiver.join().expect("receiver")
     });
-    eprintln!(
-        "migration: {failures} sends retried, {} of {count} received live",
-        received.len()
-    );
+    eprintln!("{} of {count} received live", received.len());
     check_stream(&acked, count, &received, reconnected);
+    failures
 }
 
 #[test]
@@ -255,32 +276,13 @@ fn failover_mid_stream(seed: bool) {
         .expect("a room");
     let slot = room_slot(room);
     let victim = cluster.master_for_slot(slot);
-    let count = 200;
-    let last = Arc::new(AtomicU64::new(0));
-    let ready = Arc::new(AtomicBool::new(false));
-    let (l, r) = (last.clone(), ready.clone());
-    let receiver = start_shard(move || async move { receive_until(b, room, l, r).await });
-    while !ready.load(Ordering::Acquire) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let sender = start_shard(move || async move { send_until_acked(a, room, count).await });
-    std::thread::sleep(Duration::from_millis(400));
-    cluster.kill_node(victim);
-    let promoted = cluster.wait_failover(victim);
-    assert_eq!(cluster.master_for_slot(slot), promoted);
-    let (acked, failures) = within(Duration::from_secs(90), move || {
-        sender.join().expect("sender")
+    let failures = stream_through(a, b, room, 200, &mut cluster, |cluster| {
+        cluster.kill_node(victim);
+        let promoted = cluster.wait_failover(victim);
+        assert_eq!(cluster.master_for_slot(slot), promoted);
     });
-    last.store(count as u64, Ordering::Release);
-    let (received, reconnected) = within(Duration::from_secs(60), move || {
-        receiver.join().expect("receiver")
-    });
-    eprintln!(
-        "failover (seed: {seed}): {failures} sends retried, {} of {count} received live",
-        received.len()
-    );
+    eprintln!("failover (seed: {seed}): {failures} sends retried");
     assert!(failures > 0, "the sends met the failover");
-    check_stream(&acked, count, &received, reconnected);
 }
 
 /// Node `i`'s port, from its URL.
@@ -308,11 +310,7 @@ fn a_batch_meeting_a_half_migrated_slot_writes_each_room_once() {
         .expect("two rooms on one master");
     let slot = room_slot(&moving);
     let from = cluster.master_for_slot(slot);
-    let to = cluster
-        .masters()
-        .into_iter()
-        .find(|&m| m != from)
-        .expect("another master");
+    let to = other_master(&cluster, from);
     let bridge = Bridge::start().expect("bridge");
     let [a, _] = hosts(&cluster, &bridge);
     let (m1, s1) = (moving.clone(), staying.clone());

@@ -108,22 +108,33 @@ impl RedisOptions {
 
     /// PUBLISH, or SPUBLISH with sharded pub/sub.
     pub(crate) fn publish_command(&self) -> &'static str {
-        if self.sharded {
-            "SPUBLISH"
-        } else {
-            "PUBLISH"
-        }
+        publish_command(self.sharded)
     }
 
     /// SUBSCRIBE or SSUBSCRIBE (`subscribe`), else UNSUBSCRIBE or SUNSUBSCRIBE, as
     /// `sharded` says.
     pub(crate) fn subscribe_command(&self, subscribe: bool) -> &'static str {
-        match (self.sharded, subscribe) {
-            (false, true) => "SUBSCRIBE",
-            (false, false) => "UNSUBSCRIBE",
-            (true, true) => "SSUBSCRIBE",
-            (true, false) => "SUNSUBSCRIBE",
-        }
+        subscribe_command(self.sharded, subscribe)
+    }
+}
+
+/// PUBLISH, or SPUBLISH with sharded pub/sub (`sharded`).
+pub(crate) fn publish_command(sharded: bool) -> &'static str {
+    if sharded {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    }
+}
+
+/// SUBSCRIBE or SSUBSCRIBE (`subscribe`), else UNSUBSCRIBE or SUNSUBSCRIBE, classic or
+/// sharded (`sharded`).
+pub(crate) fn subscribe_command(sharded: bool, subscribe: bool) -> &'static str {
+    match (sharded, subscribe) {
+        (false, true) => "SUBSCRIBE",
+        (false, false) => "UNSUBSCRIBE",
+        (true, true) => "SSUBSCRIBE",
+        (true, false) => "SUNSUBSCRIBE",
     }
 }
 

@@ -15,7 +15,7 @@ use futures::lock::Mutex;
 use super::{within, Requests};
 use crate::cluster::redis::{classify, RedisCluster, ShardAddr, ShardTarget};
 use crate::cluster::resp::{Endpoint, RespConn, RespWriter};
-use crate::cluster::{ClusterError, ClusterEvent, RedisOptions};
+use crate::cluster::{options, ClusterError, ClusterEvent, RedisOptions};
 
 /// One shard's connections to one Redis server; see the module docs.
 pub(super) struct NodeLink {
@@ -173,21 +173,12 @@ impl NodeLink {
 
     /// SUBSCRIBE / UNSUBSCRIBE, or their sharded forms.
     pub(super) fn subscribe_command(&self, subscribe: bool) -> &'static str {
-        match (self.sharded, subscribe) {
-            (true, true) => "SSUBSCRIBE",
-            (true, false) => "SUNSUBSCRIBE",
-            (false, true) => "SUBSCRIBE",
-            (false, false) => "UNSUBSCRIBE",
-        }
+        options::subscribe_command(self.sharded, subscribe)
     }
 
     /// PUBLISH or SPUBLISH.
     pub(super) fn publish_command(&self) -> &'static str {
-        if self.sharded {
-            "SPUBLISH"
-        } else {
-            "PUBLISH"
-        }
+        options::publish_command(self.sharded)
     }
 
     pub(super) fn link_down(&self, room: &str) -> ClusterError {

@@ -129,12 +129,22 @@ impl Router {
     /// The link to cluster master `addr`, created (and its tasks started) when new.
     /// `announce`: whether its first connection is a [`ClusterEvent::Reconnected`].
     pub(super) fn cluster_node(&self, addr: &NodeAddr, announce: bool) -> Option<Rc<NodeLink>> {
+        let (node, new) = self.cluster_link(addr)?;
+        if new {
+            node.owed_reconnect.set(announce);
+            glommio::spawn_local(node.clone().run_subscriber(None)).detach();
+        }
+        Some(node)
+    }
+
+    /// The link to cluster master `addr` (not started when new), and whether it is new.
+    fn cluster_link(&self, addr: &NodeAddr) -> Option<(Rc<NodeLink>, bool)> {
         let mut state = self.state.borrow_mut();
         let State::Cluster { map, nodes } = &mut *state else {
             return None;
         };
         if let Some(node) = nodes.get(addr) {
-            return Some(node.clone());
+            return Some((node.clone(), false));
         }
         let node = Rc::new(NodeLink::new(NodeParts {
             cluster: self.cluster.clone(),
@@ -147,10 +157,7 @@ impl Router {
             requests: Some(self.requests.clone()),
         }));
         nodes.insert(addr.clone(), node.clone());
-        drop(state);
-        node.owed_reconnect.set(announce);
-        glommio::spawn_local(node.clone().run_subscriber(None)).detach();
-        Some(node)
+        Some((node, true))
     }
 
     /// The node link a room is wanted on now.
@@ -277,25 +284,10 @@ impl Router {
                     nodes: HashMap::new(),
                 };
                 self.refreshed_at.set(Some(Instant::now()));
-                let mut nodes = Vec::new();
-                for addr in &masters {
-                    let mut state = self.state.borrow_mut();
-                    let State::Cluster { map, nodes: links } = &mut *state else {
-                        break;
-                    };
-                    let node = Rc::new(NodeLink::new(NodeParts {
-                        cluster: self.cluster.clone(),
-                        shard: self.shard,
-                        target: self.seed.at_node(addr),
-                        name: addr.to_string(),
-                        sharded: true,
-                        replicas: map.replicas_of(addr).len(),
-                        events: self.events.clone(),
-                        requests: Some(self.requests.clone()),
-                    }));
-                    links.insert(addr.clone(), node.clone());
-                    nodes.push(node);
-                }
+                let nodes: Vec<Rc<NodeLink>> = masters
+                    .iter()
+                    .filter_map(|addr| self.cluster_link(addr).map(|(node, _)| node))
+                    .collect();
                 nodes
             }
         };
