@@ -56,6 +56,8 @@ impl Subscriber {
         sub
     }
 
+    /// Writes one command as a RESP array: the subscriber speaks RESP by hand so that the
+    /// test sees the raw push frames, with no client library in between.
     fn send(&mut self, args: &[&str]) {
         let mut out = format!("*{}\r\n", args.len());
         for a in args {
@@ -110,6 +112,7 @@ fn message(room: &str, offset: u64) -> StoredMessage {
     }
 }
 
+/// A presence entry of `user` (display name `name`), to compare presence lists with.
 fn entry(user: &str, name: Option<&str>) -> PresenceEntry {
     PresenceEntry {
         user: user.into(),
@@ -143,6 +146,8 @@ fn wait_nodes(
     last
 }
 
+/// Whether `cluster`'s probe link is up and has measured a round trip: what says the
+/// link works, beyond a connect that succeeded.
 fn link_up(cluster: &RedisCluster) -> bool {
     cluster.is_connected() && cluster.last_roundtrip_ms().is_some()
 }

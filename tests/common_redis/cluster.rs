@@ -146,10 +146,14 @@ impl NodeLine {
         })
     }
 
+    /// Whether the node carries `flag` (`myself`, `slave`, `fail`, `handshake`…): what the
+    /// settling and failover checks read.
     fn has_flag(&self, flag: &str) -> bool {
         self.flags.iter().any(|f| f == flag)
     }
 
+    /// Whether the node is taken for failed (`fail`) or suspected (`fail?`): such a node
+    /// is left out of the views compared.
     fn failed(&self) -> bool {
         self.has_flag("fail") || self.has_flag("fail?")
     }
