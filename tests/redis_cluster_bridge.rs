@@ -1,6 +1,6 @@
 //! The process's link to Redis ([`RedisCluster`], on the bridge) against a real Redis
 //! Cluster: `redis-server --cluster-enabled yes` nodes on free loopback ports, joined with
-//! `redis-cli --cluster create` (see [`Cluster`]); every node dies with its test.
+//! `redis-cli --cluster create` (see [`RedisClusterProcs`]); every node dies with its test.
 //!
 //! Connecting through any node finds the cluster out (sharded pub/sub on); presence,
 //! typing notices and the Redis history store reach each room's master, on all three;
@@ -16,195 +16,18 @@ mod common_redis;
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common_redis::cluster::RedisClusterProcs;
 use common_redis::{connect, connect_hosts, fast_opts as opts, within, RedisServer, TlsFiles};
 use corelay::bridge::Bridge;
 use corelay::cluster::redis::{NodeRole, RedisCluster};
-use corelay::cluster::topology::{slot_of, SlotMap};
+use corelay::cluster::topology::slot_of;
 use corelay::cluster::{check, ClusterError, PresenceEntry};
 use corelay::metrics::Metrics;
 use corelay::store::redis::RedisStore;
 use corelay::store::{HistoryQuery, HistoryStore, StoreError, StoredMessage};
 use futures::executor::block_on;
-
-/// A Redis Cluster of `redis-server` nodes on loopback, masters first; killed on drop (each
-/// [`RedisServer`] is).
-struct Cluster {
-    nodes: Vec<RedisServer>,
-    password: Option<String>,
-    /// The CA certificate (PEM) of a TLS cluster.
-    ca: Option<Vec<u8>>,
-}
-
-impl Cluster {
-    /// `masters` masters with `replicas` replicas each, `--cluster-node-timeout 2000`,
-    /// with `requirepass` and `masterauth` when `password` is given; returns once every
-    /// node reports `cluster_state:ok` and the same slot map, replicas included.
-    fn start(masters: usize, replicas: usize, password: Option<&str>) -> Cluster {
-        Cluster::start_with(masters, replicas, password, None)
-    }
-
-    /// [`Cluster::start`], speaking TLS only (clients, replication, cluster bus) with
-    /// `tls`'s certificates when given.
-    fn start_with(
-        masters: usize,
-        replicas: usize,
-        password: Option<&str>,
-        tls: Option<&TlsFiles>,
-    ) -> Cluster {
-        let mut extra = vec!["--cluster-node-timeout", "2000"];
-        if let Some(pw) = password {
-            extra.extend(["--requirepass", pw, "--masterauth", pw]);
-        }
-        let nodes = (0..masters * (1 + replicas))
-            .map(|_| match tls {
-                Some(tls) => RedisServer::start_cluster_node_tls(tls, &extra),
-                None => RedisServer::start_cluster_node(&extra),
-            })
-            .collect();
-        let cluster = Cluster {
-            nodes,
-            password: password.map(str::to_owned),
-            ca: tls.map(|t| std::fs::read(&t.ca_cert).expect("CA file")),
-        };
-        // Bounded: a cluster whose nodes cannot meet would keep it waiting forever.
-        let mut cli = Command::new("timeout");
-        cli.args(["30", "redis-cli"]);
-        if let Some(pw) = password {
-            cli.args(["-a", pw, "--no-auth-warning"]);
-        }
-        if let Some(tls) = tls {
-            cli.arg("--tls").arg("--cacert").arg(&tls.ca_cert);
-        }
-        cli.arg("--cluster").arg("create");
-        for i in 0..cluster.nodes.len() {
-            cli.arg(cluster.addr(i));
-        }
-        let out = cli
-            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
-            .output()
-            .expect("run redis-cli (apt-get install redis-tools)");
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("All 16384 slots covered"),
-            "redis-cli --cluster create failed:\n{text}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        cluster.wait_ready(masters, replicas, Duration::from_secs(30));
-        cluster
-    }
-
-    /// Waits until every live node says `cluster_state:ok` and serves the same map, with
-    /// `masters` masters of `replicas` replicas each.
-    fn wait_ready(&self, masters: usize, replicas: usize, limit: Duration) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let maps: Vec<Option<SlotMap>> = (0..self.nodes.len())
-                .map(|i| {
-                    let ok = matches!(
-                        self.admin(i, &["CLUSTER", "INFO"]),
-                        Ok(redis::Value::BulkString(ref b))
-                            if String::from_utf8_lossy(b).contains("cluster_state:ok")
-                    );
-                    ok.then(|| self.slot_map(i)).flatten()
-                })
-                .collect();
-            let ready = maps.iter().all(|m| {
-                m.as_ref().is_some_and(|m| {
-                    m.uncovered() == 0
-                        && m.masters().len() == masters
-                        && m.masters()
-                            .iter()
-                            .all(|n| m.replicas_of(n).len() == replicas)
-                        && Some(m) == maps[0].as_ref()
-                })
-            });
-            if ready {
-                return;
-            }
-            assert!(Instant::now() < deadline, "cluster not ready: {maps:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// `127.0.0.1:<port>` of node `i`.
-    fn addr(&self, i: usize) -> String {
-        format!("127.0.0.1:{}", self.nodes[i].port)
-    }
-
-    /// `redis://[:pw@]127.0.0.1:<port>` of node `i`; `rediss://[:pw@]localhost:<port>`
-    /// over TLS (the name in the test certificate, which also carries 127.0.0.1).
-    fn url(&self, i: usize) -> String {
-        let auth = self
-            .password
-            .as_ref()
-            .map_or_else(String::new, |pw| format!(":{pw}@"));
-        match self.ca {
-            Some(_) => format!("rediss://{auth}localhost:{}", self.nodes[i].port),
-            None => format!("redis://{auth}{}", self.addr(i)),
-        }
-    }
-
-    /// One command on node `i` (authenticated, over TLS for a TLS cluster).
-    fn admin(&self, i: usize, args: &[&str]) -> Result<redis::Value, String> {
-        let Some(ca) = &self.ca else {
-            return self.nodes[i].cmd(&self.url(i), args);
-        };
-        let certs = redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(ca.clone()),
-        };
-        let client = redis::Client::build_with_tls(self.url(i).as_str(), certs)
-            .map_err(|e| e.to_string())?;
-        let mut con = client
-            .get_connection_with_timeout(Duration::from_secs(5))
-            .map_err(|e| e.to_string())?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query::<redis::Value>(&mut con)
-            .map_err(|e| e.to_string())
-    }
-
-    /// The slot map as node `i` sees it.
-    fn slot_map(&self, i: usize) -> Option<SlotMap> {
-        let reply = self.admin(i, &["CLUSTER", "SLOTS"]).ok()?;
-        SlotMap::parse(reply, "127.0.0.1").ok()
-    }
-
-    /// The index of the node at `addr` (`host:port`).
-    fn index_of(&self, addr: &str) -> usize {
-        (0..self.nodes.len())
-            .find(|&i| self.addr(i) == addr)
-            .unwrap_or_else(|| panic!("no node at {addr}"))
-    }
-
-    /// For each master (by node index, sorted), a room whose slot it serves (`<prefix>N`).
-    fn room_per_master(&self, prefix: &str) -> Vec<(usize, String)> {
-        let map = self.slot_map(0).expect("slot map");
-        let mut out: Vec<(usize, String)> = map
-            .masters()
-            .into_iter()
-            .map(|m| {
-                let room = (0..)
-                    .map(|n| format!("{prefix}{n}"))
-                    .find(|r| map.master_of(slot_of(r.as_bytes())) == Some(m))
-                    .expect("a room");
-                (self.index_of(&m.to_string()), room)
-            })
-            .collect();
-        out.sort();
-        out
-    }
-
-    /// Whether node `i` holds `key` (EXISTS, without following redirects).
-    fn holds(&self, i: usize, key: &str) -> bool {
-        self.admin(i, &["EXISTS", key]) == Ok(redis::Value::Int(1))
-    }
-}
 
 /// A raw RESP connection SSUBSCRIBEd to one channel on one node: what another host's shard
 /// would see.
@@ -233,6 +56,8 @@ impl Subscriber {
         sub
     }
 
+    /// Writes one command as a RESP array: the subscriber speaks RESP by hand so that the
+    /// test sees the raw push frames, with no client library in between.
     fn send(&mut self, args: &[&str]) {
         let mut out = format!("*{}\r\n", args.len());
         for a in args {
@@ -287,6 +112,7 @@ fn message(room: &str, offset: u64) -> StoredMessage {
     }
 }
 
+/// A presence entry of `user` (display name `name`), to compare presence lists with.
 fn entry(user: &str, name: Option<&str>) -> PresenceEntry {
     PresenceEntry {
         user: user.into(),
@@ -320,6 +146,8 @@ fn wait_nodes(
     last
 }
 
+/// Whether `cluster`'s probe link is up and has measured a round trip: what says the
+/// link works, beyond a connect that succeeded.
 fn link_up(cluster: &RedisCluster) -> bool {
     cluster.is_connected() && cluster.last_roundtrip_ms().is_some()
 }
@@ -345,13 +173,13 @@ fn a_standalone_redis_is_not_a_cluster() {
 
 #[test]
 fn a_cluster_is_served_through_any_node() {
-    let cluster = Cluster::start(3, 0, None);
+    let cluster = RedisClusterProcs::start(3, 0, &[]);
     within(Duration::from_secs(60), move || {
         let bridge = Bridge::start().expect("bridge");
         let rooms = cluster.room_per_master("room");
         assert_eq!(rooms.len(), 3);
         // Through the last node, whichever master that is.
-        let o = opts(&cluster.url(2));
+        let o = opts(&cluster.admin_url(2));
         let [a, b] = connect_hosts::<2>(&o, &bridge);
         assert!(a.is_cluster() && a.options().sharded, "{a:?}");
         assert!(eventually(Duration::from_secs(3), || link_up(&a)));
@@ -429,22 +257,16 @@ fn a_cluster_is_served_through_any_node() {
 
 #[test]
 fn check_names_a_hole_in_the_slot_map_and_a_dead_master() {
-    let mut cluster = Cluster::start(3, 0, None);
+    let mut cluster = RedisClusterProcs::start(3, 0, &[]);
     let bridge = Bridge::start().expect("bridge");
     // Node 0 forgets slots 100-199 of its own: in its map nobody serves them.
-    let map = cluster.slot_map(0).expect("map");
-    let own = map
-        .ranges()
-        .iter()
-        .find(|r| r.master.to_string() == cluster.addr(0))
-        .expect("node 0 is a master")
-        .start;
+    let (own, _) = *cluster.slots_of(0).first().expect("node 0 is a master");
     let (from, to) = ((own + 100).to_string(), (own + 199).to_string());
     cluster
-        .admin(0, &["CLUSTER", "DELSLOTSRANGE", &from, &to])
+        .cmd(0, &["CLUSTER", "DELSLOTSRANGE", &from, &to])
         .expect("DELSLOTSRANGE");
     let report = within(Duration::from_secs(20), {
-        let o = opts(&cluster.url(0));
+        let o = opts(&cluster.admin_url(0));
         let bridge = bridge.clone();
         move || block_on(check(&o, &bridge))
     });
@@ -459,9 +281,9 @@ fn check_names_a_hole_in_the_slot_map_and_a_dead_master() {
     );
 
     // Node 1, a master, dies: node 2 still maps its slots to it.
-    cluster.nodes[1].kill();
+    cluster.kill_node(1);
     let report = within(Duration::from_secs(20), {
-        let o = opts(&cluster.url(2));
+        let o = opts(&cluster.admin_url(2));
         let bridge = bridge.clone();
         move || block_on(check(&o, &bridge))
     });
@@ -484,13 +306,13 @@ fn check_names_a_hole_in_the_slot_map_and_a_dead_master() {
 
 #[test]
 fn calls_follow_a_slot_migration() {
-    let cluster = Cluster::start(3, 0, None);
+    let cluster = RedisClusterProcs::start(3, 0, &[]);
     within(Duration::from_secs(60), move || {
         let bridge = Bridge::start().expect("bridge");
         let rooms = cluster.room_per_master("mig");
         let (from, room) = rooms[0].clone();
         let to = rooms[1].0;
-        let c = connect(opts(&cluster.url(to)), &bridge);
+        let c = connect(opts(&cluster.admin_url(to)), &bridge);
         let store = RedisStore::new(&c);
         assert_eq!(block_on(c.presence_join(&room, "alice", None)), Ok(true));
         block_on(store.append(vec![message(&room, 1)])).expect("append");
@@ -498,18 +320,14 @@ fn calls_follow_a_slot_migration() {
         // Migrate the room's slot by hand: keys first (ASK while it is half done), then
         // the slot (MOVED).
         let slot = slot_of(room.as_bytes()).to_string();
-        let id = |i: usize| match cluster.admin(i, &["CLUSTER", "MYID"]) {
-            Ok(redis::Value::BulkString(b)) => String::from_utf8(b).expect("id"),
-            other => panic!("MYID: {other:?}"),
-        };
-        let (from_id, to_id) = (id(from), id(to));
+        let (from_id, to_id) = (cluster.node_id(from), cluster.node_id(to));
         cluster
-            .admin(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])
+            .cmd(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", from_id])
             .expect("importing");
         cluster
-            .admin(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])
+            .cmd(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", to_id])
             .expect("migrating");
-        let keys = match cluster.admin(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]) {
+        let keys = match cluster.cmd(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100"]) {
             Ok(redis::Value::Array(keys)) => keys,
             other => panic!("GETKEYSINSLOT: {other:?}"),
         };
@@ -524,7 +342,7 @@ fn calls_follow_a_slot_migration() {
             })
             .collect();
         migrate.extend(names.iter().map(String::as_str));
-        cluster.admin(from, &migrate).expect("MIGRATE");
+        cluster.cmd(from, &migrate).expect("MIGRATE");
 
         // Every key moved, the slot not yet: the old master answers ASK.
         assert_eq!(
@@ -550,7 +368,7 @@ fn calls_follow_a_slot_migration() {
 
         for i in [from, to, rooms[2].0] {
             cluster
-                .admin(i, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id])
+                .cmd(i, &["CLUSTER", "SETSLOT", &slot, "NODE", to_id])
                 .expect("node");
         }
         // The slot moved: MOVED, and the map is read again.
@@ -575,13 +393,13 @@ fn calls_follow_a_slot_migration() {
 
 #[test]
 fn a_master_failover_is_ridden_through() {
-    let mut cluster = Cluster::start(3, 1, None);
+    let mut cluster = RedisClusterProcs::start(3, 1, &[]);
     let bridge = Bridge::start().expect("bridge");
     let rooms = cluster.room_per_master("fo");
     let (victim, room) = rooms[0].clone();
     let (_, other_room) = rooms[1].clone();
     // Connected through the master that dies, to make it harder.
-    let c = connect(opts(&cluster.url(victim)), &bridge);
+    let c = connect(opts(&cluster.admin_url(victim)), &bridge);
     let store = RedisStore::new(&c);
     let up = within(Duration::from_secs(10), {
         let (c, store, room) = (c.clone(), store.clone(), room.clone());
@@ -596,7 +414,7 @@ fn a_master_failover_is_ridden_through() {
     assert_eq!(up.iter().filter(|n| n["role"] == "replica").count(), 3);
     let victim_addr = cluster.addr(victim);
 
-    cluster.nodes[victim].kill();
+    cluster.kill_node(victim);
     let killed = Instant::now();
     let (c2, store2, room2) = (c.clone(), store.clone(), room.clone());
     let (errors, recovered) = within(Duration::from_secs(45), move || {
@@ -693,10 +511,10 @@ fn a_master_failover_is_ridden_through() {
 
 #[test]
 fn a_cluster_with_a_password() {
-    let cluster = Cluster::start(3, 1, Some("s3cret"));
+    let cluster = RedisClusterProcs::start(3, 1, &["--requirepass", "s3cret"]);
     within(Duration::from_secs(60), move || {
         let bridge = Bridge::start().expect("bridge");
-        let o = opts(&cluster.url(1));
+        let o = opts(&cluster.admin_url(1));
         let c = connect(o.clone(), &bridge);
         assert!(c.is_cluster());
         assert!(eventually(Duration::from_secs(3), || link_up(&c)));
@@ -729,7 +547,7 @@ fn a_cluster_with_a_password() {
         // Redis Cluster (users are per node: set on each).
         for i in 0..cluster.nodes.len() {
             cluster
-                .admin(
+                .cmd(
                     i,
                     &[
                         "ACL",
@@ -756,7 +574,7 @@ fn a_cluster_with_a_password() {
                 )
                 .expect("ACL SETUSER");
         }
-        let acl = opts(&format!("redis://corelay:pw2@{}", cluster.addr(0)));
+        let acl = opts(&cluster.node_url_with(0, "corelay:pw2"));
         let user = connect(acl.clone(), &bridge);
         assert!(user.is_cluster());
         assert!(eventually(Duration::from_secs(3), || link_up(&user)));
@@ -775,7 +593,7 @@ fn a_cluster_with_a_password() {
         assert!(report.ok(), "{report}");
         user.close();
 
-        let wrong = opts(&cluster.url(1).replace("s3cret", "wrong"));
+        let wrong = opts(&cluster.admin_url(1).replace("s3cret", "wrong"));
         let refused = block_on(RedisCluster::connect(wrong.clone(), bridge.clone()));
         assert!(matches!(refused, Err(ClusterError::Auth(_))), "{refused:?}");
         let report = block_on(check(&wrong, &bridge));
@@ -793,8 +611,8 @@ fn a_cluster_over_tls() {
     // rustls needs a process-wide crypto provider before the test's own TLS client.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let tls = TlsFiles::generate().expect("test certificates (apt-get install openssl)");
-    let cluster = Cluster::start_with(3, 0, None, Some(&tls));
-    let mut o = opts(&cluster.url(1));
+    let cluster = RedisClusterProcs::start_tls(3, 0, &tls);
+    let mut o = opts(&cluster.admin_url(1));
     o.tls_ca_file = Some(tls.ca_cert.clone());
     within(Duration::from_secs(60), move || {
         let bridge = Bridge::start().expect("bridge");

@@ -6,6 +6,8 @@
 //! a live resharding of one slot ([`RedisClusterProcs::migrate_slot`]), each waited for
 //! until every node agrees. A `--requirepass` among the extra options makes a password
 //! cluster: every node gets it as `--masterauth` too, and the helpers authenticate.
+//! [`RedisClusterProcs::start_tls`] makes a TLS-only cluster (clients, replication and
+//! the cluster bus), whose helpers trust the test CA.
 //!
 //! Ports are at most 55535: a node's cluster bus listens on its port + 10000, which must
 //! be a valid port and free too. `redis-cli` must be installed (Debian package
@@ -18,7 +20,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{query, redis_bin, RedisServer};
+use super::{query_on, redis_bin, RedisServer, TlsFiles};
 
 /// The cluster's node timeout (ms): a master unreachable this long is failed over.
 const NODE_TIMEOUT_MS: &str = "2000";
@@ -59,6 +61,32 @@ pub fn free_cluster_port() -> u16 {
         }
     }
     panic!("no free port pair (P, P+10000) with P in {LOWEST_PORT}..={HIGHEST_PORT}");
+}
+
+/// A cluster node's TLS options on top of [`TlsFiles::server_args`]: TLS only, to
+/// replicas and on the cluster bus too, clients not asked for a certificate.
+fn tls_node_args(tls: &TlsFiles) -> Vec<String> {
+    let mut args = tls.server_args();
+    // The cluster bus always asks for a client certificate: the nodes present the client
+    // one (the server one is for server authentication only).
+    args.extend([
+        "--tls-client-cert-file".to_owned(),
+        tls.client_cert.display().to_string(),
+        "--tls-client-key-file".to_owned(),
+        tls.client_key.display().to_string(),
+    ]);
+    args.extend(
+        [
+            "--tls-auth-clients",
+            "no",
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+        ]
+        .map(str::to_owned),
+    );
+    args
 }
 
 /// `s` percent-encoded for a URL's userinfo (a password with spaces or `@`).
@@ -118,10 +146,14 @@ impl NodeLine {
         })
     }
 
+    /// Whether the node carries `flag` (`myself`, `slave`, `fail`, `handshake`…): what the
+    /// settling and failover checks read.
     fn has_flag(&self, flag: &str) -> bool {
         self.flags.iter().any(|f| f == flag)
     }
 
+    /// Whether the node is taken for failed (`fail`) or suspected (`fail?`): such a node
+    /// is left out of the views compared.
     fn failed(&self) -> bool {
         self.has_flag("fail") || self.has_flag("fail?")
     }
@@ -152,6 +184,8 @@ pub struct RedisClusterProcs {
     ids: Vec<String>,
     /// The `--requirepass` the nodes were given, if any.
     password: Option<String>,
+    /// The CA certificate (PEM) of a TLS cluster, which the helpers' clients trust.
+    ca: Option<Vec<u8>>,
     /// What each killed master served, by index.
     killed: BTreeMap<usize, Option<KilledMaster>>,
 }
@@ -166,6 +200,29 @@ impl RedisClusterProcs {
         masters: usize,
         replicas_per_master: usize,
         extra_args: &[&str],
+    ) -> RedisClusterProcs {
+        RedisClusterProcs::launch(masters, replicas_per_master, extra_args, None)
+    }
+
+    /// [`RedisClusterProcs::start`] (no extra options) speaking TLS only, to clients, to
+    /// replicas and on the cluster bus, with `tls`'s certificates: for corelay's
+    /// `rediss://` cluster links. Its URLs are `rediss://localhost:P` (the certificate's
+    /// name); clients must trust `tls.ca_cert`, and need no certificate of their own.
+    pub fn start_tls(
+        masters: usize,
+        replicas_per_master: usize,
+        tls: &TlsFiles,
+    ) -> RedisClusterProcs {
+        RedisClusterProcs::launch(masters, replicas_per_master, &[], Some(tls))
+    }
+
+    /// What [`Self::start`] and [`Self::start_tls`] share: `tls` given, the nodes speak
+    /// TLS only.
+    fn launch(
+        masters: usize,
+        replicas_per_master: usize,
+        extra_args: &[&str],
+        tls: Option<&TlsFiles>,
     ) -> RedisClusterProcs {
         assert!(masters >= 3, "a Redis Cluster needs at least 3 masters");
         let password = extra_args
@@ -189,40 +246,56 @@ impl RedisClusterProcs {
         if let Some(pw) = &password {
             args.extend(["--masterauth", pw.as_str()]);
         }
+        let tls_args = tls.map(tls_node_args).unwrap_or_default();
+        args.extend(tls_args.iter().map(String::as_str));
         args.extend_from_slice(extra_args);
         let count = masters * (1 + replicas_per_master);
         let nodes = (0..count)
-            .map(|_| RedisServer::launch_on(&args, false, free_cluster_port))
+            .map(|_| RedisServer::launch_on(&args, tls.is_some(), free_cluster_port))
             .collect();
         let mut cluster = RedisClusterProcs {
             nodes,
             ids: Vec::new(),
             password,
+            ca: tls.map(|t| std::fs::read(&t.ca_cert).expect("read the test CA")),
             killed: BTreeMap::new(),
         };
         cluster.ids = (0..count)
             .map(|i| cluster.text(i, &["CLUSTER", "MYID"]))
             .collect();
-        cluster.create(replicas_per_master);
+        cluster.create(replicas_per_master, tls);
         cluster.wait_settled("the new cluster", SETTLE_TIMEOUT);
+        let shape: Vec<usize> = cluster
+            .masters()
+            .into_iter()
+            .map(|m| cluster.replicas_of(m).len())
+            .collect();
+        assert_eq!(
+            shape,
+            vec![replicas_per_master; masters],
+            "replicas per master of the new cluster"
+        );
         cluster
     }
 
-    /// Runs `redis-cli --cluster create` on every node (at most 30 s); panics with its
-    /// output when it fails.
-    fn create(&self, replicas_per_master: usize) {
+    /// Runs `redis-cli --cluster create` on every node (at most 30 s; over TLS trusting
+    /// `tls`'s CA when given); panics with its output when it fails.
+    fn create(&self, replicas_per_master: usize, tls: Option<&TlsFiles>) {
         let out_path = self.nodes[0].dir.path().join("cluster-create.out");
         let out = File::create(&out_path).expect("create redis-cli's output file");
         let mut cmd = Command::new(redis_bin("redis-cli"));
         cmd.arg("--cluster").arg("create");
-        for node in &self.nodes {
-            cmd.arg(format!("127.0.0.1:{}", node.port));
+        for i in 0..self.nodes.len() {
+            cmd.arg(self.addr(i));
         }
         cmd.arg("--cluster-replicas")
             .arg(replicas_per_master.to_string())
             .arg("--cluster-yes");
         if let Some(pw) = &self.password {
             cmd.arg("-a").arg(pw).arg("--no-auth-warning");
+        }
+        if let Some(tls) = tls {
+            cmd.arg("--tls").arg("--cacert").arg(&tls.ca_cert);
         }
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone().expect("dup redis-cli's output file"))
@@ -246,7 +319,15 @@ impl RedisClusterProcs {
         }
     }
 
-    /// `redis://127.0.0.1:P` of node 0 (no credentials).
+    /// `127.0.0.1:P` of node `i`: how the cluster names its nodes (`CLUSTER SLOTS`,
+    /// `redis-cli`), and so how corelay's reports and `/healthz` name them, for tests to
+    /// compare with.
+    pub fn addr(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.nodes[i].port)
+    }
+
+    /// `redis://127.0.0.1:P` of node 0 (no credentials; `rediss://localhost:P` for a TLS
+    /// cluster, as for every URL below).
     pub fn url(&self) -> String {
         self.node_url(0)
     }
@@ -258,7 +339,8 @@ impl RedisClusterProcs {
 
     /// `redis://127.0.0.1:P` of node `i`.
     pub fn node_url(&self, i: usize) -> String {
-        format!("redis://127.0.0.1:{}", self.nodes[i].port)
+        let (scheme, host) = self.scheme_host();
+        format!("{scheme}://{host}:{}", self.nodes[i].port)
     }
 
     /// Node 0's URL with `userinfo` (`:password` or `user:password`, URL-encoded).
@@ -268,7 +350,18 @@ impl RedisClusterProcs {
 
     /// Node `i`'s URL with `userinfo` (`:password` or `user:password`, URL-encoded).
     pub fn node_url_with(&self, i: usize, userinfo: &str) -> String {
-        format!("redis://{userinfo}@127.0.0.1:{}", self.nodes[i].port)
+        let (scheme, host) = self.scheme_host();
+        format!("{scheme}://{userinfo}@{host}:{}", self.nodes[i].port)
+    }
+
+    /// The scheme and host of the nodes' URLs: `rediss` and `localhost` (the name the test
+    /// certificate carries) for a TLS cluster, else `redis` and `127.0.0.1`.
+    fn scheme_host(&self) -> (&'static str, &'static str) {
+        if self.ca.is_some() {
+            ("rediss", "localhost")
+        } else {
+            ("redis", "127.0.0.1")
+        }
     }
 
     /// The password the nodes require, if any.
@@ -276,8 +369,9 @@ impl RedisClusterProcs {
         self.password.as_deref()
     }
 
-    /// Node `i`'s URL with the password, if any: what the helpers use.
-    fn admin_url(&self, i: usize) -> String {
+    /// Node `i`'s URL with the password, if any: what the helpers use, and what a test
+    /// gives a client that should simply get in.
+    pub fn admin_url(&self, i: usize) -> String {
         match &self.password {
             Some(pw) => self.node_url_with(i, &format!(":{}", percent_encode(pw))),
             None => self.node_url(i),
@@ -287,7 +381,24 @@ impl RedisClusterProcs {
     /// Runs one command on node `i` (authenticated when the cluster has a password; no
     /// redirection is followed): the reply, or the error text (e.g. `MOVED …`).
     pub fn cmd<A: redis::ToRedisArgs>(&self, i: usize, args: &[A]) -> Result<redis::Value, String> {
-        query(&self.admin_url(i), args)
+        let url = self.admin_url(i);
+        let client = match &self.ca {
+            None => redis::Client::open(url.as_str()),
+            Some(ca) => redis::Client::build_with_tls(
+                url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                },
+            ),
+        };
+        query_on(&client.map_err(|e| e.to_string())?, args)
+    }
+
+    /// Whether node `i` itself holds `key` (`EXISTS`, no redirection followed): to see
+    /// that data went to the master serving its slot.
+    pub fn holds(&self, i: usize, key: &str) -> bool {
+        self.cmd(i, &["EXISTS", key]) == Ok(redis::Value::Int(1))
     }
 
     /// A command's reply on node `i` as text; panics on an error.
@@ -446,6 +557,36 @@ impl RedisClusterProcs {
             .collect();
         out.sort_unstable();
         out
+    }
+
+    /// The slot ranges (inclusive) node `i` serves now (as the first node that runs sees
+    /// it): to pick slots of one master, e.g. to unassign some of them.
+    pub fn slots_of(&self, i: usize) -> Vec<(u16, u16)> {
+        self.current_view()
+            .into_iter()
+            .find(|n| n.id == self.ids[i] && !n.failed())
+            .map(|n| n.slots)
+            .unwrap_or_default()
+    }
+
+    /// For each master (by index, sorted), the first room `<prefix>N` whose slot (that of
+    /// its `{room}` hash tag) it serves now: rooms that reach every master, so a test
+    /// covers each.
+    pub fn room_per_master(&self, prefix: &str) -> Vec<(usize, String)> {
+        let masters = self.masters();
+        let view = self.current_view();
+        let mut rooms = BTreeMap::new();
+        for n in 0..100_000 {
+            if rooms.len() == masters.len() {
+                break;
+            }
+            let room = format!("{prefix}{n}");
+            let owner = RedisClusterProcs::owner(&view, self.slot_of(&room))
+                .unwrap_or_else(|| panic!("no master serves the slot of {room}"));
+            rooms.entry(self.index_of(owner)).or_insert(room);
+        }
+        assert_eq!(rooms.len(), masters.len(), "a room for each master");
+        rooms.into_iter().collect()
     }
 
     /// The replicas of master `m` that run (as the first node that runs sees it).

@@ -58,25 +58,20 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// The options of a Redis Cluster node without persistence, then `extra`.
-fn cluster_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--cluster-enabled",
-        "yes",
-        "--cluster-config-file",
-        "nodes.conf",
-        "--appendonly",
-        "no",
-    ];
-    args.extend_from_slice(extra);
-    args
-}
-
 /// Runs one command (any argument types: keys may be bytes) with a blocking client on a
 /// fresh connection to `url`: the reply, or the server's error text. What
 /// [`RedisServer::cmd`] and the cluster helpers send their commands with.
 pub fn query<A: redis::ToRedisArgs>(url: &str, args: &[A]) -> Result<redis::Value, String> {
     let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+    query_on(&client, args)
+}
+
+/// [`query`] through a client already built: for a client that needs more than a URL,
+/// such as one trusting a TLS cluster's test CA ([`cluster::RedisClusterProcs::cmd`]).
+pub fn query_on<A: redis::ToRedisArgs>(
+    client: &redis::Client,
+    args: &[A],
+) -> Result<redis::Value, String> {
     let mut con = client
         .get_connection_with_timeout(Duration::from_secs(5))
         .map_err(|e| e.to_string())?;
@@ -111,43 +106,6 @@ impl RedisServer {
         RedisServer::launch(extra, false)
     }
 
-    /// A Redis Cluster node (`--cluster-enabled yes`, its `nodes.conf` in its directory,
-    /// no persistence) on a port of [`free_cluster_port`], with extra options (e.g.
-    /// `["--cluster-node-timeout", "2000"]`). Not yet part of any cluster.
-    pub fn start_cluster_node(extra: &[&str]) -> RedisServer {
-        RedisServer::launch_on(&cluster_args(extra), false, cluster::free_cluster_port)
-    }
-
-    /// [`RedisServer::start_cluster_node`] speaking TLS only, to clients, to its replicas
-    /// and on the cluster bus, with `tls`'s server certificate (clients need none).
-    pub fn start_cluster_node_tls(tls: &TlsFiles, extra: &[&str]) -> RedisServer {
-        let files = [
-            "--tls-cert-file".to_owned(),
-            tls.server_cert.display().to_string(),
-            "--tls-key-file".to_owned(),
-            tls.server_key.display().to_string(),
-            "--tls-ca-cert-file".to_owned(),
-            tls.ca_cert.display().to_string(),
-            // The cluster bus always asks for a client certificate: the nodes present the
-            // client one (the server one is for server authentication only).
-            "--tls-client-cert-file".to_owned(),
-            tls.client_cert.display().to_string(),
-            "--tls-client-key-file".to_owned(),
-            tls.client_key.display().to_string(),
-        ];
-        let mut args: Vec<&str> = files.iter().map(String::as_str).collect();
-        args.extend([
-            "--tls-auth-clients",
-            "no",
-            "--tls-cluster",
-            "yes",
-            "--tls-replication",
-            "yes",
-        ]);
-        args.extend_from_slice(extra);
-        RedisServer::launch_on(&cluster_args(&args), true, cluster::free_cluster_port)
-    }
-
     /// A server that keeps its data across [`RedisServer::restart`] (AOF, fsync always).
     pub fn start_persistent() -> RedisServer {
         RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
@@ -156,14 +114,7 @@ impl RedisServer {
     /// A TLS-only server (`--port 0 --tls-port P`) with `tls`'s server certificate, not
     /// asking clients for certificates unless `extra` says so.
     pub fn start_tls(tls: &TlsFiles, extra: &[&str]) -> RedisServer {
-        let mut args: Vec<String> = vec![
-            "--tls-cert-file".into(),
-            tls.server_cert.display().to_string(),
-            "--tls-key-file".into(),
-            tls.server_key.display().to_string(),
-            "--tls-ca-cert-file".into(),
-            tls.ca_cert.display().to_string(),
-        ];
+        let mut args = tls.server_args();
         if !extra.contains(&"--tls-auth-clients") {
             args.extend(["--tls-auth-clients".into(), "no".into()]);
         }
@@ -418,6 +369,20 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
+    /// `redis-server`'s options for serving with these files (certificate, key, CA):
+    /// what a TLS server ([`RedisServer::start_tls`]) and a TLS cluster node
+    /// ([`cluster::RedisClusterProcs::start_tls`]) both start from.
+    pub fn server_args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert-file".into(),
+            self.server_cert.display().to_string(),
+            "--tls-key-file".into(),
+            self.server_key.display().to_string(),
+            "--tls-ca-cert-file".into(),
+            self.ca_cert.display().to_string(),
+        ]
+    }
+
     /// Generates the files, or `Err` saying why it cannot (no `openssl`).
     pub fn generate() -> Result<TlsFiles, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
