@@ -414,6 +414,8 @@ fn a_master_failover_is_ridden_through() {
     assert_eq!(up.iter().filter(|n| n["role"] == "replica").count(), 3);
     let victim_addr = cluster.addr(victim);
 
+    // The append was acked without WAIT: let it reach the replica that will take over.
+    cluster.wait_replicated(victim);
     cluster.kill_node(victim);
     let killed = Instant::now();
     let (c2, store2, room2) = (c.clone(), store.clone(), room.clone());

@@ -630,6 +630,19 @@ impl RedisClusterProcs {
         redis::from_redis_value(v).expect("a slot number")
     }
 
+    /// Waits (at most 10 s) until every replica of master `m` has all `m` wrote: a write
+    /// acked without `WAIT` reaches the replicas a moment later, and a test that kills `m`
+    /// and then expects the data on the promoted replica must wait for it first.
+    pub fn wait_replicated(&self, m: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for r in self.replicas_of(m) {
+            while let Err(e) = self.in_sync(r, m) {
+                assert!(Instant::now() < deadline, "{e}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     /// SIGKILLs node `i` (no-op when it is not running). For a master, remembers what it
     /// served and its replicas, for [`Self::wait_failover`].
     pub fn kill_node(&mut self, i: usize) {
