@@ -343,7 +343,7 @@ impl Router {
                 continue;
             }
             if self.is_cluster() {
-                if let Err(e) = self.refresh().await {
+                if let Err(e) = Box::pin(self.refresh()).await {
                     tracing::debug!(shard = self.shard, error = %e, "reading the cluster's slot map failed");
                 }
             } else {
@@ -363,9 +363,18 @@ impl Router {
         if self.refreshed_at.get().is_some_and(|at| at > started) {
             return Ok(()); // Another caller read it while this one waited.
         }
-        let (_, orphans) = self.requests.take();
-        let map = self.read_map().await?;
+        // Bounded as a whole (each node it asks is bounded too): a publish waits for it.
+        let limit = self.cluster.options().command_timeout;
+        let map = super::within(limit, Box::pin(self.read_map()))
+            .await
+            .unwrap_or_else(|| {
+                Err(ClusterError::Timeout(format!(
+                    "no redis node answered CLUSTER SLOTS within {limit:?}"
+                )))
+            })?;
         self.refreshed_at.set(Some(Instant::now()));
+        // Taken only now: a failed read leaves them for the next one.
+        let (_, orphans) = self.requests.take();
         let moved = self.apply_map(map, orphans);
         if moved.is_empty() {
             return Ok(());
@@ -406,7 +415,7 @@ impl Router {
                 Err(e) => last = Some(e),
             }
         }
-        match self.detect().await {
+        match Box::pin(self.detect()).await {
             Ok(Some(map)) => Ok(map),
             Ok(None) => Err(ClusterError::Config(format!(
                 "redis at {} is no longer a cluster",
