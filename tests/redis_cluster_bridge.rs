@@ -146,6 +146,46 @@ fn wait_nodes(
     last
 }
 
+/// Through `c`, for a room on every master of `cluster` (named from `prefix`): `user`
+/// joins presence (the first there), `more` checks what else it likes, and the Redis
+/// store appends a message and reads it back.
+fn serves_every_master(
+    c: &RedisCluster,
+    cluster: &RedisClusterProcs,
+    prefix: &str,
+    user: &str,
+    mut more: impl FnMut(usize, &str),
+) {
+    let store = RedisStore::new(c);
+    for (master, room) in cluster.room_per_master(prefix) {
+        assert_eq!(block_on(c.presence_join(&room, user, None)), Ok(true));
+        more(master, &room);
+        block_on(store.append(vec![message(&room, 1)])).expect("append");
+        assert_eq!(
+            block_on(store.read(&room, HistoryQuery::Latest, 10))
+                .expect("read")
+                .len(),
+            1
+        );
+    }
+}
+
+/// `/healthz` through `c` lists `nodes` nodes, all up, and `corelay check` with `o`
+/// passes.
+fn all_up_and_checked(
+    c: &RedisCluster,
+    o: &corelay::cluster::RedisOptions,
+    bridge: &Bridge,
+    nodes: usize,
+) {
+    wait_nodes(c, Duration::from_secs(5), "all up", |n| {
+        n.len() == nodes && n.iter().all(|x| x["up"] == true)
+    });
+    let report = block_on(check(o, bridge));
+    println!("{report}");
+    assert!(report.ok(), "{report}");
+}
+
 /// Whether `cluster`'s probe link is up and has measured a round trip: what says the
 /// link works, beyond a connect that succeeded.
 fn link_up(cluster: &RedisCluster) -> bool {
@@ -522,30 +562,16 @@ fn a_cluster_with_a_password() {
         let c = connect(o.clone(), &bridge);
         assert!(c.is_cluster());
         assert!(eventually(Duration::from_secs(3), || link_up(&c)));
-        let store = RedisStore::new(&c);
-        for (master, room) in cluster.room_per_master("auth") {
-            assert_eq!(block_on(c.presence_join(&room, "alice", None)), Ok(true));
+        serves_every_master(&c, &cluster, "auth", "alice", |master, room| {
             let mut sub = Subscriber::ssubscribe(
                 cluster.nodes[master].port,
                 Some("s3cret"),
                 &format!("corelay:{{{room}}}"),
             );
-            assert!(c.publish_typing(&room, "alice"));
+            assert!(c.publish_typing(room, "alice"));
             sub.wait_for("smessage", Duration::from_secs(3));
-            block_on(store.append(vec![message(&room, 1)])).expect("append");
-            assert_eq!(
-                block_on(store.read(&room, HistoryQuery::Latest, 10))
-                    .expect("read")
-                    .len(),
-                1
-            );
-        }
-        let report = block_on(check(&o, &bridge));
-        println!("{report}");
-        assert!(report.ok(), "{report}");
-        wait_nodes(&c, Duration::from_secs(5), "all up", |n| {
-            n.len() == 6 && n.iter().all(|x| x["up"] == true)
         });
+        all_up_and_checked(&c, &o, &bridge, 6);
 
         // The ACL user of deploy/redis.md, with the two cluster commands it adds for a
         // Redis Cluster (users are per node: set on each).
@@ -582,19 +608,8 @@ fn a_cluster_with_a_password() {
         let user = connect(acl.clone(), &bridge);
         assert!(user.is_cluster());
         assert!(eventually(Duration::from_secs(3), || link_up(&user)));
-        for (_, room) in cluster.room_per_master("acl") {
-            assert_eq!(block_on(user.presence_join(&room, "dave", None)), Ok(true));
-            block_on(RedisStore::new(&user).append(vec![message(&room, 1)])).expect("append");
-        }
-        wait_nodes(
-            &user,
-            Duration::from_secs(5),
-            "all up for the ACL user",
-            |n| n.len() == 6 && n.iter().all(|x| x["up"] == true),
-        );
-        let report = block_on(check(&acl, &bridge));
-        println!("{report}");
-        assert!(report.ok(), "{report}");
+        serves_every_master(&user, &cluster, "acl", "dave", |_, _| {});
+        all_up_and_checked(&user, &acl, &bridge, 6);
         user.close();
 
         let wrong = opts(&cluster.admin_url(1).replace("s3cret", "wrong"));
@@ -623,23 +638,8 @@ fn a_cluster_over_tls() {
         let c = connect(o.clone(), &bridge);
         assert!(c.is_cluster());
         assert!(eventually(Duration::from_secs(3), || link_up(&c)));
-        let store = RedisStore::new(&c);
-        for (_, room) in cluster.room_per_master("tls") {
-            assert_eq!(block_on(c.presence_join(&room, "alice", None)), Ok(true));
-            block_on(store.append(vec![message(&room, 1)])).expect("append");
-            assert_eq!(
-                block_on(store.read(&room, HistoryQuery::Latest, 10))
-                    .expect("read")
-                    .len(),
-                1
-            );
-        }
-        let report = block_on(check(&o, &bridge));
-        println!("{report}");
-        assert!(report.ok(), "{report}");
-        wait_nodes(&c, Duration::from_secs(5), "all up", |n| {
-            n.len() == 3 && n.iter().all(|x| x["up"] == true)
-        });
+        serves_every_master(&c, &cluster, "tls", "alice", |_, _| {});
+        all_up_and_checked(&c, &o, &bridge, 3);
         c.close();
         bridge.shutdown();
     });
