@@ -97,10 +97,12 @@ impl Router {
         router
     }
 
+    /// Whether Redis turned out to be a Redis Cluster.
     pub(super) fn is_cluster(&self) -> bool {
         matches!(&*self.state.borrow(), State::Cluster { .. })
     }
 
+    /// Whether Redis was not reached yet, or a node's subscriber link is down.
     pub(super) fn is_down(&self) -> bool {
         match &*self.state.borrow() {
             State::Unknown => true,
@@ -169,6 +171,7 @@ impl Router {
         }
     }
 
+    /// Subscribes `room` on the node serving it (see [`super::ShardLink::subscribe`]).
     pub(super) async fn subscribe(&self, room: &str) -> Result<(), ClusterError> {
         match self.node_for(room) {
             None => {
@@ -189,6 +192,7 @@ impl Router {
         }
     }
 
+    /// Unsubscribes `room` from the node it was wanted on.
     pub(super) async fn unsubscribe(&self, room: &str) -> Result<(), ClusterError> {
         let Some(at) = self.rooms.borrow_mut().remove(room) else {
             return Ok(());
