@@ -72,6 +72,15 @@ fn get(target: &str) -> String {
     format!("GET {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
 }
 
+/// A polling POST of `body` for session `sid`, with `Connection: close`.
+fn post(sid: &str, body: &str) -> String {
+    format!(
+        "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: test\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 /// Opens a polling session; its sid.
 async fn handshake(addr: SocketAddr) -> String {
     let a = exchange(addr, &get("/socket.io/?EIO=4&transport=polling")).await;
@@ -150,13 +159,7 @@ fn a_post_with_a_bad_packet_ends_the_session() {
         let sid = handshake(addr).await;
         let id = host.session_by_sid(&sid).unwrap().id;
         host.seen();
-        let body = "4close";
-        let request = format!(
-            "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: test\r\n\
-             Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let a = exchange(addr, &request).await;
+        let a = exchange(addr, &post(&sid, "4close")).await;
         assert_eq!(a.status, 400, "{a:?}");
         assert!(host.session_by_sid(&sid).is_none());
         assert_eq!(
@@ -182,13 +185,7 @@ fn a_client_close_is_told_above_once_though_the_sid_outlives_it() {
         host.seen();
         // The close comes with no GET waiting: the sid stays known for a grace, so that
         // a GET still on its way gets the noop.
-        let body = "1";
-        let request = format!(
-            "POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\nHost: test\r\n\
-             Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        let a = exchange(addr, &request).await;
+        let a = exchange(addr, &post(&sid, "1")).await;
         assert_eq!(a.status, 200, "{a:?}");
         assert!(host.session_by_sid(&sid).is_some(), "known for the grace");
         assert_eq!(host.seen(), [Seen::Close { session: id }]);
