@@ -525,36 +525,25 @@ mod tests {
         .unwrap();
         assert_eq!(body, b"hello");
         assert_eq!(buf, b"GET / HTTP/1.1\r\n");
+        // A chunked body read from `raw` alone, at most `max` bytes.
+        let chunked = |raw: &[u8], max: usize| {
+            let mut io = futures::io::Cursor::new(raw.to_vec());
+            block_on(read_framed_body(
+                &mut io,
+                &mut Vec::new(),
+                BodyFraming::Chunked,
+                max,
+            ))
+        };
         // An incomplete body on a closed stream ends the request.
-        let mut io = futures::io::Cursor::new(b"5\r\nhel".to_vec());
-        assert!(matches!(
-            block_on(read_framed_body(
-                &mut io,
-                &mut Vec::new(),
-                BodyFraming::Chunked,
-                100
-            )),
-            Err(HttpError::Closed)
-        ));
+        assert!(matches!(chunked(b"5\r\nhel", 100), Err(HttpError::Closed)));
         // Over the limit: read to the end, then refused.
-        let mut io = futures::io::Cursor::new(b"5\r\nhello\r\n0\r\n\r\n".to_vec());
         assert!(matches!(
-            block_on(read_framed_body(
-                &mut io,
-                &mut Vec::new(),
-                BodyFraming::Chunked,
-                4
-            )),
+            chunked(b"5\r\nhello\r\n0\r\n\r\n", 4),
             Err(HttpError::BodyTooLarge)
         ));
-        let mut io = futures::io::Cursor::new(b"5\r\nhel!o\r\nZ\r\n".to_vec());
         assert!(matches!(
-            block_on(read_framed_body(
-                &mut io,
-                &mut Vec::new(),
-                BodyFraming::Chunked,
-                100
-            )),
+            chunked(b"5\r\nhel!o\r\nZ\r\n", 100),
             Err(HttpError::Malformed(_))
         ));
     }
