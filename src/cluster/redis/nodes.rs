@@ -111,6 +111,16 @@ impl RedisCluster {
         lock(&self.inner.shared.topology).nodes.clone()
     }
 
+    /// Whether the server is a Redis Cluster, once Redis has been reached (`None` before):
+    /// so that a shard need not ask the server again.
+    pub(crate) fn cluster_mode(&self) -> Option<bool> {
+        self.inner
+            .shared
+            .mode
+            .get()
+            .map(|m| matches!(m, Mode::Cluster { .. }))
+    }
+
     /// On a Redis Cluster, the slot map the supervisor last read; `None` on a standalone
     /// Redis and before the first look. No I/O.
     pub fn slot_map(&self) -> Option<Arc<SlotMap>> {

@@ -4,7 +4,7 @@
 //! `ASK` (that room alone, after `ASKING`, to the node importing its slot), `TRYAGAIN`
 //! (each room of the call alone, after a short pause, until the migration is done).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +54,10 @@ impl Router {
         let limit = self.cluster.options().command_timeout;
         let started = Instant::now();
         let mut detours: HashMap<usize, Detour> = HashMap::new();
+        let rooms: Vec<&str> = groups
+            .iter()
+            .map(|(idx, _)| msgs[idx[0]].0.room.as_str())
+            .collect();
         for _ in 0..MAX_ROUNDS {
             let pending: Vec<usize> = (0..groups.len())
                 .filter(|&g| outcomes[g].is_none())
@@ -61,10 +65,6 @@ impl Router {
             if pending.is_empty() || started.elapsed() >= limit / 2 {
                 break;
             }
-            let rooms: Vec<&str> = groups
-                .iter()
-                .map(|(idx, _)| msgs[idx[0]].0.room.as_str())
-                .collect();
             let plan = self.plan(&pending, &rooms, &detours, &mut outcomes);
             let calls = plan.into_iter().map(|p| {
                 let call = PublishCall::new(
@@ -186,9 +186,7 @@ impl Router {
     ) -> Vec<Planned> {
         let mut by_node: Vec<(NodeKey, Planned)> = Vec::new();
         let mut alone = Vec::new();
-        let mut seen: HashSet<usize> = HashSet::new();
         for &g in pending {
-            seen.insert(g);
             let detour = detours.get(&g);
             let placed = match detour {
                 Some(Detour::Moved(to)) | Some(Detour::Ask(to)) => self

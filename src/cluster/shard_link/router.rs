@@ -84,7 +84,13 @@ impl Router {
             refreshing: futures::lock::Mutex::new(()),
             refreshed_at: Cell::new(None),
         });
-        match router.detect().await {
+        // What the process's link found out already spares each shard a connection.
+        let known = match (router.cluster.cluster_mode(), router.cluster.slot_map()) {
+            (Some(false), _) => Ok(None),
+            (Some(true), Some(map)) => Ok(Some(SlotMap::clone(&map))),
+            _ => Box::pin(router.detect()).await,
+        };
+        match known {
             Ok(found) => router.install(found, false).await,
             Err(e) => {
                 tracing::warn!(shard, error = %e, "redis link of a shard is down at start; retrying");
