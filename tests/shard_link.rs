@@ -129,6 +129,39 @@ fn two_hosts(sharded: bool) {
                 "{dup:?}"
             );
 
+            // Within one call: a cid twice (the second gets the first's ack), a message
+            // without a cid between them, and a cid already known.
+            let mixed = b0
+                .publish_batch(vec![
+                    (msg("side", "alice", "s3", Some("c3")), 0),
+                    (msg("side", "alice", "s4", None), 0),
+                    (msg("side", "alice", "s3 again", Some("c3")), 0),
+                    (msg("side", "alice", "s1 once more", Some("c1")), 0),
+                ])
+                .await;
+            assert!(
+                matches!(
+                    &mixed[..],
+                    [
+                        Ok(Published::Stored(a)),
+                        Ok(Published::Stored(b)),
+                        Ok(Published::Duplicate(c)),
+                        Ok(Published::Duplicate(d)),
+                    ] if a.offset == 3 && b.offset == 4 && c.offset == 3 && d.offset == 1
+                ),
+                "{mixed:?}"
+            );
+            // What B heard of the room since offset 1: each new message once, in order.
+            let mut heard = Vec::new();
+            while let Some(ev) = next_event(&mut b_events, Duration::from_millis(300)).await {
+                match ev {
+                    ClusterEvent::Message(m) if m.room == "side" => heard.push(m.offset),
+                    ClusterEvent::Message(m) if m.room == "r" => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!(heard, [2, 3, 4]);
+
             // Redis forgot its scripts: the shard loads the script again by itself.
             watcher
                 .cmd(&url, &["SCRIPT", "FLUSH"])

@@ -155,25 +155,24 @@ impl<'a> PublishCall<'a> {
         let argv_len: usize = 7 + parts
             .iter()
             .filter(|(p, _)| !p.sent.is_empty())
-            .map(|(p, _)| 3 + 8 * p.sent.len())
+            .map(|(p, _)| 4 + 2 * p.sent.len())
             .sum::<usize>();
         cmd.arg(if declare_keys { 0 } else { argv_len + 1 });
         for ((part, floor), payloads) in parts.iter().zip(&payloads) {
-            if part.sent.is_empty() {
+            let Some((prefix, _)) = payloads.first() else {
                 continue;
-            }
+            };
             cmd.arg(keys::channel(part.room()))
                 .arg(*floor)
-                .arg(part.sent.len());
-            for (m, (prefix, suffix)) in part.sent.iter().zip(payloads) {
-                cmd.arg(if m.cid.is_some() { "1" } else { "0" })
-                    .arg(m.cid.as_deref().unwrap_or(""))
-                    .arg(&m.user)
-                    .arg(&m.text)
-                    .arg(m.ts)
-                    .arg(&m.id)
-                    .arg(prefix)
-                    .arg(suffix);
+                .arg(part.sent.len())
+                .arg(prefix);
+            for (m, (_, suffix)) in part.sent.iter().zip(payloads) {
+                match &m.cid {
+                    // The dedupe record's tail: the script puts the offset before it.
+                    Some(_) => cmd.arg(format!("{}:{}", m.ts, m.id)),
+                    None => cmd.arg(""),
+                };
+                cmd.arg(suffix);
             }
         }
         if !declare_keys {
@@ -242,7 +241,7 @@ impl<'a> PublishCall<'a> {
         reply: Value,
         target: &str,
         command_timeout: Duration,
-    ) -> Result<Vec<Vec<Vec<u8>>>, ClusterError> {
+    ) -> Result<Vec<RoomReply>, ClusterError> {
         let Value::Array(rooms) = reply else {
             return Err(ClusterError::Protocol(format!(
                 "publish script answered {reply:?}"
@@ -268,7 +267,16 @@ impl<'a> PublishCall<'a> {
         rooms
             .into_iter()
             .map(|room| match room {
-                room @ Value::Array(_) => strings(room),
+                Value::Int(first) => u64::try_from(first)
+                    .ok()
+                    .filter(|&f| f > 0)
+                    .map(RoomReply::From)
+                    .ok_or_else(|| {
+                        ClusterError::Protocol(format!(
+                            "publish script answered offset {first} for a room"
+                        ))
+                    }),
+                room @ Value::Array(_) => strings(room).map(RoomReply::Each),
                 other => Err(ClusterError::Protocol(format!(
                     "publish script answered {other:?} for a room"
                 ))),
@@ -277,31 +285,51 @@ impl<'a> PublishCall<'a> {
     }
 }
 
+/// The publish script's reply for one room.
+enum RoomReply {
+    /// Every message was new: they got consecutive offsets from this one.
+    From(u64),
+    /// One reply per message: its offset, or `d<first ack>` for a duplicate.
+    Each(Vec<Vec<u8>>),
+}
+
 impl RoomPart<'_> {
     /// The room's name (of its first message sent).
     fn room(&self) -> &str {
         self.sent.first().map_or("", |m| m.room.as_str())
     }
 
-    /// One result per message of the room from its replies.
-    fn settle(self, replies: Vec<Vec<u8>>) -> RoomOutcome {
-        if replies.len() != self.sent.len() {
-            return Err(ClusterError::Protocol(format!(
-                "publish script answered {} replies for {} messages",
-                replies.len(),
-                self.sent.len()
-            )));
-        }
-        let mut replies = replies.into_iter().zip(self.sent);
+    /// One result per message of the room from its reply.
+    fn settle(self, reply: RoomReply) -> RoomOutcome {
+        let mut results: Vec<Result<Published, ClusterError>> = match reply {
+            RoomReply::From(first) => (first..)
+                .zip(&self.sent)
+                .map(|(offset, m)| Ok(Published::Stored(m.at(offset))))
+                .collect(),
+            RoomReply::Each(replies) => {
+                if replies.len() != self.sent.len() {
+                    return Err(ClusterError::Protocol(format!(
+                        "publish script answered {} replies for {} messages",
+                        replies.len(),
+                        self.sent.len()
+                    )));
+                }
+                replies
+                    .iter()
+                    .zip(&self.sent)
+                    .map(|(reply, m)| published(m, reply))
+                    .collect()
+            }
+        };
+        results.reverse();
         Ok(self
             .early
             .into_iter()
             .map(|r| match r {
                 Some(failed) => failed,
-                None => match replies.next() {
-                    Some((reply, m)) => published(m, &reply),
-                    None => Err(ClusterError::Protocol("publish: no reply".into())),
-                },
+                None => results
+                    .pop()
+                    .unwrap_or_else(|| Err(ClusterError::Protocol("publish: no reply".into()))),
             })
             .collect())
     }

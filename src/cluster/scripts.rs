@@ -49,10 +49,13 @@ local function xadd(stream, max_len, offset, fields)
   return redis.pcall(unpack(args))
 end
 
+-- An entry's ts: its `ts` field, or the `"ts":` of its payload field `m` (the only `"ts":`
+-- there: the strings in the JSON escape their quotes).
 local function entry_ts(entry)
   local f = entry[2]
   for i = 1, #f, 2 do
     if f[i] == 'ts' then return tonumber(f[i + 1]) end
+    if f[i] == 'm' then return tonumber(string.match(f[i + 1], '"ts":(%d+)')) end
   end
   return nil
 end
@@ -139,18 +142,22 @@ end
 /// `PUBLISH` or `SPUBLISH`, 5 deadline (Redis clock ms; 0: none), 6 room count, 7 where the
 /// keys start in ARGV (0: they are KEYS), then per room: channel, floor (an offset the
 /// caller knows was handed out already, 0: none; the room's new offsets are always above
-/// it), message count n, then 8 values per message: has cid (`0`/`1`), cid, user, text,
-/// ts, id, payload prefix, payload suffix (the channel payload is prefix .. offset ..
-/// suffix).
+/// it), message count n, payload prefix (the room's part before the offset), then 2 values
+/// per message: its dedupe record's tail `<ts>:<id>` when it carries a cid (empty when
+/// not), and its payload suffix. A message's payload is prefix .. offset .. suffix: the
+/// same bytes are published on the room's channel and kept as the stream entry's one field
+/// `m` (the store decodes either).
 ///
-/// Returns one array per room, of one reply per message, in order: the offset it got, or
-/// `d<offset>:<ts>:<id>` (a duplicate: the first send's ack; nothing done for this one). Past
-/// the deadline it returns `{'expired', now}` and does nothing (the caller gave up
-/// already). A room's messages get consecutive offsets in the order given, and are
-/// published in that order: a call is the same as its messages published one after
-/// another. Per room, the counter moves once (INCRBY) for all its new messages; per message
-/// the script makes one XADD and one PUBLISH (and GET, SET of its cid): Redis's cost per
-/// message is those calls, the rest is per call and per room.
+/// Returns one reply per room: when none of its messages was a duplicate, the integer
+/// offset of its first one (the others follow it one by one); else an array of one reply
+/// per message, in order: the offset it got, or `d<offset>:<ts>:<id>` (a duplicate: the
+/// first send's ack; nothing done for this one). Past the deadline it returns `{'expired',
+/// now}` and does nothing (the caller gave up already). A room's messages get consecutive
+/// offsets in the order given, and are published in that order: a call is the same as its
+/// messages published one after another. Per room, the counter moves once (INCRBY) for all
+/// its new messages; per message the script makes one XADD and one PUBLISH (and a GET and a
+/// SET when it has a cid), and gets two arguments: Redis's cost per message is those calls,
+/// the rest is per call and per room.
 ///
 /// On a Redis Cluster the rooms of one call live on one node but on many slots, and Redis
 /// refuses declared keys of several slots (`CROSSSLOT`). Such a call passes its keys in
@@ -180,50 +187,45 @@ local window_arg, max_len_arg = ARGV[1], ARGV[2]
 local out = {}
 local a = 8
 local k = 1
--- XADD of one message at `offset`, as redis.pcall: an error comes back as a value. The
--- arguments go straight to the call (no table): this runs once per message.
-local function add(stream, offset, b, cid)
-  local id = string.format('%d', offset) .. '-0'
+-- XADD of one payload at `offset` (its id already formatted), as redis.pcall: an error
+-- comes back as a value. Runs once per message: no table, no number formatting.
+local function add(stream, id, payload)
   if max_len > 0 then
-    if cid then
-      return redis.pcall('XADD', stream, 'MAXLEN', '~', max_len_arg, id, 'id', ARGV[b + 5],
-        'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4], 'cid', ARGV[b + 1])
-    end
-    return redis.pcall('XADD', stream, 'MAXLEN', '~', max_len_arg, id, 'id', ARGV[b + 5],
-      'user', ARGV[b + 2], 'text', ARGV[b + 3], 'ts', ARGV[b + 4])
+    return redis.pcall('XADD', stream, 'MAXLEN', '~', max_len_arg, id, 'm', payload)
   end
-  if cid then
-    return redis.pcall('XADD', stream, id, 'id', ARGV[b + 5], 'user', ARGV[b + 2],
-      'text', ARGV[b + 3], 'ts', ARGV[b + 4], 'cid', ARGV[b + 1])
-  end
-  return redis.pcall('XADD', stream, id, 'id', ARGV[b + 5], 'user', ARGV[b + 2],
-    'text', ARGV[b + 3], 'ts', ARGV[b + 4])
+  return redis.pcall('XADD', stream, id, 'm', payload)
 end
 for _ = 1, tonumber(ARGV[6]) do
-  local channel, floor, n = ARGV[a], tonumber(ARGV[a + 1]) or 0, tonumber(ARGV[a + 2])
+  local channel, floor, n, prefix = ARGV[a], tonumber(ARGV[a + 1]) or 0, tonumber(ARGV[a + 2]), ARGV[a + 3]
   local offset_key, stream = key(k), key(k + 1)
   k = k + 2
-  -- Dedupe first, so that the room's counter moves once for all its new messages.
-  local replies = {}
-  local cid_keys = {}
-  -- A cid sent twice in this call: the later message's index → the first one's.
-  local seen, again = {}, {}
-  local fresh = 0
+  a = a + 4
+  -- Dedupe first, so that the room's counter moves once for all its new messages. The
+  -- tables exist only for a room with a cid among its messages.
+  local replies, cid_keys, seen, again
+  local fresh = n
   for i = 0, n - 1 do
-    local b = a + 3 + 8 * i
-    if ARGV[b] == '1' then
+    if ARGV[a + 2 * i] ~= '' then
+      if not cid_keys then replies, cid_keys, seen, again = {}, {}, {}, {} end
       local cid_key = key(k)
       cid_keys[i] = cid_key
       k = k + 1
       if window > 0 and seen[cid_key] then
+        -- A cid sent twice in this call: the later message's index → the first one's.
         again[i] = seen[cid_key]
+        fresh = fresh - 1
       else
         local first = redis.call('GET', cid_key)
-        if first then replies[i + 1] = 'd' .. first else seen[cid_key] = i end
+        if first then
+          replies[i + 1] = 'd' .. first
+          fresh = fresh - 1
+        else
+          seen[cid_key] = i
+        end
       end
     end
-    if not replies[i + 1] and not again[i] then fresh = fresh + 1 end
   end
+  local first_offset = 0
   if fresh > 0 then
     -- New offsets go above the caller's floor. They also go above the stream's top id:
     -- XADD refuses one at or below it, which is how a counter that fell behind (lost or
@@ -235,38 +237,40 @@ for _ = 1, tonumber(ARGV[6]) do
       moved = true
     end
     for i = 0, n - 1 do
-      local j = again[i]
+      local j = again and again[i]
       if j then
         -- After the first one's write (j < i): its ack, as a later retry would get it.
-        local bj = a + 3 + 8 * j
-        replies[i + 1] = 'd' .. replies[j + 1] .. ':' .. ARGV[bj + 4] .. ':' .. ARGV[bj + 5]
-      elseif not replies[i + 1] then
-        local b = a + 3 + 8 * i
-        local cid_key = cid_keys[i]
+        replies[i + 1] = 'd' .. replies[j + 1] .. ':' .. ARGV[a + 2 * j]
+      elseif not (replies and replies[i + 1]) then
         offset = offset + 1
-        local added = add(stream, offset, b, cid_key)
+        local off = string.format('%d', offset)
+        local payload = prefix .. off .. ARGV[a + 2 * i + 1]
+        local added = add(stream, off .. '-0', payload)
         if type(added) == 'table' and added.err then
           local top = top_offset(stream)
           if top < offset then return redis.error_reply(added.err) end
           -- The counter fell behind the stream (lost or reset): go on after its top.
           offset = top + 1
           moved = true
-          added = add(stream, offset, b, cid_key)
+          off = string.format('%d', offset)
+          payload = prefix .. off .. ARGV[a + 2 * i + 1]
+          added = add(stream, off .. '-0', payload)
           if type(added) == 'table' and added.err then return redis.error_reply(added.err) end
         end
-        local off = string.format('%d', offset)
+        if first_offset == 0 then first_offset = offset end
+        local cid_key = cid_keys and cid_keys[i]
         if cid_key and window > 0 then
-          redis.call('SET', cid_key, off .. ':' .. ARGV[b + 4] .. ':' .. ARGV[b + 5], 'PX', window_arg)
+          redis.call('SET', cid_key, off .. ':' .. ARGV[a + 2 * i], 'PX', window_arg)
         end
-        redis.call(pubcmd, channel, ARGV[b + 6] .. off .. ARGV[b + 7])
-        replies[i + 1] = off
+        redis.call(pubcmd, channel, payload)
+        if replies then replies[i + 1] = off end
       end
     end
     if moved then redis.call('SET', offset_key, string.format('%d', offset)) end
   end
   trim_age(stream, max_age, now)
-  out[#out + 1] = replies
-  a = a + 3 + 8 * n
+  if replies then out[#out + 1] = replies else out[#out + 1] = first_offset end
+  a = a + 2 * n
 end
 return out
 "#;
@@ -308,6 +312,11 @@ for i = 0, n - 1 do
         local f = {}
         local fl = e[1][2]
         for j = 1, #fl, 2 do f[fl[j]] = fl[j + 1] end
+        if f['m'] then
+          -- Written by the publish script: its one field is the channel payload (`m` + JSON).
+          local d = cjson.decode(string.sub(f['m'], 2))
+          f = {id = d.id, user = d.user, text = d.text, ts = string.format('%d', d.ts), cid = d.cid}
+        end
         local cid_same
         if ARGV[b + 6] == '0' then cid_same = f['cid'] == nil else cid_same = f['cid'] == ARGV[b + 5] end
         same = cid_same and f['id'] == ARGV[b + 1] and f['user'] == ARGV[b + 2]

@@ -15,7 +15,9 @@
 //! # Layout
 //!
 //! See [`crate::cluster`]: stream `corelay:{room}:stream` with entry ids `<offset>-0` (so
-//! XRANGE / XREVRANGE read by offset), offset counter `corelay:{room}:offset`, dedupe keys
+//! XRANGE / XREVRANGE read by offset), each entry either the publish script's one field `m`
+//! (the message's channel payload: one field is cheaper for Redis to write than five) or
+//! `append`'s fields `id`, `user`, `text`, `ts` and `cid`; offset counter `corelay:{room}:offset`, dedupe keys
 //! `corelay:{room}:cid:…` holding `<offset>:<ts>:<id>`. Streams are trimmed by count and
 //! age (`history.max_len`, `history.max_age`): reads return what is left, and
 //! [`HistoryStore::latest_offset`] still reports the newest offset.
@@ -38,8 +40,8 @@ use ::redis::Value;
 
 use super::HistoryStore;
 use crate::cluster::redis::RedisCluster;
-use crate::cluster::wire::{bytes, lossy, parse_ack, parse_u64, strings};
-use crate::cluster::{keys, ClusterError};
+use crate::cluster::wire::{bytes, decode_event, lossy, parse_ack, parse_u64, strings};
+use crate::cluster::{keys, ClusterError, ClusterEvent};
 use crate::history::{HistoryQuery, StoreError, StoredMessage};
 
 /// Raises `KEYS[1]` (an offset counter) to `ARGV[1]` when lower; 1 when raised, else 0. Rare
@@ -379,6 +381,18 @@ fn decode_entry(room: &str, entry: Value) -> Result<StoredMessage, StoreError> {
     for (k, v) in pairs {
         let k = bytes(k).ok_or_else(|| corrupt("field name is not a string"))?;
         let v = bytes(v).ok_or_else(|| corrupt("field value is not a string"))?;
+        if k == b"m" {
+            // The publish script's entry: the channel payload, offset included.
+            return match decode_event(room, &v) {
+                Ok(ClusterEvent::Message(m)) if m.offset == offset => Ok(m),
+                Ok(ClusterEvent::Message(m)) => Err(corrupt(&format!(
+                    "payload of offset {} at id {offset}",
+                    m.offset
+                ))),
+                Ok(_) => Err(corrupt("payload is not a message")),
+                Err(e) => Err(corrupt(&e)),
+            };
+        }
         let v = String::from_utf8(v).map_err(|_| corrupt("field value is not UTF-8"))?;
         match k.as_slice() {
             b"id" => msg_id = Some(v),
@@ -443,6 +457,36 @@ mod tests {
                 cid: Some("c".into()),
             }
         );
+        // The publish script's entry: one field, the channel payload.
+        let payload = |room: &str, offset: u64| {
+            format!(
+                r#"m{{"room":"{room}","offset":{offset},"id":"X","user":"u","text":"","ts":7,"cid":"c"}}"#
+            )
+        };
+        let one_field = |id: &str, payload: String| {
+            Value::Array(vec![
+                bulk(id),
+                Value::Array(vec![bulk("m"), bulk(&payload)]),
+            ])
+        };
+        assert_eq!(
+            decode_entry("r", one_field("42-0", payload("r", 42))).expect("decode"),
+            m
+        );
+        for bad in [
+            one_field("43-0", payload("r", 42)),
+            one_field("42-0", payload("other", 42)),
+            one_field("42-0", "m{".into()),
+            one_field(
+                "42-0",
+                r#"p{"room":"r","user":"u","online":true,"host":"h"}"#.into(),
+            ),
+        ] {
+            assert!(
+                matches!(decode_entry("r", bad), Err(StoreError::Corrupt(_))),
+                "must refuse"
+            );
+        }
         for bad in [
             Value::Array(vec![bulk("x-0"), Value::Array(vec![])]),
             Value::Array(vec![bulk("1-0"), Value::Array(vec![bulk("id")])]),
