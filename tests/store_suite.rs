@@ -981,3 +981,74 @@ fn redis_store_passes_suite() {
         drop(server);
     });
 }
+
+/// The feed's ledger: what a store with the feed on owes the backend, and how deliveries
+/// settle it. `pending` is sorted by room here.
+async fn feed_ledger(store: &Store) {
+    let pending = |store: Store| async move {
+        let mut p = store.feed_pending().await.expect("pending");
+        p.sort_by(|a, b| a.room.cmp(&b.room));
+        p.into_iter()
+            .map(|p| (p.room, p.delivered, p.latest))
+            .collect::<Vec<_>>()
+    };
+    // Appended before the feed was on: owed nothing.
+    store.append(run("before", 1..=3)).await.expect("append");
+    store.enable_feed().expect("feed on");
+    assert_eq!(pending(store.clone()).await, []);
+    let mut batch = run("a", 1..=5);
+    batch.extend(run("b", 1..=2));
+    store.append(batch).await.expect("append");
+    store.append(run("before", 4..=4)).await.expect("append");
+    assert_eq!(
+        pending(store.clone()).await,
+        [
+            ("a".into(), 0, 5),
+            ("b".into(), 0, 2),
+            ("before".into(), 0, 4)
+        ]
+    );
+    // Part of a room delivered: still owed; all of it: settled.
+    store
+        .feed_delivered(vec![("a".into(), 3), ("b".into(), 2), ("before".into(), 4)])
+        .await
+        .expect("delivered");
+    assert_eq!(pending(store.clone()).await, [("a".into(), 3, 5)]);
+    // A settled room is owed again by its next append, from its cursor.
+    store.append(run("b", 3..=3)).await.expect("append");
+    assert_eq!(
+        pending(store.clone()).await,
+        [("a".into(), 3, 5), ("b".into(), 2, 3)]
+    );
+}
+
+#[test]
+fn memory_store_keeps_the_feed_ledger() {
+    on_shard(|| async {
+        feed_ledger(&Store::memory()).await;
+    });
+}
+
+#[test]
+fn embedded_store_keeps_the_feed_ledger_across_a_reopen() {
+    let dir = tempdir();
+    let path = dir.path().to_path_buf();
+    on_shard(move || async move {
+        let store = Store::open_embedded(&path, Durability::Fsync).expect("open");
+        feed_ledger(&store).await;
+        store.close().await.expect("close");
+        // Reopened: the marks and cursors are still there (the feed is off until enabled,
+        // but what was owed is still owed).
+        let store = Store::open_embedded(&path, Durability::Fsync).expect("reopen");
+        let mut owed: Vec<(String, u64, u64)> = store
+            .feed_pending()
+            .await
+            .expect("pending")
+            .into_iter()
+            .map(|p| (p.room, p.delivered, p.latest))
+            .collect();
+        owed.sort();
+        assert_eq!(owed, [("a".into(), 3, 5), ("b".into(), 2, 3)]);
+        store.close().await.expect("close");
+    });
+}

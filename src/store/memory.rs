@@ -18,12 +18,18 @@ struct Room {
     messages: Vec<StoredMessage>,
     /// `(user, cid)` → offset of the newest message sent with that cid.
     cids: HashMap<(String, String), u64>,
+    /// The highest offset appended while the feed was on (0: none).
+    feed_mark: u64,
+    /// The highest offset the feed's backend acknowledged.
+    feed_cursor: u64,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     rooms: Mutex<HashMap<String, Room>>,
     closed: AtomicBool,
+    /// Whether appends mark their rooms for the backend's feed.
+    feed: AtomicBool,
 }
 
 /// In-memory [`HistoryStore`] shared by every shard of one process.
@@ -56,6 +62,38 @@ impl MemoryStore {
         }
     }
 
+    /// From now on, appends mark their rooms for the backend's feed.
+    pub fn enable_feed(&self) {
+        self.inner.feed.store(true, Ordering::Release);
+    }
+
+    /// The rooms holding messages the feed has not delivered.
+    pub fn feed_pending(&self) -> Result<Vec<super::FeedPending>, StoreError> {
+        let rooms = self.rooms()?;
+        Ok(rooms
+            .iter()
+            .filter(|(_, r)| r.feed_mark > r.feed_cursor)
+            .map(|(room, r)| super::FeedPending {
+                room: room.clone(),
+                delivered: r.feed_cursor,
+                latest: r.feed_mark,
+            })
+            .collect())
+    }
+
+    /// The feed delivered `rooms` up to these offsets.
+    pub fn feed_delivered(&self, delivered: &[(String, u64)]) -> Result<(), StoreError> {
+        let mut rooms = self.rooms()?;
+        for (room, offset) in delivered {
+            let r = rooms.entry(room.clone()).or_default();
+            r.feed_cursor = *offset;
+            if r.feed_mark <= *offset {
+                r.feed_mark = 0;
+            }
+        }
+        Ok(())
+    }
+
     fn rooms(&self) -> Result<MutexGuard<'_, HashMap<String, Room>>, StoreError> {
         self.health()?;
         // A panic while holding the lock cannot leave a half-applied batch (appends are
@@ -77,10 +115,14 @@ impl HistoryStore for MemoryStore {
                 .and_then(|r| r.messages.last())
                 .map_or(0, |m| m.offset))
         })?;
+        let feed = self.inner.feed.load(Ordering::Acquire);
         for m in batch {
             let room = rooms.entry(m.room.clone()).or_default();
             if let Some(cid) = &m.cid {
                 room.cids.insert((m.user.clone(), cid.clone()), m.offset);
+            }
+            if feed {
+                room.feed_mark = m.offset;
             }
             room.messages.push(m);
         }

@@ -70,6 +70,18 @@ pub trait HistoryStore {
     ) -> Result<Option<StoredMessage>, StoreError>;
 }
 
+/// A room the backend's feed owes messages: what it delivered, and the highest offset
+/// stored while the feed was on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeedPending {
+    /// The room.
+    pub room: String,
+    /// The highest offset the feed's backend acknowledged (0: none).
+    pub delivered: u64,
+    /// The highest offset stored.
+    pub latest: u64,
+}
+
 /// The configured backend, as one value a shard can hold (enum dispatch, no `dyn`).
 ///
 /// Cheap to clone (`Arc` inside) and `Send`: open it once on the main thread and move a
@@ -162,6 +174,41 @@ impl Store {
         match self {
             Store::Cluster(s) => s.persist_duplicate(room, user, cid, offset).await,
             _ => Ok(()),
+        }
+    }
+
+    /// Turns on the backend's feed ledger: from now on every append also marks its room as
+    /// owed to the feed, in the same write (so nothing acked can be missed after a crash).
+    /// Only a single host's stores keep one; the others answer [`StoreError::Invalid`].
+    pub fn enable_feed(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => s.enable_feed(),
+            Store::Embedded(s) => s.enable_feed(),
+            Store::Scylla(_) | Store::Redis(_) | Store::Cluster(_) => {
+                return Err(StoreError::Invalid(
+                    "the feed's ledger is kept by the embedded and memory stores only".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// The rooms the feed owes messages (see [`Store::enable_feed`]).
+    pub async fn feed_pending(&self) -> Result<Vec<FeedPending>, StoreError> {
+        match self {
+            Store::Memory(s) => s.feed_pending(),
+            Store::Embedded(s) => s.feed_pending().await,
+            Store::Scylla(_) | Store::Redis(_) | Store::Cluster(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// The feed's backend acknowledged `rooms` up to these offsets: their cursors move,
+    /// and a room whose every message was delivered is no longer owed anything.
+    pub async fn feed_delivered(&self, rooms: Vec<(String, u64)>) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => s.feed_delivered(&rooms),
+            Store::Embedded(s) => s.feed_delivered(rooms).await,
+            Store::Scylla(_) | Store::Redis(_) | Store::Cluster(_) => Ok(()),
         }
     }
 

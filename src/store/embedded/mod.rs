@@ -58,10 +58,12 @@ use crate::history::{Durability, HistoryQuery, StoreError, StoredMessage};
 
 mod dir;
 mod encoding;
+mod feed;
 mod reader;
 mod writer;
 
 use dir::{open_error, DirLock};
+use feed::{FeedLedger, FEED_CURSORS, FEED_DIRTY};
 use reader::Reader;
 use writer::Writer;
 
@@ -103,6 +105,11 @@ enum WriteReq {
     Flush {
         reply: Reply,
     },
+    /// The backend's feed acknowledged these rooms up to these offsets.
+    FeedDelivered {
+        rooms: Vec<(String, u64)>,
+        reply: Reply,
+    },
     Close {
         reply: Reply,
     },
@@ -127,6 +134,10 @@ enum ReadReq {
         not_before_ts: u64,
         reply: oneshot::Sender<Result<Option<StoredMessage>, StoreError>>,
     },
+    /// The rooms the feed owes messages.
+    FeedPending {
+        reply: oneshot::Sender<Result<Vec<crate::store::FeedPending>, StoreError>>,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },
@@ -141,6 +152,8 @@ struct Shared {
     closed: AtomicBool,
     /// Set by the writer on the first failed write: fjall refuses writes from then on.
     write_failure: Arc<OnceLock<String>>,
+    /// Whether appends mark their rooms for the backend's feed (see `feed`).
+    feed: Arc<AtomicBool>,
 }
 
 /// The fjall-backed [`HistoryStore`]: durable history on one host.
@@ -197,6 +210,15 @@ impl EmbeddedStore {
         let cids = db
             .keyspace(CIDS, KeyspaceCreateOptions::default)
             .map_err(|e| open_error(dir, e))?;
+        let ledger = FeedLedger {
+            dirty: db
+                .keyspace(FEED_DIRTY, KeyspaceCreateOptions::default)
+                .map_err(|e| open_error(dir, e))?,
+            cursors: db
+                .keyspace(FEED_CURSORS, KeyspaceCreateOptions::default)
+                .map_err(|e| open_error(dir, e))?,
+        };
+        let feed = Arc::new(AtomicBool::new(false));
 
         let spawn_error =
             |e: std::io::Error| StoreError::Open(format!("cannot start a store thread: {e}"));
@@ -206,6 +228,7 @@ impl EmbeddedStore {
             let reader = Reader {
                 messages: messages.clone(),
                 cids: cids.clone(),
+                ledger: ledger.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("corelay-store-r{i}"))
@@ -226,6 +249,8 @@ impl EmbeddedStore {
             failure: write_failure.clone(),
             messages,
             cids,
+            ledger,
+            feed: feed.clone(),
             db,
             _lock: lock,
         };
@@ -243,6 +268,7 @@ impl EmbeddedStore {
                 next_reader: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
                 write_failure,
+                feed,
             }),
         })
     }
@@ -267,6 +293,24 @@ impl EmbeddedStore {
     /// Syncs the journal to disk (`fsync`), covering every append acked before.
     pub async fn flush(&self) -> Result<(), StoreError> {
         self.write_call(|reply| WriteReq::Flush { reply }).await
+    }
+
+    /// From now on, appends mark their rooms for the backend's feed, in the same atomic
+    /// write as the messages (see `feed`).
+    pub fn enable_feed(&self) {
+        self.shared.feed.store(true, Ordering::Release);
+    }
+
+    /// The rooms holding messages the feed has not delivered (see `feed`).
+    pub async fn feed_pending(&self) -> Result<Vec<crate::store::FeedPending>, StoreError> {
+        self.read_call(|reply| ReadReq::FeedPending { reply }).await
+    }
+
+    /// The feed delivered `rooms` up to these offsets: moves their cursors, and clears the
+    /// marks they reached.
+    pub async fn feed_delivered(&self, rooms: Vec<(String, u64)>) -> Result<(), StoreError> {
+        self.write_call(|reply| WriteReq::FeedDelivered { rooms, reply })
+            .await
     }
 
     /// Clean shutdown: lets the readers finish what is queued, commits and syncs pending

@@ -11,7 +11,7 @@ use super::ReadReq;
 use crate::history::{HistoryQuery, StoreError, StoredMessage};
 
 /// Maps an error met while reading: I/O is `Unavailable`, anything undecodable `Corrupt`.
-fn read_error(e: fjall::Error) -> StoreError {
+pub(super) fn read_error(e: fjall::Error) -> StoreError {
     match e {
         fjall::Error::Io(e) | fjall::Error::Storage(fjall::LsmError::Io(e)) => {
             StoreError::Unavailable(format!("read failed: {e}"))
@@ -35,6 +35,7 @@ pub(super) fn latest_on_disk(messages: &Keyspace, room: &str) -> Result<u64, Sto
 pub(super) struct Reader {
     pub(super) messages: Keyspace,
     pub(super) cids: Keyspace,
+    pub(super) ledger: super::feed::FeedLedger,
 }
 
 impl Reader {
@@ -62,6 +63,9 @@ impl Reader {
                     reply,
                 } => {
                     let _ = reply.send(self.find_cid(&room, &user, &cid, not_before_ts));
+                }
+                ReadReq::FeedPending { reply } => {
+                    let _ = reply.send(self.ledger.pending());
                 }
                 ReadReq::Close { reply } => {
                     closing = Some(reply);

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 
 use fjall::{Database, Keyspace, PersistMode};
@@ -30,6 +31,10 @@ pub(super) struct Writer {
     pub(super) failure: Arc<OnceLock<String>>,
     pub(super) messages: Keyspace,
     pub(super) cids: Keyspace,
+    /// The feed's marks and cursors (see `feed`).
+    pub(super) ledger: super::feed::FeedLedger,
+    /// Whether appends mark their rooms for the feed.
+    pub(super) feed: Arc<AtomicBool>,
     pub(super) db: Database,
     /// Declared last so it is dropped last: after fjall is closed.
     pub(super) _lock: DirLock,
@@ -61,6 +66,11 @@ impl Writer {
                     WriteReq::Flush { reply } => {
                         self.commit(std::mem::take(&mut appends));
                         let _ = reply.send(self.sync());
+                    }
+                    WriteReq::FeedDelivered { rooms, reply } => {
+                        // After the appends before it: a mark they raised stays.
+                        self.commit(std::mem::take(&mut appends));
+                        let _ = reply.send(self.feed_delivered(&rooms));
                     }
                     WriteReq::Close { reply } => {
                         self.commit(std::mem::take(&mut appends));
@@ -186,10 +196,25 @@ impl Writer {
                 batch.insert(&self.cids, cid, offset.to_be_bytes());
             }
         }
+        if self.feed.load(Ordering::Acquire) {
+            for (room, offset) in &new_latest {
+                self.ledger.mark(batch, room, *offset);
+            }
+        }
         for (room, offset) in new_latest {
             round_latest.insert(room.to_owned(), offset);
         }
         Ok(())
+    }
+
+    /// Moves the feed's cursors (no sync: a lost cursor only means a redelivery).
+    fn feed_delivered(&self, rooms: &[(String, u64)]) -> Result<(), StoreError> {
+        if let Some(why) = self.failure.get() {
+            return Err(StoreError::Unavailable(why.clone()));
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::Buffer));
+        self.ledger.delivered(&mut batch, rooms)?;
+        batch.commit().map_err(|e| self.write_failed(e))
     }
 
     /// Turns a failed write into `Unavailable`, and remembers it: fjall refuses every write
