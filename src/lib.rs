@@ -19,6 +19,7 @@ pub mod config;
 pub mod conformance;
 pub mod connect_limit;
 pub mod context;
+pub mod feed;
 pub mod history;
 pub mod ids;
 pub mod metrics;

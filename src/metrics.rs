@@ -41,6 +41,8 @@ pub struct ShardMetrics {
     /// Cluster mode: 1 while this shard's link to Redis is down (between the `Down` and
     /// `Reconnected` of its event stream).
     pub redis_link_down: AtomicU64,
+    /// The backend's feed, when on.
+    pub feed: FeedStats,
     fanout_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     fanout_count: AtomicU64,
     fanout_sum_ns: AtomicU64,
@@ -165,6 +167,7 @@ impl Metrics {
         self.render_per_shard(&mut out);
         self.render_protocol_errors(&mut out);
         self.render_fanout(&mut out);
+        self.render_feed(&mut out);
         let _ = writeln!(out, "# HELP corelay_store_up Whether the history store answered its last operation.\n# TYPE corelay_store_up gauge\ncorelay_store_up {}", u8::from(store_ok));
         let _ = writeln!(out, "# HELP corelay_redis_connected Whether Redis is connected (0 on a single host).\n# TYPE corelay_redis_connected gauge\ncorelay_redis_connected {}", u8::from(self.redis.get().is_some_and(|c| c.is_connected())));
         out
@@ -216,6 +219,59 @@ impl Metrics {
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(out, "{name}_sum {}", sum_ns as f64 / 1e9);
         let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// One shard's counters of the backend's feed (see `feed`).
+#[derive(Default)]
+pub struct FeedStats {
+    /// Message events the backend took.
+    pub events: AtomicU64,
+    /// Batches the backend took.
+    pub batches: AtomicU64,
+    /// Batches tried again after the backend failed them.
+    pub retries: AtomicU64,
+    /// Reads or cursor writes of the history store that failed.
+    pub store_errors: AtomicU64,
+    /// Rooms with messages not delivered yet.
+    pub owed_rooms: AtomicU64,
+    /// Age of the oldest message not delivered yet, in ms (0: none owed).
+    pub lag_ms: AtomicU64,
+}
+
+/// The feed's counters: name, type, help, and where a shard keeps it.
+type FeedCounter = (&'static str, &'static str, &'static str, fn(&FeedStats) -> &AtomicU64);
+
+/// The feed's counters, rendered per shard.
+const FEED: [FeedCounter; 5] = [
+    ("corelay_feed_events_total", "counter", "Message events the feed's backend took.", |f| &f.events),
+    ("corelay_feed_batches_total", "counter", "Batches the feed's backend took.", |f| &f.batches),
+    ("corelay_feed_retries_total", "counter", "Feed batches tried again after the backend failed them.", |f| &f.retries),
+    ("corelay_feed_store_errors_total", "counter", "History store reads or cursor writes of the feed that failed.", |f| &f.store_errors),
+    ("corelay_feed_owed_rooms", "gauge", "Rooms with messages the feed has not delivered yet.", |f| &f.owed_rooms),
+];
+
+impl Metrics {
+    /// The feed's counters per shard, and its lag (the oldest undelivered message's age,
+    /// the highest over shards).
+    fn render_feed(&self, out: &mut String) {
+        for (name, kind, help, get) in FEED {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (i, s) in self.shards.iter().enumerate() {
+                let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(&s.feed).load(Relaxed));
+            }
+        }
+        let lag = self.feed_lag_ms();
+        let _ = writeln!(out, "# HELP corelay_feed_lag_seconds Age of the oldest message the feed has not delivered yet (0 when none).\n# TYPE corelay_feed_lag_seconds gauge\ncorelay_feed_lag_seconds {}", lag as f64 / 1000.0);
+    }
+
+    /// The feed's lag in ms: the oldest undelivered message's age over shards.
+    pub fn feed_lag_ms(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.feed.lag_ms.load(Relaxed))
+            .max()
+            .unwrap_or(0)
     }
 }
 
