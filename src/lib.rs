@@ -20,6 +20,7 @@ pub mod conformance;
 pub mod connect_limit;
 pub mod context;
 pub mod history;
+pub mod hooks;
 pub mod ids;
 pub mod metrics;
 pub mod notify;

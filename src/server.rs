@@ -43,6 +43,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error(transparent)]
+    Hooks(#[from] crate::hooks::SetupError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -86,7 +88,8 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
     let store = open_store(&config, cluster.as_ref())?;
     let shards = config.shard_count();
     let (addr, fds) = runtime::bind_listeners(config.server.listen, shards)?;
-    let ctx = Arc::new(context(config, auth, shards));
+    let hooks = crate::hooks::Backend::from_config(&config.hooks)?.map(Arc::new);
+    let ctx = Arc::new(context(config, auth, shards, hooks));
     if let Some(c) = &cluster {
         let _ = ctx.metrics.redis.set(c.clone());
     }
@@ -158,8 +161,13 @@ fn open_store(config: &Config, cluster: Option<&RedisCluster>) -> Result<Store, 
 }
 
 /// What every shard shares: the configuration, counters for `shards` shards, the
-/// authenticator, the connect limiter, this process's message id prefix.
-fn context(config: Config, auth: Authenticator, shards: usize) -> Context {
+/// authenticator, the connect limiter, this process's message id prefix, the hooks' backend.
+fn context(
+    config: Config,
+    auth: Authenticator,
+    shards: usize,
+    hooks: Option<Arc<crate::hooks::Backend>>,
+) -> Context {
     let mut prefix = [0u8; 4];
     crate::ids::random_bytes(&mut prefix);
     let connect_limiter = crate::connect_limit::ConnectLimiter::new(
@@ -173,5 +181,6 @@ fn context(config: Config, auth: Authenticator, shards: usize) -> Context {
         config,
         id_prefix: u32::from_ne_bytes(prefix),
         draining: AtomicBool::new(false),
+        hooks,
     }
 }

@@ -48,6 +48,7 @@ pub fn context(config: Config) -> Context {
         config,
         id_prefix: 7,
         draining: AtomicBool::new(false),
+        hooks: None,
     }
 }
 

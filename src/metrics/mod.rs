@@ -7,6 +7,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+mod hooks;
+pub use hooks::{HookStats, HOOKS, HOOK_FAILURES};
+
 /// Upper bounds (seconds) of the fan-out latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
@@ -41,6 +44,8 @@ pub struct ShardMetrics {
     /// Cluster mode: 1 while this shard's link to Redis is down (between the `Down` and
     /// `Reconnected` of its event stream).
     pub redis_link_down: AtomicU64,
+    /// The backend's hooks called from this shard.
+    pub hooks: HookStats,
     fanout_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     fanout_count: AtomicU64,
     fanout_sum_ns: AtomicU64,
@@ -165,6 +170,7 @@ impl Metrics {
         self.render_per_shard(&mut out);
         self.render_protocol_errors(&mut out);
         self.render_fanout(&mut out);
+        hooks::render(&mut out, self.shards.iter().map(|s| &s.hooks));
         let _ = writeln!(out, "# HELP corelay_store_up Whether the history store answered its last operation.\n# TYPE corelay_store_up gauge\ncorelay_store_up {}", u8::from(store_ok));
         let _ = writeln!(out, "# HELP corelay_redis_connected Whether Redis is connected (0 on a single host).\n# TYPE corelay_redis_connected gauge\ncorelay_redis_connected {}", u8::from(self.redis.get().is_some_and(|c| c.is_connected())));
         out
@@ -315,5 +321,16 @@ mod tests {
         assert!(text.contains("corelay_fanout_latency_seconds_bucket{le=\"0.005\"} 2"));
         assert!(text.contains("corelay_fanout_latency_seconds_count 2"));
         assert!(text.contains("corelay_connections{shard=\"1\"} 0"));
+        m.shards[1].hooks.observe(2, Duration::from_millis(3));
+        m.shards[0].hooks.failed(2, 0);
+        let text = m.render_prometheus(true);
+        assert!(
+            text.contains("corelay_hook_calls_total{hook=\"publish\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("corelay_hook_failures_total{hook=\"publish\",reason=\"timeout\"} 1"));
+        assert!(
+            text.contains("corelay_hook_latency_seconds_bucket{hook=\"publish\",le=\"0.005\"} 1")
+        );
     }
 }
