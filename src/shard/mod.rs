@@ -167,7 +167,7 @@ impl Shard {
             count,
             ctx,
             store,
-            chat: Rc::new(chat),
+            chat,
             handler,
             sessions: RefCell::new(HashMap::new()),
             by_sid: RefCell::new(HashMap::new()),

@@ -19,7 +19,7 @@ use crate::transport::testing::{self, on_glommio, SHARDS};
 
 /// What a test runs against: shard 0's chat state and the mesh it sends through.
 struct Fixture {
-    chat: Chat,
+    chat: Rc<Chat>,
     mesh: Rc<Recorder>,
     next_id: std::cell::Cell<u64>,
 }
