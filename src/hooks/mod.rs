@@ -9,7 +9,7 @@
 
 pub mod answer;
 mod conn;
-mod http;
+pub mod http;
 mod log;
 mod pool;
 mod sign;
