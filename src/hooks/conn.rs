@@ -2,7 +2,7 @@
 //! (futures-io), opened to the configured host and port.
 
 use std::io;
-use std::net::ToSocketAddrs as _;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -29,10 +29,7 @@ pub struct Conn {
 impl Conn {
     /// Opens a connection to the backend (DNS, TCP, TLS). The caller bounds the time.
     pub async fn open(backend: &Backend) -> io::Result<Conn> {
-        let url = &backend.url;
-        // IP literals resolve without I/O; a host name goes through the system resolver,
-        // once per new connection (connections are kept alive).
-        let addrs: Vec<_> = (url.host.as_str(), url.port).to_socket_addrs()?.collect();
+        let addrs = resolve(&backend.url.host, backend.url.port).await?;
         let mut last = io::Error::new(io::ErrorKind::NotFound, "the host has no address");
         for addr in addrs {
             match TcpStream::connect(addr).await {
@@ -56,6 +53,19 @@ impl Conn {
         }
         Err(last)
     }
+}
+
+/// The addresses of `host`: an IP literal as it is; a name through the system resolver on
+/// the executor's blocking thread (`getaddrinfo` blocks, and must not stall the shard),
+/// once per new connection since connections are kept alive.
+async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let host = host.to_string();
+    glommio::executor()
+        .spawn_blocking(move || (host.as_str(), port).to_socket_addrs().map(Vec::from_iter))
+        .await
 }
 
 impl AsyncRead for Stream {
