@@ -381,3 +381,36 @@ fn https_backend_with_its_own_ca() {
     let ack = alice.emit_ack("message", json!({"room": "lobby", "text": "x"}));
     assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
 }
+
+#[test]
+fn a_kept_alive_connection_the_backend_closed_is_replaced_and_the_pool_is_bounded() {
+    // The backend closes each connection after its answer, as an idle one times out.
+    let backend = Backend::start(|_| Reply::ThenClose(Box::new(Reply::Json(json!({"ok": true})))));
+    let server = start(&backend.url(), &[]);
+    let mut alice = in_lobby(server.port, "alice");
+    for text in ["a", "b", "c"] {
+        std::thread::sleep(Duration::from_millis(100));
+        let ack = alice.emit_ack("message", json!({"room": "lobby", "text": text}));
+        assert_eq!(ack["ok"], true, "{text}: {ack}");
+    }
+    assert_eq!(
+        backend.seen().len(),
+        3,
+        "each call reached the backend once"
+    );
+
+    // One connection per shard: a second call waits for the first one's.
+    let backend = Backend::start(slow_rules);
+    let server = start(&backend.url(), &[("CORELAY_HOOKS_MAX_CONNECTIONS", "1")]);
+    let (mut a, mut b) = (in_lobby(server.port, "alice"), in_lobby(server.port, "bob"));
+    let started = Instant::now();
+    a.send_text(r#"4221["message",{"room":"lobby","text":"m1"}]"#);
+    b.send_text(r#"4222["message",{"room":"lobby","text":"m1"}]"#);
+    assert_eq!(a.wait_ack(21)["ok"], true);
+    assert_eq!(b.wait_ack(22)["ok"], true);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+}

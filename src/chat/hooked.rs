@@ -189,6 +189,10 @@ pub(super) fn publish(asked: &Asked<'_>, hooks: Rc<Hooks>, text: String, cid: Op
         move |chat, member, result| {
             let asked = Asked::new(chat, member, user, room, ack_id);
             let max = chat.ctx.config.limits.max_text_bytes;
+            if chat.ctx.is_draining() {
+                // Answered during a drain: as for any send then, nothing is stored.
+                return asked.refuse(&handler::shutting_down());
+            }
             match result {
                 Ok(Verdict::Allow { text: None }) => handler::publish(&asked, text, cid),
                 Ok(Verdict::Allow { text: Some(new) }) if new.len() <= max => {

@@ -41,12 +41,18 @@ enum Framing {
     UntilClose,
 }
 
-/// Reads one answer. `Err(Failure::Closed)` when the connection ended before any byte of
-/// it (a kept-alive connection the backend had closed: the call may be tried again).
+/// Reads one answer. `Err(Failure::Closed)` when the connection ended (or was reset)
+/// before any byte of it: a kept-alive connection the backend had closed, on which the
+/// call may be tried again.
 pub async fn read_answer<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Answer, Failure> {
     let mut buf = Vec::with_capacity(READ_CHUNK);
     let (status, framing, mut reusable, head_len) = loop {
-        if read_more(stream, &mut buf).await? == 0 {
+        let read = read_more(stream, &mut buf).await;
+        if read.is_err() && buf.is_empty() {
+            // Reset before any byte of the answer: as good as closed.
+            return Err(Failure::Closed);
+        }
+        if read? == 0 {
             return Err(if buf.is_empty() {
                 Failure::Closed
             } else {

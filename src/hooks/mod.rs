@@ -211,7 +211,7 @@ impl Hooks {
         if let Some(mut conn) = self.pool.take_idle(Instant::now()) {
             match self.round_trip(&mut conn, &request).await {
                 Ok((body, reusable)) => return Ok(self.done(conn, body, reusable)),
-                Err(Failure::Closed | Failure::Io(_)) => {} // stale: once more on a new one
+                Err(Failure::Closed) => {} // stale: once more on a new connection
                 Err(e) => return Err(e),
             }
         }
@@ -228,13 +228,18 @@ impl Hooks {
         body
     }
 
+    /// Writes the request and reads its answer: the body, and whether the connection may
+    /// carry another call. A write that fails finds the connection closed.
     async fn round_trip(
         &self,
         conn: &mut Conn,
         request: &[u8],
     ) -> Result<(Vec<u8>, bool), Failure> {
-        conn.stream.write_all(request).await.map_err(Failure::Io)?;
-        conn.stream.flush().await.map_err(Failure::Io)?;
+        let written = async {
+            conn.stream.write_all(request).await?;
+            conn.stream.flush().await
+        };
+        written.await.map_err(|_| Failure::Closed)?;
         let answer = http::read_answer(&mut conn.stream).await?;
         Ok((answer.body, answer.reusable))
     }

@@ -69,6 +69,9 @@ pub enum Reply {
     After(Duration, Box<Reply>),
     /// Closes the connection without answering.
     Drop,
+    /// Answers (as a keep-alive answer), then closes the connection as an idle
+    /// backend does.
+    ThenClose(Box<Reply>),
 }
 
 /// The test's rule: the answer to a request.
@@ -149,8 +152,13 @@ fn serve<S: Read + Write>(mut stream: S, rule: &Rule, log: &Mutex<Vec<Seen>>) {
         };
         log.lock().unwrap().push(seen.clone());
         let mut reply = rule(&seen);
+        let mut close = false;
         loop {
             match reply {
+                Reply::ThenClose(then) => {
+                    close = true;
+                    reply = *then;
+                }
                 Reply::After(d, then) => {
                     std::thread::sleep(d);
                     reply = *then;
@@ -172,6 +180,9 @@ fn serve<S: Read + Write>(mut stream: S, rule: &Rule, log: &Mutex<Vec<Seen>>) {
             }
         }
         let _ = stream.flush();
+        if close {
+            return;
+        }
     }
 }
 
