@@ -1,5 +1,5 @@
 //! What every shard of the process shares read-only, behind one `Arc`: the configuration,
-//! the authenticator, the metrics, the drain flag, and the hooks' backend. A leaf: the transport, chat and the
+//! the authenticator, the metrics, and the drain flag. A leaf: the transport, chat and the
 //! shard runtime all read it, and it imports none of them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,7 +8,6 @@ use std::sync::Arc;
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::connect_limit::ConnectLimiter;
-use crate::hooks::Backend;
 use crate::metrics::Metrics;
 
 /// The process-wide context of every shard.
@@ -23,9 +22,6 @@ pub struct Context {
     pub draining: AtomicBool,
     /// New sessions per source address (`limits.connect_rate_per_ip`), for every shard.
     pub connect_limiter: ConnectLimiter,
-    /// The application's backend when a hook is on (`[hooks]`); each shard has its own
-    /// client of it.
-    pub hooks: Option<Arc<Backend>>,
 }
 
 impl Context {

@@ -89,12 +89,12 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
     let shards = config.shard_count();
     let (addr, fds) = runtime::bind_listeners(config.server.listen, shards)?;
     let hooks = crate::hooks::Backend::from_config(&config.hooks)?.map(Arc::new);
-    let ctx = Arc::new(context(config, auth, shards, hooks));
+    let ctx = Arc::new(context(config, auth, shards));
     if let Some(c) = &cluster {
         let _ = ctx.metrics.redis.set(c.clone());
     }
     watch_signals(ctx.clone())?;
-    let result = runtime::run_shards(ctx, store.clone(), cluster.clone(), fds, || {
+    let result = runtime::run_shards(ctx, store.clone(), cluster.clone(), hooks, fds, || {
         on_ready(addr, shards)
     });
     let _ = futures::executor::block_on(store.close());
@@ -161,13 +161,8 @@ fn open_store(config: &Config, cluster: Option<&RedisCluster>) -> Result<Store, 
 }
 
 /// What every shard shares: the configuration, counters for `shards` shards, the
-/// authenticator, the connect limiter, this process's message id prefix, the hooks' backend.
-fn context(
-    config: Config,
-    auth: Authenticator,
-    shards: usize,
-    hooks: Option<Arc<crate::hooks::Backend>>,
-) -> Context {
+/// authenticator, the connect limiter, this process's message id prefix.
+fn context(config: Config, auth: Authenticator, shards: usize) -> Context {
     let mut prefix = [0u8; 4];
     crate::ids::random_bytes(&mut prefix);
     let connect_limiter = crate::connect_limit::ConnectLimiter::new(
@@ -181,6 +176,5 @@ fn context(
         config,
         id_prefix: u32::from_ne_bytes(prefix),
         draining: AtomicBool::new(false),
-        hooks,
     }
 }

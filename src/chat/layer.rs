@@ -66,11 +66,8 @@ impl Chat {
         store: Store,
         home: Rc<Home>,
         mesh: Weak<dyn Mesh>,
+        hooks: Option<Rc<Hooks>>,
     ) -> Rc<Chat> {
-        let hooks = ctx
-            .hooks
-            .as_ref()
-            .map(|backend| Rc::new(Hooks::new(backend.clone(), ctx.metrics.clone(), id)));
         Rc::new_cyclic(|me| Chat {
             id,
             count,

@@ -48,7 +48,6 @@ pub fn context(config: Config) -> Context {
         config,
         id_prefix: 7,
         draining: AtomicBool::new(false),
-        hooks: None,
     }
 }
 

@@ -42,7 +42,7 @@ fn fixture(tune: impl FnOnce(&mut Config)) -> Fixture {
     });
     let mesh = Rc::new(Recorder::default());
     let weak: std::rc::Weak<dyn Mesh> = Rc::downgrade(&(mesh.clone() as Rc<dyn Mesh>));
-    let chat = Chat::new((0, SHARDS), ctx, store, home, weak);
+    let chat = Chat::new((0, SHARDS), ctx, store, home, weak, None);
     Fixture {
         chat,
         mesh,
