@@ -21,6 +21,7 @@ pub mod connect_limit;
 pub mod context;
 pub mod feed;
 pub mod history;
+pub mod hooks;
 pub mod ids;
 pub mod metrics;
 pub mod notify;

@@ -43,6 +43,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error(transparent)]
+    Hooks(#[from] crate::hooks::SetupError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -86,12 +88,13 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
     let store = open_store(&config, cluster.as_ref())?;
     let shards = config.shard_count();
     let (addr, fds) = runtime::bind_listeners(config.server.listen, shards)?;
+    let hooks = crate::hooks::Backend::from_config(&config.hooks)?.map(Arc::new);
     let ctx = Arc::new(context(config, auth, shards));
     if let Some(c) = &cluster {
         let _ = ctx.metrics.redis.set(c.clone());
     }
     watch_signals(ctx.clone())?;
-    let result = runtime::run_shards(ctx, store.clone(), cluster.clone(), fds, || {
+    let result = runtime::run_shards(ctx, store.clone(), cluster.clone(), hooks, fds, || {
         on_ready(addr, shards)
     });
     let _ = futures::executor::block_on(store.close());

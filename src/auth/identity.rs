@@ -38,6 +38,18 @@ impl RoomGrant {
         }
     }
 
+    /// A grant of these room entries (as the `rooms` claim: `"*"`, `"prefix*"`, names),
+    /// e.g. the rooms the application's backend answered for a connection.
+    pub fn from_list(patterns: Vec<String>) -> RoomGrant {
+        if patterns.iter().any(|p| p == "*") {
+            RoomGrant::All
+        } else if patterns.is_empty() {
+            RoomGrant::None
+        } else {
+            RoomGrant::Patterns(patterns)
+        }
+    }
+
     /// Builds a grant from the `rooms` claim (`None` = claim absent).
     pub(super) fn from_claim(claim: Option<&Value>) -> Result<Self, AuthError> {
         let Some(claim) = claim else {
@@ -49,13 +61,7 @@ impl RoomGrant {
             let entry = entry.as_str().ok_or(AuthError::InvalidClaim("rooms"))?;
             patterns.push(entry.to_owned());
         }
-        if patterns.iter().any(|p| p == "*") {
-            Ok(RoomGrant::All)
-        } else if patterns.is_empty() {
-            Ok(RoomGrant::None)
-        } else {
-            Ok(RoomGrant::Patterns(patterns))
-        }
+        Ok(RoomGrant::from_list(patterns))
     }
 }
 

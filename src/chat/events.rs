@@ -109,8 +109,22 @@ impl ChatRequest {
 pub enum Parsed {
     /// A known event with a valid payload.
     Request(ChatRequest),
-    /// A known event with a bad payload, or an unknown event: answered with an error ack.
+    /// A known event with a bad payload: answered with an error ack.
     Refused(ChatError),
+    /// An event that is not a chat event: the backend's (the rpc hook), else refused
+    /// with [`Parsed::refusal`].
+    Other {
+        event: String,
+        /// The arguments after the name, as a JSON array.
+        args: String,
+    },
+}
+
+impl Parsed {
+    /// The refusal of an event that is not a chat event, when no backend takes it.
+    pub fn refusal(event: &str) -> ChatError {
+        ChatError::bad(format!("unknown event {event:?}"))
+    }
 }
 
 /// The EVENT's data is not a Socket.IO event at all (not JSON, not an array whose
@@ -135,6 +149,13 @@ pub fn parse_event(data: &mut [u8], limits: PayloadLimits) -> Result<Parsed, Inv
         .first()
         .and_then(|v| v.as_str())
         .ok_or(InvalidEvent("event name is not a string"))?;
+    if !is_chat_event(name) {
+        let rest = BorrowedValue::Array(Box::new(args.get(1..).unwrap_or_default().to_vec()));
+        return Ok(Parsed::Other {
+            event: name.to_string(),
+            args: rest.encode(),
+        });
+    }
     let payload = args.get(1);
     Ok(match parse_request(name, payload, limits) {
         Ok(r) => Parsed::Request(r),
@@ -142,20 +163,21 @@ pub fn parse_event(data: &mut [u8], limits: PayloadLimits) -> Result<Parsed, Inv
     })
 }
 
-/// The request an event names, from its payload object; an unknown event or a bad payload
-/// is the error to ack with.
+/// Whether `name` is one of the chat events of PROTOCOL.md.
+fn is_chat_event(name: &str) -> bool {
+    matches!(
+        name,
+        "join" | "leave" | "message" | "typing" | "history" | "presence"
+    )
+}
+
+/// The request a chat event names, from its payload object; a bad payload is the error
+/// to ack with.
 fn parse_request(
     name: &str,
     payload: Option<&BorrowedValue<'_>>,
     limits: PayloadLimits,
 ) -> Result<ChatRequest, ChatError> {
-    let known = matches!(
-        name,
-        "join" | "leave" | "message" | "typing" | "history" | "presence"
-    );
-    if !known {
-        return Err(ChatError::bad(format!("unknown event {name:?}")));
-    }
     let obj = payload
         .and_then(|p| p.as_object())
         .ok_or_else(|| ChatError::bad(format!("{name} expects an object payload")))?;
@@ -320,11 +342,17 @@ pub fn write_messages_json(out: &mut Vec<u8>, messages: &[StoredMessage]) {
 
 /// The ack body for a refused request.
 pub fn error_ack_json(err: &ChatError) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + err.message.len());
-    out.extend_from_slice(b"{\"ok\":false,\"error\":{\"code\":\"");
-    out.extend_from_slice(err.code.as_str().as_bytes());
-    out.extend_from_slice(b"\",\"message\":");
-    write_json_str(&mut out, &err.message);
+    coded_error_ack_json(err.code.as_str(), &err.message)
+}
+
+/// The ack body for a request refused with any code (the application's backend picks
+/// codes of its own).
+pub fn coded_error_ack_json(code: &str, message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + code.len() + message.len());
+    out.extend_from_slice(b"{\"ok\":false,\"error\":{\"code\":");
+    write_json_str(&mut out, code);
+    out.extend_from_slice(b",\"message\":");
+    write_json_str(&mut out, message);
     out.extend_from_slice(b"}}");
     out
 }
@@ -424,6 +452,7 @@ mod tests {
     fn refused(s: &str) -> ErrorCode {
         match parse(s) {
             Ok(Parsed::Refused(e)) => e.code,
+            Ok(Parsed::Other { event, .. }) => Parsed::refusal(&event).code,
             other => panic!("{s}: {other:?}"),
         }
     }

@@ -80,6 +80,7 @@ pub fn destination(chat: &Chat, member: &Member, room: &str) -> Option<usize> {
         && member.is_connected()
         && !member.is_pending()
         && !member.has_held()
+        && !member.in_hook_call()
         && member.room_count() == 0
         && !session.is_closing();
     let config = &chat.ctx.config.server;

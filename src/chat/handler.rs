@@ -11,10 +11,12 @@ use super::events::{
     PayloadLimits,
 };
 use super::follow;
+use super::hooked;
 use super::layer::{Chat, ChatHost};
 use super::member::{ConnRef, Connected, Member, User};
 use super::mesh::{home_of, HomeCmd, ReplyTo, UserCmd};
-use crate::auth::{Identity, Secret};
+use crate::auth::{AuthError, Identity, Secret};
+use crate::hooks::Hook;
 use crate::metrics::ShardMetrics;
 use crate::protocol::socketio::{self, encode_ack, PacketKind};
 use crate::store::{HistoryQuery, HistoryStore};
@@ -98,6 +100,14 @@ pub fn on_socketio(
         tracing::debug!("text packet while binary attachments were expected");
         return PROTOCOL_ERROR;
     }
+    if member.is_waiting() {
+        // Behind a pending hook: handled in order once it is answered.
+        if !member.hold(data) {
+            tracing::debug!("too many packets behind a pending hook");
+            return PROTOCOL_ERROR;
+        }
+        return Flow::Continue;
+    }
     let (kind, namespace, ack_id, attachments, body_at) = match socketio::parse(&data) {
         Ok(p) => (
             p.kind,
@@ -148,6 +158,13 @@ pub fn on_socketio(
                 }
                 Ok(Parsed::Request(req)) => {
                     handle_request(chat, member, req, ack_id);
+                    Flow::Continue
+                }
+                Ok(Parsed::Other { event, args }) => {
+                    match hooked::hooks_for(chat, Hook::Rpc) {
+                        Some(hooks) => hooked::rpc(chat, member, hooks, (event, args), ack_id),
+                        None => refuse(member.session(), ack_id, &Parsed::refusal(&event)),
+                    }
                     Flow::Continue
                 }
             }
@@ -226,42 +243,52 @@ fn on_connect(chat: &Chat, member: &Rc<Member>, namespace: &str, body: &[u8]) ->
         }
     };
     match chat.ctx.auth.authenticate(auth.as_ref()) {
-        Ok(identity) => {
-            if member.is_pending() {
-                tracing::debug!("CONNECT while the previous one is being admitted: ignored");
-                return Flow::Continue;
-            }
-            let user = User {
-                id: Arc::from(identity.user.as_str()),
-                name: identity.name.as_deref().map(Arc::from),
-            };
-            // A second CONNECT replaces the identity: the old one's count goes first.
-            chat.release_user(member);
-            let identity = Rc::new(identity);
-            if chat.ctx.config.limits.max_connections_per_user == 0 {
-                connected(chat, member, user, identity, false);
-            } else {
-                // Counted by the user's owner shard; `on_admitted` completes the CONNECT
-                // (at once when this shard is the owner).
-                member.set_connected(None);
-                let conn = member.conn_ref(chat.id);
-                let id = user.id.clone();
-                member.set_pending((user, identity));
-                chat.to_user_owner(UserCmd::Acquire { user: id, conn });
-            }
-        }
-        Err(e) => {
-            tracing::debug!(reason = %e, "CONNECT refused");
-            let mut body =
-                b"44{\"message\":\"unauthorized\",\"data\":{\"code\":\"unauthorized\",\"reason\":"
-                    .to_vec();
-            socketio::write_json_str(&mut body, &e.to_string());
-            body.extend_from_slice(b"}}");
-            member.session().push(text_frame(&body), false);
-            close_unless_connected(chat, member);
-        }
+        Ok(identity) => admit(chat, member, identity),
+        // No valid JWT: the application's backend may know the client (a cookie).
+        Err(e) => match hooked::hooks_for(chat, Hook::Connect) {
+            Some(hooks) => hooked::connect(chat, member, hooks, auth, e),
+            None => refuse_connect(chat, member, &e),
+        },
     }
     Flow::Continue
+}
+
+/// Connects the session as `identity` (a JWT's, or the connect hook's): at once, or once
+/// the user's owner shard counted it.
+pub fn admit(chat: &Chat, member: &Rc<Member>, identity: Identity) {
+    if member.is_pending() {
+        tracing::debug!("CONNECT while the previous one is being admitted: ignored");
+        return;
+    }
+    let user = User {
+        id: Arc::from(identity.user.as_str()),
+        name: identity.name.as_deref().map(Arc::from),
+    };
+    // A second CONNECT replaces the identity: the old one's count goes first.
+    chat.release_user(member);
+    let identity = Rc::new(identity);
+    if chat.ctx.config.limits.max_connections_per_user == 0 {
+        connected(chat, member, user, identity, false);
+    } else {
+        // Counted by the user's owner shard; `on_admitted` completes the CONNECT
+        // (at once when this shard is the owner).
+        member.set_connected(None);
+        let conn = member.conn_ref(chat.id);
+        let id = user.id.clone();
+        member.set_pending((user, identity));
+        chat.to_user_owner(UserCmd::Acquire { user: id, conn });
+    }
+}
+
+/// Refuses a CONNECT as `unauthorized` (`e` says why, in `data.reason`).
+pub fn refuse_connect(chat: &Chat, member: &Member, e: &AuthError) {
+    tracing::debug!(reason = %e, "CONNECT refused");
+    let mut body =
+        b"44{\"message\":\"unauthorized\",\"data\":{\"code\":\"unauthorized\",\"reason\":".to_vec();
+    socketio::write_json_str(&mut body, &e.to_string());
+    body.extend_from_slice(b"}}");
+    member.session().push(text_frame(&body), false);
+    close_unless_connected(chat, member);
 }
 
 /// The owner shard's answer to a CONNECT's count: complete the CONNECT, or refuse it
@@ -314,7 +341,7 @@ fn connected(chat: &Chat, member: &Member, user: User, identity: Rc<Identity>, c
 
 /// After a refused CONNECT, a session that is not connected is closed unless it sends
 /// another CONNECT soon.
-fn close_unless_connected(chat: &Chat, member: &Member) {
+pub fn close_unless_connected(chat: &Chat, member: &Member) {
     if !member.is_connected() {
         let session = member.session();
         let mut t = session.timers();
@@ -342,16 +369,7 @@ pub fn handle_request(chat: &Chat, member: &Rc<Member>, req: ChatRequest, ack_id
     let Some((user, identity)) = member.connected() else {
         return;
     };
-    let room: Arc<str> = Arc::from(req.room());
-    let asked = Asked {
-        chat,
-        member,
-        conn: member.conn_ref(chat.id),
-        home: home_of(&room, chat.count),
-        user,
-        room,
-        ack_id,
-    };
+    let asked = Asked::new(chat, member, user, Arc::from(req.room()), ack_id);
     if let ChatRequest::Join { since, token, .. } = req {
         return join(&asked, &identity, since, token);
     }
@@ -376,23 +394,44 @@ pub fn handle_request(chat: &Chat, member: &Rc<Member>, req: ChatRequest, ack_id
 }
 
 /// A request a connected member made, with what every kind of request needs.
-struct Asked<'a> {
-    chat: &'a Chat,
-    member: &'a Rc<Member>,
+pub(super) struct Asked<'a> {
+    pub(super) chat: &'a Chat,
+    pub(super) member: &'a Rc<Member>,
     conn: ConnRef,
     /// The room's home shard.
     home: usize,
-    user: User,
-    room: Arc<str>,
-    ack_id: Option<u64>,
+    pub(super) user: User,
+    pub(super) room: Arc<str>,
+    pub(super) ack_id: Option<u64>,
 }
 
-impl Asked<'_> {
-    fn refuse(&self, err: &ChatError) {
+impl<'a> Asked<'a> {
+    /// `member`'s request about `room`, acked to `ack_id`.
+    pub(super) fn new(
+        chat: &'a Chat,
+        member: &'a Rc<Member>,
+        user: User,
+        room: Arc<str>,
+        ack_id: Option<u64>,
+    ) -> Asked<'a> {
+        Asked {
+            chat,
+            member,
+            conn: member.conn_ref(chat.id),
+            home: home_of(&room, chat.count),
+            user,
+            room,
+            ack_id,
+        }
+    }
+
+    /// Acks the request with an error.
+    pub(super) fn refuse(&self, err: &ChatError) {
         refuse(self.member.session(), self.ack_id, err);
     }
 
-    fn ok(&self, json: &[u8]) {
+    /// Acks the request with this JSON.
+    pub(super) fn ok(&self, json: &[u8]) {
         ok(self.member.session(), self.ack_id, json);
     }
 
@@ -440,12 +479,24 @@ fn join(asked: &Asked<'_>, identity: &Identity, since: Option<u64>, token: Optio
                 .is_ok()
         });
     if !allowed {
+        if let Some(hooks) = hooked::hooks_for(chat, Hook::Join) {
+            return hooked::join(asked, hooks, since, token);
+        }
         return asked.refuse(&ChatError::new(
             ErrorCode::Forbidden,
             format!("not allowed in room {room:?}"),
         ));
     }
-    if !is_member {
+    join_allowed(asked, since, token);
+}
+
+/// A join that is allowed: answered by the room's home; a connection's first join may
+/// move it to that home first.
+pub(super) fn join_allowed(asked: &Asked<'_>, since: Option<u64>, token: Option<Secret>) {
+    let Asked {
+        chat, member, room, ..
+    } = asked;
+    if !member.is_in(room) {
         if let Some(to) = member
             .first_join()
             .then(|| follow::destination(chat, member, room))
@@ -513,6 +564,14 @@ fn send(asked: &Asked<'_>, text: String, cid: Option<String>) {
     if asked.overloaded() || !asked.within_rate() {
         return;
     }
+    match hooked::hooks_for(asked.chat, Hook::Publish) {
+        Some(hooks) => hooked::publish(asked, hooks, text, cid),
+        None => publish(asked, text, cid),
+    }
+}
+
+/// A message checked (and passed by the publish hook): to its room's home.
+pub(super) fn publish(asked: &Asked<'_>, text: String, cid: Option<String>) {
     asked.chat.to_home(
         &asked.room,
         HomeCmd::Publish {

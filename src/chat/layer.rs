@@ -15,6 +15,7 @@ use super::member::{ConnRef, Member};
 use super::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg, UserCmd};
 use super::users::UserCounts;
 use crate::context::Context;
+use crate::hooks::Hooks;
 use crate::metrics::ShardMetrics;
 use crate::store::Store;
 use crate::transport::conn::{Queued, Timers};
@@ -51,6 +52,10 @@ pub struct Chat {
     local_rooms: RefCell<HashMap<Arc<str>, Vec<Rc<Member>>>>,
     /// The way to the other shards (the shard that owns this chat state).
     mesh: Weak<dyn Mesh>,
+    /// This shard's client of the application's backend, when a hook is on.
+    pub hooks: Option<Rc<Hooks>>,
+    /// This chat state itself, for the tasks that finish a hook call.
+    me: Weak<Chat>,
 }
 
 impl Chat {
@@ -61,8 +66,9 @@ impl Chat {
         store: Store,
         home: Rc<Home>,
         mesh: Weak<dyn Mesh>,
-    ) -> Chat {
-        Chat {
+        hooks: Option<Rc<Hooks>>,
+    ) -> Rc<Chat> {
+        Rc::new_cyclic(|me| Chat {
             id,
             count,
             ctx,
@@ -72,7 +78,14 @@ impl Chat {
             members: RefCell::new(HashMap::new()),
             local_rooms: RefCell::new(HashMap::new()),
             mesh,
-        }
+            hooks,
+            me: me.clone(),
+        })
+    }
+
+    /// This chat state, shared (for a task that outlives the caller's borrow).
+    pub fn shared(&self) -> Option<Rc<Chat>> {
+        self.me.upgrade()
     }
 
     /// This shard's counters.

@@ -4,7 +4,7 @@
 //! [`Session`] underneath carries its queue, timers and socket.
 
 use std::cell::{Cell, RefCell, RefMut};
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -79,9 +79,14 @@ pub struct Member {
     /// An authenticated CONNECT waiting for its user's owner shard to count it
     /// (`limits.max_connections_per_user`).
     pending_user: RefCell<Option<Connected>>,
-    /// Socket.IO packets that arrived while the CONNECT was being admitted: handled in
-    /// order once it is, dropped if it is refused. At most [`MAX_HELD_PACKETS`].
-    held: RefCell<Vec<Vec<u8>>>,
+    /// Socket.IO packets that arrived while the CONNECT was being admitted, or while a
+    /// hook that keeps the connection's order was pending: handled in order once it is
+    /// answered, dropped if a CONNECT is refused. At most [`MAX_HELD_PACKETS`].
+    held: RefCell<VecDeque<Vec<u8>>>,
+    /// A connect, join or publish hook is pending: later packets wait behind it.
+    waiting: Cell<bool>,
+    /// Hook calls under way for this connection (it does not move to another shard then).
+    hook_calls: Cell<u32>,
     /// The user's owner shard counted this connection: release it exactly once.
     counted: Cell<bool>,
     /// Rooms this connection is a member of (delivery reaches it).
@@ -113,7 +118,9 @@ impl Member {
             parser: RefCell::new(ConnState::default()),
             user: RefCell::new(None),
             pending_user: RefCell::new(None),
-            held: RefCell::new(Vec::new()),
+            held: RefCell::new(VecDeque::new()),
+            waiting: Cell::new(false),
+            hook_calls: Cell::new(0),
             counted: Cell::new(false),
             joined: RefCell::new(HashSet::new()),
             joining: RefCell::new(HashSet::new()),
@@ -188,13 +195,43 @@ impl Member {
         if held.len() >= MAX_HELD_PACKETS {
             return false;
         }
-        held.push(packet);
+        held.push_back(packet);
         true
     }
 
     /// The packets held while the CONNECT was admitted, oldest first.
     pub fn take_held(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut *self.held.borrow_mut())
+        std::mem::take(&mut *self.held.borrow_mut()).into()
+    }
+
+    /// The oldest held packet, if any.
+    pub fn next_held(&self) -> Option<Vec<u8>> {
+        self.held.borrow_mut().pop_front()
+    }
+
+    /// Whether later packets wait behind a pending hook.
+    pub fn is_waiting(&self) -> bool {
+        self.waiting.get()
+    }
+
+    /// A hook call starts (`waits`: one that keeps the connection's order) or ends.
+    pub fn hook_call(&self, started: bool, waits: bool) {
+        let n = self.hook_calls.get();
+        self.hook_calls
+            .set(if started { n + 1 } else { n.saturating_sub(1) });
+        if waits {
+            self.waiting.set(started);
+        }
+    }
+
+    /// How many hook calls for this connection are under way.
+    pub fn hook_calls(&self) -> u32 {
+        self.hook_calls.get()
+    }
+
+    /// Whether hook calls for this connection are under way.
+    pub fn in_hook_call(&self) -> bool {
+        self.hook_calls.get() > 0
     }
 
     /// Whether packets are held.

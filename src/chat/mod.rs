@@ -1,13 +1,14 @@
 //! The chat layer, above the transport: what connections ask for (`events`, `handler`),
 //! a connection's chat state (`member`), a connection following its first room to that
 //! room's home shard (`follow`), the per-room state a room's home shard keeps (`home`), the
-//! messages shards exchange about rooms (`mesh`), and connections per user (`users`).
+//! messages shards exchange about rooms (`mesh`), and connections per user (`users`), and the application's backend asked about them (`hooked`).
 
 pub mod api;
 pub mod events;
 pub mod follow;
 pub mod handler;
 pub mod home;
+pub mod hooked;
 pub mod layer;
 pub mod member;
 pub mod mesh;

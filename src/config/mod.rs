@@ -2,7 +2,7 @@
 //! variables, overridden in turn by command-line flags (applied by `main`).
 //!
 //! The sections' structs are in `sections`, durations as written in `duration`, the
-//! environment overrides in `env`, the checks serde cannot make in `validate`.
+//! environment overrides in `env`, the backend's hooks in `hooks`, the checks serde cannot make in `validate`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,12 +12,14 @@ use thiserror::Error;
 
 mod duration;
 mod env;
+mod hooks;
 mod sections;
 #[cfg(test)]
 mod tests;
 mod validate;
 
 pub use duration::HumanDuration;
+pub use hooks::{BackendUrl, HooksConfig, OnFailure};
 pub use sections::{
     AuthConfig, EngineIoConfig, HistoryConfig, LimitsConfig, LogConfig, LogFormat, PresenceConfig,
     RedisConfig, ScyllaConfig, ScyllaConsistency, ServerConfig, StoreConfig, StoreKind,
@@ -37,6 +39,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub scylla: ScyllaConfig,
     pub log: LogConfig,
+    pub hooks: HooksConfig,
 }
 
 /// A configuration the server cannot run with; the message says what to fix.

@@ -126,3 +126,32 @@ fn durations() {
     assert!(HumanDuration::parse("soon").is_err());
     assert!(HumanDuration::parse("5y").is_err());
 }
+
+#[test]
+fn hooks_from_env_and_their_checks() {
+    let c = Config::from_toml_and_env(
+        "[hooks]\nurl = \"http://127.0.0.1:3000\"\npublish = true",
+        env(&[
+            ("CORELAY_HOOKS_ON_FAILURE", "allow"),
+            ("CORELAY_HOOKS_TIMEOUT", "500ms"),
+            ("CORELAY_HOOKS_RPC", "true"),
+            ("CORELAY_HOOKS_SECRET", "s3cret"),
+        ]),
+    )
+    .unwrap();
+    assert!(c.hooks.publish && c.hooks.rpc && !c.hooks.join && !c.hooks.connect);
+    assert_eq!(c.hooks.on_failure, OnFailure::Allow);
+    assert_eq!(c.hooks.timeout.0, Duration::from_millis(500));
+    assert_eq!(c.hooks.max_connections, 16);
+    assert!(!format!("{:?}", c.hooks).contains("s3cret"));
+    let d = Config::from_toml_and_env("", env(&[])).unwrap();
+    assert!(!d.hooks.any() && d.hooks.on_failure == OnFailure::Deny);
+    assert_eq!(d.hooks.timeout.0, Duration::from_secs(2));
+
+    let e = Config::from_toml_and_env("[hooks]\njoin = true", env(&[])).unwrap_err();
+    assert!(e.to_string().contains("hooks.url is not set"), "{e}");
+    let e = Config::from_toml_and_env("", env(&[("CORELAY_HOOKS_URL", "ftp://x")])).unwrap_err();
+    assert!(e.to_string().contains("http:// or https://"), "{e}");
+    let e = Config::from_toml_and_env("[hooks]\non_failure = \"maybe\"", env(&[])).unwrap_err();
+    assert!(e.to_string().contains("maybe"), "{e}");
+}

@@ -69,6 +69,7 @@ impl Config {
                 return bad("auth.jwt_secret must be at least 16 bytes".into());
             }
         }
+        self.hooks.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

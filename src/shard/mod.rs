@@ -20,6 +20,7 @@ use crate::chat::home::{Home, Mesh};
 use crate::chat::layer::{Chat, ChatHost};
 use crate::chat::mesh::{MemberMsg, ShardMsg};
 use crate::context::Context;
+use crate::hooks::Hooks;
 use crate::metrics::ShardMetrics;
 use crate::store::Store;
 use crate::transport::conn::{CloseReason, Timers, Transport};
@@ -41,6 +42,8 @@ pub struct ShardParts {
     pub handler: Rc<dyn EngineHandler<Shard>>,
     /// Per peer shard, the queue its outbox task drains into the mesh (`None` for self).
     pub outboxes: Vec<Option<LocalSender<ShardMsg>>>,
+    /// This shard's client of the application's backend, when a hook is on.
+    pub hooks: Option<Rc<Hooks>>,
 }
 
 /// One shard's state. Lives in an `Rc` on its own thread.
@@ -159,15 +162,16 @@ impl Shard {
             home,
             handler,
             outboxes,
+            hooks,
         } = parts;
         let mesh: Weak<dyn Mesh> = me.clone();
-        let chat = Chat::new((id, count), ctx.clone(), store.clone(), home, mesh);
+        let chat = Chat::new((id, count), ctx.clone(), store.clone(), home, mesh, hooks);
         Shard {
             id,
             count,
             ctx,
             store,
-            chat: Rc::new(chat),
+            chat,
             handler,
             sessions: RefCell::new(HashMap::new()),
             by_sid: RefCell::new(HashMap::new()),

@@ -24,6 +24,7 @@ use crate::cluster::shard_link::ShardLink;
 use crate::cluster::ClusterEvent;
 use crate::conformance::Conformance;
 use crate::context::Context;
+use crate::hooks::{Backend, Hooks};
 use crate::ids::MessageIds;
 use crate::store::Store;
 use crate::transport::engine::EngineHandler;
@@ -105,6 +106,7 @@ pub fn run_shards(
     ctx: Arc<Context>,
     store: Store,
     cluster: Option<RedisCluster>,
+    hooks: Option<Arc<Backend>>,
     fds: Vec<RawFd>,
     on_ready: impl FnOnce(),
 ) -> Result<(), StartError> {
@@ -129,6 +131,7 @@ pub fn run_shards(
         let ctx = ctx.clone();
         let store = store.clone();
         let cluster = cluster.clone();
+        let hooks = hooks.clone();
         let mesh = mesh.clone();
         let ready = ready_tx.clone();
         let builder = LocalExecutorBuilder::new(placement)
@@ -139,7 +142,7 @@ pub fn run_shards(
         let handle = builder
             .spawn(move || async move {
                 if let Err(e) =
-                    shard_main(shard, count, ctx, store, cluster, mesh, fd, &ready).await
+                    shard_main(shard, count, ctx, (store, cluster, hooks), mesh, fd, &ready).await
                 {
                     let _ = ready.send(Err(e));
                 }
@@ -180,8 +183,7 @@ async fn shard_main(
     id: usize,
     count: usize,
     ctx: Arc<Context>,
-    store: Store,
-    cluster: Option<RedisCluster>,
+    (store, cluster, hooks): (Store, Option<RedisCluster>, Option<Arc<Backend>>),
     mesh: MeshBuilder<ShardMsg, Full>,
     fd: RawFd,
     ready: &std::sync::mpsc::Sender<Result<usize, StartError>>,
@@ -198,7 +200,8 @@ async fn shard_main(
         }
         None => (None, None),
     };
-    let shard = build_shard(id, count, ctx, store, link, outboxes);
+    let hooks = hooks.map(|backend| Rc::new(Hooks::new(backend, ctx.metrics.clone(), id)));
+    let shard = build_shard(id, count, ctx, (store, hooks), link, outboxes);
     spawn_tasks(&shard, cluster_events, &mut receivers);
     glommio::spawn_local(accept_loop(shard.clone(), listener)).detach();
     let _ = ready.send(Ok(id));
@@ -261,12 +264,13 @@ fn spawn_outboxes(
 }
 
 /// Shard `id`: its home (sequencing through `link` in cluster mode), its handler (chat,
-/// or the conformance server's) and its outboxes toward the other shards.
+/// or the conformance server's), its outboxes toward the other shards, and its client of
+/// the application's backend (when a hook is on).
 fn build_shard(
     id: usize,
     count: usize,
     ctx: Arc<Context>,
-    store: Store,
+    (store, hooks): (Store, Option<Rc<Hooks>>),
     link: Option<ShardLink>,
     outboxes: Vec<Option<LocalSender<ShardMsg>>>,
 ) -> Rc<Shard> {
@@ -292,6 +296,7 @@ fn build_shard(
         home,
         handler,
         outboxes,
+        hooks,
     };
     Rc::new_cyclic(|me| Shard::new(parts, me.clone()))
 }

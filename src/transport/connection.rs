@@ -14,6 +14,7 @@ use glommio::net::TcpStream;
 use tracing::Instrument as _;
 
 use super::conn::{CloseReason, Transport};
+use super::handshake::Handshake;
 use super::host::Host;
 use super::http::{self, HttpError, Request};
 use super::polling;
@@ -296,6 +297,13 @@ async fn new_session<H: Host>(
         let _ = stream.write_all(&too_many_sessions(retry, cors)).await;
         return Step::Next(Next::Done);
     }
+    // Kept for the connect hook only: otherwise a session keeps nothing of its request.
+    let handshake = host
+        .ctx()
+        .config
+        .hooks
+        .connect
+        .then(|| Box::new(Handshake::new(req, stream.peer_addr().ok())));
     if transport == Transport::WebSocket {
         return match websocket_key(req) {
             Some(key) => Step::Next(Next::Upgrade(Upgrade {
@@ -304,11 +312,12 @@ async fn new_session<H: Host>(
                 leftover: buf,
                 session: None,
                 path: req.path.clone(),
+                handshake,
             })),
             None => Step::Answer(stream, buf, reject(HandshakeError::BadRequest)),
         };
     }
-    let open = open_polling_session(host, &req.path);
+    let open = open_polling_session(host, &req.path, handshake);
     Step::Answer(stream, buf, (200, "text/plain; charset=UTF-8", open))
 }
 
@@ -347,6 +356,7 @@ async fn existing_session<H: Host>(
             leftover: buf,
             session: Some(session),
             path: req.path.clone(),
+            handshake: None,
         }));
     }
     let answer = match req.method.as_str() {
@@ -402,9 +412,14 @@ fn too_many_sessions(retry: RetryAfter, cors: &str) -> Vec<u8> {
 }
 
 /// Opens a polling session: registered, told to the handler, answered with the open packet.
-fn open_polling_session<H: Host>(host: &H, path: &str) -> Vec<u8> {
+fn open_polling_session<H: Host>(
+    host: &H,
+    path: &str,
+    handshake: Option<Box<Handshake>>,
+) -> Vec<u8> {
     let eio = &host.ctx().config.engineio;
     let session = host.open_session(Transport::Polling);
+    session.set_handshake(handshake);
     host.handler().on_open(host, &session, path);
     engineio::encode_open(&OpenPayload {
         sid: &session.sid,

@@ -5,6 +5,7 @@ pub mod chunked;
 pub mod conn;
 pub mod connection;
 pub mod engine;
+pub mod handshake;
 pub mod host;
 pub mod http;
 pub mod polling;

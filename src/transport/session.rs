@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::conn::{CloseReason, Outbound, Queued, Timers, Transport};
+use super::handshake::Handshake;
 use crate::config::LimitsConfig;
 
 /// How long a closing session's writer may take to flush before its socket is cut.
@@ -38,6 +39,8 @@ pub struct Session {
     movable: Cell<bool>,
     /// The layer above was told that the session ended (`EngineHandler::on_close`).
     end_noticed: Cell<bool>,
+    /// The opening request's headers for the connect hook (only when it is on).
+    handshake: RefCell<Option<Box<Handshake>>>,
 }
 
 impl Session {
@@ -65,7 +68,18 @@ impl Session {
             timers: Cell::new(timers),
             movable: Cell::new(false),
             end_noticed: Cell::new(false),
+            handshake: RefCell::new(None),
         }
+    }
+
+    /// Keeps what the connect hook may see of the request that opened the session.
+    pub fn set_handshake(&self, handshake: Option<Box<Handshake>>) {
+        *self.handshake.borrow_mut() = handshake;
+    }
+
+    /// What the connect hook may see of the opening request, if it was kept.
+    pub fn handshake(&self) -> Option<Handshake> {
+        self.handshake.borrow().as_deref().cloned()
     }
 
     /// Queues a frame; on overflow the session is closed as a slow consumer.

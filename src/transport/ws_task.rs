@@ -13,6 +13,7 @@ use tracing::Instrument as _;
 
 use super::conn::{CloseReason, Flow, Transport};
 use super::engine;
+use super::handshake::Handshake;
 use super::host::Host;
 use super::session::Session;
 use super::websocket::{self, FrameReader, Message};
@@ -31,6 +32,8 @@ pub(super) struct Upgrade {
     pub(super) session: Option<Rc<Session>>,
     /// The request's path, for the handler's `on_open` of a new session.
     pub(super) path: String,
+    /// What the connect hook may see of the request (a new session, hook on).
+    pub(super) handshake: Option<Box<Handshake>>,
 }
 
 /// Runs a WebSocket until it ends: a new session, or the upgrade of a polling one
@@ -43,6 +46,7 @@ pub(super) async fn run_websocket<H: Host>(host: Rc<H>, upgrade: Upgrade) {
         leftover,
         session: upgrading,
         path,
+        handshake,
     } = upgrade;
     if stream
         .write_all(&websocket::upgrade_response(&key))
@@ -75,6 +79,7 @@ pub(super) async fn run_websocket<H: Host>(host: Rc<H>, upgrade: Upgrade) {
         }
         None => {
             let session = host.open_session(Transport::WebSocket);
+            session.set_handshake(handshake);
             host.handler().on_open(&*host, &session, &path);
             session.attach_socket(stream.as_raw_fd());
             let open = engineio::encode_open(&OpenPayload {

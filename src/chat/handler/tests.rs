@@ -19,7 +19,7 @@ use crate::transport::testing::{self, on_glommio, SHARDS};
 
 /// What a test runs against: shard 0's chat state and the mesh it sends through.
 struct Fixture {
-    chat: Chat,
+    chat: Rc<Chat>,
     mesh: Rc<Recorder>,
     next_id: std::cell::Cell<u64>,
 }
@@ -42,7 +42,7 @@ fn fixture(tune: impl FnOnce(&mut Config)) -> Fixture {
     });
     let mesh = Rc::new(Recorder::default());
     let weak: std::rc::Weak<dyn Mesh> = Rc::downgrade(&(mesh.clone() as Rc<dyn Mesh>));
-    let chat = Chat::new((0, SHARDS), ctx, store, home, weak);
+    let chat = Chat::new((0, SHARDS), ctx, store, home, weak, None);
     Fixture {
         chat,
         mesh,

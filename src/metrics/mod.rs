@@ -7,6 +7,11 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+mod feed;
+mod hooks;
+pub use feed::FeedStats;
+pub use hooks::{HookStats, HOOKS, HOOK_FAILURES};
+
 /// Upper bounds (seconds) of the fan-out latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 1.0,
@@ -41,6 +46,8 @@ pub struct ShardMetrics {
     /// Cluster mode: 1 while this shard's link to Redis is down (between the `Down` and
     /// `Reconnected` of its event stream).
     pub redis_link_down: AtomicU64,
+    /// The backend's hooks called from this shard.
+    pub hooks: HookStats,
     /// The backend's feed, when on.
     pub feed: FeedStats,
     fanout_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -148,6 +155,11 @@ impl Metrics {
             .is_some_and(|c| !c.is_connected() || self.shard_links_down() > 0)
     }
 
+    /// The feed's lag in ms: the oldest undelivered message's age over shards.
+    pub fn feed_lag_ms(&self) -> u64 {
+        feed::lag_ms(&self.shards)
+    }
+
     /// Open connections summed over shards.
     pub fn connections(&self) -> u64 {
         self.shards
@@ -167,7 +179,8 @@ impl Metrics {
         self.render_per_shard(&mut out);
         self.render_protocol_errors(&mut out);
         self.render_fanout(&mut out);
-        self.render_feed(&mut out);
+        hooks::render(&mut out, self.shards.iter().map(|s| &s.hooks));
+        feed::render(&mut out, &self.shards);
         let _ = writeln!(out, "# HELP corelay_store_up Whether the history store answered its last operation.\n# TYPE corelay_store_up gauge\ncorelay_store_up {}", u8::from(store_ok));
         let _ = writeln!(out, "# HELP corelay_redis_connected Whether Redis is connected (0 on a single host).\n# TYPE corelay_redis_connected gauge\ncorelay_redis_connected {}", u8::from(self.redis.get().is_some_and(|c| c.is_connected())));
         out
@@ -219,59 +232,6 @@ impl Metrics {
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
         let _ = writeln!(out, "{name}_sum {}", sum_ns as f64 / 1e9);
         let _ = writeln!(out, "{name}_count {count}");
-    }
-}
-
-/// One shard's counters of the backend's feed (see `feed`).
-#[derive(Default)]
-pub struct FeedStats {
-    /// Message events the backend took.
-    pub events: AtomicU64,
-    /// Batches the backend took.
-    pub batches: AtomicU64,
-    /// Batches tried again after the backend failed them.
-    pub retries: AtomicU64,
-    /// Reads or cursor writes of the history store that failed.
-    pub store_errors: AtomicU64,
-    /// Rooms with messages not delivered yet.
-    pub owed_rooms: AtomicU64,
-    /// Age of the oldest message not delivered yet, in ms (0: none owed).
-    pub lag_ms: AtomicU64,
-}
-
-/// The feed's counters: name, type, help, and where a shard keeps it.
-type FeedCounter = (&'static str, &'static str, &'static str, fn(&FeedStats) -> &AtomicU64);
-
-/// The feed's counters, rendered per shard.
-const FEED: [FeedCounter; 5] = [
-    ("corelay_feed_events_total", "counter", "Message events the feed's backend took.", |f| &f.events),
-    ("corelay_feed_batches_total", "counter", "Batches the feed's backend took.", |f| &f.batches),
-    ("corelay_feed_retries_total", "counter", "Feed batches tried again after the backend failed them.", |f| &f.retries),
-    ("corelay_feed_store_errors_total", "counter", "History store reads or cursor writes of the feed that failed.", |f| &f.store_errors),
-    ("corelay_feed_owed_rooms", "gauge", "Rooms with messages the feed has not delivered yet.", |f| &f.owed_rooms),
-];
-
-impl Metrics {
-    /// The feed's counters per shard, and its lag (the oldest undelivered message's age,
-    /// the highest over shards).
-    fn render_feed(&self, out: &mut String) {
-        for (name, kind, help, get) in FEED {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (i, s) in self.shards.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(&s.feed).load(Relaxed));
-            }
-        }
-        let lag = self.feed_lag_ms();
-        let _ = writeln!(out, "# HELP corelay_feed_lag_seconds Age of the oldest message the feed has not delivered yet (0 when none).\n# TYPE corelay_feed_lag_seconds gauge\ncorelay_feed_lag_seconds {}", lag as f64 / 1000.0);
-    }
-
-    /// The feed's lag in ms: the oldest undelivered message's age over shards.
-    pub fn feed_lag_ms(&self) -> u64 {
-        self.shards
-            .iter()
-            .map(|s| s.feed.lag_ms.load(Relaxed))
-            .max()
-            .unwrap_or(0)
     }
 }
 
@@ -371,5 +331,16 @@ mod tests {
         assert!(text.contains("corelay_fanout_latency_seconds_bucket{le=\"0.005\"} 2"));
         assert!(text.contains("corelay_fanout_latency_seconds_count 2"));
         assert!(text.contains("corelay_connections{shard=\"1\"} 0"));
+        m.shards[1].hooks.observe(2, Duration::from_millis(3));
+        m.shards[0].hooks.failed(2, 0);
+        let text = m.render_prometheus(true);
+        assert!(
+            text.contains("corelay_hook_calls_total{hook=\"publish\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("corelay_hook_failures_total{hook=\"publish\",reason=\"timeout\"} 1"));
+        assert!(
+            text.contains("corelay_hook_latency_seconds_bucket{hook=\"publish\",le=\"0.005\"} 1")
+        );
     }
 }
