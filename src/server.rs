@@ -88,13 +88,20 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
     let store = open_store(&config, cluster.as_ref())?;
     let shards = config.shard_count();
     let (addr, fds) = runtime::bind_listeners(config.server.listen, shards)?;
-    let hooks = crate::hooks::Backend::from_config(&config.hooks)?.map(Arc::new);
+    let backends = runtime::Backends {
+        hooks: crate::hooks::Backend::from_config(&config.hooks)?.map(Arc::new),
+        feed: crate::hooks::Backend::for_feed(&config.feed, &config.hooks)?.map(Arc::new),
+    };
+    if backends.feed.is_some() {
+        // From here on every append marks its room for the feed, durably with it.
+        store.enable_feed()?;
+    }
     let ctx = Arc::new(context(config, auth, shards));
     if let Some(c) = &cluster {
         let _ = ctx.metrics.redis.set(c.clone());
     }
     watch_signals(ctx.clone())?;
-    let result = runtime::run_shards(ctx, store.clone(), cluster.clone(), hooks, fds, || {
+    let result = runtime::run_shards(ctx, store.clone(), cluster.clone(), backends, fds, || {
         on_ready(addr, shards)
     });
     let _ = futures::executor::block_on(store.close());

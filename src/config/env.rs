@@ -8,7 +8,7 @@ use super::{Config, ConfigError};
 /// The sections an environment variable may name.
 const SECTIONS: &[&str] = &[
     "server", "engineio", "auth", "limits", "history", "redis", "presence", "store", "scylla",
-    "log", "hooks",
+    "log", "hooks", "feed",
 ];
 
 impl Config {

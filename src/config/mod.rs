@@ -12,6 +12,7 @@ use thiserror::Error;
 
 mod duration;
 mod env;
+mod feed;
 mod hooks;
 mod sections;
 #[cfg(test)]
@@ -19,6 +20,7 @@ mod tests;
 mod validate;
 
 pub use duration::HumanDuration;
+pub use feed::FeedConfig;
 pub use hooks::{BackendUrl, HooksConfig, OnFailure};
 pub use sections::{
     AuthConfig, EngineIoConfig, HistoryConfig, LimitsConfig, LogConfig, LogFormat, PresenceConfig,
@@ -40,6 +42,7 @@ pub struct Config {
     pub scylla: ScyllaConfig,
     pub log: LogConfig,
     pub hooks: HooksConfig,
+    pub feed: FeedConfig,
 }
 
 /// A configuration the server cannot run with; the message says what to fix.

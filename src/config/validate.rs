@@ -70,6 +70,9 @@ impl Config {
             }
         }
         self.hooks.validate().map_err(ConfigError::Invalid)?;
+        self.feed
+            .validate(self.redis.url.is_some())
+            .map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

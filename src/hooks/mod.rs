@@ -19,13 +19,14 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures::future::LocalBoxFuture;
 use futures::io::AsyncWriteExt as _;
 use thiserror::Error;
 
 pub use answer::{ConnectAnswer, Refusal, RpcAnswer, Verdict};
 pub use http::MAX_BODY;
 
-use crate::config::{BackendUrl, HooksConfig, OnFailure};
+use crate::config::{BackendUrl, FeedConfig, HooksConfig, OnFailure};
 use crate::metrics::Metrics;
 use conn::Conn;
 use log::FailureLog;
@@ -118,21 +119,45 @@ impl Backend {
         let (true, Some(raw)) = (config.any(), config.url.as_deref()) else {
             return Ok(None);
         };
+        let mut backend = Backend::new(raw, config, config.timeout.0, config.max_connections)?;
+        backend.on_failure = config.on_failure;
+        backend.enabled = [config.connect, config.join, config.publish, config.rpc];
+        Ok(Some(backend))
+    }
+
+    /// The feed's endpoint (`feed.url`), signed with `hooks.secret` and trusting
+    /// `hooks.tls_ca_file` like the hooks; `None` when the feed is off. One connection per
+    /// shard: a shard's feed sends one batch at a time.
+    pub fn for_feed(feed: &FeedConfig, hooks: &HooksConfig) -> Result<Option<Backend>, SetupError> {
+        let Some(raw) = feed.url.as_deref() else {
+            return Ok(None);
+        };
+        Backend::new(raw, hooks, feed.timeout.0, 1).map(Some)
+    }
+
+    /// A backend at `raw` (a validated URL) with `hooks`' secret and TLS settings, no hook
+    /// on.
+    fn new(
+        raw: &str,
+        hooks: &HooksConfig,
+        timeout: Duration,
+        max_connections: usize,
+    ) -> Result<Backend, SetupError> {
         let url = BackendUrl::parse(raw).map_err(SetupError::Url)?;
         let tls = match url.tls {
-            true => Some(tls::Tls::new(&url, raw, config.tls_ca_file.as_deref())?),
+            true => Some(tls::Tls::new(&url, raw, hooks.tls_ca_file.as_deref())?),
             false => None,
         };
-        Ok(Some(Backend {
+        Ok(Backend {
             host_header: url.authority(),
             url,
-            secret: config.secret.as_ref().map(|s| s.as_bytes().to_vec()),
-            timeout: config.timeout.0,
-            on_failure: config.on_failure,
-            enabled: [config.connect, config.join, config.publish, config.rpc],
-            max_connections: config.max_connections,
+            secret: hooks.secret.as_ref().map(|s| s.as_bytes().to_vec()),
+            timeout,
+            on_failure: OnFailure::Deny,
+            enabled: [false; 4],
+            max_connections,
             tls,
-        }))
+        })
     }
 }
 
@@ -178,7 +203,8 @@ impl Hooks {
     ) -> Result<T, Failure> {
         let start = Instant::now();
         let limit = self.backend.timeout;
-        let answer = glommio::timer::timeout(limit, async { Ok(self.exchange(hook, body).await) })
+        let path = format!("{}/{}", self.backend.url.path, hook.name());
+        let answer = glommio::timer::timeout(limit, async { Ok(self.exchange(&path, body).await) })
             .await
             .unwrap_or(Err(Failure::Timeout(limit)));
         let result = answer.and_then(|a| parse(&a));
@@ -201,13 +227,13 @@ impl Hooks {
 
     /// One request and its 2xx answer's body, on a pooled connection; a kept-alive
     /// connection that turns out closed is replaced once.
-    async fn exchange(&self, hook: Hook, body: &[u8]) -> Result<Vec<u8>, Failure> {
+    async fn exchange(&self, path: &str, body: &[u8]) -> Result<Vec<u8>, Failure> {
         let _permit = self
             .pool
             .permit()
             .await
             .ok_or(Failure::Io(io::ErrorKind::BrokenPipe.into()))?;
-        let request = self.request(hook, body);
+        let request = self.request(path, body);
         if let Some(mut conn) = self.pool.take_idle(Instant::now()) {
             match self.round_trip(&mut conn, &request).await {
                 Ok((body, reusable)) => return Ok(self.done(conn, body, reusable)),
@@ -245,9 +271,8 @@ impl Hooks {
     }
 
     /// The request bytes: `POST {url}/{hook}`, signed when `hooks.secret` is set.
-    fn request(&self, hook: Hook, body: &[u8]) -> Vec<u8> {
+    fn request(&self, path: &str, body: &[u8]) -> Vec<u8> {
         let b = &self.backend;
-        let path = format!("{}/{}", b.url.path, hook.name());
         let extra = match &b.secret {
             None => String::new(),
             Some(secret) => {
@@ -260,6 +285,28 @@ impl Hooks {
                 )
             }
         };
-        http::post(&b.host_header, &path, &extra, body)
+        http::post(&b.host_header, path, &extra, body)
+    }
+}
+
+/// The feed's batches go through a shard's client of `feed.url` (see
+/// [`Backend::for_feed`]): a POST to the URL itself, within `feed.timeout`, done on a 2xx.
+impl crate::feed::Deliver for Hooks {
+    fn deliver<'a>(&'a self, body: &'a [u8]) -> LocalBoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let limit = self.backend.timeout;
+            let path = if self.backend.url.path.is_empty() {
+                "/"
+            } else {
+                self.backend.url.path.as_str()
+            };
+            match glommio::timer::timeout(limit, async { Ok(self.exchange(path, body).await) })
+                .await
+            {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(Failure::Timeout(limit).to_string()),
+            }
+        })
     }
 }

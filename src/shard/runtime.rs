@@ -18,12 +18,13 @@ use thiserror::Error;
 use super::{Shard, ShardParts};
 use crate::chat::handler::ChatHandler;
 use crate::chat::home::{Home, HomeLimits, HomeParts, Sequencer};
-use crate::chat::mesh::ShardMsg;
+use crate::chat::mesh::{home_of, ShardMsg};
 use crate::cluster::redis::RedisCluster;
 use crate::cluster::shard_link::ShardLink;
 use crate::cluster::ClusterEvent;
 use crate::conformance::Conformance;
 use crate::context::Context;
+use crate::feed::Feed;
 use crate::hooks::{Backend, Hooks};
 use crate::ids::MessageIds;
 use crate::store::Store;
@@ -101,12 +102,22 @@ pub fn bind_listeners(
     Ok((actual, fds))
 }
 
+/// The application's backend as the shards reach it: the hooks' and the feed's endpoints
+/// (each `None` when off). Each shard makes its own clients of them.
+#[derive(Clone, Default)]
+pub struct Backends {
+    /// `hooks.url`, when a hook is on.
+    pub hooks: Option<Arc<Backend>>,
+    /// `feed.url`, when the feed is on.
+    pub feed: Option<Arc<Backend>>,
+}
+
 /// Runs the shards until they stop. `on_ready` is called once every shard accepts.
 pub fn run_shards(
     ctx: Arc<Context>,
     store: Store,
     cluster: Option<RedisCluster>,
-    hooks: Option<Arc<Backend>>,
+    backends: Backends,
     fds: Vec<RawFd>,
     on_ready: impl FnOnce(),
 ) -> Result<(), StartError> {
@@ -131,7 +142,7 @@ pub fn run_shards(
         let ctx = ctx.clone();
         let store = store.clone();
         let cluster = cluster.clone();
-        let hooks = hooks.clone();
+        let backends = backends.clone();
         let mesh = mesh.clone();
         let ready = ready_tx.clone();
         let builder = LocalExecutorBuilder::new(placement)
@@ -142,7 +153,7 @@ pub fn run_shards(
         let handle = builder
             .spawn(move || async move {
                 if let Err(e) =
-                    shard_main(shard, count, ctx, (store, cluster, hooks), mesh, fd, &ready).await
+                    shard_main(shard, count, ctx, (store, cluster, backends), mesh, fd, &ready).await
                 {
                     let _ = ready.send(Err(e));
                 }
@@ -183,7 +194,7 @@ async fn shard_main(
     id: usize,
     count: usize,
     ctx: Arc<Context>,
-    (store, cluster, hooks): (Store, Option<RedisCluster>, Option<Arc<Backend>>),
+    (store, cluster, backends): (Store, Option<RedisCluster>, Backends),
     mesh: MeshBuilder<ShardMsg, Full>,
     fd: RawFd,
     ready: &std::sync::mpsc::Sender<Result<usize, StartError>>,
@@ -200,8 +211,25 @@ async fn shard_main(
         }
         None => (None, None),
     };
-    let hooks = hooks.map(|backend| Rc::new(Hooks::new(backend, ctx.metrics.clone(), id)));
-    let shard = build_shard(id, count, ctx, (store, hooks), link, outboxes);
+    let hooks = backends
+        .hooks
+        .map(|backend| Rc::new(Hooks::new(backend, ctx.metrics.clone(), id)));
+    // The feed of the rooms this shard is home of, through its own client of feed.url.
+    let feed = backends.feed.map(|backend| {
+        let client: Rc<dyn crate::feed::Deliver> =
+            Rc::new(Hooks::new(backend, ctx.metrics.clone(), id));
+        Feed::new(
+            id,
+            Box::new(move |room: &str| home_of(room, count) == id),
+            store.clone(),
+            client,
+            ctx.metrics.clone(),
+        )
+    });
+    if let Some(feed) = &feed {
+        glommio::spawn_local(feed.clone().run()).detach();
+    }
+    let shard = build_shard(id, count, ctx, (store, hooks, feed), link, outboxes);
     spawn_tasks(&shard, cluster_events, &mut receivers);
     glommio::spawn_local(accept_loop(shard.clone(), listener)).detach();
     let _ = ready.send(Ok(id));
@@ -270,7 +298,7 @@ fn build_shard(
     id: usize,
     count: usize,
     ctx: Arc<Context>,
-    (store, hooks): (Store, Option<Rc<Hooks>>),
+    (store, hooks, feed): (Store, Option<Rc<Hooks>>, Option<Rc<Feed>>),
     link: Option<ShardLink>,
     outboxes: Vec<Option<LocalSender<ShardMsg>>>,
 ) -> Rc<Shard> {
@@ -282,6 +310,7 @@ fn build_shard(
         ids: MessageIds::new(ctx.id_prefix, id),
         limits: HomeLimits::from_config(&ctx.config),
         sequencer: Sequencer::new(link),
+        feed,
     });
     let handler: Rc<dyn EngineHandler<Shard>> = if ctx.config.server.conformance {
         Rc::new(Conformance::default())

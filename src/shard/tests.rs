@@ -30,6 +30,7 @@ fn shard(tune: impl FnOnce(&mut Config)) -> (Rc<Shard>, LocalReceiver<ShardMsg>)
         ids: MessageIds::new(7, 0),
         limits: HomeLimits::from_config(&ctx.config),
         sequencer: Sequencer::Local,
+        feed: None,
     });
     let (tx, rx) = local_channel::new_unbounded::<ShardMsg>();
     let parts = ShardParts {

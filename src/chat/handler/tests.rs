@@ -39,6 +39,7 @@ fn fixture(tune: impl FnOnce(&mut Config)) -> Fixture {
         ids: MessageIds::new(7, 0),
         limits: HomeLimits::from_config(&ctx.config),
         sequencer: Sequencer::Local,
+        feed: None,
     });
     let mesh = Rc::new(Recorder::default());
     let weak: std::rc::Weak<dyn Mesh> = Rc::downgrade(&(mesh.clone() as Rc<dyn Mesh>));

@@ -206,6 +206,9 @@ impl Home {
                 self.broadcast(&s.room, &r.per_shard, frame, s.to.conn(), false);
             }
             ShardMetrics::inc(&self.metrics().messages_in);
+            if let Some(feed) = &self.feed {
+                feed.note(&s.room, m.offset, m.ts);
+            }
             self.reply(s.to, &ack);
             for w in waiters {
                 self.reply(w, &ack);

@@ -140,6 +140,8 @@ pub struct HomeParts {
     pub limits: HomeLimits,
     /// Local or through Redis.
     pub sequencer: Sequencer,
+    /// The backend's feed of this shard's rooms, when on: told of each durable message.
+    pub feed: Option<Rc<crate::feed::Feed>>,
 }
 
 /// A publish waiting for the writer.
@@ -202,6 +204,7 @@ pub struct Home {
     ids: MessageIds,
     limits: HomeLimits,
     sequencer: Sequencer,
+    feed: Option<Rc<crate::feed::Feed>>,
     rooms: RefCell<HashMap<Arc<str>, RoomState>>,
     /// Publishes accepted and not yet settled, over all rooms.
     inflight: Cell<usize>,
@@ -227,6 +230,7 @@ impl Home {
             ids,
             limits,
             sequencer,
+            feed,
         } = parts;
         let (events, receiver) = local_channel::new_unbounded();
         Rc::new_cyclic(|me| Home {
@@ -237,6 +241,7 @@ impl Home {
             ids,
             limits,
             sequencer,
+            feed,
             rooms: RefCell::new(HashMap::new()),
             inflight: Cell::new(0),
             pending: RefCell::new(VecDeque::new()),

@@ -31,6 +31,7 @@ fn start_replaying(count: usize, max_replay: usize) -> (Rc<Home>, Rc<Recorder>, 
             dedupe_window: Duration::from_secs(600),
         },
         sequencer: Sequencer::Local,
+        feed: None,
     });
     let mesh = Rc::new(Recorder::default());
     glommio::spawn_local(home.clone().run(mesh.clone())).detach();
