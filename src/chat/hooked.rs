@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use tracing::Instrument as _;
 
 use super::events::{coded_error_ack_json, ChatError, ErrorCode};
-use super::handler::{self, Asked};
+use super::handler::{self, Asked, ConnState};
 use super::layer::Chat;
 use super::member::Member;
 use crate::auth::{AuthError, Identity, RoomGrant, Secret};
@@ -74,11 +74,10 @@ fn resume(chat: &Chat, member: &Rc<Member>) {
         let Some(packet) = member.next_held() else {
             break;
         };
-        // The parser state is taken, not borrowed: a CONNECT admitted in place may
-        // borrow it again.
-        let mut state = std::mem::take(&mut *member.parser());
-        let flow = handler::on_socketio(chat, member, &mut state, packet);
-        *member.parser() = state;
+        // Held packets are text packets, replayed with a parser state of their own: the
+        // live one may await a binary packet's attachments, and a CONNECT admitted in
+        // place borrows it.
+        let flow = handler::on_socketio(chat, member, &mut ConnState::default(), packet);
         if let Flow::Close(reason) = flow {
             member.session().close(reason);
             break;
