@@ -414,3 +414,19 @@ fn a_kept_alive_connection_the_backend_closed_is_replaced_and_the_pool_is_bounde
         started.elapsed()
     );
 }
+
+#[test]
+fn packets_past_the_hold_limit_behind_a_pending_hook_are_refused_not_queued() {
+    let backend = Backend::start(slow_rules);
+    let server = start(&backend.url(), &[]);
+    let mut alice = in_lobby(server.port, "alice");
+    alice.send_text(r#"42100["message",{"room":"lobby","text":"m1"}]"#);
+    // 64 are held behind the 500 ms hook; the 65th is refused at once.
+    for id in 101..=165 {
+        alice.send_text(&format!(r#"42{id}["presence",{{"room":"lobby"}}]"#));
+    }
+    let refused = alice.wait_ack(165);
+    assert_eq!(refused["error"]["code"], "rate_limited", "{refused}");
+    assert_eq!(alice.wait_ack(100)["offset"], 1);
+    assert_eq!(alice.wait_ack(164)["ok"], true, "the held ones are handled");
+}

@@ -100,11 +100,11 @@ pub fn on_socketio(
         tracing::debug!("text packet while binary attachments were expected");
         return PROTOCOL_ERROR;
     }
-    if member.is_waiting() {
-        // Behind a pending hook: handled in order once it is answered.
-        if !member.hold(data) {
-            tracing::debug!("too many packets behind a pending hook");
-            return PROTOCOL_ERROR;
+    // Behind a pending hook: handled in order once it is answered. (Binary packets go on:
+    // their attachments follow as frames of their own, and chat refuses them anyway.)
+    if member.is_waiting() && !matches!(data.first(), Some(b'5' | b'6')) {
+        if let Err(packet) = member.hold(data) {
+            hooked::refuse_unheld(member, &packet);
         }
         return Flow::Continue;
     }
@@ -126,7 +126,7 @@ pub fn on_socketio(
     }
     if namespace == "/" && member.is_pending() {
         // Sent right behind the CONNECT that is being admitted: kept for `on_admitted`.
-        if !member.hold(data) {
+        if member.hold(data).is_err() {
             tracing::debug!("too many packets before the CONNECT was answered");
             return PROTOCOL_ERROR;
         }

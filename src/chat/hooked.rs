@@ -2,8 +2,9 @@
 //! "Hooks"): the body chat sends for each hook, and what the answer, or a failure under
 //! `hooks.on_failure`, does. Each call runs in a task of its own, so a slow backend
 //! stalls no other connection. While a connect, join or publish hook is pending, the
-//! connection's later packets are held (`Member::hold`) and handled in order once it is
-//! answered; rpc calls do not hold the connection (at most [`MAX_RPC_CALLS`] at once).
+//! connection's later packets are held (`Member::hold`, at most `MAX_HELD_PACKETS`; one
+//! more is refused `rate_limited`) and handled in order once it is answered; rpc calls do
+//! not hold the connection (at most [`MAX_RPC_CALLS`] at once).
 //! With every hook off, chat pays one `None` check per request and nothing else.
 
 use std::future::Future;
@@ -13,7 +14,7 @@ use serde_json::{json, Map, Value};
 use tracing::Instrument as _;
 
 use super::events::{coded_error_ack_json, ChatError, ErrorCode};
-use super::handler::{self, Asked};
+use super::handler::{self, Asked, ConnState};
 use super::layer::Chat;
 use super::member::Member;
 use crate::auth::{AuthError, Identity, RoomGrant, Secret};
@@ -73,17 +74,34 @@ fn resume(chat: &Chat, member: &Rc<Member>) {
         let Some(packet) = member.next_held() else {
             break;
         };
-        // The parser state is taken, not borrowed: a CONNECT admitted in place may
-        // borrow it again.
-        let mut state = std::mem::take(&mut *member.parser());
-        let flow = handler::on_socketio(chat, member, &mut state, packet);
-        *member.parser() = state;
+        // Held packets are text packets, replayed with a parser state of their own: the
+        // live one may await a binary packet's attachments, and a CONNECT admitted in
+        // place borrows it.
+        let flow = handler::on_socketio(chat, member, &mut ConnState::default(), packet);
         if let Flow::Close(reason) = flow {
             member.session().close(reason);
             break;
         }
     }
     member.hook_call(false, false);
+}
+
+/// A packet that came behind a pending hook when [`super::member::MAX_HELD_PACKETS`]
+/// were held already: refused (`rate_limited`, when it asks for an ack), not queued.
+pub fn refuse_unheld(member: &Member, packet: &[u8]) {
+    tracing::debug!("too many packets behind a pending hook: refused");
+    if let Ok(p) = socketio::parse(packet) {
+        if let (socketio::PacketKind::Event, Some(id)) = (p.kind, p.ack_id) {
+            let err = ChatError::new(
+                ErrorCode::RateLimited,
+                "too many requests behind a pending one; slow down",
+            );
+            let ack = super::events::error_ack_json(&err);
+            member
+                .session()
+                .push(text_frame(&encode_ack(id, &ack)), false);
+        }
+    }
 }
 
 /// A JSON body (a `Value` always serializes).

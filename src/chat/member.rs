@@ -188,15 +188,15 @@ impl Member {
         self.pending_user.borrow_mut().take()
     }
 
-    /// Keeps a packet that came behind a CONNECT being admitted; false when
-    /// [`MAX_HELD_PACKETS`] are held already.
-    pub fn hold(&self, packet: Vec<u8>) -> bool {
+    /// Keeps a packet that came behind a CONNECT being admitted or a pending hook; the
+    /// packet back when [`MAX_HELD_PACKETS`] are held already.
+    pub fn hold(&self, packet: Vec<u8>) -> Result<(), Vec<u8>> {
         let mut held = self.held.borrow_mut();
         if held.len() >= MAX_HELD_PACKETS {
-            return false;
+            return Err(packet);
         }
         held.push_back(packet);
-        true
+        Ok(())
     }
 
     /// The packets held while the CONNECT was admitted, oldest first.

@@ -41,6 +41,7 @@ fn shard(tune: impl FnOnce(&mut Config)) -> (Rc<Shard>, LocalReceiver<ShardMsg>)
         home,
         handler: Rc::new(ChatHandler),
         outboxes: vec![None, Some(tx)],
+        hooks: None,
     };
     (Rc::new_cyclic(|me| Shard::new(parts, me.clone())), rx)
 }
