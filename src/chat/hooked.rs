@@ -19,7 +19,7 @@ use super::layer::Chat;
 use super::member::Member;
 use crate::auth::{AuthError, Identity, RoomGrant, Secret};
 use crate::config::OnFailure;
-use crate::hooks::{answer, ConnectAnswer, Hook, Hooks, RpcAnswer, Verdict};
+use crate::hooks::{answer, ConnectAnswer, Failure, Hook, Hooks, Refusal, RpcAnswer, Verdict};
 use crate::protocol::socketio::{self, encode_ack};
 use crate::transport::conn::Flow;
 use crate::transport::websocket::text_frame;
@@ -159,31 +159,51 @@ pub fn connect(
     );
 }
 
-/// `join`: one the user's grants and room token do not allow. `{ok:true}` lets it go
-/// on; `{error}` is its error ack (`forbidden` unless the backend gives a code).
-pub(super) fn join(asked: &Asked<'_>, hooks: Rc<Hooks>, since: Option<u64>, token: Option<Secret>) {
-    let body = to_body(&json!({"user": &*asked.user.id, "room": &*asked.room}));
+/// Asks `hook` (join, publish) about a member's request; `then` gets the request back
+/// with the verdict, the connection's later packets waiting meanwhile. A failure under
+/// `hooks.on_failure = "allow"` is a plain allow.
+fn ask_verdict(
+    asked: &Asked<'_>,
+    hooks: Rc<Hooks>,
+    hook: Hook,
+    body: &Value,
+    then: impl FnOnce(&Asked<'_>, Result<Verdict, Failure>) + 'static,
+) {
+    let body = to_body(body);
     let (user, room, ack_id) = (asked.user.clone(), asked.room.clone(), asked.ack_id);
     let policy = hooks.on_failure();
-    let call = async move { hooks.ask(Hook::Join, &body, answer::verdict).await };
+    let call = async move { hooks.ask(hook, &body, answer::verdict).await };
     spawn(
         asked.chat,
         asked.member,
         true,
         call,
         move |chat, member, result| {
-            let asked = Asked::new(chat, member, user, room, ack_id);
-            match result {
-                Ok(Verdict::Allow { .. }) => handler::join_allowed(&asked, since, token),
-                Ok(Verdict::Refuse(r)) => {
-                    refuse_coded(&asked, r.code.as_deref(), ErrorCode::Forbidden, &r.message)
-                }
-                Err(_) if policy == OnFailure::Allow => handler::join_allowed(&asked, since, token),
-                Err(_) => asked.refuse(&ChatError::new(
-                    ErrorCode::Forbidden,
-                    "the application's backend did not answer the join hook",
-                )),
-            }
+            let result = match result {
+                Err(_) if policy == OnFailure::Allow => Ok(Verdict::Allow { text: None }),
+                other => other,
+            };
+            then(&Asked::new(chat, member, user, room, ack_id), result);
+        },
+    );
+}
+
+/// `join`: one the user's grants and room token do not allow. `{ok:true}` lets it go
+/// on; `{error}` is its error ack (`forbidden` unless the backend gives a code).
+pub(super) fn join(asked: &Asked<'_>, hooks: Rc<Hooks>, since: Option<u64>, token: Option<Secret>) {
+    let body = json!({"user": &*asked.user.id, "room": &*asked.room});
+    ask_verdict(
+        asked,
+        hooks,
+        Hook::Join,
+        &body,
+        move |asked, result| match result {
+            Ok(Verdict::Allow { .. }) => handler::join_allowed(asked, since, token),
+            Ok(Verdict::Refuse(r)) => refuse_coded(asked, &r, ErrorCode::Forbidden),
+            Err(_) => asked.refuse(&ChatError::new(
+                ErrorCode::Forbidden,
+                "the application's backend did not answer the join hook",
+            )),
         },
     );
 }
@@ -195,48 +215,37 @@ pub(super) fn publish(asked: &Asked<'_>, hooks: Rc<Hooks>, text: String, cid: Op
     if let Some(cid) = &cid {
         body["cid"] = Value::String(cid.clone());
     }
-    let body = to_body(&body);
-    let (user, room, ack_id) = (asked.user.clone(), asked.room.clone(), asked.ack_id);
-    let policy = hooks.on_failure();
-    let call = async move { hooks.ask(Hook::Publish, &body, answer::verdict).await };
-    spawn(
-        asked.chat,
-        asked.member,
-        true,
-        call,
-        move |chat, member, result| {
-            let asked = Asked::new(chat, member, user, room, ack_id);
-            let max = chat.ctx.config.limits.max_text_bytes;
-            if chat.ctx.is_draining() {
-                // Answered during a drain: as for any send then, nothing is stored.
-                return asked.refuse(&handler::shutting_down());
+    ask_verdict(asked, hooks, Hook::Publish, &body, move |asked, result| {
+        if asked.chat.ctx.is_draining() {
+            // Answered during a drain: as for any send then, nothing is stored.
+            return asked.refuse(&handler::shutting_down());
+        }
+        let max = asked.chat.ctx.config.limits.max_text_bytes;
+        match result {
+            Ok(Verdict::Allow { text: None }) => handler::publish(asked, text, cid),
+            Ok(Verdict::Allow { text: Some(new) }) if new.len() <= max => {
+                handler::publish(asked, new, cid)
             }
-            match result {
-                Ok(Verdict::Allow { text: None }) => handler::publish(&asked, text, cid),
-                Ok(Verdict::Allow { text: Some(new) }) if new.len() <= max => {
-                    handler::publish(&asked, new, cid)
-                }
-                Ok(Verdict::Allow { .. }) => asked.refuse(&ChatError::new(
-                    ErrorCode::TooLarge,
-                    format!("the backend's rewrite is over {max} bytes; nothing was stored"),
-                )),
-                Ok(Verdict::Refuse(r)) => {
-                    refuse_coded(&asked, r.code.as_deref(), ErrorCode::Forbidden, &r.message)
-                }
-                Err(_) if policy == OnFailure::Allow => handler::publish(&asked, text, cid),
-                Err(_) => asked.refuse(&ChatError::new(
-                    ErrorCode::Unavailable,
-                    "the application's backend did not answer; nothing was stored",
-                )),
-            }
-        },
-    );
+            Ok(Verdict::Allow { .. }) => asked.refuse(&ChatError::new(
+                ErrorCode::TooLarge,
+                format!("the backend's rewrite is over {max} bytes; nothing was stored"),
+            )),
+            Ok(Verdict::Refuse(r)) => refuse_coded(asked, &r, ErrorCode::Forbidden),
+            Err(_) => asked.refuse(&ChatError::new(
+                ErrorCode::Unavailable,
+                "the application's backend did not answer; nothing was stored",
+            )),
+        }
+    });
 }
 
 /// The error ack of a backend's refusal: its code, else `default`.
-fn refuse_coded(asked: &Asked<'_>, code: Option<&str>, default: ErrorCode, message: &str) {
-    let code = code.unwrap_or(default.as_str());
-    let message = if message.is_empty() { code } else { message };
+fn refuse_coded(asked: &Asked<'_>, refusal: &Refusal, default: ErrorCode) {
+    let code = refusal.code.as_deref().unwrap_or(default.as_str());
+    let message = match refusal.message.as_str() {
+        "" => code,
+        m => m,
+    };
     asked.ok(&coded_error_ack_json(code, message));
 }
 
