@@ -92,8 +92,9 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
         hooks: crate::hooks::Backend::from_config(&config.hooks)?.map(Arc::new),
         feed: crate::hooks::Backend::for_feed(&config.feed, &config.hooks)?.map(Arc::new),
     };
-    if backends.feed.is_some() {
-        // From here on every append marks its room for the feed, durably with it.
+    if backends.feed.is_some() && cluster.is_none() {
+        // One host: from here on every append marks its room for the feed, durably with
+        // it (a cluster keeps the feed's ledger in Redis).
         store.enable_feed()?;
     }
     let ctx = Arc::new(context(config, auth, shards));

@@ -5,6 +5,7 @@
 
 mod common;
 mod common_hooks;
+mod common_redis;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{token, Server, WsClient};
 use common_hooks::{Backend, Reply};
+use common_redis::RedisServer;
 use serde_json::json;
 
 const FEED_SECRET: &str = "feed-secret-for-tests";
@@ -52,17 +54,19 @@ fn feed_backend(log: Arc<FeedLog>) -> Backend {
                 b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n".to_vec(),
             );
         }
-        let slow = *log.slow.lock().unwrap();
-        std::thread::sleep(slow);
-        let mut taken = log.taken.lock().unwrap();
-        for e in seen.body["events"].as_array().into_iter().flatten() {
-            assert_eq!(e["type"], "message", "{e}");
-            taken.push((
-                e["room"].as_str().unwrap_or("").to_owned(),
-                e["offset"].as_u64().unwrap_or(0),
-            ));
+        {
+            let mut taken = log.taken.lock().unwrap();
+            for e in seen.body["events"].as_array().into_iter().flatten() {
+                assert_eq!(e["type"], "message", "{e}");
+                taken.push((
+                    e["room"].as_str().unwrap_or("").to_owned(),
+                    e["offset"].as_u64().unwrap_or(0),
+                ));
+            }
         }
-        Reply::Json(json!({}))
+        // Slow to answer: taken (as a backend that stored them), the 2xx comes later.
+        let slow = *log.slow.lock().unwrap();
+        Reply::After(slow, Box::new(Reply::Json(json!({}))))
     })
 }
 
@@ -85,19 +89,39 @@ fn start(backend: &Backend, args: &[&str]) -> Server {
     Server::start_with(&env, args, true)
 }
 
+/// A host of a cluster on `redis` (the `redis` store) with the feed on.
+fn cluster_host(backend: &Backend, redis: &RedisServer) -> Server {
+    let url = redis.url();
+    let env = feed_env(backend);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    Server::start_sharded(
+        1,
+        &env,
+        &["--redis", url.as_str(), "--store", "redis"],
+        true,
+    )
+}
+
 /// Sends `n` messages to each of `rooms` (one client per room, in the room), and returns
 /// the acked offsets per room.
 fn send(port: u16, rooms: &[&str], n: usize) -> BTreeMap<String, Vec<u64>> {
+    send_as(port, rooms, n, "u")
+}
+
+/// [`send`] with users named after `who`.
+fn send_as(port: u16, rooms: &[&str], n: usize, who: &str) -> BTreeMap<String, Vec<u64>> {
     let threads: Vec<_> = rooms
         .iter()
         .map(|room| {
             let room = room.to_string();
+            let user = format!("{who}-{room}");
             std::thread::spawn(move || {
-                let mut c = WsClient::connect(port, &token(&format!("u-{room}"), Some(&["*"])));
+                let mut c = WsClient::connect(port, &token(&user, Some(&["*"])));
                 assert_eq!(c.emit_ack("join", json!({"room": room}))["ok"], true);
                 let offsets: Vec<u64> = (0..n)
                     .map(|i| {
-                        let ack = c.emit_ack("message", json!({"room": room, "text": format!("m{i}")}));
+                        let ack =
+                            c.emit_ack("message", json!({"room": room, "text": format!("m{i}")}));
                         assert_eq!(ack["ok"], true, "{ack}");
                         ack["offset"].as_u64().unwrap()
                     })
@@ -139,7 +163,11 @@ fn assert_in_order(log: &FeedLog, redelivery: bool) {
         let mut top = 0;
         for o in offsets {
             if o > top {
-                assert_eq!(o, top + 1, "room {room}: {o} came after {top} (a gap or reorder)");
+                assert_eq!(
+                    o,
+                    top + 1,
+                    "room {room}: {o} came after {top} (a gap or reorder)"
+                );
                 top = o;
             } else {
                 assert!(redelivery, "room {room}: {o} came again after {top}");
@@ -196,13 +224,16 @@ fn a_sigkill_mid_feed_loses_nothing_acked() {
     let args = ["--store", "embedded", "--data-dir", data];
     let log = Arc::new(FeedLog::default());
     // A slow backend: the feed falls behind the sends, so the kill finds it mid-way.
-    *log.slow.lock().unwrap() = Duration::from_millis(150);
+    *log.slow.lock().unwrap() = Duration::from_millis(400);
     let backend = feed_backend(log.clone());
     let mut server = start(&backend, &args);
     let rooms = ["north", "south", "east"];
     let acked = send(server.port, &rooms, 80);
     let before = log.taken.lock().unwrap().len();
-    assert!(before < 3 * 80, "the feed should still be behind ({before} taken)");
+    assert!(
+        before < 3 * 80,
+        "the feed should still be behind ({before} taken)"
+    );
     server.signal(libc::SIGKILL);
     server.wait_exit(Duration::from_secs(5));
     *log.slow.lock().unwrap() = Duration::ZERO;
@@ -219,10 +250,79 @@ fn a_sigkill_mid_feed_loses_nothing_acked() {
         assert!(Instant::now() < deadline, "rooms still owed");
         std::thread::sleep(Duration::from_millis(50));
     }
-    // And after a clean restart, nothing is sent again.
-    drop(server);
+    // And after a clean restart (SIGTERM: drained, the store closed), nothing is sent again.
+    let mut server = server;
+    server.signal(libc::SIGTERM);
+    server.wait_exit(Duration::from_secs(10));
     let taken = log.taken.lock().unwrap().len();
     let _server = start(&backend, &args);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(log.taken.lock().unwrap().len(), taken, "a clean restart owes nothing");
+    let again: Vec<(String, u64)> = log.taken.lock().unwrap()[taken..].to_vec();
+    assert!(
+        again.is_empty(),
+        "a clean restart owes nothing, sent {again:?}"
+    );
+}
+
+#[test]
+fn a_cluster_feeds_every_acked_message_through_the_loss_of_a_host() {
+    let redis = RedisServer::start();
+    let log = Arc::new(FeedLog::default());
+    let backend = feed_backend(log.clone());
+    let mut a = cluster_host(&backend, &redis);
+    let b = cluster_host(&backend, &redis);
+    let rooms = ["r1", "r2", "r3", "r4", "r5", "r6"];
+    // Both hosts send into every room: one offset sequence per room, fed in order.
+    let mut acked = send_as(a.port, &rooms, 10, "a");
+    for (room, offsets) in send_as(b.port, &rooms, 10, "b") {
+        acked.entry(room).or_default().extend(offsets);
+    }
+    wait_taken(&log, &acked, Duration::from_secs(15));
+    assert_in_order(&log, false);
+
+    // The backend goes down: the feed owes what is acked now. Host A dies with its leases.
+    log.down.store(true, Ordering::SeqCst);
+    for (room, offsets) in send_as(a.port, &rooms, 15, "a") {
+        acked.entry(room).or_default().extend(offsets);
+    }
+    for (room, offsets) in send_as(b.port, &rooms, 15, "b") {
+        acked.entry(room).or_default().extend(offsets);
+    }
+    // Both hosts hold leases (so A's death leaves partitions for B to take over).
+    let holders = |redis: &RedisServer| -> BTreeSet<String> {
+        (0..64)
+            .filter_map(|p| {
+                match common_redis::query(
+                    &redis.url(),
+                    &["GET", &format!("corelay:feed:{{p{p}}}:lease")],
+                ) {
+                    Ok(redis::Value::BulkString(b)) => {
+                        Some(String::from_utf8_lossy(&b).into_owned())
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holders(&redis).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the leases never spread over both hosts"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    a.signal(libc::SIGKILL);
+    a.wait_exit(Duration::from_secs(5));
+    log.down.store(false, Ordering::SeqCst);
+    // Host B takes A's partitions once their leases expire (6 s) and resumes them.
+    wait_taken(&log, &acked, Duration::from_secs(30));
+    assert_eq!(holders(&redis).len(), 1, "B holds every lease");
+    assert_in_order(&log, true);
+    assert_eq!(log.unsigned.load(Ordering::SeqCst), 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while b.metric("corelay_feed_owed_rooms") > 0.0 {
+        assert!(Instant::now() < deadline, "rooms still owed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

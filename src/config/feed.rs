@@ -37,7 +37,7 @@ impl FeedConfig {
     }
 
     /// The checks serde cannot make.
-    pub(super) fn validate(&self, cluster: bool) -> Result<(), String> {
+    pub(super) fn validate(&self) -> Result<(), String> {
         let Some(url) = &self.url else {
             return Ok(());
         };
@@ -49,9 +49,6 @@ impl FeedConfig {
             return Err(format!(
                 "feed.events: {other:?} is not a feed event; the feed carries \"message\" events"
             ));
-        }
-        if cluster {
-            return Err("feed.url is set with redis.url: the feed runs on a single host for now (its ledger lives in the embedded or memory store)".into());
         }
         Ok(())
     }

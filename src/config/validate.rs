@@ -70,9 +70,7 @@ impl Config {
             }
         }
         self.hooks.validate().map_err(ConfigError::Invalid)?;
-        self.feed
-            .validate(self.redis.url.is_some())
-            .map_err(ConfigError::Invalid)?;
+        self.feed.validate().map_err(ConfigError::Invalid)?;
         Ok(())
     }
 }

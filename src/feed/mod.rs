@@ -26,9 +26,10 @@
 //! - this one: [`Feed`], the per-shard state and its delivery task;
 //! - `event`: the batch's JSON.
 
+mod cluster;
 mod event;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::rc::Rc;
@@ -39,6 +40,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::LocalBoxFuture;
 
+pub use cluster::ClusterLedger;
 pub use event::Batch;
 
 use crate::history::{HistoryQuery, StoreError};
@@ -74,11 +76,25 @@ struct Owed {
     oldest_ts: Option<u64>,
 }
 
+/// Where a feed keeps what it owes and how far it got.
+pub enum Ledger {
+    /// One host: the history store's ledger (see [`Store::enable_feed`]); the home tells
+    /// the feed of each durable message ([`Feed::note`]).
+    Local,
+    /// A cluster: marks, cursors and leases in Redis (see [`ClusterLedger`]).
+    Cluster(ClusterLedger),
+}
+
 /// One shard's feed: the rooms it owes, in the order they became owed, and its task.
 pub struct Feed {
     shard: usize,
     /// Whether this shard is the home of a room (the feed of a room is its home's).
     owns: Box<dyn Fn(&str) -> bool>,
+    /// Where the marks and cursors are kept.
+    ledger: Ledger,
+    /// Batches settled so far (a read of the Redis ledger that a settle overtook is
+    /// dropped: it may list rooms as owed that were just delivered).
+    settled: Cell<u64>,
     store: Store,
     deliver: Rc<dyn Deliver>,
     metrics: Arc<Metrics>,
@@ -89,11 +105,13 @@ pub struct Feed {
 }
 
 impl Feed {
-    /// The feed of shard `shard`, home of the rooms `owns` says, posting through
-    /// `deliver`. It does nothing until [`Feed::run`].
+    /// The feed of shard `shard`, home of the rooms `owns` says (one host), or of the
+    /// partitions it leases (`ledger` in Redis), posting through `deliver`. It does
+    /// nothing until [`Feed::run`].
     pub fn new(
         shard: usize,
         owns: Box<dyn Fn(&str) -> bool>,
+        ledger: Ledger,
         store: Store,
         deliver: Rc<dyn Deliver>,
         metrics: Arc<Metrics>,
@@ -101,6 +119,8 @@ impl Feed {
         Rc::new(Feed {
             shard,
             owns,
+            ledger,
+            settled: Cell::new(0),
             store,
             deliver,
             metrics,
@@ -147,7 +167,10 @@ impl Feed {
     /// The delivery task: loads what was owed before this process started, then posts
     /// batches for as long as the shard runs.
     pub async fn run(self: Rc<Self>) {
-        self.load().await;
+        match &self.ledger {
+            Ledger::Local => self.load().await,
+            Ledger::Cluster(_) => cluster::spawn_tasks(&self),
+        }
         let mut backoff = FIRST_BACKOFF;
         let mut last_log: Option<std::time::Instant> = None;
         let mut unlogged = 0u64;
@@ -325,14 +348,73 @@ impl Feed {
                 }
             }
         }
+        self.settled.set(self.settled.get() + 1);
         let cursors: Vec<(String, u64)> = covered
             .iter()
             .map(|(room, upto)| (room.to_string(), *upto))
             .collect();
-        if let Err(e) = self.store.feed_delivered(cursors).await {
+        let saved = match &self.ledger {
+            Ledger::Local => self
+                .store
+                .feed_delivered(cursors)
+                .await
+                .map_err(|e| e.to_string()),
+            Ledger::Cluster(c) => c.done(self, cursors).await,
+        };
+        if let Err(e) = saved {
             // The backend has them; after a restart it may get them again (at least once).
             self.stats().store_errors.fetch_add(1, Relaxed);
             tracing::warn!(shard = self.shard, error = %e, "feed: cannot save the cursors");
+        }
+    }
+
+    /// Adds what a ledger read says is owed (cluster): rooms new to this feed join the
+    /// line; for the others the ledger's cursor and mark only move them forward.
+    fn merge(&self, rooms: impl IntoIterator<Item = (String, u64, u64)>) {
+        let mut owed = self.owed.borrow_mut();
+        let mut order = self.order.borrow_mut();
+        for (room, delivered, latest) in rooms {
+            if latest <= delivered {
+                continue;
+            }
+            let room: Arc<str> = Arc::from(room);
+            match owed.get_mut(&room) {
+                Some(o) => {
+                    o.delivered = o.delivered.max(delivered);
+                    o.latest = o.latest.max(latest);
+                }
+                None => {
+                    owed.insert(
+                        room.clone(),
+                        Owed {
+                            delivered,
+                            latest,
+                            oldest_ts: None,
+                        },
+                    );
+                    order.push_back(room);
+                }
+            }
+        }
+        drop((owed, order));
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Forgets the rooms `lost` says (cluster: their partition's lease went to another
+    /// host, which resumes them from the ledger).
+    fn forget(&self, lost: impl Fn(&str) -> bool) {
+        self.owed.borrow_mut().retain(|room, _| !lost(room));
+        self.order.borrow_mut().retain(|room| !lost(room));
+    }
+
+    /// Marks rooms as owed up to these offsets before their senders are acked (cluster:
+    /// the Redis ledger; one host's store marks them with the append itself).
+    pub async fn mark(&self, marks: Vec<(String, u64)>) -> Result<(), String> {
+        match &self.ledger {
+            Ledger::Local => Ok(()),
+            Ledger::Cluster(c) => c.mark(marks).await,
         }
     }
 

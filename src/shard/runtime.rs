@@ -24,7 +24,7 @@ use crate::cluster::shard_link::ShardLink;
 use crate::cluster::ClusterEvent;
 use crate::conformance::Conformance;
 use crate::context::Context;
-use crate::feed::Feed;
+use crate::feed::{ClusterLedger, Feed, Ledger};
 use crate::hooks::{Backend, Hooks};
 use crate::ids::MessageIds;
 use crate::store::Store;
@@ -152,8 +152,16 @@ pub fn run_shards(
             .preempt_timer(Duration::from_millis(10));
         let handle = builder
             .spawn(move || async move {
-                if let Err(e) =
-                    shard_main(shard, count, ctx, (store, cluster, backends), mesh, fd, &ready).await
+                if let Err(e) = shard_main(
+                    shard,
+                    count,
+                    ctx,
+                    (store, cluster, backends),
+                    mesh,
+                    fd,
+                    &ready,
+                )
+                .await
                 {
                     let _ = ready.send(Err(e));
                 }
@@ -203,6 +211,11 @@ async fn shard_main(
     // SAFETY: the fd is a bound, listening socket created for this shard alone.
     let listener = unsafe { TcpListener::from_raw_fd(fd) };
     let outboxes = spawn_outboxes(id, count, senders);
+    // The feed's ledger: in Redis on a cluster, else the store's.
+    let ledger = match &cluster {
+        Some(c) => Ledger::Cluster(ClusterLedger::new(c.clone(), id, count)),
+        None => Ledger::Local,
+    };
     // Cluster mode: this shard's link and subscription stream, before any room is subscribed.
     let (link, cluster_events) = match cluster {
         Some(c) => {
@@ -221,6 +234,7 @@ async fn shard_main(
         Feed::new(
             id,
             Box::new(move |room: &str| home_of(room, count) == id),
+            ledger,
             store.clone(),
             client,
             ctx.metrics.clone(),

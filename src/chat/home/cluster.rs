@@ -186,6 +186,7 @@ impl Home {
     pub(super) async fn publish_to_cluster(&self, c: &ClusterSequencer, batch: Vec<Pending>) {
         let Outgoing { script, settle } = self.new_messages(c, batch);
         let results = c.link.publish_batch(script).await;
+        let results = self.mark_for_feed(&settle, results).await;
         let mut stored: Vec<(Settled, Published)> = Vec::new();
         for ((settled, id), result) in settle.into_iter().zip(results) {
             if !matches!(result, Ok(Published::Stored(_))) {
@@ -212,6 +213,49 @@ impl Home {
         }
         if !stored.is_empty() {
             self.persist_stored(c, stored).await;
+        }
+    }
+
+    /// With the feed on: marks the rooms of the messages Redis stored (or had stored: a
+    /// retry's duplicate) as owed to the feed, before any sender is acked, so the feed
+    /// owes every acked message whichever host dies. If the mark fails, those senders get
+    /// `unavailable` (the message may be stored: a retry with its `cid` gets its ack) and
+    /// the feed makes the mark again in the background.
+    async fn mark_for_feed(
+        &self,
+        settle: &[(Settled, String)],
+        results: Vec<Result<Published, ClusterError>>,
+    ) -> Vec<Result<Published, ClusterError>> {
+        let Some(feed) = &self.feed else {
+            return results;
+        };
+        let marks: Vec<(String, u64)> = settle
+            .iter()
+            .zip(&results)
+            .filter_map(|((s, _), r)| match r {
+                Ok(Published::Stored(m)) => Some((m.room.clone(), m.offset)),
+                Ok(Published::Duplicate(ack)) => Some((s.room.to_string(), ack.offset)),
+                Err(_) => None,
+            })
+            .collect();
+        if marks.is_empty() {
+            return results;
+        }
+        match feed.mark(marks).await {
+            Ok(()) => results,
+            Err(e) => {
+                tracing::warn!(shard = self.shard, error = %e, "cannot mark rooms for the feed: senders get unavailable");
+                results
+                    .into_iter()
+                    .map(|r| {
+                        r.and_then(|_| {
+                            Err(ClusterError::Unavailable(format!(
+                                "the feed's ledger in redis: {e}"
+                            )))
+                        })
+                    })
+                    .collect()
+            }
         }
     }
 

@@ -85,9 +85,12 @@ use crate::bridge::Bridge;
 mod client;
 mod command;
 mod failure;
+mod feed;
 mod link;
 mod nodes;
 mod presence;
+
+pub use feed::{feed_partition, OwedRoom, FEED_PARTITIONS};
 
 pub(crate) use client::{
     build_client, build_client_at, build_cluster_client, ShardAddr, ShardTarget,
