@@ -19,8 +19,9 @@ mod validate;
 
 pub use duration::HumanDuration;
 pub use sections::{
-    AuthConfig, EngineIoConfig, HistoryConfig, LimitsConfig, LogConfig, LogFormat, PresenceConfig,
-    RedisConfig, ScyllaConfig, ScyllaConsistency, ServerConfig, StoreConfig, StoreKind,
+    AuthConfig, EmitterConfig, EngineIoConfig, HistoryConfig, LimitsConfig, LogConfig, LogFormat,
+    PresenceConfig, RedisConfig, ScyllaConfig, ScyllaConsistency, ServerConfig, StoreConfig,
+    StoreKind,
 };
 
 /// Everything the server can be told; every field has a default.
@@ -33,6 +34,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub history: HistoryConfig,
     pub redis: RedisConfig,
+    pub emitter: EmitterConfig,
     pub presence: PresenceConfig,
     pub store: StoreConfig,
     pub scylla: ScyllaConfig,
