@@ -119,3 +119,40 @@ impl EmitFanout {
         tracing::warn!(error = %e, unlogged, "a message on the @socket.io/redis-emitter channels was not delivered");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn emit(event: &str) -> Emit {
+        Emit {
+            data: format!("[\"{event}\",1]").into_bytes(),
+            rooms: vec!["r".into()],
+            except: vec![],
+            volatile: false,
+        }
+    }
+
+    #[test]
+    fn one_frame_for_every_shard_and_a_full_queue_drops_and_counts() {
+        let metrics = Arc::new(Metrics::new(2));
+        let (fanout, mut queues) = EmitFanout::new(2, metrics.clone());
+        let sink = fanout.into_sink();
+        for _ in 0..EMIT_QUEUE {
+            sink(Ok(emit("e")));
+        }
+        // Shard 1 keeps up, shard 0 does not: only shard 0 misses the next one.
+        let first = queues[1].try_recv().unwrap();
+        sink(Ok(emit("late")));
+        sink(Err(EmitError::Binary));
+        let e = &metrics.emitter;
+        assert_eq!(e.received.load(Relaxed), EMIT_QUEUE as u64 + 2);
+        assert_eq!(e.undecodable.load(Relaxed), 1);
+        assert_eq!(e.dropped.load(Relaxed), 1);
+        let a = queues[0].try_recv().unwrap();
+        assert!(Arc::ptr_eq(&a, &first), "one encoding shared by the shards");
+        assert_eq!(a.rooms, ["r"]);
+        assert!(a.frame.ends_with(b"42[\"e\",1]"), "{:?}", a.frame);
+        assert_eq!(a.frame[0], 0x81, "a final text frame");
+    }
+}
