@@ -4,7 +4,8 @@
 // on each host: `to(room).emit` reaches the room's members on both enabled hosts and no one
 // else, `emit` reaches everyone connected there, `except` is honoured, a member of two
 // target rooms gets it once, and the disabled host delivers nothing. Garbage on the
-// emitter's channel is counted, not fatal. PROTOCOL.md "From existing Node services";
+// emitter's channel is counted, not fatal. On a Redis Cluster (3 masters) an emit published
+// through a node neither host was given still reaches both. PROTOCOL.md "From existing Node services";
 // ARCHITECTURE.md "The application's backend". Skipped (with the reason) only when
 // redis-server is not installed; scripts/test.sh installs it.
 import assert from "node:assert/strict";
@@ -25,7 +26,7 @@ import {
   startServer,
   waitEvent,
 } from "./harness.mjs";
-import { hostEnv, redisServerBin, startRedis } from "./redis.mjs";
+import { hostEnv, redisCliBin, redisServerBin, startRedis, startRedisCluster } from "./redis.mjs";
 
 const SKIP = redisServerBin()
   ? false
@@ -144,6 +145,47 @@ describe("@socket.io/redis-emitter: two hosts read it, one does not", { skip: SK
       assert.ok((await metric(hosts[0], "corelay_emitter_received_total")) >= before + 3);
       assert.ok((await metric(hosts[0], "corelay_emitter_frames_total")) > 0);
       assert.equal(await metric(hosts[2], "corelay_emitter_received_total"), 0);
+    }),
+  );
+});
+
+describe("@socket.io/redis-emitter on a Redis Cluster: one PUBLISH, heard through every node", { skip: SKIP || (!redisCliBin() && "redis-cli is not installed: skipped") }, () => {
+  const secret = "e2e-emitter-cluster-" + randomBytes(12).toString("hex");
+  let cluster;
+  let hosts = [];
+  let publisher;
+  const T = (fn) => guard(() => hosts, fn);
+  before(async () => {
+    cluster = await startRedisCluster({ masters: 3, replicasPerMaster: 0 });
+    const [a, b, c] = await cluster.masters();
+    const env = { ...hostEnv(2000), CORELAY_EMITTER_ENABLED: "true" };
+    hosts = await Promise.all(
+      [a, b].map((i) => startServer({ store: "redis", args: ["--redis", cluster.nodeUrl(i)], env, secret })),
+    );
+    // The emitter's plain client on the third master, which neither host was given.
+    publisher = createClient({ url: cluster.nodeUrl(c) });
+    await publisher.connect();
+  });
+  after(async () => {
+    closeAll();
+    if (publisher) await publisher.quit();
+    await Promise.all(hosts.map((h) => h.stop()));
+    if (cluster) await cluster.stop();
+  });
+
+  it(
+    "to(room).emit published through a node neither host was given reaches the room's members on both hosts",
+    { timeout: 60000 },
+    T(async () => {
+      const sockets = [];
+      for (const [i, h] of hosts.entries()) {
+        const s = await connect(h.url, { auth: { token: mintToken(secret, { sub: `k${i}`, rooms: ["*"] }) } });
+        assertOkAck(await emitAck(s, "join", { room: "desk" }), `k${i} joins desk`);
+        sockets.push(s);
+      }
+      const got = sockets.map((s) => waitEvent(s, "notice", (n) => n.via === "cluster", 5000));
+      new Emitter(publisher).to("desk").emit("notice", { via: "cluster" });
+      await Promise.all(got);
     }),
   );
 });
