@@ -157,8 +157,12 @@ async fn open_link(
         }
     }
     if let Some(prefix) = &shared.opts.emitter_prefix {
-        let what = "psubscribe (the emitter's channels)";
-        match tokio::time::timeout(limit, conn.psubscribe(emitter::pattern(prefix))).await {
+        let pattern = emitter::pattern(prefix);
+        let what = &format!(
+            "PSUBSCRIBE {pattern} (emitter.enabled; an ACL user needs the channel pattern \
+             `&{pattern}`)"
+        );
+        match tokio::time::timeout(limit, conn.psubscribe(&pattern)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(OpenError::Failed(shared.classify(&e, what))),
             Err(_) => {
