@@ -141,9 +141,8 @@ pub fn run_shards(
             .preempt_timer(Duration::from_millis(10));
         let handle = builder
             .spawn(move || async move {
-                let cluster = (cluster, emits);
                 if let Err(e) =
-                    shard_main(shard, count, ctx, store, cluster, mesh, fd, &ready).await
+                    shard_main(shard, count, ctx, store, cluster, emits, mesh, fd, &ready).await
                 {
                     let _ = ready.send(Err(e));
                 }
@@ -185,7 +184,8 @@ async fn shard_main(
     count: usize,
     ctx: Arc<Context>,
     store: Store,
-    (cluster, emits): (Option<RedisCluster>, Option<EmitReceiver>),
+    cluster: Option<RedisCluster>,
+    emits: Option<EmitReceiver>,
     mesh: MeshBuilder<ShardMsg, Full>,
     fd: RawFd,
     ready: &std::sync::mpsc::Sender<Result<usize, StartError>>,

@@ -1,8 +1,8 @@
 //! The pub/sub link of a [`RedisCluster`](super::RedisCluster): a RESP3 connection subscribed
 //! to this host's probe channel (and, with `emitter.enabled`, PSUBSCRIBEd to the
-//! `@socket.io/redis-emitter` channels: [`crate::cluster::emitter`]), and the supervisor task that probes it, reconnects it
-//! with backoff, and starts the periodic chores (clock, command connection, presence; on a
-//! Redis Cluster, the topology watch).
+//! `@socket.io/redis-emitter` channels: [`crate::cluster::emitter`]), and the supervisor
+//! task that probes it, reconnects it with backoff, and starts the periodic chores (clock,
+//! command connection, presence; on a Redis Cluster, the topology watch).
 //!
 //! On a Redis Cluster the connection goes to the master that owns the probe channel's slot
 //! (SSUBSCRIBE is refused elsewhere with MOVED, which is followed once if the map was out
