@@ -2,7 +2,8 @@
 //! process's link: [`crate::cluster::emitter`]), delivered as they are: not sequenced,
 //! not stored. Each emit is encoded once per process into the WebSocket frame every
 //! recipient gets, then handed to every shard through a bounded queue; each shard queues
-//! it to its own members of the target rooms ([`Chat::deliver_emit`](super::layer::Chat::deliver_emit)).
+//! it to its own members of the target rooms
+//! ([`Chat::deliver_emit`](super::layer::Chat::deliver_emit)).
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -116,7 +117,11 @@ impl EmitFanout {
         }
         let unlogged = std::mem::take(&mut warned.1);
         warned.0 = Some(now);
-        tracing::warn!(error = %e, unlogged, "a message on the @socket.io/redis-emitter channels was not delivered");
+        tracing::warn!(
+            error = %e,
+            unlogged,
+            "a message on the @socket.io/redis-emitter channels was not delivered"
+        );
     }
 }
 
