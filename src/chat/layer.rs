@@ -132,14 +132,8 @@ impl Chat {
         let stats = self.stats();
         let mut delivered = 0u64;
         for m in members {
-            if except == Some(m.conn_ref(self.id)) {
-                continue;
-            }
-            match m.session().push(frame.clone(), volatile) {
-                Queued::Yes => delivered += 1,
-                Queued::Dropped => ShardMetrics::inc(&stats.typing_dropped),
-                Queued::Overflow => ShardMetrics::inc(&stats.slow_consumer_closes),
-                Queued::Closed => {}
+            if except != Some(m.conn_ref(self.id)) && self.queue_event(m, frame, volatile) {
+                delivered += 1;
             }
         }
         stats
@@ -152,17 +146,13 @@ impl Chat {
     /// connected members it is for: those in any of its rooms (every connected one when it
     /// names none), but those in any of its `except` rooms.
     pub fn deliver_emit(&self, emit: &EmitFrame) {
-        let stats = self.stats();
         let mut delivered = 0u64;
         let mut offer = |m: &Member| {
-            if !m.is_connected() || emit.except.iter().any(|r| m.is_in(r)) {
-                return;
-            }
-            match m.session().push(emit.frame.clone(), emit.volatile) {
-                Queued::Yes => delivered += 1,
-                Queued::Dropped => ShardMetrics::inc(&stats.typing_dropped),
-                Queued::Overflow => ShardMetrics::inc(&stats.slow_consumer_closes),
-                Queued::Closed => {}
+            if m.is_connected()
+                && !emit.except.iter().any(|r| m.is_in(r))
+                && self.queue_event(m, &emit.frame, emit.volatile)
+            {
+                delivered += 1;
             }
         };
         if emit.rooms.is_empty() {
@@ -179,9 +169,23 @@ impl Chat {
                 }
             }
         }
-        stats
+        self.stats()
             .emitter_frames
             .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Queues a room event's frame for `m`; true if it was queued. A volatile frame dropped
+    /// from a half-full queue and a slow consumer's overflow are counted.
+    #[inline]
+    fn queue_event(&self, m: &Member, frame: &Bytes, volatile: bool) -> bool {
+        let stats = self.stats();
+        match m.session().push(frame.clone(), volatile) {
+            Queued::Yes => return true,
+            Queued::Dropped => ShardMetrics::inc(&stats.typing_dropped),
+            Queued::Overflow => ShardMetrics::inc(&stats.slow_consumer_closes),
+            Queued::Closed => {}
+        }
+        false
     }
 
     /// The home answered a join: if admitted, the member joins the delivery list; the ack
