@@ -24,6 +24,8 @@ pub enum ServeError {
     DevModeNotLoopback(SocketAddr),
     #[error("store \"redis\" keeps history in the cluster's Redis: set redis.url (--redis, CORELAY_REDIS_URL) or use \"embedded\" on one host")]
     RedisStoreWithoutRedis,
+    #[error("emitter.enabled reads @socket.io/redis-emitter's channels on the shared Redis: set redis.url (--redis, CORELAY_REDIS_URL) too, or turn the emitter off")]
+    EmitterWithoutRedis,
     #[error("the embedded store is local to one host; use store.kind = \"redis\" (recent history) or \"scylla\" (unbounded history) in cluster mode (redis.url is set)")]
     EmbeddedInCluster,
     #[error("the memory store is local to one process; use store.kind = \"redis\" (recent history) or \"scylla\" (unbounded history) in cluster mode (redis.url is set)")]
@@ -117,6 +119,9 @@ pub fn run(config: Config, on_ready: impl FnOnce(SocketAddr, usize)) -> Result<(
 /// single host.
 fn connect_cluster(config: &Config) -> Result<Option<RedisCluster>, ServeError> {
     let Some(options) = RedisOptions::from_config(config) else {
+        if config.emitter.enabled {
+            return Err(ServeError::EmitterWithoutRedis);
+        }
         return Ok(None);
     };
     match config.store.kind {

@@ -3,13 +3,14 @@
 //! and the rooms whose home it is. It reaches the other shards only through [`Mesh`].
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::emits::EmitFrame;
 use super::home::{Home, Mesh};
 use super::member::{ConnRef, Member};
 use super::mesh::{home_of, HomeCmd, MemberMsg, ShardMsg, UserCmd};
@@ -144,20 +145,60 @@ impl Chat {
         let stats = self.stats();
         let mut delivered = 0u64;
         for m in members {
-            if except == Some(m.conn_ref(self.id)) {
-                continue;
-            }
-            match m.session().push(frame.clone(), volatile) {
-                Queued::Yes => delivered += 1,
-                Queued::Dropped => ShardMetrics::inc(&stats.typing_dropped),
-                Queued::Overflow => ShardMetrics::inc(&stats.slow_consumer_closes),
-                Queued::Closed => {}
+            if except != Some(m.conn_ref(self.id)) && self.queue_event(m, frame, volatile) {
+                delivered += 1;
             }
         }
         stats
             .messages_out
             .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
         stats.observe_fanout(sent_at.elapsed());
+    }
+
+    /// An emit from `@socket.io/redis-emitter`, queued once to each of this shard's
+    /// connected members it is for: those in any of its rooms (every connected one when it
+    /// names none), but those in any of its `except` rooms.
+    pub fn deliver_emit(&self, emit: &EmitFrame) {
+        let mut delivered = 0u64;
+        let mut offer = |m: &Member| {
+            if m.is_connected()
+                && !emit.except.iter().any(|r| m.is_in(r))
+                && self.queue_event(m, &emit.frame, emit.volatile)
+            {
+                delivered += 1;
+            }
+        };
+        if emit.rooms.is_empty() {
+            self.members.borrow().values().for_each(|m| offer(m));
+        } else {
+            let rooms = self.local_rooms.borrow();
+            // A member of several target rooms gets the emit once.
+            let mut seen = HashSet::new();
+            for members in emit.rooms.iter().filter_map(|r| rooms.get(r.as_str())) {
+                for m in members {
+                    if emit.rooms.len() == 1 || seen.insert(m.session().id) {
+                        offer(m);
+                    }
+                }
+            }
+        }
+        self.stats()
+            .emitter_frames
+            .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Queues a room event's frame for `m`; true if it was queued. A volatile frame dropped
+    /// from a half-full queue and a slow consumer's overflow are counted.
+    #[inline]
+    fn queue_event(&self, m: &Member, frame: &Bytes, volatile: bool) -> bool {
+        let stats = self.stats();
+        match m.session().push(frame.clone(), volatile) {
+            Queued::Yes => return true,
+            Queued::Dropped => ShardMetrics::inc(&stats.typing_dropped),
+            Queued::Overflow => ShardMetrics::inc(&stats.slow_consumer_closes),
+            Queued::Closed => {}
+        }
+        false
     }
 
     /// The home answered a join: if admitted, the member joins the delivery list; the ack

@@ -58,6 +58,7 @@
 use crate::history::StoredMessage;
 
 mod check;
+pub mod emitter;
 pub(crate) mod keys;
 mod options;
 mod publish;

@@ -51,6 +51,9 @@ pub struct RedisOptions {
     /// While sends keep coming, a home sends its batch at most once per window
     /// (`redis.batch_window`): Redis's cost is mostly per script call, not per message.
     pub batch_window: Duration,
+    /// The key prefix of `@socket.io/redis-emitter` emits to read and deliver
+    /// (`emitter.prefix` when `emitter.enabled`); `None`: not read.
+    pub emitter_prefix: Option<String>,
 }
 
 impl RedisOptions {
@@ -76,6 +79,7 @@ impl RedisOptions {
             history_max_age: None,
             presence_ttl: Duration::from_secs(30),
             batch_window: Duration::from_millis(1),
+            emitter_prefix: None,
         }
     }
 
@@ -98,6 +102,10 @@ impl RedisOptions {
         o.history_max_age = config.history.max_age.map(|d| d.0);
         o.presence_ttl = config.presence.ttl.0;
         o.batch_window = config.redis.batch_window.0;
+        o.emitter_prefix = config
+            .emitter
+            .enabled
+            .then(|| config.emitter.prefix.clone());
         Some(o)
     }
 
@@ -157,6 +165,7 @@ impl fmt::Debug for RedisOptions {
             .field("history_max_age", &self.history_max_age)
             .field("presence_ttl", &self.presence_ttl)
             .field("batch_window", &self.batch_window)
+            .field("emitter_prefix", &self.emitter_prefix)
             .finish()
     }
 }

@@ -7,8 +7,8 @@ use super::{Config, ConfigError};
 
 /// The sections an environment variable may name.
 const SECTIONS: &[&str] = &[
-    "server", "engineio", "auth", "limits", "history", "redis", "presence", "store", "scylla",
-    "log", "hooks", "feed",
+    "server", "engineio", "auth", "limits", "history", "redis", "emitter", "presence", "store",
+    "scylla", "log", "hooks", "feed",
 ];
 
 impl Config {

@@ -23,8 +23,9 @@ pub use duration::HumanDuration;
 pub use feed::FeedConfig;
 pub use hooks::{BackendUrl, HooksConfig, OnFailure};
 pub use sections::{
-    AuthConfig, EngineIoConfig, HistoryConfig, LimitsConfig, LogConfig, LogFormat, PresenceConfig,
-    RedisConfig, ScyllaConfig, ScyllaConsistency, ServerConfig, StoreConfig, StoreKind,
+    AuthConfig, EmitterConfig, EngineIoConfig, HistoryConfig, LimitsConfig, LogConfig, LogFormat,
+    PresenceConfig, RedisConfig, ScyllaConfig, ScyllaConsistency, ServerConfig, StoreConfig,
+    StoreKind,
 };
 
 /// Everything the server can be told; every field has a default.
@@ -37,6 +38,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub history: HistoryConfig,
     pub redis: RedisConfig,
+    pub emitter: EmitterConfig,
     pub presence: PresenceConfig,
     pub store: StoreConfig,
     pub scylla: ScyllaConfig,

@@ -195,6 +195,26 @@ impl Default for PresenceConfig {
     }
 }
 
+/// Emits from existing Node services through `@socket.io/redis-emitter` on the shared
+/// Redis (`[emitter]`): read from its channels and delivered to rooms' members as they are.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmitterConfig {
+    /// Read and deliver them (off by default; needs `redis.url`).
+    pub enabled: bool,
+    /// The emitter's `key` option: its channels are `<prefix>#/#…`.
+    pub prefix: String,
+}
+
+impl Default for EmitterConfig {
+    fn default() -> Self {
+        EmitterConfig {
+            enabled: false,
+            prefix: "socket.io".to_string(),
+        }
+    }
+}
+
 /// Redis between hosts; `url` unset = single-host mode.
 #[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -110,6 +110,22 @@ fn cluster_keys() {
 }
 
 #[test]
+fn emitter_keys() {
+    let c = Config::from_toml_and_env("", env(&[])).unwrap();
+    assert!(!c.emitter.enabled);
+    assert_eq!(c.emitter.prefix, "socket.io");
+    let c = Config::from_toml_and_env(
+        "[emitter]\nprefix = \"chat\"",
+        env(&[("CORELAY_EMITTER_ENABLED", "true")]),
+    )
+    .unwrap();
+    assert!(c.emitter.enabled);
+    assert_eq!(c.emitter.prefix, "chat");
+    let e = Config::from_toml_and_env("[emitter]\nprefix = \"\"", env(&[])).unwrap_err();
+    assert!(e.to_string().contains("emitter.prefix"), "{e}");
+}
+
+#[test]
 fn durations() {
     assert_eq!(
         HumanDuration::parse("1h").unwrap().0,

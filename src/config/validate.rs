@@ -61,6 +61,11 @@ impl Config {
                 "redis.connect_timeout, command_timeout and ping_interval must be positive".into(),
             );
         }
+        if self.emitter.prefix.is_empty() {
+            return bad(
+                "emitter.prefix must not be empty (the emitter's default is \"socket.io\")".into(),
+            );
+        }
         if self.presence.ttl.0 < Duration::from_secs(1) {
             return bad("presence.ttl must be at least 1s".into());
         }

@@ -43,6 +43,8 @@ pub struct ShardMetrics {
     pub user_limit_refusals: AtomicU64,
     /// 1 while this shard's home has publishes not yet acked (read during a drain).
     pub home_busy: AtomicU64,
+    /// Frames of `@socket.io/redis-emitter` emits queued to this shard's connections.
+    pub emitter_frames: AtomicU64,
     /// Cluster mode: 1 while this shard's link to Redis is down (between the `Down` and
     /// `Reconnected` of its event stream).
     pub redis_link_down: AtomicU64,
@@ -77,9 +79,24 @@ impl ShardMetrics {
 /// Picks one counter out of a shard's set (for rendering).
 type CounterOf = fn(&ShardMetrics) -> &AtomicU64;
 
+/// The process's counters of emits read from `@socket.io/redis-emitter`'s channels
+/// (`emitter.enabled`), written on the bridge's thread.
+#[derive(Default)]
+pub struct EmitterMetrics {
+    /// Messages read from the emitter's channels.
+    pub received: AtomicU64,
+    /// Messages that could not be delivered as they are (not the emitter's format,
+    /// another namespace, binary arguments).
+    pub undecodable: AtomicU64,
+    /// Emits a shard did not get because its queue of emits was full.
+    pub dropped: AtomicU64,
+}
+
 /// All shards' counters, shared by `Arc` across shards.
 pub struct Metrics {
     pub shards: Vec<ShardMetrics>,
+    /// Emits from `@socket.io/redis-emitter`, process-wide.
+    pub emitter: EmitterMetrics,
     /// The Redis link in cluster mode (unset on a single host), for `/healthz` and `/metrics`.
     pub redis: std::sync::OnceLock<crate::cluster::redis::RedisCluster>,
 }
@@ -89,6 +106,7 @@ impl Metrics {
     pub fn new(n: usize) -> Metrics {
         Metrics {
             shards: (0..n).map(|_| ShardMetrics::default()).collect(),
+            emitter: EmitterMetrics::default(),
             redis: std::sync::OnceLock::new(),
         }
     }
@@ -181,6 +199,7 @@ impl Metrics {
         self.render_fanout(&mut out);
         hooks::render(&mut out, self.shards.iter().map(|s| &s.hooks));
         feed::render(&mut out, &self.shards);
+        self.render_emitter(&mut out);
         let _ = writeln!(out, "# HELP corelay_store_up Whether the history store answered its last operation.\n# TYPE corelay_store_up gauge\ncorelay_store_up {}", u8::from(store_ok));
         let _ = writeln!(out, "# HELP corelay_redis_connected Whether Redis is connected (0 on a single host).\n# TYPE corelay_redis_connected gauge\ncorelay_redis_connected {}", u8::from(self.redis.get().is_some_and(|c| c.is_connected())));
         out
@@ -205,6 +224,25 @@ impl Metrics {
             .map(|s| s.protocol_errors.load(Relaxed))
             .sum();
         let _ = writeln!(out, "corelay_protocol_errors_total {errors}");
+    }
+
+    /// The `@socket.io/redis-emitter` counters: read, refused, dropped, and the frames
+    /// queued summed over shards.
+    fn render_emitter(&self, out: &mut String) {
+        let e = &self.emitter;
+        let frames: u64 = self
+            .shards
+            .iter()
+            .map(|s| s.emitter_frames.load(Relaxed))
+            .sum();
+        for (name, help, n) in [
+            ("corelay_emitter_received_total", "Messages read from the @socket.io/redis-emitter channels (emitter.enabled).", e.received.load(Relaxed)),
+            ("corelay_emitter_undecodable_total", "Emitter messages not delivered: not the emitter's format, another namespace than /, or binary arguments.", e.undecodable.load(Relaxed)),
+            ("corelay_emitter_dropped_total", "Emits a shard missed because its queue of emits was full.", e.dropped.load(Relaxed)),
+            ("corelay_emitter_frames_total", "Frames of emitter emits queued to connections.", frames),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {n}");
+        }
     }
 
     /// The fan-out latency histogram, summed over shards.
@@ -273,7 +311,7 @@ const PER_SHARD: [(&str, &str, &str, CounterOf); 13] = [
         (
             "corelay_queue_drops_total",
             "counter",
-            "Typing events dropped from full outbound queues.",
+            "Volatile events (typing, volatile emits) dropped from full outbound queues.",
             |s| &s.typing_dropped,
         ),
         (

@@ -16,6 +16,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use thiserror::Error;
 
 use super::{Shard, ShardParts};
+use crate::chat::emits::{EmitFanout, EmitReceiver};
 use crate::chat::handler::ChatHandler;
 use crate::chat::home::{Home, HomeLimits, HomeParts, Sequencer};
 use crate::chat::mesh::{home_of, ShardMsg};
@@ -129,6 +130,7 @@ pub fn run_shards(
         .collect();
     let mesh: MeshBuilder<ShardMsg, _> = MeshBuilder::full(count, MESH_CHANNEL);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<usize, StartError>>();
+    let mut emit_queues = emit_queues(&ctx, cluster.as_ref(), count);
     let mut handles = Vec::with_capacity(count);
     for (shard, fd) in fds.into_iter().enumerate() {
         // Pin only when the shards are one per CPU this process may use: with fewer, the
@@ -145,6 +147,7 @@ pub fn run_shards(
         let backends = backends.clone();
         let mesh = mesh.clone();
         let ready = ready_tx.clone();
+        let emits = emit_queues.get_mut(shard).and_then(Option::take);
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("corelay-shard-{shard}"))
             .io_memory(ctx.config.server.io_memory)
@@ -157,6 +160,7 @@ pub fn run_shards(
                     count,
                     ctx,
                     (store, cluster, backends),
+                    emits,
                     mesh,
                     fd,
                     &ready,
@@ -203,6 +207,7 @@ async fn shard_main(
     count: usize,
     ctx: Arc<Context>,
     (store, cluster, backends): (Store, Option<RedisCluster>, Backends),
+    emits: Option<EmitReceiver>,
     mesh: MeshBuilder<ShardMsg, Full>,
     fd: RawFd,
     ready: &std::sync::mpsc::Sender<Result<usize, StartError>>,
@@ -244,11 +249,28 @@ async fn shard_main(
         glommio::spawn_local(feed.clone().run()).detach();
     }
     let shard = build_shard(id, count, ctx, (store, hooks, feed), link, outboxes);
-    spawn_tasks(&shard, cluster_events, &mut receivers);
+    spawn_tasks(&shard, cluster_events, emits, &mut receivers);
     glommio::spawn_local(accept_loop(shard.clone(), listener)).detach();
     let _ = ready.send(Ok(id));
     shard.run_drain(fd).await;
     Ok(())
+}
+
+/// With `emitter.enabled` (cluster mode): one bounded queue of emits per shard, in shard
+/// order, fed by the process's Redis link (which encodes each emit once); else none.
+fn emit_queues(
+    ctx: &Context,
+    cluster: Option<&RedisCluster>,
+    count: usize,
+) -> Vec<Option<EmitReceiver>> {
+    match cluster {
+        Some(c) if ctx.config.emitter.enabled => {
+            let (fanout, queues) = EmitFanout::new(count, ctx.metrics.clone());
+            c.on_emit(fanout.into_sink());
+            queues.into_iter().map(Some).collect()
+        }
+        _ => (0..count).map(|_| None).collect(),
+    }
 }
 
 /// Joins the channel mesh with the other shards: this shard's senders toward them and
@@ -344,13 +366,24 @@ fn build_shard(
     Rc::new_cyclic(|me| Shard::new(parts, me.clone()))
 }
 
-/// The shard's tasks besides accepting: its cluster events (in cluster mode) and the
-/// other shards' messages handed to it, its home's run loop, its sweeper.
+/// The shard's tasks besides accepting: its cluster events (in cluster mode), the emits
+/// from `@socket.io/redis-emitter` (`emitter.enabled`) and the other shards' messages
+/// handed to it, its home's run loop, its sweeper.
 fn spawn_tasks(
     shard: &Rc<Shard>,
     cluster_events: Option<mpsc::UnboundedReceiver<ClusterEvent>>,
+    emits: Option<EmitReceiver>,
     receivers: &mut Receivers<ShardMsg>,
 ) {
+    if let Some(mut emits) = emits {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(emit) = emits.recv().await {
+                shard.chat.deliver_emit(&emit);
+            }
+        })
+        .detach();
+    }
     if let Some(mut events) = cluster_events {
         let shard = shard.clone();
         glommio::spawn_local(async move {

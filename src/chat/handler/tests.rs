@@ -647,3 +647,37 @@ fn deliveries_reach_the_room_members_but_the_sender() {
         assert_eq!(frames(&alice).len(), 1);
     });
 }
+
+#[test]
+fn an_emit_reaches_its_rooms_members_once_but_the_excepted_and_everyone_without_rooms() {
+    use crate::chat::emits::EmitFrame;
+    use crate::cluster::emitter::Emit;
+    on_glommio(|| async {
+        let f = fixture(unlimited);
+        let (a, b, c) = (f.connected("a"), f.connected("b"), f.connected("c"));
+        let unconnected = f.member();
+        f.joined(&a, "news");
+        f.joined(&b, "news");
+        f.joined(&b, "vip");
+        f.joined(&c, "ops");
+        let emit = |rooms: &[&str], except: &[&str]| {
+            EmitFrame::new(Emit {
+                data: br#"["notice",1]"#.to_vec(),
+                rooms: rooms.iter().map(|r| r.to_string()).collect(),
+                except: except.iter().map(|r| r.to_string()).collect(),
+                volatile: false,
+            })
+        };
+        let notice = vec![r#"42["notice",1]"#.to_string()];
+        f.chat.deliver_emit(&emit(&["news", "vip"], &[]));
+        assert_eq!((frames(&a), frames(&b)), (notice.clone(), notice.clone()));
+        assert!(frames(&c).is_empty());
+        f.chat.deliver_emit(&emit(&["news", "ops"], &["vip"]));
+        assert_eq!((frames(&a), frames(&c)), (notice.clone(), notice.clone()));
+        assert!(frames(&b).is_empty());
+        f.chat.deliver_emit(&emit(&[], &["ops"]));
+        assert_eq!((frames(&a), frames(&b)), (notice.clone(), notice));
+        assert!(frames(&c).is_empty() && frames(&unconnected).is_empty());
+        assert_eq!(f.chat.stats().emitter_frames.load(Relaxed), 6);
+    });
+}

@@ -1,7 +1,8 @@
 //! The pub/sub link of a [`RedisCluster`](super::RedisCluster): a RESP3 connection subscribed
-//! to this host's probe channel only, and the supervisor task that probes it, reconnects it
-//! with backoff, and starts the periodic chores (clock, command connection, presence; on a
-//! Redis Cluster, the topology watch).
+//! to this host's probe channel (and, with `emitter.enabled`, PSUBSCRIBEd to the
+//! `@socket.io/redis-emitter` channels: [`crate::cluster::emitter`]), and the supervisor
+//! task that probes it, reconnects it with backoff, and starts the periodic chores (clock,
+//! command connection, presence; on a Redis Cluster, the topology watch).
 //!
 //! On a Redis Cluster the connection goes to the master that owns the probe channel's slot
 //! (SSUBSCRIBE is refused elsewhere with MOVED, which is followed once if the map was out
@@ -22,7 +23,7 @@ use super::nodes::{watch_topology, Mode};
 use super::{backoff, build_client_at, lock, Shared, NO_RTT};
 use crate::cluster::topology::{slot_of, NodeAddr, Redirect};
 use crate::cluster::wire::bytes;
-use crate::cluster::{keys, ClusterError, RedisOptions};
+use crate::cluster::{emitter, keys, ClusterError, RedisOptions};
 
 /// How often the offset between Redis's clock and this host's is measured again.
 const CLOCK_EVERY: Duration = Duration::from_secs(60);
@@ -155,6 +156,22 @@ async fn open_link(
             ))))
         }
     }
+    if let Some(prefix) = &shared.opts.emitter_prefix {
+        let pattern = emitter::pattern(prefix);
+        let what = &format!(
+            "PSUBSCRIBE {pattern} (emitter.enabled; an ACL user needs the channel pattern \
+             `&{pattern}`)"
+        );
+        match tokio::time::timeout(limit, conn.psubscribe(&pattern)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(OpenError::Failed(shared.classify(&e, what))),
+            Err(_) => {
+                return Err(OpenError::Failed(ClusterError::Timeout(format!(
+                    "redis at {at} did not confirm {what} within {limit:?}"
+                ))))
+            }
+        }
+    }
     *lock(&shared.pubsub) = Some(conn.clone());
     Ok(Link { conn, pushes, at })
 }
@@ -274,6 +291,7 @@ async fn run_link(
                 PushKind::Message | PushKind::SMessage => {
                     on_echo(shared, push.data, &ping_channel, &mut pending)
                 }
+                PushKind::PMessage => on_emit(shared, push.data),
                 // Not asked for: Redis dropped the subscription (on a cluster, the channel's
                 // slot moved to another master).
                 PushKind::Unsubscribe | PushKind::SUnsubscribe
@@ -357,6 +375,20 @@ fn is_channel(data: &[Value], channel: &str) -> bool {
     data.first()
         .and_then(|c| bytes(c.clone()))
         .is_some_and(|c| c == channel.as_bytes())
+}
+
+/// A pattern message push: `[pattern, channel, payload]` from the emitter's channels (the
+/// only pattern this connection subscribes), decoded and handed to the emit sink.
+fn on_emit(shared: &Shared, data: Vec<Value>) {
+    let Some(sink) = shared.emit_sink.get() else {
+        return;
+    };
+    match data.into_iter().nth(2).and_then(bytes) {
+        Some(payload) => sink(emitter::decode(&payload)),
+        None => sink(Err(emitter::EmitError::NotMsgpack(
+            "a pattern message push without a payload".into(),
+        ))),
+    }
 }
 
 /// A message push: only the probe's echo comes here (this connection subscribes nothing

@@ -15,6 +15,8 @@
 //!   Then it drops the command connection too (a stalled or vanished server will not
 //!   answer it either) and reconnects with backoff and jitter. The same task refreshes this
 //!   host's presence, measures Redis's clock, and brings a lost command connection back.
+//!   With `emitter.enabled` the same connection PSUBSCRIBEs the `@socket.io/redis-emitter`
+//!   channels and hands what it reads to [`RedisCluster::on_emit`]'s sink.
 //!
 //! # Redis Cluster
 //!
@@ -77,6 +79,7 @@ use futures::channel::oneshot;
 use redis::aio::MultiplexedConnection;
 use redis::{Client, Value};
 
+use super::emitter::EmitSink;
 use super::scripts::{ScriptSource, Scripts};
 use super::wire::typing_payload;
 use super::{keys, redact_url, ClusterError, RedisOptions};
@@ -191,6 +194,9 @@ struct Shared {
     /// A clock measurement is running.
     measuring: AtomicBool,
     closed: AtomicBool,
+    /// Where the emits read from the emitter's channels go, once the shards are wired
+    /// ([`RedisCluster::on_emit`]); until then they are dropped (no client is connected).
+    emit_sink: OnceLock<EmitSink>,
 }
 
 /// The command connection: current one (with a generation, so that a failure on an old one
@@ -309,6 +315,13 @@ impl RedisCluster {
     /// [`sharded`](RedisOptions::sharded) set on a Redis Cluster ([`RedisCluster::is_cluster`]).
     pub fn options(&self) -> &RedisOptions {
         self.inner.shared.options()
+    }
+
+    /// Hands every message read from the `@socket.io/redis-emitter` channels to `sink`
+    /// (the pub/sub link PSUBSCRIBEs them when [`RedisOptions::emitter_prefix`] is set).
+    /// Set once; a second sink is ignored.
+    pub fn on_emit(&self, sink: EmitSink) {
+        let _ = self.inner.shared.emit_sink.set(sink);
     }
 
     /// This host's id (presence keys and events).
@@ -543,6 +556,7 @@ impl Shared {
             skew_ms: AtomicI64::new(0),
             measuring: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            emit_sink: OnceLock::new(),
             opts,
         })
     }
