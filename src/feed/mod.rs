@@ -314,8 +314,15 @@ impl Feed {
                 }
             }
             if msgs.len() < want {
-                // The store holds nothing more up to `latest` (trimmed or never written):
-                // the room is covered up to it.
+                // The store holds nothing more up to `latest`: trimmed away before the
+                // feed got to them (history.max_len / max_age while the backend was down
+                // too long). Said once per room and batch; the room is covered up to it.
+                tracing::warn!(
+                    shard = self.shard,
+                    room = %room,
+                    missing = want - msgs.len(),
+                    "feed: the history store no longer has messages the feed owes; they are skipped"
+                );
                 upto = o.latest;
             }
             covered.push((room, upto));

@@ -70,7 +70,9 @@ describe("hooks with the example backend", () => {
   const T = (fn) => guard(() => srv, fn);
   before(async () => {
     backend = await startBackend();
-    srv = await startServer({ env: hooksEnv(backend.url, HOOKS_SECRET) });
+    srv = await startServer({
+      env: { ...hooksEnv(backend.url, HOOKS_SECRET), CORELAY_FEED_URL: `${backend.url}/feed` },
+    });
   });
   after(async () => {
     closeAll();
@@ -120,6 +122,32 @@ describe("hooks with the example backend", () => {
         history.messages.map((m) => [m.offset, m.text]),
         [[ack.offset, "d**n it"]],
       );
+    }),
+  );
+
+  it(
+    "feed: every acked message reaches the backend, signed, in offset order per room",
+    T(async () => {
+      const bob = await connect(srv.url, { auth: { session: "bob" } });
+      assertOkAck(await emitAck(bob, "join", { room: "team-feed" }));
+      const acked = [];
+      for (let i = 0; i < 20; i++) {
+        acked.push(assertOkAck(await emitAck(bob, "message", { room: "team-feed", text: `n${i}` })).offset);
+      }
+      const fed = () =>
+        backend.lines
+          .filter((l) => l.startsWith("feed "))
+          .map((l) => JSON.parse(l.slice(5)))
+          .filter((e) => e.room === "team-feed");
+      const deadline = Date.now() + 10_000;
+      while (fed().length < acked.length) {
+        assert.ok(Date.now() < deadline, `the feed got ${fed().length} of ${acked.length}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+      const events = fed();
+      assert.deepEqual(events.map((e) => e.offset), acked, "each once, in offset order");
+      assert.deepEqual(events.map((e) => e.text), acked.map((_, i) => `n${i}`));
+      assert.ok(events.every((e) => e.type === "message" && e.user === "bob" && e.id && e.ts));
     }),
   );
 
