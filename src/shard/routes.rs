@@ -20,12 +20,7 @@ impl Shard {
             if req.path.starts_with("/api/") {
                 let answer = api::handle(&self.chat, req, io, buf).await;
                 let consumed = req.method == "GET" || answer.status == 201;
-                return Routed {
-                    status: answer.status,
-                    content_type: "application/json",
-                    body: answer.body,
-                    consumed,
-                };
+                return Routed::dynamic(answer.status, "application/json", answer.body, consumed);
             }
             let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
                 ("GET", "/healthz") => {
@@ -46,12 +41,7 @@ impl Shard {
                     br#"{"error":{"code":"not_found","message":"no such route"}}"#.to_vec(),
                 ),
             };
-            Routed {
-                status,
-                content_type,
-                body,
-                consumed: !has_body(req),
-            }
+            Routed::dynamic(status, content_type, body, !has_body(req))
         })
     }
 }
