@@ -1,15 +1,16 @@
-//! The shard's answers outside Engine.IO: the chat API, `/healthz` and `/metrics`.
+//! The shard's answers outside Engine.IO: the chat API, `/healthz`, `/metrics` and the
+//! console's figures (`console`).
 
 use futures::future::LocalBoxFuture;
 use glommio::net::TcpStream;
 
-use super::Shard;
+use super::{console, Shard};
 use crate::chat::api;
 use crate::transport::host::Routed;
 use crate::transport::http::Request;
 
 impl Shard {
-    /// Answers `/api/…`, `/healthz`, `/metrics`, or 404.
+    /// Answers `/api/…`, `/healthz`, `/metrics`, the pages, or 404.
     pub(super) fn serve_route<'a>(
         &'a self,
         req: &'a Request,
@@ -17,6 +18,9 @@ impl Shard {
         buf: &'a mut Vec<u8>,
     ) -> LocalBoxFuture<'a, Routed> {
         Box::pin(async move {
+            if req.path == "/api/console" {
+                return console::answer(self, req);
+            }
             if req.path.starts_with("/api/") {
                 let answer = api::handle(&self.chat, req, io, buf).await;
                 let consumed = req.method == "GET" || answer.status == 201;
@@ -46,7 +50,8 @@ impl Shard {
     }
 }
 
-fn has_body(req: &Request) -> bool {
+/// Whether a request announces a body (a route that does not read it must close after).
+pub(super) fn has_body(req: &Request) -> bool {
     req.header("content-length")
         .is_some_and(|v| v.trim() != "0")
         || req.header("transfer-encoding").is_some()
