@@ -17,9 +17,15 @@ use serde_json::{json, Value};
 use super::routes::has_body;
 use super::Shard;
 use crate::chat::api::bearer_matches;
+use crate::context::Context;
 use crate::metrics::{ShardMetrics, LATENCY_BUCKETS};
 use crate::transport::host::Routed;
 use crate::transport::http::Request;
+
+/// Whether the console is served at all: with an API key to guard it, or in dev mode.
+pub(super) fn enabled(ctx: &Context) -> bool {
+    ctx.config.auth.api_key.is_some() || ctx.auth.is_dev_mode()
+}
 
 /// Answers `/api/console`: 401 without the key (when one is configured), else the figures.
 pub(super) fn answer(shard: &Shard, req: &Request) -> Routed {

@@ -3,6 +3,7 @@
 //! through the mesh (bounded SPSC channels) with the plain messages of `chat::mesh`.
 
 mod console;
+mod pages;
 mod routes;
 pub mod runtime;
 

@@ -1,10 +1,10 @@
-//! The shard's answers outside Engine.IO: the chat API, `/healthz`, `/metrics` and the
-//! console's figures (`console`).
+//! The shard's answers outside Engine.IO: the chat API, `/healthz`, `/metrics`, the
+//! console's figures (`console`) and the static pages (`pages`).
 
 use futures::future::LocalBoxFuture;
 use glommio::net::TcpStream;
 
-use super::{console, Shard};
+use super::{console, pages, Shard};
 use crate::chat::api;
 use crate::transport::host::Routed;
 use crate::transport::http::Request;
@@ -25,6 +25,11 @@ impl Shard {
                 let answer = api::handle(&self.chat, req, io, buf).await;
                 let consumed = req.method == "GET" || answer.status == 201;
                 return Routed::dynamic(answer.status, "application/json", answer.body, consumed);
+            }
+            if req.method == "GET" {
+                if let Some(page) = pages::serve(&self.ctx, &req.path, !has_body(req)) {
+                    return page;
+                }
             }
             let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
                 ("GET", "/healthz") => {
