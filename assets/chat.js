@@ -24,6 +24,7 @@ const state = {
   users: new Map(), // user → {name, online}
   typing: new Map(), // user → timer that clears their "typing"
   lastTypingSent: 0,
+  outbox: [], // sends whose ack the link lost: {text, cid}, sent again after the re-join
 };
 // For tests and the curious (devtools): what the page did, without reading the DOM.
 window.chat = { status: "idle", joins: [], errors: [] };
@@ -90,10 +91,14 @@ async function onConnect() {
     note(`joined #${state.room}`);
     $("text").focus();
   } else {
+    // Truncated: `missed` holds only the newest history.max_replay; accept the gap before
+    // them rather than asking for it again at every reconnect.
+    if (ack.truncated && ack.missed.length) state.upTo = Math.max(state.upTo, ack.missed[0].offset - 1);
     ack.missed.forEach(addMessage);
     const n = ack.missed.length;
     note(n ? `back online: ${n} message${n > 1 ? "s" : ""} you missed` : "back online: you missed nothing");
     if (ack.truncated) note("older missed messages were left out (history.max_replay)");
+    for (const { text, cid } of state.outbox.splice(0)) send(text, cid);
   }
   await refreshPresence();
   window.chat.status = "joined";
@@ -147,19 +152,29 @@ $("send-form").addEventListener("submit", async (e) => {
   const text = $("text").value;
   if (!text.trim()) return;
   $("text").value = "";
-  // cid makes a retry idempotent: the server acks a repeat without storing it twice.
-  const cid = randomId();
+  send(text, randomId());
+});
+
+/** Sends a message. `cid` makes a retry idempotent: the server acks a repeat (same user,
+ * room and cid) with the first ack and stores nothing. So a send whose ack was lost with
+ * the link waits in the outbox and goes again, same cid, after the re-join. */
+async function send(text, cid) {
   try {
     const ack = await state.socket.emitWithAck("message", { room: state.room, text, cid });
     if (!ack.ok) throw new Error(`${ack.error.code}: ${ack.error.message}`);
     // The server does not echo our own message back: we add it from the ack.
     addMessage({ room: state.room, id: ack.id, offset: ack.offset, ts: ack.ts, user: state.me, text, cid });
   } catch (err) {
+    if (err.linkLost) {
+      state.outbox.push({ text, cid });
+      note(`offline: "${text}" will be sent when back online`);
+      return;
+    }
     note(`not sent (${err.message}): ${text}`, "error");
     window.chat.errors.push(err.message);
     if (!$("text").value) $("text").value = text;
   }
-});
+}
 
 // ------------------------------------------------------------------ presence and typing
 

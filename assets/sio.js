@@ -83,9 +83,10 @@ export class SioClient {
   }
 
   /** Sends an event and resolves with the server's ack (its first argument). Rejects
-   * while disconnected, on timeout, or when the link drops before the ack came. */
+   * on timeout, and with `err.linkLost` while disconnected or when the link drops
+   * before the ack came (the server may or may not have acted on it). */
   emitWithAck(event, ...args) {
-    if (!this.connected) return Promise.reject(new Error("not connected"));
+    if (!this.connected) return Promise.reject(linkLost("not connected"));
     const id = this.nextAckId++;
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
@@ -115,7 +116,14 @@ export class SioClient {
     const ws = new WebSocket(this.url);
     this.ws = ws;
     ws.onmessage = (e) => {
-      if (this.ws === ws && typeof e.data === "string") this.onFrame(e.data);
+      if (this.ws !== ws || typeof e.data !== "string") return; // corelay sends no binary to us
+      try {
+        this.onFrame(e.data);
+      } catch (err) {
+        // A frame we cannot read: drop the link (and reconnect), as the server does.
+        console.error("unreadable frame, reconnecting", err);
+        ws.close();
+      }
     };
     ws.onclose = (e) => {
       if (this.ws === ws) this.onClose(e.wasClean ? `closed (${e.code})` : "transport error");
@@ -171,6 +179,7 @@ export class SioClient {
       const digits = /^\d*/.exec(rest)[0];
       const args = JSON.parse(rest.slice(digits.length));
       if (type === "2") {
+        // (An event asking us for an ack would carry an id here: corelay sends none.)
         this.fire(args[0], ...args.slice(1));
       } else {
         const pending = this.acks.get(Number(digits));
@@ -197,7 +206,7 @@ export class SioClient {
     this.ws = null;
     for (const { reject, timer } of this.acks.values()) {
       clearTimeout(timer);
-      reject(new Error("disconnected before the ack"));
+      reject(linkLost("disconnected before the ack"));
     }
     this.acks.clear();
     if (wasConnected) this.fire("disconnect", reason);
@@ -210,4 +219,9 @@ export class SioClient {
     this.fire("reconnecting", this.attempts, delay);
     this.retryTimer = setTimeout(() => this.dial(), delay);
   }
+}
+
+/** An error saying the link, not the server, failed the call: worth retrying later. */
+function linkLost(message) {
+  return Object.assign(new Error(message), { linkLost: true });
 }

@@ -102,10 +102,16 @@ describe("the chat page at /", () => {
           await waitText(bob, text, diag); // acked: bob's page adds its own message from the ack
         }
         assert.equal((await shown(ann)).some((m) => m.includes("while ann was away")), false, "nothing reached ann while cut");
+        // What ann sends while offline waits in her page's outbox (its cid kept for the retry).
+        await ann.fill("#text", "ann wrote this offline");
+        await ann.press("#text", "Enter");
+        await waitIn(ann, "the outbox note", () => document.querySelector("#messages li.note:last-child").textContent.includes("will be sent when back online"), null, diag);
 
         // Restore: ann's page reconnects, joins with since, and shows exactly what it missed.
         proxy.restore();
         for (const text of missed) await waitText(ann, text, diag);
+        await waitText(bob, "ann wrote this offline", diag);
+        await waitText(ann, "ann wrote this offline", diag);
         const joins = await ann.evaluate(() => window.chat.joins);
         assert.equal(joins.length, 2, `one join, then one re-join: ${JSON.stringify(joins)}`);
         assert.equal(joins[1].missed, 3, `the re-join's missed: ${JSON.stringify(joins)}`);
@@ -126,6 +132,49 @@ describe("the chat page at /", () => {
         }
         await waitIn(ann, "bob typing again", () => document.querySelector("#typing").textContent !== "", null, diag);
         await screenshot(ann, "chat.png");
+      },
+    ),
+  );
+
+  it(
+    "a catch-up past history.max_replay shows the newest, says so, and does not ask for the gap again",
+    { timeout: 60_000 },
+    guard(
+      () => srv,
+      async (t) => {
+        if (chromiumMissing()) return t.skip(chromiumMissing());
+        const small = (srv = await startServer({ shards: 1, secret: null, env: { CORELAY_HISTORY_MAX_REPLAY: "2" } }));
+        cleanups.push(() => small.stop());
+        const proxy = await cuttableProxy(srv.port);
+        cleanups.push(() => proxy.close());
+        const { browser, diag, page: newPage } = await launch();
+        cleanups.push(() => browser.close());
+        const carol = await connect(srv.url, { auth: { user: "carol" } });
+        assertOkAck(await emitAck(carol, "join", { room: ROOM }));
+        const ann = await newPage("ann");
+        await ann.goto(proxy.url + "/");
+        await join(ann, { name: "ann" }, diag);
+        const away = async (texts) => {
+          proxy.cut();
+          await waitIn(ann, "ann offline", () => document.querySelector("#status").className.includes("offline"), null, diag);
+          for (const text of texts) assertOkAck(await emitAck(carol, "message", { room: ROOM, text }));
+          proxy.restore();
+          await waitText(ann, texts.at(-1), diag);
+        };
+        await away(["t1", "t2", "t3", "t4"]);
+        assert.deepEqual(await shown(ann), ["carol: t3", "carol: t4"], "the newest max_replay of what was missed");
+        await waitIn(ann, "the truncation note", () => [...document.querySelectorAll("#messages li.note")].some((li) => li.textContent.includes("were left out")), null, diag);
+        await away(["t5"]);
+        const joins = await ann.evaluate(() => window.chat.joins);
+        assert.deepEqual(
+          joins.map((j) => [j.since, j.missed]),
+          [
+            [null, null],
+            [0, 2],
+            [4, 1],
+          ],
+          "the second re-join starts after t4, not at the gap",
+        );
       },
     ),
   );
