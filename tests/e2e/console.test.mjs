@@ -4,6 +4,7 @@
 // - /api/console answers 401 without the API key (or with a wrong one) when a key is
 //   configured, and its counters move when messages flow (messages in and out, the
 //   fan-out histogram), on every shard's behalf whichever shard answers;
+// - on Redis it reports the link and its pub/sub round trip, as /healthz does;
 // - under a JWT secret without an API key, neither the page nor its JSON is served;
 // - the page asks for the key, keeps it in sessionStorage, and shows live rates
 //   computed from successive samples.
@@ -13,6 +14,7 @@ import assert from "node:assert/strict";
 import { after, describe, it } from "node:test";
 import { assertOkAck, closeAll, connect, emitAck, guard, httpGet, mintToken, sleep, startServer } from "./harness.mjs";
 import { chromiumMissing, launch, screenshot, waitIn } from "./chromium.mjs";
+import { redisServerBin, startRedis } from "./redis.mjs";
 
 const KEY = "console-key-for-tests";
 
@@ -81,6 +83,25 @@ describe("the live console", () => {
       },
     ),
   );
+
+  it("on Redis: the link, its pub/sub round trip, and the redis store", { timeout: 60_000 }, async (t) => {
+    if (!redisServerBin()) return t.skip("redis-server not installed");
+    const redis = await startRedis();
+    cleanups.push(() => redis.stop());
+    const s = await startServer({ shards: 2, store: "redis", args: ["--redis", redis.url], env: { CORELAY_API_KEY: KEY } });
+    cleanups.push(() => s.stop());
+    let j;
+    for (let i = 0; i < 50; i++) {
+      j = (await consoleJson(s.url, KEY)).json;
+      if (j.redis?.connected && typeof j.redis.pubsub_roundtrip_ms === "number") break;
+      await sleep(100);
+    }
+    assert.equal(j.redis.connected, true, JSON.stringify(j.redis));
+    assert.equal(typeof j.redis.pubsub_roundtrip_ms, "number", "the probe's round trip");
+    assert.deepEqual([j.redis.cluster, j.redis.shard_links_down], [false, 0]);
+    assert.equal(j.store.kind, "redis");
+    assert.equal(j.shards.some((x) => x.redis_link_down), false);
+  });
 
   it("is not served under a JWT secret without an API key", async () => {
     const s = await startServer({ shards: 1 });
