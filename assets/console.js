@@ -83,23 +83,19 @@ function rate(now, then, pick) {
   return seconds > 0 && delta >= 0 ? delta / seconds : null;
 }
 
-/** Quantile q of the observations between two cumulative histograms (Prometheus's
- * histogram_quantile: linear inside the bucket it falls in). null when nothing happened. */
+/** Quantile q of the observations between two cumulative histograms, as the upper
+ * bound of the bucket it falls in: the histogram knows no more than that, so the page
+ * shows "≤ bound" rather than a figure interpolated inside the bucket. null when nothing
+ * happened in between; Infinity above the last bound. */
 function quantile(q, bounds, now, then) {
   if (!then) return null; // one sample: no window yet
   const count = now.count - then.count;
   if (count <= 0) return null;
-  const cum = now.buckets.map((n, i) => n - then.buckets[i]);
   const target = q * count;
   for (let i = 0; i < bounds.length; i++) {
-    if (cum[i] >= target) {
-      const lower = i ? bounds[i - 1] : 0;
-      const below = i ? cum[i - 1] : 0;
-      const inBucket = cum[i] - below;
-      return lower + (bounds[i] - lower) * (inBucket ? (target - below) / inBucket : 1);
-    }
+    if (now.buckets[i] - then.buckets[i] >= target) return bounds[i];
   }
-  return Infinity; // above the last bound
+  return Infinity;
 }
 
 /** The fan-out histogram of all shards added up. */
@@ -129,7 +125,8 @@ function render(now) {
   $("t-out").textContent = perSecond(rate(now, prev, (s) => sum(s, "messages_out")));
   $("t-drops").textContent = perSecond(rate(now, prev, (s) => sum(s, "queue_drops")));
   const all = [sumFanout(now), oldest && sumFanout(oldest)];
-  $("t-fanout").textContent = `${duration(quantile(0.5, bounds, ...all))} / ${duration(quantile(0.99, bounds, ...all))}`;
+  $("t-p50").textContent = duration(quantile(0.5, bounds, ...all));
+  $("t-p99").textContent = duration(quantile(0.99, bounds, ...all));
 
   const rows = now.shards.map((s, i) => {
     const p = prev?.shards[i];
@@ -213,11 +210,12 @@ function perSecond(x) {
   return x >= 100 ? Math.round(x).toLocaleString() : x.toFixed(1);
 }
 
+/** A quantile's bucket bound, e.g. "≤ 250 µs". */
 function duration(seconds) {
   if (seconds === null) return "–";
-  if (seconds === Infinity) return "> 1 s";
-  if (seconds < 0.001) return `${Math.round(seconds * 1e6)} µs`;
-  return `${(seconds * 1000).toFixed(seconds < 0.01 ? 2 : 1)} ms`;
+  if (seconds === Infinity) return "> 1 s"; // above the last bound (metrics::LATENCY_BUCKETS)
+  if (seconds < 0.001) return `≤ ${Math.round(seconds * 1e6)} µs`;
+  return `≤ ${+(seconds * 1000).toFixed(1)} ms`;
 }
 
 function setStatus(kind, text) {

@@ -119,7 +119,11 @@ describe("the live console", () => {
       () => srv,
       async (t) => {
         if (chromiumMissing()) return t.skip(chromiumMissing());
-        const s = (srv = await startServer({ shards: 2, env: { CORELAY_API_KEY: KEY } }));
+        // On Redis when there is one (the screenshot then shows the link), else one host.
+        const redis = redisServerBin() ? await startRedis() : null;
+        if (redis) cleanups.push(() => redis.stop());
+        const onRedis = redis ? { store: "redis", args: ["--redis", redis.url] } : {};
+        const s = (srv = await startServer({ shards: 2, env: { CORELAY_API_KEY: KEY }, ...onRedis }));
         cleanups.push(() => s.stop());
         const { browser, diag, page: newPage } = await launch();
         cleanups.push(() => browser.close());
@@ -135,22 +139,23 @@ describe("the live console", () => {
         assert.equal(await page.evaluate(() => sessionStorage.getItem("corelay.apiKey")), KEY);
         assert.equal(await page.$$eval("#shards tr", (rows) => rows.length), 2, diag());
 
-        // Traffic: two rooms, a message every 50 ms, while the page samples.
+        // Traffic: two rooms, a message every 50 ms, while the page samples. With two shards
+        // "lobby" lives on shard 1 and "support" on shard 0 (their members follow them).
         const lobby = await members(srv, "lobby", 4, "l");
-        const ops = await members(srv, "ops", 3, "o");
+        const support = await members(srv, "support", 3, "s");
         let sending = true;
         const traffic = (async () => {
           for (let i = 0; sending; i++) {
-            const [s, room] = i % 3 ? [lobby[i % 4], "lobby"] : [ops[i % 3], "ops"];
-            await emitAck(s, "message", { room, text: `load ${i}` });
+            const [sock, room] = i % 3 ? [lobby[i % 4], "lobby"] : [support[i % 3], "support"];
+            await emitAck(sock, "message", { room, text: `load ${i}` });
             await sleep(50);
           }
         })();
         cleanups.push(() => (sending = false));
         await waitIn(page, "a rate above zero", () => Number(document.querySelector("#t-in").textContent) > 0, null, diag);
-        await waitIn(page, "a fan-out quantile", () => /µs|ms/.test(document.querySelector("#t-fanout").textContent), null, diag);
+        await waitIn(page, "a fan-out quantile", () => /µs|ms/.test(document.querySelector("#t-p99").textContent), null, diag);
         assert.match(await page.textContent("#hooks"), /not configured/);
-        assert.match(await page.textContent("#redis"), /single host/);
+        await waitIn(page, "the Redis panel", (r) => document.querySelector("#redis").textContent.includes(r ? "link: connected" : "single host"), !!redis, diag);
         await sleep(2500); // a few samples for the screenshot
         await screenshot(page, "console.png", { fullPage: true });
 
