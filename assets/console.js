@@ -21,6 +21,12 @@ let timer = null;
 
 async function poll() {
   clearTimeout(timer);
+  if (document.hidden) {
+    // Nobody is looking: ask nothing, and start the rates afresh when the tab comes back.
+    samples.length = 0;
+    timer = setTimeout(poll, EVERY_MS);
+    return;
+  }
   const key = sessionStorage.getItem(KEY_ITEM);
   let res;
   try {
