@@ -8,7 +8,7 @@ use crate::context::Context;
 use crate::transport::host::Routed;
 
 /// Which page a file belongs to: it is served only while that page is on.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Page {
     Chat,
     Console,
@@ -67,13 +67,20 @@ const ASSETS: [Asset; 6] = [
     },
 ];
 
-/// The pages: revalidated on every load (no validators, so fetched again), scripts and
-/// styles only from this server, WebSockets only to it, never framed.
+/// The pages are fetched again on every load (`no-cache` without validators): a page
+/// never outlives the release that serves it.
+const PAGE_CACHE: &str = "no-cache";
+
+/// Scripts and the style sheet are kept five minutes: a new release shows within that.
+const FILE_CACHE: &str = "public, max-age=300";
+
+/// The pages run only this server's scripts and styles, connect (WebSocket, fetch) only
+/// to it, and are never framed.
 const PAGE_HEADERS: &str = "Content-Security-Policy: default-src 'self'; connect-src 'self'; \
      img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'\r\n\
      X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n";
 
-/// Scripts and the style sheet: kept five minutes (a new release shows within that).
+/// Scripts and the style sheet are used only as the type they are served with.
 const FILE_HEADERS: &str = "X-Content-Type-Options: nosniff\r\n";
 
 /// The Engine.IO path the chat page's `<meta name="corelay-path">` names by default.
@@ -114,11 +121,7 @@ pub(super) fn serve(ctx: &Context, path: &str, consumed: bool) -> Option<Routed>
         content_type: asset.content_type,
         body,
         consumed,
-        cache_control: if is_page {
-            "no-cache"
-        } else {
-            "public, max-age=300"
-        },
+        cache_control: if is_page { PAGE_CACHE } else { FILE_CACHE },
         headers: if is_page { PAGE_HEADERS } else { FILE_HEADERS },
     })
 }
