@@ -137,13 +137,15 @@ describe("the chat page at /", () => {
   );
 
   it(
-    "a catch-up past history.max_replay shows the newest, says so, and does not ask for the gap again",
+    "the page answers pings; a catch-up past history.max_replay shows the newest, says so, and does not ask for the gap again",
     { timeout: 60_000 },
     guard(
       () => srv,
       async (t) => {
         if (chromiumMissing()) return t.skip(chromiumMissing());
-        const small = (srv = await startServer({ shards: 1, secret: null, env: { CORELAY_HISTORY_MAX_REPLAY: "2" } }));
+        // Pings every 300 ms too: the page's client must answer them to stay connected.
+        const env = { CORELAY_HISTORY_MAX_REPLAY: "2", CORELAY_ENGINEIO_PING_INTERVAL: "300", CORELAY_ENGINEIO_PING_TIMEOUT: "300" };
+        const small = (srv = await startServer({ shards: 1, secret: null, env }));
         cleanups.push(() => small.stop());
         const proxy = await cuttableProxy(srv.port);
         cleanups.push(() => proxy.close());
@@ -154,6 +156,8 @@ describe("the chat page at /", () => {
         const ann = await newPage("ann");
         await ann.goto(proxy.url + "/");
         await join(ann, { name: "ann" }, diag);
+        await sleep(1500); // five pings: each answered with a pong, or the server would close
+        assert.equal(await ann.evaluate(() => window.chat.joins.length), 1, "no reconnect while idle: pongs answered");
         const away = async (texts) => {
           proxy.cut();
           await waitIn(ann, "ann offline", () => document.querySelector("#status").className.includes("offline"), null, diag);
