@@ -35,6 +35,16 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether the request carries `Authorization: Bearer <key>`; shared with the console's
+/// endpoint so that both check the API key the same way.
+pub fn bearer_matches(req: &Request, key: &str) -> bool {
+    let given = req
+        .header("authorization")
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes()))
+}
+
 /// Handles a request under `/api/`. Reads the body from `io` when the route takes one.
 pub async fn handle<R: AsyncRead + Unpin>(
     chat: &Chat,
@@ -49,11 +59,7 @@ pub async fn handle<R: AsyncRead + Unpin>(
             "the API is disabled: set auth.api_key (CORELAY_API_KEY)",
         );
     };
-    let given = req
-        .header("authorization")
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
+    if !bearer_matches(req, key) {
         return error(401, "unauthorized", "missing or wrong bearer API key");
     }
     let rest = req.path.strip_prefix("/api/rooms/").unwrap_or("");

@@ -37,6 +37,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: HumanDuration,
     /// Test-only: behave like the Socket.IO reference test server (`serve --conformance`).
     pub conformance: bool,
+    /// The chat page at `/`: unset = on in dev mode only; `true`/`false` force it.
+    pub demo_page: Option<bool>,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +54,7 @@ impl Default for ServerConfig {
             cors_origins: Vec::new(),
             shutdown_timeout: HumanDuration(Duration::from_secs(10)),
             conformance: false,
+            demo_page: None,
         }
     }
 }

@@ -40,6 +40,7 @@ fn file_then_env() {
             ("CORELAY_LIMITS_DEDUPE_WINDOW", "30s"),
             ("CORELAY_STORE_KIND", "memory"),
             ("CORELAY_SERVER_PIN_SHARDS", "false"),
+            ("CORELAY_SERVER_DEMO_PAGE", "true"),
             ("CORELAY_TEST_SCYLLA", "ignored"),
             ("PATH", "/bin"),
         ]),
@@ -52,6 +53,7 @@ fn file_then_env() {
     assert_eq!(c.limits.dedupe_window.0, Duration::from_secs(30));
     assert_eq!(c.store.kind, StoreKind::Memory);
     assert!(!c.server.pin_shards);
+    assert_eq!(c.server.demo_page, Some(true));
 }
 
 #[test]

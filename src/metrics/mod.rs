@@ -70,6 +70,16 @@ impl ShardMetrics {
         self.fanout_sum_ns.fetch_add(d.as_nanos() as u64, Relaxed);
     }
 
+    /// The fan-out histogram as it stands: cumulative counts per bucket of
+    /// [`LATENCY_BUCKETS`], and all observations (the console's quantiles come from the
+    /// difference of two such snapshots).
+    pub fn fanout_snapshot(&self) -> ([u64; LATENCY_BUCKETS.len()], u64) {
+        (
+            std::array::from_fn(|i| self.fanout_buckets[i].load(Relaxed)),
+            self.fanout_count.load(Relaxed),
+        )
+    }
+
     /// Adds one to a counter.
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);

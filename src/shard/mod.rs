@@ -2,6 +2,8 @@
 //! accepted and the rooms whose home it is. Shards share nothing mutable; they talk
 //! through the mesh (bounded SPSC channels) with the plain messages of `chat::mesh`.
 
+mod console;
+mod pages;
 mod routes;
 pub mod runtime;
 

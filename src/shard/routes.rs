@@ -1,15 +1,16 @@
-//! The shard's answers outside Engine.IO: the chat API, `/healthz` and `/metrics`.
+//! The shard's answers outside Engine.IO: the chat API, `/healthz`, `/metrics`, the
+//! console's figures (`console`) and the static pages (`pages`).
 
 use futures::future::LocalBoxFuture;
 use glommio::net::TcpStream;
 
-use super::Shard;
+use super::{console, pages, Shard};
 use crate::chat::api;
 use crate::transport::host::Routed;
 use crate::transport::http::Request;
 
 impl Shard {
-    /// Answers `/api/…`, `/healthz`, `/metrics`, or 404.
+    /// Answers `/api/…`, `/healthz`, `/metrics`, the pages, or 404.
     pub(super) fn serve_route<'a>(
         &'a self,
         req: &'a Request,
@@ -17,15 +18,18 @@ impl Shard {
         buf: &'a mut Vec<u8>,
     ) -> LocalBoxFuture<'a, Routed> {
         Box::pin(async move {
+            if req.path == "/api/console" {
+                return console::answer(self, req);
+            }
             if req.path.starts_with("/api/") {
                 let answer = api::handle(&self.chat, req, io, buf).await;
                 let consumed = req.method == "GET" || answer.status == 201;
-                return Routed {
-                    status: answer.status,
-                    content_type: "application/json",
-                    body: answer.body,
-                    consumed,
-                };
+                return Routed::dynamic(answer.status, "application/json", answer.body, consumed);
+            }
+            if req.method == "GET" {
+                if let Some(page) = pages::serve(&self.ctx, &req.path, !has_body(req)) {
+                    return page;
+                }
             }
             let (status, content_type, body) = match (req.method.as_str(), req.path.as_str()) {
                 ("GET", "/healthz") => {
@@ -46,17 +50,13 @@ impl Shard {
                     br#"{"error":{"code":"not_found","message":"no such route"}}"#.to_vec(),
                 ),
             };
-            Routed {
-                status,
-                content_type,
-                body,
-                consumed: !has_body(req),
-            }
+            Routed::dynamic(status, content_type, body, !has_body(req))
         })
     }
 }
 
-fn has_body(req: &Request) -> bool {
+/// Whether a request announces a body (a route that does not read it must close after).
+pub(super) fn has_body(req: &Request) -> bool {
     req.header("content-length")
         .is_some_and(|v| v.trim() != "0")
         || req.header("transfer-encoding").is_some()

@@ -82,7 +82,7 @@ async fn serve_requests<H: Host>(host: Rc<H>, mut stream: TcpStream, mut first: 
         };
 
         let eio_path = host.ctx().config.server.path.as_str();
-        let answer = if req.path == eio_path
+        let routed = if req.path == eio_path
             || req.path == eio_path.trim_end_matches('/')
             || host.handler().serves_path(&req.path)
         {
@@ -101,17 +101,17 @@ async fn serve_requests<H: Host>(host: Rc<H>, mut stream: TcpStream, mut first: 
                 Next::Done => return,
             }
         } else {
-            let routed = host.route(&req, &mut stream, &mut buf).await;
-            (
-                routed.status,
-                routed.content_type,
-                routed.body,
-                routed.consumed,
-            )
+            host.route(&req, &mut stream, &mut buf).await
         };
-        let (status, content_type, body, consumed) = answer;
-        let keep_alive = req.keep_alive() && consumed;
-        let resp = http::response(status, content_type, &body, keep_alive);
+        let keep_alive = req.keep_alive() && routed.consumed;
+        let resp = http::response_cached(
+            routed.status,
+            routed.content_type,
+            routed.cache_control,
+            &[routed.headers],
+            &routed.body,
+            keep_alive,
+        );
         if stream.write_all(&resp).await.is_err() || !keep_alive {
             return;
         }

@@ -26,6 +26,29 @@ pub struct Routed {
     pub content_type: &'static str,
     pub body: Vec<u8>,
     pub consumed: bool,
+    /// Its `Cache-Control`: `no-store` for anything dynamic (see [`Routed::dynamic`]).
+    pub cache_control: &'static str,
+    /// Extra header lines, each ending in `\r\n` (a page's security headers), or empty.
+    pub headers: &'static str,
+}
+
+impl Routed {
+    /// An answer that must not be cached (API, health, metrics) and has no extra headers.
+    pub fn dynamic(
+        status: u16,
+        content_type: &'static str,
+        body: Vec<u8>,
+        consumed: bool,
+    ) -> Routed {
+        Routed {
+            status,
+            content_type,
+            body,
+            consumed,
+            cache_control: "no-store",
+            headers: "",
+        }
+    }
 }
 
 /// The shard as the transport sees it.

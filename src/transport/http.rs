@@ -389,13 +389,26 @@ pub fn response_with_headers(
     body: &[u8],
     keep_alive: bool,
 ) -> Vec<u8> {
+    response_cached(status, content_type, "no-store", extra, body, keep_alive)
+}
+
+/// [`response_with_headers`] with a `Cache-Control` of the caller's choice: `no-store`
+/// for anything dynamic, a lifetime for the static pages and their scripts.
+pub fn response_cached(
+    status: u16,
+    content_type: &str,
+    cache_control: &str,
+    extra: &[&str],
+    body: &[u8],
+    keep_alive: bool,
+) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status)).into_bytes();
     for lines in extra {
         out.extend_from_slice(lines.as_bytes());
     }
     out.extend_from_slice(
         format!(
-            "Content-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: {}\r\n\r\n",
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: {cache_control}\r\nConnection: {}\r\n\r\n",
             body.len(),
             if keep_alive { "keep-alive" } else { "close" },
         )

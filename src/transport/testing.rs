@@ -225,12 +225,12 @@ impl Host for TestHost {
     ) -> LocalBoxFuture<'a, Routed> {
         Box::pin(async move {
             self.routed.borrow_mut().push(req.path.clone());
-            Routed {
-                status: 200,
-                content_type: "text/plain",
-                body: format!("routed {}", req.path).into_bytes(),
-                consumed: true,
-            }
+            Routed::dynamic(
+                200,
+                "text/plain",
+                format!("routed {}", req.path).into_bytes(),
+                true,
+            )
         })
     }
 }
