@@ -89,3 +89,18 @@ pub(super) fn lag_ms(shards: &[ShardMetrics]) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+/// The feed's figures for the console, summed over shards (the lag: the highest).
+pub(super) fn json(shards: &[ShardMetrics]) -> serde_json::Value {
+    let sum = |f: fn(&FeedStats) -> &AtomicU64| -> u64 {
+        shards.iter().map(|s| f(&s.feed).load(Relaxed)).sum()
+    };
+    serde_json::json!({
+        "events": sum(|f| &f.events),
+        "batches": sum(|f| &f.batches),
+        "retries": sum(|f| &f.retries),
+        "owed_rooms": sum(|f| &f.owed_rooms),
+        "store_errors": sum(|f| &f.store_errors),
+        "lag_ms": lag_ms(shards),
+    })
+}

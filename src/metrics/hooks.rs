@@ -59,6 +59,27 @@ impl HookStats {
     }
 }
 
+/// The hooks' figures for the console, summed over `shards`: per hook, its calls, failed
+/// calls and the sum of their durations (ms).
+pub(super) fn json<'a>(shards: impl Iterator<Item = &'a HookStats> + Clone) -> serde_json::Value {
+    let sum = |f: &dyn Fn(&HookStats) -> u64| shards.clone().map(f).sum::<u64>();
+    let mut out = serde_json::Map::new();
+    for (h, hook) in HOOKS.iter().enumerate() {
+        let failures: u64 = (0..HOOK_FAILURES.len())
+            .map(|r| sum(&|s| s.failures[h][r].load(Relaxed)))
+            .sum();
+        out.insert(
+            (*hook).to_owned(),
+            serde_json::json!({
+                "calls": sum(&|s| s.calls[h].load(Relaxed)),
+                "failures": failures,
+                "latency_sum_ms": sum(&|s| s.sum_ns[h].load(Relaxed)) / 1_000_000,
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
 /// Renders the hooks' series, summed over `shards`.
 pub(super) fn render<'a>(out: &mut String, shards: impl Iterator<Item = &'a HookStats> + Clone) {
     let sum = |f: &dyn Fn(&HookStats) -> u64| shards.clone().map(f).sum::<u64>();

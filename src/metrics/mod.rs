@@ -183,6 +183,16 @@ impl Metrics {
             .is_some_and(|c| !c.is_connected() || self.shard_links_down() > 0)
     }
 
+    /// The hooks' figures for the console (see `hooks::json`).
+    pub fn hooks_json(&self) -> serde_json::Value {
+        hooks::json(self.shards.iter().map(|s| &s.hooks))
+    }
+
+    /// The feed's figures for the console (see `feed::json`).
+    pub fn feed_json(&self) -> serde_json::Value {
+        feed::json(&self.shards)
+    }
+
     /// The feed's lag in ms: the oldest undelivered message's age over shards.
     pub fn feed_lag_ms(&self) -> u64 {
         feed::lag_ms(&self.shards)

@@ -60,8 +60,8 @@ pub(super) fn answer(shard: &Shard, req: &Request) -> Routed {
     Routed::dynamic(200, "application/json", body, consumed)
 }
 
-/// The document: a timestamp, per-shard counters, Redis, the store, and the places kept
-/// for the backend hooks and the feed (`null` until those exist and are configured).
+/// The document: a timestamp, per-shard counters, Redis, the store, the backend's hooks
+/// and the feed (each `null` when not configured).
 fn figures(shard: &Shard) -> Value {
     let m = &shard.ctx.metrics;
     let ts_ms = SystemTime::now()
@@ -83,10 +83,9 @@ fn figures(shard: &Shard) -> Value {
             "ok": store_error.is_none(),
             "error": store_error,
         },
-        // Kept for the backend in the loop (PROTOCOL.md "Hooks", "Feed"), built elsewhere:
-        // `null` means not configured; their figures go here, never invented.
-        "hooks": Value::Null,
-        "feed": Value::Null,
+        // The backend in the loop (PROTOCOL.md "Hooks", "Feed"); `null` when not configured.
+        "hooks": if config.hooks.any() { m.hooks_json() } else { Value::Null },
+        "feed": if config.feed.enabled() { m.feed_json() } else { Value::Null },
     })
 }
 
