@@ -25,6 +25,7 @@ pub mod hooks;
 pub mod ids;
 pub mod metrics;
 pub mod notify;
+pub mod pem;
 pub mod protocol;
 pub mod server;
 pub mod shard;

@@ -56,15 +56,8 @@ pub(crate) fn client_config(
     Ok(Arc::new(config))
 }
 
-/// The certificates of a PEM file (at least one).
+/// The certificates of a PEM file (at least one); `what` names the setting in errors.
 fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, ClusterError> {
-    let bad = |e: String| ClusterError::Config(format!("{what} {}: {e}", path.display()));
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| bad(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("no certificate in it".into()));
-    }
-    Ok(certs)
+    crate::pem::certificates(path)
+        .map_err(|e| ClusterError::Config(format!("{what} {}: {e}", path.display())))
 }

@@ -18,7 +18,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use super::Feed;
-use crate::cluster::redis::{feed_partition, RedisCluster, FEED_PARTITIONS};
+use crate::cluster::redis::{by_partition, feed_partition, RedisCluster, FEED_PARTITIONS};
 
 /// How long a lease lives without renewal.
 pub const LEASE_TTL: Duration = Duration::from_secs(6);
@@ -88,15 +88,7 @@ impl ClusterLedger {
     /// The backend took these rooms up to these offsets: moves their cursors, partition
     /// by partition, and lets go of a partition whose lease turned out lost.
     pub(super) async fn done(&self, feed: &Feed, rooms: Vec<(String, u64)>) -> Result<(), String> {
-        let mut by_partition: std::collections::BTreeMap<u16, Vec<(String, u64)>> =
-            Default::default();
-        for (room, upto) in rooms {
-            by_partition
-                .entry(feed_partition(&room))
-                .or_default()
-                .push((room, upto));
-        }
-        for (p, rooms) in by_partition {
+        for (p, rooms) in by_partition(rooms) {
             match self.redis.feed_done(p, rooms).await {
                 Ok(true) => {}
                 Ok(false) => self.lost(feed, p),

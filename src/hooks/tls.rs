@@ -4,8 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 
 use super::SetupError;
 use crate::config::BackendUrl;
@@ -25,14 +24,7 @@ impl Tls {
                 let bad = |e: String| {
                     SetupError::Tls(format!("hooks.tls_ca_file {}: {e}", path.display()))
                 };
-                let certs = CertificateDer::pem_file_iter(path)
-                    .map_err(|e| bad(e.to_string()))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| bad(e.to_string()))?;
-                if certs.is_empty() {
-                    return Err(bad("no certificate in it".into()));
-                }
-                for cert in certs {
+                for cert in crate::pem::certificates(path).map_err(bad)? {
                     roots.add(cert).map_err(|e| bad(e.to_string()))?;
                 }
             }

@@ -14,6 +14,7 @@
 //! `corelay:feed:hosts` is a sorted set of the hosts running a feed, scored by expiry, so
 //! that each host takes about its share of the partitions.
 
+use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -30,6 +31,17 @@ pub const FEED_PARTITIONS: u16 = 64;
 /// The partition of a room.
 pub fn feed_partition(room: &str) -> u16 {
     slot_of(room.as_bytes()) % FEED_PARTITIONS
+}
+
+/// `(room, offset)` pairs grouped by the rooms' partitions.
+pub fn by_partition(rooms: Vec<(String, u64)>) -> BTreeMap<u16, Vec<(String, u64)>> {
+    let mut out: BTreeMap<u16, Vec<(String, u64)>> = BTreeMap::new();
+    for (room, offset) in rooms {
+        out.entry(feed_partition(&room))
+            .or_default()
+            .push((room, offset));
+    }
+    out
 }
 
 fn owed_key(p: u16) -> String {
@@ -134,14 +146,7 @@ impl RedisCluster {
     /// Marks rooms as owed to the feed up to these offsets (acked, or about to be): one
     /// script call per partition, all at once. Must succeed before the senders are acked.
     pub async fn feed_mark(&self, marks: Vec<(String, u64)>) -> Result<(), ClusterError> {
-        let mut by_partition: std::collections::BTreeMap<u16, Vec<(String, u64)>> =
-            Default::default();
-        for (room, offset) in marks {
-            by_partition
-                .entry(feed_partition(&room))
-                .or_default()
-                .push((room, offset));
-        }
+        let by_partition = by_partition(marks);
         let shared = self.inner.shared.clone();
         self.on_bridge(async move {
             let calls = by_partition.into_iter().map(|(p, rooms)| {

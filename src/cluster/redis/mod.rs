@@ -93,7 +93,7 @@ mod link;
 mod nodes;
 mod presence;
 
-pub use feed::{feed_partition, OwedRoom, FEED_PARTITIONS};
+pub use feed::{by_partition, feed_partition, OwedRoom, FEED_PARTITIONS};
 
 pub(crate) use client::{
     build_client, build_client_at, build_cluster_client, ShardAddr, ShardTarget,
