@@ -1,0 +1,230 @@
+//! Faults between machines. Redis and two corelay hosts each run in a network namespace
+//! of their own, on a bridge with private addresses (`common_net`); the test's clients
+//! connect from the bridge's address, directly or through a fault proxy the test owns.
+//! Each test runs senders and receivers in one room around one fault:
+//!
+//! - latency 200 ms ± 50 ms (each way) between clients and host A, then removed;
+//! - host A cut from Redis for 10 s (blackhole route in its namespace); B keeps serving;
+//! - clients cut from host A for 10 s (they reconnect and `join` with `since`);
+//! - a proxy in front of host A resetting every connection after 0.3–1.5 s.
+//!
+//! and asserts that every acked message reached every receiver exactly once, in order,
+//! and is in the history (see `common_net::outcome`); recovery times and p99 before,
+//! during and after go to stderr. Needs root and `ip netns`: skipped otherwise.
+
+mod common;
+mod common_net;
+mod common_redis;
+
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common_net::outcome::Outcome;
+use common_net::proxy::{FaultProxy, Faults};
+use common_net::run::Run;
+use common_net::{Net, NsProcess};
+use common_redis::within;
+
+/// Short timeouts, so that a lost link shows and heals quickly; Engine.IO pings every
+/// second, so a client hears a dead connection within a few seconds.
+const ENV: &[(&str, &str)] = &[
+    ("CORELAY_REDIS_PING_INTERVAL", "200ms"),
+    ("CORELAY_REDIS_COMMAND_TIMEOUT", "1s"),
+    ("CORELAY_REDIS_CONNECT_TIMEOUT", "1s"),
+    ("CORELAY_ENGINEIO_PING_INTERVAL", "1000"),
+    ("CORELAY_ENGINEIO_PING_TIMEOUT", "1500"),
+    ("CORELAY_LIMITS_SEND_RATE", "10000"),
+    ("CORELAY_LIMITS_SEND_BURST", "10000"),
+    ("CORELAY_HISTORY_MAX_REPLAY", "100000"),
+];
+
+/// The port the hosts listen on, in their own namespaces.
+const PORT: u16 = 7000;
+/// One message per sender this often.
+const PACE: Duration = Duration::from_millis(50);
+
+/// Redis in namespace 0, hosts A and B in namespaces 1 and 2.
+struct Cluster {
+    net: Arc<Net>,
+    _procs: Vec<NsProcess>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let net = Arc::new(Net::new(3));
+        let redis = net.redis(0);
+        let url = format!("redis://{}:6379", net.addr(0));
+        let a = net.corelay(1, PORT, &url, ENV);
+        let b = net.corelay(2, PORT, &url, ENV);
+        Cluster {
+            net,
+            _procs: vec![redis, a, b],
+        }
+    }
+
+    /// Host A (`1`) or B (`2`)'s client address.
+    fn host(&self, i: usize) -> SocketAddr {
+        SocketAddrV4::new(self.net.addr(i), PORT).into()
+    }
+
+    /// A proxy on the bridge's address in front of host `i`.
+    fn proxy(&self, i: usize, faults: Faults, seed: u64) -> FaultProxy {
+        let bind = SocketAddrV4::new(self.net.gateway(), 0).into();
+        FaultProxy::start(bind, self.host(i), faults, seed)
+    }
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{} ms", d.as_millis()))
+}
+
+/// Prints the run's figures: one line a test, for the hard-days table.
+fn report(name: &str, out: &Outcome, n: usize, t: [Instant; 4], recovery: Option<Duration>, caught_up: Duration) {
+    let [start, fault, heal, end] = t;
+    eprintln!(
+        "FAULT {name}: acked {n}, lost 0, duplicates 0, failed tries {}; p99 ack before {} during {} after {}; \
+         p99 delivery during {} after {}; recovery (heal to first ack) {}; receivers caught up {} ms after heal",
+        out.failed_tries(),
+        ms(out.p99(start, fault)),
+        ms(out.p99(fault, heal)),
+        ms(out.p99(heal, end)),
+        ms(out.delivery_p99(fault, heal)),
+        ms(out.delivery_p99(heal, end)),
+        ms(recovery),
+        caught_up.as_millis(),
+    );
+}
+
+/// Runs senders and receivers for `before`, applies `fault`, waits `hold`, calls `heal`,
+/// runs `after` more, then checks. Returns the outcome, the message count and the times.
+fn around(
+    senders: &[(SocketAddr, &str)],
+    receivers: &[(SocketAddr, &str)],
+    history_at: SocketAddr,
+    [before, hold, after]: [Duration; 3],
+    fault: impl FnOnce(),
+    heal: impl FnOnce(),
+) -> (Outcome, usize, [Instant; 4]) {
+    let run = Run::start("hard-days", senders, receivers, PACE);
+    let start = Instant::now();
+    std::thread::sleep(before);
+    let t_fault = Instant::now();
+    fault();
+    std::thread::sleep(hold);
+    heal();
+    let t_heal = Instant::now();
+    std::thread::sleep(after);
+    let t_end = Instant::now();
+    let out = run.finish(history_at);
+    let n = out.check();
+    (out, n, [start, t_fault, t_heal, t_end])
+}
+
+#[test]
+fn latency_200ms_jitter_50ms_between_clients_and_a_host() {
+    if common_net::skip() {
+        return;
+    }
+    let cluster = Cluster::start();
+    let proxy = cluster.proxy(1, Faults::default(), 1);
+    let (a, b) = (proxy.addr, cluster.host(2));
+    within(Duration::from_secs(90), move || {
+        let slow = Faults {
+            latency: Duration::from_millis(200),
+            jitter: Duration::from_millis(50),
+            ..Faults::default()
+        };
+        let (out, n, t) = around(
+            &[(a, "sa"), (b, "sb")],
+            &[(a, "ra"), (b, "rb")],
+            b,
+            [3, 8, 4].map(Duration::from_secs),
+            || proxy.set(|f| *f = slow),
+            || proxy.set(|f| *f = Faults::default()),
+        );
+        let during = out.p99(t[1], t[2]).expect("sends during");
+        assert!(during >= Duration::from_millis(300), "the proxy added no latency: {during:?}");
+        let recovered = out.senders[0].sent.iter().find(|m| m.acked >= t[2] && m.acked - m.first_try < Duration::from_millis(100));
+        let recovery = recovered.map(|m| m.acked - t[2]);
+        report("latency 200±50 ms (clients to A)", &out, n, t, recovery, out.caught_up(0, t[2]));
+    });
+}
+
+#[test]
+fn a_host_cut_from_redis_for_10s() {
+    if common_net::skip() {
+        return;
+    }
+    let cluster = Cluster::start();
+    let (net, a, b) = (cluster.net.clone(), cluster.host(1), cluster.host(2));
+    within(Duration::from_secs(120), move || {
+        let redis = net.addr(0);
+        let (out, n, t) = around(
+            &[(a, "sa"), (b, "sb")],
+            &[(a, "ra"), (b, "rb")],
+            b,
+            [3, 10, 5].map(Duration::from_secs),
+            || net.cut(1, redis),
+            || net.heal(1, redis),
+        );
+        let refused = out.senders[0].tries.iter().filter(|x| !x.1 && x.0 >= t[1] && x.0 < t[2]).count();
+        assert!(refused > 0, "the sender on the cut host was never refused");
+        let b_during = out.senders[1].sent.iter().filter(|m| m.acked > t[1] + Duration::from_secs(2) && m.acked < t[2]).count();
+        assert!(b_during > 20, "host B did not keep serving: {b_during} acks during the cut");
+        let retried = out.senders[0].sent.iter().filter(|m| m.tries > 1).count();
+        eprintln!("cut host: {refused} tries refused during the cut; {retried} messages acked on a retry (same cid)");
+        report("host A cut from Redis 10 s", &out, n, t, out.recovery(0, t[2]), out.caught_up(0, t[2]));
+    });
+}
+
+#[test]
+fn clients_cut_from_a_host_for_10s() {
+    if common_net::skip() {
+        return;
+    }
+    let cluster = Cluster::start();
+    let (net, a, b) = (cluster.net.clone(), cluster.host(1), cluster.host(2));
+    within(Duration::from_secs(120), move || {
+        let clients = net.gateway();
+        let (out, n, t) = around(
+            &[(a, "sa"), (b, "sb")],
+            &[(a, "ra"), (b, "rb")],
+            b,
+            [3, 10, 5].map(Duration::from_secs),
+            || net.cut(1, clients),
+            || net.heal(1, clients),
+        );
+        assert!(out.receivers[0].connects > 1, "the receiver on A never reconnected");
+        report("clients cut from host A 10 s", &out, n, t, out.recovery(0, t[2]), out.caught_up(0, t[2]));
+    });
+}
+
+#[test]
+fn a_proxy_resetting_connections_at_random() {
+    if common_net::skip() {
+        return;
+    }
+    let cluster = Cluster::start();
+    let proxy = cluster.proxy(1, Faults::default(), 7);
+    let (a, b) = (proxy.addr, cluster.host(2));
+    within(Duration::from_secs(120), move || {
+        let resets = Faults {
+            reset_after: Some((Duration::from_millis(300), Duration::from_millis(1500))),
+            ..Faults::default()
+        };
+        let (out, n, t) = around(
+            &[(a, "sa"), (b, "sb")],
+            &[(a, "ra"), (b, "rb")],
+            b,
+            [2, 12, 4].map(Duration::from_secs),
+            || proxy.set(|f| *f = resets),
+            || proxy.set(|f| *f = Faults::default()),
+        );
+        let r = proxy.resets();
+        assert!(r >= 10, "only {r} resets");
+        let retried = out.senders[0].sent.iter().filter(|m| m.tries > 1).count();
+        eprintln!("resets: {r} connections reset; {retried} messages acked on a retry (same cid)");
+        report("random resets (0.3–1.5 s) clients to A", &out, n, t, out.recovery(0, t[2]), out.caught_up(0, t[2]));
+    });
+}
