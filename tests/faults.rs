@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use common_net::outcome::Outcome;
 use common_net::proxy::{FaultProxy, Faults};
-use common_net::run::Run;
+use common_net::run::{Run, Try};
 use common_net::{Net, NsProcess};
 use common_redis::within;
 
@@ -80,14 +80,24 @@ fn ms(d: Option<Duration>) -> String {
 }
 
 /// Prints the run's figures: one line a test, for the hard-days table.
-fn report(name: &str, out: &Outcome, n: usize, t: [Instant; 4], recovery: Option<Duration>, caught_up: Duration) {
+fn report(
+    name: &str,
+    out: &Outcome,
+    n: usize,
+    t: [Instant; 4],
+    recovery: Option<Duration>,
+    caught_up: Duration,
+) {
     let [start, fault, heal, end] = t;
     eprintln!(
-        "FAULT {name}: acked {n}, lost 0, duplicates 0, failed tries {}; p99 ack before {} during {} after {}; \
-         p99 delivery during {} after {}; recovery (heal to first ack) {}; receivers caught up {} ms after heal",
-        out.failed_tries(),
+        "FAULT {name}: acked {n}, lost 0, duplicates 0, tries refused {} lost {}; p99 ack before {} during {} \
+         (worst {}) after {}; p99 delivery during {} after {}; recovery (heal to first ack) {}; \
+         receivers caught up {} ms after heal",
+        out.tries(Try::Refused),
+        out.tries(Try::Lost),
         ms(out.p99(start, fault)),
         ms(out.p99(fault, heal)),
+        ms(out.worst(fault, heal)),
         ms(out.p99(heal, end)),
         ms(out.delivery_p99(fault, heal)),
         ms(out.delivery_p99(heal, end)),
@@ -144,10 +154,23 @@ fn latency_200ms_jitter_50ms_between_clients_and_a_host() {
             || proxy.set(|f| *f = Faults::default()),
         );
         let during = out.p99(t[1], t[2]).expect("sends during");
-        assert!(during >= Duration::from_millis(300), "the proxy added no latency: {during:?}");
-        let recovered = out.senders[0].sent.iter().find(|m| m.acked >= t[2] && m.acked - m.first_try < Duration::from_millis(100));
+        assert!(
+            during >= Duration::from_millis(300),
+            "the proxy added no latency: {during:?}"
+        );
+        let recovered = out.senders[0]
+            .sent
+            .iter()
+            .find(|m| m.acked >= t[2] && m.acked - m.first_try < Duration::from_millis(100));
         let recovery = recovered.map(|m| m.acked - t[2]);
-        report("latency 200±50 ms (clients to A)", &out, n, t, recovery, out.caught_up(0, t[2]));
+        report(
+            "latency 200±50 ms (clients to A)",
+            &out,
+            n,
+            t,
+            recovery,
+            out.caught_up(0, t[2]),
+        );
     });
 }
 
@@ -168,13 +191,34 @@ fn a_host_cut_from_redis_for_10s() {
             || net.cut(1, redis),
             || net.heal(1, redis),
         );
-        let refused = out.senders[0].tries.iter().filter(|x| !x.1 && x.0 >= t[1] && x.0 < t[2]).count();
-        assert!(refused > 0, "the sender on the cut host was never refused");
-        let b_during = out.senders[1].sent.iter().filter(|m| m.acked > t[1] + Duration::from_secs(2) && m.acked < t[2]).count();
-        assert!(b_during > 20, "host B did not keep serving: {b_during} acks during the cut");
+        let refused = out.senders[0]
+            .tries
+            .iter()
+            .filter(|x| x.1 == Try::Refused && x.0 >= t[1] && x.0 < t[2])
+            .count();
+        assert!(
+            refused > 0,
+            "the sender on the cut host was never refused with unavailable"
+        );
+        let b_during = out.senders[1]
+            .sent
+            .iter()
+            .filter(|m| m.acked > t[1] + Duration::from_secs(2) && m.acked < t[2])
+            .count();
+        assert!(
+            b_during > 20,
+            "host B did not keep serving: {b_during} acks during the cut"
+        );
         let retried = out.senders[0].sent.iter().filter(|m| m.tries > 1).count();
         eprintln!("cut host: {refused} tries refused during the cut; {retried} messages acked on a retry (same cid)");
-        report("host A cut from Redis 10 s", &out, n, t, out.recovery(0, t[2]), out.caught_up(0, t[2]));
+        report(
+            "host A cut from Redis 10 s",
+            &out,
+            n,
+            t,
+            out.recovery(0, t[2]),
+            out.caught_up(0, t[2]),
+        );
     });
 }
 
@@ -195,8 +239,18 @@ fn clients_cut_from_a_host_for_10s() {
             || net.cut(1, clients),
             || net.heal(1, clients),
         );
-        assert!(out.receivers[0].connects > 1, "the receiver on A never reconnected");
-        report("clients cut from host A 10 s", &out, n, t, out.recovery(0, t[2]), out.caught_up(0, t[2]));
+        assert!(
+            out.receivers[0].connects > 1,
+            "the receiver on A never reconnected"
+        );
+        report(
+            "clients cut from host A 10 s",
+            &out,
+            n,
+            t,
+            out.recovery(0, t[2]),
+            out.caught_up(0, t[2]),
+        );
     });
 }
 
@@ -224,7 +278,18 @@ fn a_proxy_resetting_connections_at_random() {
         let r = proxy.resets();
         assert!(r >= 10, "only {r} resets");
         let retried = out.senders[0].sent.iter().filter(|m| m.tries > 1).count();
-        eprintln!("resets: {r} connections reset; {retried} messages acked on a retry (same cid)");
-        report("random resets (0.3–1.5 s) clients to A", &out, n, t, out.recovery(0, t[2]), out.caught_up(0, t[2]));
+        let deduped = out.senders[0].sent.iter().filter(|m| m.deduped).count();
+        eprintln!(
+            "resets: {r} connections reset; {retried} messages acked on a retry (same cid), \
+             {deduped} of them stored by an earlier try whose ack was lost"
+        );
+        report(
+            "random resets (0.3–1.5 s) clients to A",
+            &out,
+            n,
+            t,
+            out.recovery(0, t[2]),
+            out.caught_up(0, t[2]),
+        );
     });
 }

@@ -63,12 +63,19 @@ impl ChatClient {
             return Ok(());
         }
         let mut ws = WsClient::handshake_at(self.addr, "/socket.io/?EIO=4&transport=websocket")?;
-        let open = ws.recv_text(Duration::from_secs(5)).map_err(|e| format!("open: {e:?}"))?;
+        let open = ws
+            .recv_text(Duration::from_secs(5))
+            .map_err(|e| format!("open: {e:?}"))?;
         if !open.starts_with('0') {
             return Err(format!("expected open, got {open}"));
         }
-        ws.send_text(&format!("40{{\"token\":\"{}\"}}", token(&self.user, Some(&["*"]))));
-        let reply = ws.recv_text(Duration::from_secs(5)).map_err(|e| format!("connect: {e:?}"))?;
+        ws.send_text(&format!(
+            "40{{\"token\":\"{}\"}}",
+            token(&self.user, Some(&["*"]))
+        ));
+        let reply = ws
+            .recv_text(Duration::from_secs(5))
+            .map_err(|e| format!("connect: {e:?}"))?;
         if !reply.starts_with("40{\"sid\":") {
             return Err(format!("CONNECT refused: {reply}"));
         }
@@ -93,7 +100,10 @@ impl ChatClient {
     /// Sends `text` with `cid`; the ack (which may be an error ack such as `unavailable`).
     pub fn send(&mut self, text: &str, cid: &str) -> Result<Value, SendError> {
         self.ensure().map_err(SendError::Down)?;
-        self.call("message", json!({"room": self.room, "text": text, "cid": cid}))
+        self.call(
+            "message",
+            json!({"room": self.room, "text": text, "cid": cid}),
+        )
     }
 
     /// Emits `event` and waits for its ack; a lost connection is dropped.
@@ -184,7 +194,10 @@ impl ChatClient {
         loop {
             let after = out.last().map_or(0, |m| m.0);
             let h = self
-                .call("history", json!({"room": self.room, "after": after, "limit": 100}))
+                .call(
+                    "history",
+                    json!({"room": self.room, "after": after, "limit": 100}),
+                )
                 .expect("history ack");
             assert_eq!(h["ok"], true, "{h}");
             let page = h["messages"].as_array().expect("messages").clone();

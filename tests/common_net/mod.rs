@@ -188,7 +188,14 @@ impl Net {
     /// Starts `program args…` inside namespace `i` (killed with the [`NsProcess`], or by
     /// the kernel when the starting thread dies). Waits until a line of its output
     /// contains `ready` (or, when `ready` is empty, does not wait).
-    pub fn spawn(&self, i: usize, program: &str, args: &[&str], env: &[(&str, &str)], ready: &str) -> NsProcess {
+    pub fn spawn(
+        &self,
+        i: usize,
+        program: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready: &str,
+    ) -> NsProcess {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.names[i], program])
             .args(args)
@@ -207,7 +214,11 @@ impl Net {
         }
         let mut child = cmd.spawn().expect("ip netns exec");
         let (tx, rx) = mpsc::channel();
-        let tag = format!("{}@{}", program.rsplit('/').next().unwrap_or(program), self.addr(i));
+        let tag = format!(
+            "{}@{}",
+            program.rsplit('/').next().unwrap_or(program),
+            self.addr(i)
+        );
         for stream in [
             Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
             Box::new(child.stderr.take().expect("stderr")),
@@ -244,8 +255,18 @@ impl Net {
             i,
             "redis-server",
             &[
-                "--bind", &addr, "--port", "6379", "--save", "", "--appendonly", "no",
-                "--protected-mode", "no", "--dir", &dir.to_string_lossy(),
+                "--bind",
+                &addr,
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--dir",
+                &dir.to_string_lossy(),
             ],
             &[],
             "Ready to accept connections",
@@ -264,7 +285,9 @@ impl Net {
         self.spawn(
             i,
             env!("CARGO_BIN_EXE_corelay"),
-            &["serve", "--listen", &listen, "--shards", "1", "--redis", redis, "--store", "redis"],
+            &[
+                "serve", "--listen", &listen, "--shards", "1", "--redis", redis, "--store", "redis",
+            ],
             &all,
             "listening on",
         )

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::chat::ChatClient;
-use super::run::SenderLog;
+use super::run::{SenderLog, Try};
 
 /// Senders' logs, receivers' clients (with what they got) and the room's history.
 pub struct Outcome {
@@ -38,7 +38,11 @@ impl Outcome {
         }
         let n = acked.len() as u64;
         assert!(n > 0, "nothing was acked");
-        assert_eq!(acked.keys().next_back(), Some(&n), "acked offsets have gaps");
+        assert_eq!(
+            acked.keys().next_back(),
+            Some(&n),
+            "acked offsets have gaps"
+        );
         let want: Vec<(u64, String)> = acked.into_iter().collect();
         for (i, r) in self.receivers.iter().enumerate() {
             let got: Vec<(u64, String)> = r.got.iter().map(|m| (m.0, m.1.clone())).collect();
@@ -58,12 +62,22 @@ impl Outcome {
         want.len()
     }
 
-    /// Tries refused or lost, over all senders.
-    pub fn failed_tries(&self) -> usize {
+    /// Tries that ended as `kind`, over all senders.
+    pub fn tries(&self, kind: Try) -> usize {
         self.senders
             .iter()
-            .map(|s| s.tries.iter().filter(|t| !t.1).count())
+            .map(|s| s.tries.iter().filter(|t| t.1 == kind).count())
             .sum()
+    }
+
+    /// The longest first-try-to-ack over sends first tried in `[from, to)`.
+    pub fn worst(&self, from: Instant, to: Instant) -> Option<Duration> {
+        self.senders
+            .iter()
+            .flat_map(|s| s.sent.iter())
+            .filter(|m| m.first_try >= from && m.first_try < to)
+            .map(|m| m.acked - m.first_try)
+            .max()
     }
 
     /// From `heal` to sender `i`'s first ack after it.

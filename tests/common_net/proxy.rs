@@ -5,8 +5,8 @@
 //! - latency with jitter, per direction, bytes kept in order (a chunk never leaves before
 //!   the one read before it);
 //! - a stall: bytes are held (not lost) until the stall ends;
-//! - resets: each connection lives a random time, then both its sockets are closed with
-//!   an RST (`SO_LINGER` 0), no FIN first.
+//! - resets: while they are on, each connection lives a random time, then both its
+//!   sockets are closed with an RST (`SO_LINGER` 0), no FIN first.
 //!
 //! The randomness comes from a seeded generator, so a run can be repeated.
 
@@ -26,7 +26,8 @@ pub struct Faults {
     pub jitter: Duration,
     /// Hold every byte until this is false again.
     pub stalled: bool,
-    /// Reset each new connection after a time uniform in this range.
+    /// Reset each connection after a time uniform in this range (from when it opened or
+    /// resets were turned on, whichever is later).
     pub reset_after: Option<(Duration, Duration)>,
 }
 
@@ -50,7 +51,11 @@ impl Rng {
     /// A duration uniform in `[lo, hi]`.
     pub fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
         let span = hi.saturating_sub(lo).as_micros() as u64;
-        lo + Duration::from_micros(if span == 0 { 0 } else { self.next() % (span + 1) })
+        lo + Duration::from_micros(if span == 0 {
+            0
+        } else {
+            self.next() % (span + 1)
+        })
     }
 }
 
@@ -148,32 +153,41 @@ fn connection(client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     let reset = Arc::new(AtomicBool::new(false));
-    let lifetime = {
-        let faults = shared.faults.lock().expect("faults").clone();
-        faults
-            .reset_after
-            .map(|(lo, hi)| shared.rng.lock().expect("rng").between(lo, hi))
-    };
+    let live = Arc::new(AtomicU64::new(2));
     for (from, to) in [(&client, &server), (&server, &client)] {
         let (from, to) = (
             from.try_clone().expect("clone"),
             to.try_clone().expect("clone"),
         );
-        let (s, r) = (shared.clone(), reset.clone());
-        std::thread::spawn(move || pump(from, to, s, r));
+        let (s, r, l) = (shared.clone(), reset.clone(), live.clone());
+        std::thread::spawn(move || {
+            pump(from, to, s, r);
+            l.fetch_sub(1, Ordering::SeqCst);
+        });
     }
-    if let Some(lifetime) = lifetime {
-        let deadline = Instant::now() + lifetime;
-        while Instant::now() < deadline && !shared.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(20));
+    // Resets apply to connections already open too: each draws its time to live when
+    // resets are turned on, and forgets it when they are turned off.
+    let mut deadline: Option<Instant> = None;
+    while live.load(Ordering::SeqCst) > 0 && !shared.stop.load(Ordering::Relaxed) {
+        let range = shared.faults.lock().expect("faults").reset_after;
+        deadline = match (range, deadline) {
+            (None, _) => None,
+            (Some(_), Some(d)) => Some(d),
+            (Some((lo, hi)), None) => {
+                Some(Instant::now() + shared.rng.lock().expect("rng").between(lo, hi))
+            }
+        };
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            reset.store(true, Ordering::SeqCst);
+            shared.resets.fetch_add(1, Ordering::Relaxed);
+            for s in [&client, &server] {
+                set_linger_zero(s);
+                // Wakes the readers (no packet is sent); the last close then sends the RST.
+                let _ = s.shutdown(Shutdown::Read);
+            }
+            return;
         }
-        reset.store(true, Ordering::SeqCst);
-        shared.resets.fetch_add(1, Ordering::Relaxed);
-        for s in [&client, &server] {
-            set_linger_zero(s);
-            // Wakes the readers (no packet is sent); the last close then sends the RST.
-            let _ = s.shutdown(Shutdown::Read);
-        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -195,7 +209,11 @@ fn pump(mut from: TcpStream, to: TcpStream, shared: Arc<Shared>, reset: Arc<Atom
                     if !stalled && now >= due {
                         break;
                     }
-                    let wait = if stalled { Duration::from_millis(10) } else { due - now };
+                    let wait = if stalled {
+                        Duration::from_millis(10)
+                    } else {
+                        due - now
+                    };
                     std::thread::sleep(wait.min(Duration::from_millis(10)));
                 }
                 if to.write_all(&chunk).is_err() {
@@ -222,7 +240,11 @@ fn pump(mut from: TcpStream, to: TcpStream, shared: Arc<Shared>, reset: Arc<Atom
             faults.latency
         } else {
             let lo = faults.latency.saturating_sub(faults.jitter);
-            shared.rng.lock().expect("rng").between(lo, faults.latency + faults.jitter)
+            shared
+                .rng
+                .lock()
+                .expect("rng")
+                .between(lo, faults.latency + faults.jitter)
         };
         last_due = last_due.max(Instant::now() + delay);
         if tx.send((last_due, buf[..n].to_vec())).is_err() {

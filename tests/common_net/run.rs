@@ -29,6 +29,20 @@ pub struct Sent {
     pub acked: Instant,
     /// How many tries it took.
     pub tries: u32,
+    /// Whether an earlier try had stored it (its ack was lost, and the retry with the
+    /// same cid got the first ack back: its `ts` is older than the last try).
+    pub deduped: bool,
+}
+
+/// How one try of a send ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Try {
+    /// Acked ok.
+    Acked,
+    /// Refused with `unavailable`.
+    Refused,
+    /// No connection, or it ended (or went quiet) before the ack.
+    Lost,
 }
 
 /// What one sender did.
@@ -36,8 +50,8 @@ pub struct Sent {
 pub struct SenderLog {
     /// Its acked sends, in order.
     pub sent: Vec<Sent>,
-    /// Every try: when, and whether it was acked ok.
-    pub tries: Vec<(Instant, bool)>,
+    /// Every try: when, and how it ended.
+    pub tries: Vec<(Instant, Try)>,
 }
 
 /// Senders and receivers running; [`Run::finish`] stops them.
@@ -97,7 +111,9 @@ impl Run {
             .map(|&(addr, user)| {
                 let stop = stop.clone();
                 let (user, room) = (user.to_owned(), room.to_owned());
-                std::thread::spawn(move || send_loop(ChatClient::new(addr, &user, &room), &user, pace, &stop))
+                std::thread::spawn(move || {
+                    send_loop(ChatClient::new(addr, &user, &room), &user, pace, &stop)
+                })
             })
             .collect();
         Run {
@@ -151,23 +167,25 @@ fn send_loop(mut c: ChatClient, user: &str, pace: Duration, stop: &AtomicBool) -
         loop {
             tries += 1;
             let at = Instant::now();
+            let wall_ms = corelay::ids::now_ms();
             match c.send(&text, &text) {
                 Ok(ack) if ack["ok"] == true => {
-                    log.tries.push((at, true));
+                    log.tries.push((at, Try::Acked));
                     log.sent.push(Sent {
                         text: text.clone(),
                         offset: ack["offset"].as_u64().expect("offset"),
                         first_try,
                         acked: Instant::now(),
                         tries,
+                        deduped: tries > 1 && ack["ts"].as_u64().is_some_and(|ts| ts < wall_ms),
                     });
                     break;
                 }
                 Ok(ack) => {
                     assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
-                    log.tries.push((at, false));
+                    log.tries.push((at, Try::Refused));
                 }
-                Err(SendError::Down(_) | SendError::Lost) => log.tries.push((at, false)),
+                Err(SendError::Down(_) | SendError::Lost) => log.tries.push((at, Try::Lost)),
             }
             std::thread::sleep(Duration::from_millis(100));
         }
