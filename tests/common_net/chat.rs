@@ -52,9 +52,9 @@ impl ChatClient {
         }
     }
 
-    /// The last offset it got (0 before any).
+    /// The highest offset it got (0 before any): what it joins `since`.
     pub fn last_offset(&self) -> u64 {
-        self.got.last().map_or(0, |m| m.0)
+        self.got.iter().map(|m| m.0).max().unwrap_or(0)
     }
 
     /// Connects and joins if not connected; `Err` says why it could not.

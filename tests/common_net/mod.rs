@@ -292,6 +292,30 @@ impl Net {
             "listening on",
         )
     }
+    /// The seed's Node server (`loadgen/peer/server.js`, one process of peer-N) on
+    /// `addr(i):port`, Redis at `redis`, the test secret, history kept and replayed in full.
+    pub fn peer(&self, i: usize, port: u16, redis: &str) -> NsProcess {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/loadgen/peer/server.js");
+        let host = self.addr(i).to_string();
+        let port = port.to_string();
+        self.spawn(
+            i,
+            "node",
+            &[
+                script,
+                "--host",
+                &host,
+                "--port",
+                &port,
+                "--redis",
+                redis,
+                "--secret",
+                crate::common::SECRET,
+            ],
+            &[("HISTORY_CAP", "100000"), ("MAX_REPLAY", "100000")],
+            "listening on",
+        )
+    }
 }
 
 impl Drop for Net {

@@ -17,7 +17,49 @@ pub struct Outcome {
     pub history: Vec<(u64, String)>,
 }
 
+/// What went wrong in a run, counted rather than asserted (for a stack that does not
+/// promise it all, such as the seed's peer-2).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Audit {
+    /// Messages acked.
+    pub acked: usize,
+    /// Acked messages some receiver never got (counted once per receiver).
+    pub lost: usize,
+    /// Messages a receiver got more than once (each extra copy).
+    pub duplicates: usize,
+    /// Times a receiver got an offset lower than the one before.
+    pub reorders: usize,
+    /// Acked messages not in the history.
+    pub missing_from_history: usize,
+}
+
 impl Outcome {
+    /// Counts loss, duplicates, reorders and history gaps over the acked messages.
+    pub fn audit(&self) -> Audit {
+        let acked: HashSet<u64> = self
+            .senders
+            .iter()
+            .flat_map(|s| s.sent.iter().map(|m| m.offset))
+            .collect();
+        let mut a = Audit {
+            acked: acked.len(),
+            ..Audit::default()
+        };
+        for r in &self.receivers {
+            let mut seen = HashSet::new();
+            for w in r.got.windows(2) {
+                a.reorders += usize::from(w[1].0 < w[0].0);
+            }
+            for m in &r.got {
+                a.duplicates += usize::from(!seen.insert(m.0));
+            }
+            a.lost += acked.iter().filter(|o| !seen.contains(o)).count();
+        }
+        let history: HashSet<u64> = self.history.iter().map(|m| m.0).collect();
+        a.missing_from_history = acked.iter().filter(|o| !history.contains(o)).count();
+        a
+    }
+
     /// Asserts: each acked offset and text acked once, offsets contiguous from 1, each
     /// sender's offsets rising; every receiver got each acked message exactly once, in
     /// offset order, with its text; the history is exactly the acked messages. Returns

@@ -93,7 +93,7 @@ impl Run {
                         if target != 0 && c.last_offset() >= target {
                             return c;
                         }
-                        let by = *done_by.get_or_insert(Instant::now() + Duration::from_secs(60));
+                        let by = *done_by.get_or_insert(Instant::now() + Duration::from_secs(20));
                         if Instant::now() > by {
                             return c;
                         }
@@ -126,7 +126,7 @@ impl Run {
     }
 
     /// Stops sending, waits for every sender to have its last message acked and every
-    /// receiver to have all of them (at most 60 s), reads the room's history at
+    /// receiver to have all of them (at most 20 s more), reads the room's history at
     /// `history_at`, and gathers what happened.
     pub fn finish(self, history_at: SocketAddr) -> Outcome {
         self.stop.store(true, Ordering::SeqCst);
