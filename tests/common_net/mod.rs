@@ -27,16 +27,30 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// Whether this process can make namespaces: root, with `ip` installed.
+/// Whether this process can make namespaces and bridges: root, with `ip` installed, and
+/// allowed to (a container may say no): found out once by making and removing a probe.
 pub fn available() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    root && Command::new("ip")
-        .args(["netns", "list"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return false;
+        }
+        let pid = std::process::id();
+        let (ns, br) = (format!("crn{pid:x}xprobe"), format!("crb{pid:x}xp"));
+        let ok = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let can = ok(&["netns", "add", &ns]) && ok(&["link", "add", &br, "type", "bridge"]);
+        ip_quiet(&["netns", "del", &ns]);
+        ip_quiet(&["link", "del", &br]);
+        can
+    })
 }
 
 /// Returns true (after printing why) when the test must be skipped.
