@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The "hard days" runs: the fault tests of tests/faults.rs (latency 200±50 ms, a host cut
-# from Redis for 10 s, clients cut from a host for 10 s, random connection resets), each
+# from Redis for 10 s, clients cut from a host for 10 s, random connection resets, a host's
+# link to Redis stalled for 10 s), each
 # against corelay-2 (two hosts through Redis) and peer-2 (the seed's Node stack, two
 # processes through Redis), in network namespaces made and removed by the tests.
 #

@@ -6,7 +6,8 @@
 //! - latency 200 ms ± 50 ms (each way) between clients and host A, then removed;
 //! - host A cut from Redis for 10 s (blackhole route in its namespace); B keeps serving;
 //! - clients cut from host A for 10 s (they reconnect and `join` with `since`);
-//! - a proxy in front of host A resetting every connection after 0.3–1.5 s.
+//! - a proxy in front of host A resetting every connection after 0.3–1.5 s;
+//! - host A's link to Redis stalled for 10 s by a proxy (bytes held, then delivered).
 //!
 //! and asserts that every acked message reached every receiver exactly once, in order,
 //! and is in the history (see `common_net::outcome`); recovery times and p99 before,
@@ -74,23 +75,40 @@ impl Stack {
 struct Cluster {
     net: Arc<Net>,
     stack: Stack,
+    /// The proxy between host A and Redis, when asked for.
+    redis_proxy: Option<FaultProxy>,
     _procs: Vec<NsProcess>,
 }
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(false)
+    }
+
+    /// With `a_via_proxy`, host A reaches Redis through a fault proxy (no faults yet).
+    fn start_with(a_via_proxy: bool) -> Cluster {
         let stack = Stack::from_env();
         let net = Arc::new(Net::new(3));
         let redis = net.redis(0);
-        let url = format!("redis://{}:6379", net.addr(0));
-        let host = |i| match stack {
-            Stack::Corelay => net.corelay(i, PORT, &url, ENV),
-            Stack::Peer => net.peer(i, PORT, &url),
+        let direct = SocketAddrV4::new(net.addr(0), 6379);
+        let redis_proxy = a_via_proxy.then(|| {
+            let bind = SocketAddrV4::new(net.gateway(), 0).into();
+            FaultProxy::start(bind, direct.into(), Faults::default(), 3)
+        });
+        let a_url = format!(
+            "redis://{}",
+            redis_proxy.as_ref().map_or(direct.into(), |p| p.addr)
+        );
+        let url = format!("redis://{direct}");
+        let host = |i, url: &str| match stack {
+            Stack::Corelay => net.corelay(i, PORT, url, ENV),
+            Stack::Peer => net.peer(i, PORT, url),
         };
-        let (a, b) = (host(1), host(2));
+        let (a, b) = (host(1, &a_url), host(2, &url));
         Cluster {
             net,
             stack,
+            redis_proxy,
             _procs: vec![redis, a, b],
         }
     }
@@ -352,6 +370,41 @@ fn a_proxy_resetting_connections_at_random() {
             t,
             out.recovery(0, t[2]),
             out.caught_up(0, t[2]),
+        );
+        verdict(stack, &out);
+    });
+}
+
+#[test]
+fn redis_stalled_for_10s_behind_a_proxy() {
+    if common_net::skip() {
+        return;
+    }
+    let mut cluster = Cluster::start_with(true);
+    let proxy = cluster.redis_proxy.take().expect("the Redis proxy");
+    let (a, b, stack) = (cluster.host(1), cluster.host(2), cluster.stack);
+    within(Duration::from_secs(120), move || {
+        let (out, t) = around(
+            &[(a, "sa"), (b, "sb")],
+            &[(a, "ra"), (b, "rb")],
+            b,
+            [3, 10, 5].map(Duration::from_secs),
+            || proxy.set(|f| f.stalled = true),
+            || proxy.set(|f| f.stalled = false),
+        );
+        report(
+            stack,
+            "host A to Redis stalled 10 s (bytes held)",
+            &out,
+            t,
+            out.recovery(0, t[2]),
+            out.caught_up(0, t[2]),
+        );
+        let refused = out.tries(Try::Refused);
+        let deduped = out.senders[0].sent.iter().filter(|m| m.deduped).count();
+        eprintln!(
+            "stall: {refused} tries refused; {deduped} messages stored by a try that was refused \
+             or lost (the retry with the same cid got the first ack back)"
         );
         verdict(stack, &out);
     });

@@ -1,7 +1,9 @@
 //! A reconnecting chat client for fault tests, built on [`WsClient`]: it connects to a
 //! host's address, joins one room with `since` = the last offset it got (so a reconnect
 //! replays what it missed), sends with a `cid` (so a retry after a lost ack stores
-//! nothing twice), and notices a dead connection by the Engine.IO pings stopping.
+//! nothing twice), and notices a dead connection by the Engine.IO pings stopping (no
+//! frame within the server's `pingInterval + pingTimeout`), or by an ack not coming
+//! within 5 s.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -10,8 +12,9 @@ use serde_json::{json, Value};
 
 use crate::common::{token, ReadEnd, WsClient};
 
-/// No frame for this long (pings included) means the connection is dead.
-pub const SILENCE: Duration = Duration::from_secs(4);
+/// How long past the server's `pingInterval + pingTimeout` (from its open packet) a
+/// silent connection is kept before it is called dead, as socket.io-client does.
+pub const SILENCE_SLACK: Duration = Duration::from_millis(500);
 
 /// Why a send did not give an ack.
 #[derive(Debug)]
@@ -31,6 +34,8 @@ pub struct ChatClient {
     ws: Option<WsClient>,
     next_id: u64,
     last_heard: Instant,
+    /// No frame for this long means the connection is dead (from the open packet).
+    silence: Duration,
     /// Every message it got (live or replayed on join): offset, text, when.
     pub got: Vec<(u64, String, Instant)>,
     /// How many connections it made.
@@ -47,6 +52,7 @@ impl ChatClient {
             ws: None,
             next_id: 0,
             last_heard: Instant::now(),
+            silence: Duration::from_secs(45),
             got: Vec::new(),
             connects: 0,
         }
@@ -66,9 +72,13 @@ impl ChatClient {
         let open = ws
             .recv_text(Duration::from_secs(5))
             .map_err(|e| format!("open: {e:?}"))?;
-        if !open.starts_with('0') {
+        let Some(open) = open.strip_prefix('0') else {
             return Err(format!("expected open, got {open}"));
-        }
+        };
+        let open: Value = serde_json::from_str(open).map_err(|e| format!("open: {e}"))?;
+        let ms = |k: &str| open[k].as_u64().unwrap_or(25_000);
+        self.silence =
+            Duration::from_millis(ms("pingInterval") + ms("pingTimeout")) + SILENCE_SLACK;
         ws.send_text(&format!(
             "40{{\"token\":\"{}\"}}",
             token(&self.user, Some(&["*"]))
@@ -176,7 +186,7 @@ impl ChatClient {
                 Ok(_) => self.last_heard = Instant::now(),
                 Err(ReadEnd::Closed) => self.ws = None,
                 Err(ReadEnd::Timeout) => {
-                    if self.last_heard.elapsed() > SILENCE {
+                    if self.last_heard.elapsed() > self.silence {
                         self.ws = None;
                     }
                 }
