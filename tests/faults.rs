@@ -326,11 +326,19 @@ fn clients_cut_from_a_host_for_10s() {
             out.recovery(0, t[2]),
             out.caught_up(0, t[2]),
         );
-        assert!(
-            out.receivers[0].connects > 1,
-            "the receiver on A never reconnected"
+        eprintln!(
+            "clients cut: the receiver on A connected {} times",
+            out.receivers[0].connects
         );
-        verdict(stack, &out);
+        // corelay pings every second here, so its clients notice the cut and reconnect;
+        // peer-2's (every 25 s, 20 s timeout) do not within 10 s: their TCP connections
+        // resume after the heal.
+        if verdict(stack, &out) {
+            assert!(
+                out.receivers[0].connects > 1,
+                "the receiver on A never reconnected"
+            );
+        }
     });
 }
 

@@ -63,6 +63,15 @@ impl ChatClient {
         self.got.iter().map(|m| m.0).max().unwrap_or(0)
     }
 
+    /// How many different offsets it got.
+    pub fn distinct(&self) -> usize {
+        self.got
+            .iter()
+            .map(|m| m.0)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    }
+
     /// Connects and joins if not connected; `Err` says why it could not.
     pub fn ensure(&mut self) -> Result<(), String> {
         if self.ws.is_some() {

@@ -90,7 +90,7 @@ impl Run {
                             continue;
                         }
                         let target = last.load(Ordering::SeqCst);
-                        if target != 0 && c.last_offset() >= target {
+                        if target != 0 && c.distinct() as u64 >= target {
                             return c;
                         }
                         let by = *done_by.get_or_insert(Instant::now() + Duration::from_secs(20));
