@@ -130,15 +130,9 @@ fn ms(d: Option<Duration>) -> String {
 }
 
 /// Prints the run's figures, one `FAULT` line a test (for the hard-days table).
-fn report(
-    stack: Stack,
-    name: &str,
-    out: &Outcome,
-    t: [Instant; 4],
-    recovery: Option<Duration>,
-    caught_up: Duration,
-) {
+fn report(stack: Stack, name: &str, out: &Outcome, t: [Instant; 4], recovery: Option<Duration>) {
     let [start, fault, heal, end] = t;
+    let caught_up = out.caught_up(0, heal);
     let a = out.audit();
     eprintln!(
         "FAULT {} | {name} | acked {} lost {} duplicates {} reorders {} missing from history {} | \
@@ -163,17 +157,19 @@ fn report(
     );
 }
 
-/// Runs senders and receivers for `before`, applies `fault`, waits `hold`, calls `heal`,
-/// runs `after` more; the outcome and the times (start, fault, heal, end).
+/// Runs a sender and a receiver on host A (at `a`: the host or a proxy in front of it) and
+/// on host B (at `b`) for `before`, applies `fault`, waits `hold`, calls `heal`, runs
+/// `after` more; the outcome (sender and receiver 0 are A's) and the times (start,
+/// fault, heal, end).
 fn around(
-    senders: &[(SocketAddr, &str)],
-    receivers: &[(SocketAddr, &str)],
-    history_at: SocketAddr,
+    a: SocketAddr,
+    b: SocketAddr,
     [before, hold, after]: [Duration; 3],
     fault: impl FnOnce(),
     heal: impl FnOnce(),
 ) -> (Outcome, [Instant; 4]) {
-    let run = Run::start("hard-days", senders, receivers, PACE);
+    let (senders, receivers) = ([(a, "sa"), (b, "sb")], [(a, "ra"), (b, "rb")]);
+    let run = Run::start("hard-days", &senders, &receivers, PACE);
     let start = Instant::now();
     std::thread::sleep(before);
     let t_fault = Instant::now();
@@ -183,7 +179,7 @@ fn around(
     let t_heal = Instant::now();
     std::thread::sleep(after);
     let t_end = Instant::now();
-    (run.finish(history_at), [start, t_fault, t_heal, t_end])
+    (run.finish(b), [start, t_fault, t_heal, t_end])
 }
 
 /// corelay must pass every check (see `Outcome::check`); peer-2 is only reported.
@@ -211,8 +207,7 @@ fn latency_200ms_jitter_50ms_between_clients_and_a_host() {
             ..Faults::default()
         };
         let (out, t) = around(
-            &[(a, "sa"), (b, "sb")],
-            &[(a, "ra"), (b, "rb")],
+            a,
             b,
             [3, 8, 4].map(Duration::from_secs),
             || proxy.set(|f| *f = slow),
@@ -223,14 +218,7 @@ fn latency_200ms_jitter_50ms_between_clients_and_a_host() {
             .iter()
             .find(|m| m.acked >= t[2] && m.acked - m.first_try < Duration::from_millis(100));
         let recovery = recovered.map(|m| m.acked - t[2]);
-        report(
-            stack,
-            "latency 200±50 ms (clients to A)",
-            &out,
-            t,
-            recovery,
-            out.caught_up(0, t[2]),
-        );
+        report(stack, "latency 200±50 ms (clients to A)", &out, t, recovery);
         let during = out.p99(t[1], t[2]).expect("sends during");
         assert!(
             during >= Duration::from_millis(300),
@@ -255,8 +243,7 @@ fn a_host_cut_from_redis_for_10s() {
     within(Duration::from_secs(120), move || {
         let redis = net.addr(0);
         let (out, t) = around(
-            &[(a, "sa"), (b, "sb")],
-            &[(a, "ra"), (b, "rb")],
+            a,
             b,
             [3, 10, 5].map(Duration::from_secs),
             || net.cut(1, redis),
@@ -268,7 +255,6 @@ fn a_host_cut_from_redis_for_10s() {
             &out,
             t,
             out.recovery(0, t[2]),
-            out.caught_up(0, t[2]),
         );
         let refused = out.senders[0]
             .tries
@@ -311,8 +297,7 @@ fn clients_cut_from_a_host_for_10s() {
     within(Duration::from_secs(120), move || {
         let clients = net.gateway();
         let (out, t) = around(
-            &[(a, "sa"), (b, "sb")],
-            &[(a, "ra"), (b, "rb")],
+            a,
             b,
             [3, 10, 5].map(Duration::from_secs),
             || net.cut(1, clients),
@@ -324,7 +309,6 @@ fn clients_cut_from_a_host_for_10s() {
             &out,
             t,
             out.recovery(0, t[2]),
-            out.caught_up(0, t[2]),
         );
         eprintln!(
             "clients cut: the receiver on A connected {} times",
@@ -356,8 +340,7 @@ fn a_proxy_resetting_connections_at_random() {
             ..Faults::default()
         };
         let (out, t) = around(
-            &[(a, "sa"), (b, "sb")],
-            &[(a, "ra"), (b, "rb")],
+            a,
             b,
             [2, 12, 4].map(Duration::from_secs),
             || proxy.set(|f| *f = resets),
@@ -377,7 +360,6 @@ fn a_proxy_resetting_connections_at_random() {
             &out,
             t,
             out.recovery(0, t[2]),
-            out.caught_up(0, t[2]),
         );
         verdict(stack, &out);
     });
@@ -393,8 +375,7 @@ fn redis_stalled_for_10s_behind_a_proxy() {
     let (a, b, stack) = (cluster.host(1), cluster.host(2), cluster.stack);
     within(Duration::from_secs(120), move || {
         let (out, t) = around(
-            &[(a, "sa"), (b, "sb")],
-            &[(a, "ra"), (b, "rb")],
+            a,
             b,
             [3, 10, 5].map(Duration::from_secs),
             || proxy.set(|f| f.stalled = true),
@@ -406,7 +387,6 @@ fn redis_stalled_for_10s_behind_a_proxy() {
             &out,
             t,
             out.recovery(0, t[2]),
-            out.caught_up(0, t[2]),
         );
         let refused = out.tries(Try::Refused);
         let deduped = out.senders[0].sent.iter().filter(|m| m.deduped).count();
