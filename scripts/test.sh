@@ -18,6 +18,8 @@ command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 # The Redis Cluster tests form clusters with redis-cli.
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+# The fault tests (tests/faults.rs) put hosts and Redis in network namespaces (as root).
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

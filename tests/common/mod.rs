@@ -248,13 +248,20 @@ impl WsClient {
 
     /// Performs the upgrade on `path`; Err carries the HTTP answer when it is not 101.
     pub fn handshake(port: u16, path: &str) -> Result<WsClient, String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        WsClient::handshake_at(([127, 0, 0, 1], port).into(), path)
+    }
+
+    /// [`WsClient::handshake`] to any address; a connection that fails or does not
+    /// complete within 5 s is an `Err` too (a host cut off by a fault test).
+    pub fn handshake_at(addr: std::net::SocketAddr, path: &str) -> Result<WsClient, String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
         stream.set_nodelay(true).unwrap();
         write!(
             stream,
             "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
-        .unwrap();
+        .map_err(|e| format!("write the upgrade: {e}"))?;
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
