@@ -1,7 +1,8 @@
 //! The shedder: a shard's enforcement of its part of `limits.memory_budget`. It publishes
 //! the shard's queued bytes and pressure for `/metrics`, `/healthz` and the other shards,
-//! and when the queues pass the budget's `shed` mark it cuts the connections holding the
-//! most queued bytes (the slowest consumers) until the shard is back at its `pressure` mark.
+//! and when the queues pass the budget's `shed` mark, or the shard has refused new work for
+//! [`PATIENCE`] without its queues draining, it cuts the connections holding the most
+//! queued bytes (the slowest consumers) until the shard is below its `relief` mark.
 //! A cut connection loses only what was queued to it, never an acked message: it recovers
 //! with `join {since}`, as any slow consumer.
 
@@ -9,7 +10,7 @@ use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Shard;
 use crate::metrics::ShardMetrics;
@@ -20,15 +21,23 @@ use crate::transport::session::Session;
 /// How often the shard's figures are published when nothing wakes the shedder.
 const PUBLISH_EVERY: Duration = Duration::from_millis(10);
 
+/// How long a shard refuses new work for memory before it cuts its largest queues even
+/// below the `shed` mark: consumers that stopped reading would otherwise hold the shard
+/// in pressure (and its senders refused) for as long as they stay connected.
+const PATIENCE: Duration = Duration::from_secs(1);
+
 impl Shard {
     /// Runs for the shard's life: publishes its figures, and sheds when woken past the
     /// `shed` mark (or finding the shard there at a tick).
     pub async fn run_shedder(self: Rc<Self>) {
         let budget = self.chat.budget.clone();
         let mut cuts_seen = 0;
+        let mut pressured_since: Option<Instant> = None;
         loop {
             wait_or_tick(&budget).await;
-            if budget.must_shed() {
+            let now = Instant::now();
+            let stuck = pressured_since.is_some_and(|at| now - at >= PATIENCE);
+            if budget.must_shed() || stuck {
                 self.shed(&budget);
             }
             let stats = self.stats();
@@ -38,11 +47,15 @@ impl Shard {
             stats.queued_bytes.store(budget.used() as u64, Relaxed);
             let pressured = budget.state() == Pressure::Pressured;
             stats.memory_pressure.store(u64::from(pressured), Relaxed);
+            pressured_since = match (pressured, pressured_since) {
+                (false, _) => None,
+                (true, since) => Some(since.unwrap_or(now)),
+            };
         }
     }
 
-    /// Cuts the sessions with the most queued bytes until the shard is back at its
-    /// `pressure` mark: slow consumers, as if their own queue had overflowed.
+    /// Cuts the sessions with the most queued bytes until the shard is below its `relief`
+    /// mark: slow consumers, as if their own queue had overflowed.
     fn shed(&self, budget: &ShardBudget) {
         let mut heavy: Vec<(usize, Rc<Session>)> = self
             .sessions
@@ -53,10 +66,10 @@ impl Shard {
             .filter(|(bytes, _)| *bytes > 0)
             .collect();
         heavy.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-        let target = budget.pressure_mark();
+        let target = budget.relief_mark();
         let stats = self.stats();
         for (bytes, session) in heavy {
-            if budget.used() <= target {
+            if budget.used() < target {
                 break;
             }
             session

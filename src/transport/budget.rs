@@ -12,8 +12,9 @@
 //! touches another core's memory. Past its marks the shard (see [`ShardBudget::state`]):
 //! - at `pressure` (half its share) refuses new work that would queue more (sends, joins,
 //!   presence: `unavailable`) until it drains below `relief` (three eighths);
-//! - at `shed` (three quarters) wakes its shedder, which cuts the connections holding the
-//!   most queued bytes (slow consumers first) until the shard is back at `pressure`;
+//! - at `shed` (three quarters), or when the pressure lasts (the queues do not drain),
+//!   its shedder cuts the connections holding the most queued bytes (slow consumers
+//!   first) until the shard is below `relief` and serves again;
 //! - at the share itself a frame offered to a queue holding more than its fair part
 //!   (share / queues) overflows that queue at once, without waiting for the shedder: the
 //!   shard never holds much more than its share (at most twice, in the worst case).
@@ -77,7 +78,7 @@ impl ShardBudget {
     }
 
     /// The mark below which a pressured shard serves again.
-    fn relief_mark(&self) -> usize {
+    pub fn relief_mark(&self) -> usize {
         self.share / 8 * 3
     }
 
