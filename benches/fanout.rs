@@ -1,7 +1,8 @@
 //! Fan-out microbenchmark: delivering one encoded frame to every member of a room, in
 //! process (no sockets), at 10 / 1,000 / 10,000 members.
 //!
-//! Setup builds N `Session`s (WebSocket transport, default `LimitsConfig`). Each
+//! Setup builds N `Session`s (WebSocket transport, default `LimitsConfig`, one shard's
+//! budget of the default `limits.memory_budget`, so its accounting is measured too). Each
 //! iteration then does, per recipient, what the member shard does — `Session::push` of a
 //! `Bytes` clone (a refcount bump, no copy) of one ~200-byte text frame — and then what
 //! each connection's writer does — `Outbound::drain_into` into a reused `Vec` — so the
@@ -12,10 +13,12 @@
 //! --measurement-time 3` for a shorter run).
 
 use std::hint::black_box;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use corelay::config::LimitsConfig;
+use corelay::transport::budget::ShardBudget;
 use corelay::transport::conn::{Queued, Timers, Transport};
 use corelay::transport::session::Session;
 use corelay::transport::websocket::text_frame;
@@ -36,6 +39,7 @@ fn frame() -> Bytes {
 
 fn sessions(n: usize) -> Vec<Session> {
     let limits = LimitsConfig::default();
+    let budget = Rc::new(ShardBudget::new(limits.memory_budget));
     let now = Instant::now();
     let timers = Timers {
         next_ping: now + Duration::from_secs(25),
@@ -49,7 +53,7 @@ fn sessions(n: usize) -> Vec<Session> {
                 id,
                 format!("sid-{id}"),
                 Transport::WebSocket,
-                &limits,
+                (&limits, budget.clone()),
                 timers,
                 tracing::Span::none(),
             )

@@ -65,7 +65,7 @@ impl Shard {
             .map(|s| (s.queued_bytes(), s.clone()))
             .filter(|(bytes, _)| *bytes > 0)
             .collect();
-        heavy.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        heavy.sort_unstable_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
         let target = budget.relief_mark();
         let stats = self.stats();
         for (bytes, session) in heavy {
