@@ -5,7 +5,8 @@
 //! budget of the default `limits.memory_budget`, so its accounting is measured too). Each
 //! iteration then does, per recipient, what the member shard does — `Session::push` of a
 //! `Bytes` clone (a refcount bump, no copy) of one ~200-byte text frame — and then what
-//! each connection's writer does — `Outbound::drain_into` into a reused `Vec` — so the
+//! each connection's writer does — `Outbound::drain_into` into a reused `Vec`, then
+//! `written` — so the
 //! queues never fill. Throughput is `Elements(N)`, so criterion reports recipients per
 //! second and the time per iteration divided by N is the cost per recipient.
 //!
@@ -81,8 +82,10 @@ fn bench_fanout(c: &mut Criterion) {
                     // Writers: each connection drains its queue into its write buffer.
                     for s in members {
                         buf.clear();
-                        s.queue().drain_into(&mut buf, WRITE_BATCH);
+                        let mut queue = s.queue();
+                        queue.drain_into(&mut buf, WRITE_BATCH);
                         black_box(buf.len());
+                        queue.written();
                     }
                 })
             },

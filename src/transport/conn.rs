@@ -53,6 +53,9 @@ pub struct Outbound {
     bytes: usize,
     max_frames: usize,
     max_bytes: usize,
+    /// Bytes the writer took out of the queue and is writing (its batch): still held, so
+    /// still counted in the budget until [`Outbound::written`].
+    in_flight: usize,
     budget: Rc<ShardBudget>,
     waker: Option<Waker>,
     closing: Option<CloseReason>,
@@ -71,6 +74,7 @@ impl Outbound {
             bytes: 0,
             max_frames,
             max_bytes,
+            in_flight: 0,
             budget,
             waker: None,
             closing: None,
@@ -93,7 +97,7 @@ impl Outbound {
         }
         if self.frames.len() >= self.max_frames
             || self.bytes + len > self.max_bytes
-            || !self.budget.admits(self.bytes, len)
+            || !self.budget.admits(self.bytes + self.in_flight, len)
         {
             return Queued::Overflow;
         }
@@ -112,15 +116,16 @@ impl Outbound {
         Some(f)
     }
 
-    /// Moves queued frames (up to about `max` bytes, at least one) into `out`.
+    /// Moves queued frames (up to about `max` bytes, at least one) into `out`. They stay
+    /// counted in the budget, in flight, until the writer calls [`Outbound::written`].
     pub fn drain_into(&mut self, out: &mut Vec<u8>, max: usize) {
         while let Some(f) = self.frames.front() {
             if !out.is_empty() && out.len() + f.len() > max {
                 break;
             }
             out.extend_from_slice(f);
-            let len = f.len();
-            self.uncount(len);
+            self.bytes -= f.len();
+            self.in_flight += f.len();
             self.frames.pop_front();
         }
         if self.frames.capacity() > 64 && self.frames.is_empty() {
@@ -196,9 +201,15 @@ impl Outbound {
         self.moving
     }
 
-    /// Bytes queued.
+    /// The writer's batch is written (or failed): its bytes leave the budget.
+    pub fn written(&mut self) {
+        self.budget.sub(self.in_flight);
+        self.in_flight = 0;
+    }
+
+    /// Bytes queued, and in the writer's batch.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.bytes + self.in_flight
     }
 
     /// Takes every queued frame, oldest first (they travel with a moving connection; the
@@ -233,7 +244,7 @@ impl Outbound {
 /// A queue that goes away gives its bytes back to the shard's budget.
 impl Drop for Outbound {
     fn drop(&mut self) {
-        self.budget.sub(self.bytes);
+        self.budget.sub(self.bytes + self.in_flight);
         self.budget.queue_closed();
     }
 }
@@ -316,10 +327,20 @@ mod tests {
         assert_eq!(budget.used(), 15);
         q.pop();
         assert_eq!(budget.used(), 5);
+        r.push(Bytes::from(vec![0; 7]), false);
+        let mut out = Vec::new();
+        r.drain_into(&mut out, 1);
+        assert_eq!(
+            (budget.used(), r.bytes()),
+            (12, 12),
+            "the writer's batch still counts"
+        );
+        r.written();
+        assert_eq!(budget.used(), 7, "the second frame is still queued");
         let moving = r.take_frames();
         assert_eq!(budget.used(), 0);
         q.restore_frames(moving);
-        assert_eq!(budget.used(), 5);
+        assert_eq!(budget.used(), 7);
         drop(q);
         assert_eq!(budget.used(), 0);
     }
