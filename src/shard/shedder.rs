@@ -39,6 +39,9 @@ impl Shard {
             let stuck = pressured_since.is_some_and(|at| now - at >= PATIENCE);
             if budget.must_shed() || stuck {
                 self.shed(&budget);
+                // What is left may be held by closing sessions still flushing: let them
+                // (and everything else on the shard) run before looking again.
+                glommio::timer::sleep(Duration::from_millis(1)).await;
             }
             let stats = self.stats();
             let cuts = budget.hard_cuts();
