@@ -1,6 +1,7 @@
 //! One shard's part of the process-wide memory budget (`limits.memory_budget`): the bytes
-//! its connections' outbound queues hold, counted as frames are queued and uncounted as
-//! they are written, dropped or carried away by a moving connection.
+//! its connections' outbound queues hold, counted as frames are queued and uncounted once
+//! written (a writer's batch, copied out of the queue, counts until its write returns),
+//! dropped, or carried away by a moving connection (the shard it reaches counts them).
 //!
 //! A frame is shared (`Bytes`) by every queue it sits in, but it is counted once per
 //! queue: that is what a connection would lose if it were cut, and what the kernel gets
