@@ -1,10 +1,12 @@
 //! Fan-out microbenchmark: delivering one encoded frame to every member of a room, in
 //! process (no sockets), at 10 / 1,000 / 10,000 members.
 //!
-//! Setup builds N `Session`s (WebSocket transport, default `LimitsConfig`). Each
+//! Setup builds N `Session`s (WebSocket transport, default `LimitsConfig`, one shard's
+//! budget of the default `limits.memory_budget`, so its accounting is measured too). Each
 //! iteration then does, per recipient, what the member shard does — `Session::push` of a
 //! `Bytes` clone (a refcount bump, no copy) of one ~200-byte text frame — and then what
-//! each connection's writer does — `Outbound::drain_into` into a reused `Vec` — so the
+//! each connection's writer does — `Outbound::drain_into` into a reused `Vec`, then
+//! `written` — so the
 //! queues never fill. Throughput is `Elements(N)`, so criterion reports recipients per
 //! second and the time per iteration divided by N is the cost per recipient.
 //!
@@ -12,10 +14,12 @@
 //! --measurement-time 3` for a shorter run).
 
 use std::hint::black_box;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use corelay::config::LimitsConfig;
+use corelay::transport::budget::ShardBudget;
 use corelay::transport::conn::{Queued, Timers, Transport};
 use corelay::transport::session::Session;
 use corelay::transport::websocket::text_frame;
@@ -36,6 +40,7 @@ fn frame() -> Bytes {
 
 fn sessions(n: usize) -> Vec<Session> {
     let limits = LimitsConfig::default();
+    let budget = Rc::new(ShardBudget::new(limits.memory_budget));
     let now = Instant::now();
     let timers = Timers {
         next_ping: now + Duration::from_secs(25),
@@ -49,7 +54,7 @@ fn sessions(n: usize) -> Vec<Session> {
                 id,
                 format!("sid-{id}"),
                 Transport::WebSocket,
-                &limits,
+                (&limits, budget.clone()),
                 timers,
                 tracing::Span::none(),
             )
@@ -77,8 +82,10 @@ fn bench_fanout(c: &mut Criterion) {
                     // Writers: each connection drains its queue into its write buffer.
                     for s in members {
                         buf.clear();
-                        s.queue().drain_into(&mut buf, WRITE_BATCH);
+                        let mut queue = s.queue();
+                        queue.drain_into(&mut buf, WRITE_BATCH);
                         black_box(buf.len());
+                        queue.written();
                     }
                 })
             },

@@ -222,9 +222,11 @@ fn no_answer() -> Answer {
     error(500, "internal", "the room's home shard did not answer")
 }
 
-/// The 503 for a request while the queue toward the room's home shard is full.
+/// The 503 for a request while the queue toward the room's home shard is full, or this
+/// shard or the home is past its part of `limits.memory_budget`.
 fn overloaded(chat: &Chat, room: &str) -> Option<Answer> {
-    if !chat.mesh_congested(home_of(room, chat.count)) {
+    let home = home_of(room, chat.count);
+    if !chat.mesh_congested(home) && !chat.memory_pressured(home) {
         return None;
     }
     let e = super::handler::overloaded();

@@ -447,9 +447,10 @@ impl<'a> Asked<'a> {
         ok
     }
 
-    /// Whether the queue toward the room's home is full (the client is told).
+    /// Whether the queue toward the room's home is full, or this shard or the home is past
+    /// its part of `limits.memory_budget` (the client is told `unavailable`).
     fn overloaded(&self) -> bool {
-        let full = self.chat.mesh_congested(self.home);
+        let full = self.chat.mesh_congested(self.home) || self.chat.memory_pressured(self.home);
         if full {
             self.refuse(&overloaded());
         }
@@ -644,7 +645,8 @@ fn history(asked: &Asked<'_>, query: HistoryQuery, limit: usize) {
 }
 
 /// The refusal for work a client starts while the queue toward its room's home shard is
-/// full (`limits.mesh_outbox`): nothing was done; retry.
+/// full (`limits.mesh_outbox`) or the queues to connections hold more than the memory
+/// budget allows (`limits.memory_budget`): nothing was done; retry.
 pub fn overloaded() -> ChatError {
     ChatError::new(
         ErrorCode::Unavailable,

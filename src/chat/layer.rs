@@ -19,6 +19,7 @@ use crate::context::Context;
 use crate::hooks::Hooks;
 use crate::metrics::ShardMetrics;
 use crate::store::Store;
+use crate::transport::budget::{Pressure, ShardBudget};
 use crate::transport::conn::{Queued, Timers};
 use crate::transport::host::Host;
 use crate::transport::session::Session;
@@ -55,6 +56,8 @@ pub struct Chat {
     mesh: Weak<dyn Mesh>,
     /// This shard's client of the application's backend, when a hook is on.
     pub hooks: Option<Rc<Hooks>>,
+    /// This shard's part of `limits.memory_budget`: what its sessions' queues hold.
+    pub budget: Rc<ShardBudget>,
     /// This chat state itself, for the tasks that finish a hook call.
     me: Weak<Chat>,
 }
@@ -69,6 +72,11 @@ impl Chat {
         mesh: Weak<dyn Mesh>,
         hooks: Option<Rc<Hooks>>,
     ) -> Rc<Chat> {
+        let total = ctx.config.limits.memory_budget;
+        ctx.metrics
+            .memory_budget
+            .store(total as u64, std::sync::atomic::Ordering::Relaxed);
+        let budget = Rc::new(ShardBudget::new(total / count.max(1)));
         Rc::new_cyclic(|me| Chat {
             id,
             count,
@@ -80,6 +88,7 @@ impl Chat {
             local_rooms: RefCell::new(HashMap::new()),
             mesh,
             hooks,
+            budget,
             me: me.clone(),
         })
     }
@@ -114,6 +123,20 @@ impl Chat {
             ShardMetrics::inc(&self.stats().mesh_refusals);
         }
         congested
+    }
+
+    /// Whether new work toward the room whose home is `home` is refused for memory: this
+    /// shard's queues, or the home's (where its members mostly are: they follow their
+    /// room), are past their part of `limits.memory_budget`. Counted when refused.
+    pub fn memory_pressured(&self, home: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let pressured = self.budget.state() == Pressure::Pressured
+            || (home != self.id
+                && self.ctx.metrics.shards[home].memory_pressure.load(Relaxed) != 0);
+        if pressured {
+            ShardMetrics::inc(&self.stats().budget_refusals);
+        }
+        pressured
     }
 
     /// Sends a request to a room's home shard.

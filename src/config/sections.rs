@@ -138,6 +138,11 @@ pub struct LimitsConfig {
     /// Answers and deliveries of work already accepted always go: dropping them would lose
     /// an acked message or a leave.
     pub mesh_outbox: usize,
+    /// Bytes the whole process may hold in its connections' outbound queues (0: no bound),
+    /// split evenly over shards. Past half a shard's part, sends, joins and presence are
+    /// refused with `unavailable`; past three quarters the connections holding the most are
+    /// cut as slow consumers.
+    pub memory_budget: usize,
 }
 
 impl Default for LimitsConfig {
@@ -156,6 +161,10 @@ impl Default for LimitsConfig {
             connect_rate_per_ip: 100.0,
             connect_burst_per_ip: 20_000.0,
             mesh_outbox: 4096,
+            // 256 MiB: with the rest of the process (~80 MiB at 20,000 idle connections,
+            // the store's caches) it stays under 300-400 MiB of RSS, and it still holds a
+            // 4 MiB backlog for 64 connections at once, or 13 KiB for each of 20,000.
+            memory_budget: 256 << 20,
         }
     }
 }

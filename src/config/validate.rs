@@ -34,6 +34,9 @@ impl Config {
         if l.mesh_outbox == 0 {
             return bad("limits.mesh_outbox must be at least 1".into());
         }
+        if l.memory_budget != 0 && l.memory_budget < (1 << 20) {
+            return bad("limits.memory_budget must be 0 (no bound) or at least 1048576".into());
+        }
         if l.outbound_queue < 8 || l.outbound_queue_bytes < 64 * 1024 {
             return bad(
                 "limits.outbound_queue must be >= 8 and outbound_queue_bytes >= 65536".into(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 mod feed;
 mod hooks;
+mod memory;
 pub use feed::FeedStats;
 pub use hooks::{HookStats, HOOKS, HOOK_FAILURES};
 
@@ -37,6 +38,16 @@ pub struct ShardMetrics {
     pub mesh_refusals: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub store_errors: AtomicU64,
+    /// Bytes this shard's outbound queues hold (its part of `limits.memory_budget`),
+    /// published by its shedder every few milliseconds.
+    pub queued_bytes: AtomicU64,
+    /// 1 while this shard refuses new work for memory (past half its part of the budget).
+    pub memory_pressure: AtomicU64,
+    /// Connections cut because the shard was past its part of the budget (the largest
+    /// queues first); they are counted in `slow_consumer_closes` too.
+    pub budget_closes: AtomicU64,
+    /// Sends, joins and presence requests refused with `unavailable` for memory.
+    pub budget_refusals: AtomicU64,
     /// New sessions refused with HTTP 429 for their source address's connect rate.
     pub connect_rate_limited: AtomicU64,
     /// Socket.IO CONNECTs refused for `limits.max_connections_per_user`.
@@ -109,6 +120,8 @@ pub struct Metrics {
     pub emitter: EmitterMetrics,
     /// The Redis link in cluster mode (unset on a single host), for `/healthz` and `/metrics`.
     pub redis: std::sync::OnceLock<crate::cluster::redis::RedisCluster>,
+    /// `limits.memory_budget` (0: no bound), for `/healthz` and `/metrics`.
+    pub memory_budget: AtomicU64,
 }
 
 impl Metrics {
@@ -118,6 +131,7 @@ impl Metrics {
             shards: (0..n).map(|_| ShardMetrics::default()).collect(),
             emitter: EmitterMetrics::default(),
             redis: std::sync::OnceLock::new(),
+            memory_budget: AtomicU64::new(0),
         }
     }
 
@@ -220,6 +234,7 @@ impl Metrics {
         hooks::render(&mut out, self.shards.iter().map(|s| &s.hooks));
         feed::render(&mut out, &self.shards);
         self.render_emitter(&mut out);
+        self.render_memory(&mut out);
         let _ = writeln!(out, "# HELP corelay_store_up Whether the history store answered its last operation.\n# TYPE corelay_store_up gauge\ncorelay_store_up {}", u8::from(store_ok));
         let _ = writeln!(out, "# HELP corelay_redis_connected Whether Redis is connected (0 on a single host).\n# TYPE corelay_redis_connected gauge\ncorelay_redis_connected {}", u8::from(self.redis.get().is_some_and(|c| c.is_connected())));
         out
@@ -294,7 +309,7 @@ impl Metrics {
 }
 
 /// The counters rendered per shard: name, type, help, and where a shard keeps it.
-const PER_SHARD: [(&str, &str, &str, CounterOf); 13] = [
+const PER_SHARD: [(&str, &str, &str, CounterOf); 17] = [
         ("corelay_connections", "gauge", "Open connections.", |s| {
             &s.connections
         }),
@@ -345,6 +360,30 @@ const PER_SHARD: [(&str, &str, &str, CounterOf); 13] = [
             "counter",
             "Sends, joins, typing and presence requests refused because the queue toward their room's home shard was full (limits.mesh_outbox).",
             |s| &s.mesh_refusals,
+        ),
+        (
+            "corelay_queued_bytes",
+            "gauge",
+            "Bytes held in the shard's outbound queues, counted against its part of limits.memory_budget.",
+            |s| &s.queued_bytes,
+        ),
+        (
+            "corelay_memory_pressure",
+            "gauge",
+            "1 while the shard refuses sends, joins and presence with unavailable: its queues hold more than half its part of limits.memory_budget.",
+            |s| &s.memory_pressure,
+        ),
+        (
+            "corelay_budget_closes_total",
+            "counter",
+            "Connections cut (largest queues first) because the shard was past its part of limits.memory_budget.",
+            |s| &s.budget_closes,
+        ),
+        (
+            "corelay_budget_refusals_total",
+            "counter",
+            "Sends, joins and presence requests refused with unavailable for limits.memory_budget.",
+            |s| &s.budget_refusals,
         ),
         (
             "corelay_store_errors_total",

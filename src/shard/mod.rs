@@ -6,6 +6,7 @@ mod console;
 mod pages;
 mod routes;
 pub mod runtime;
+mod shedder;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -267,7 +268,7 @@ impl Shard {
             id,
             sid,
             transport,
-            &self.ctx.config.limits,
+            (&self.ctx.config.limits, self.chat.budget.clone()),
             timers,
             span,
         ));

@@ -87,7 +87,7 @@ fn health(shard: &Shard) -> (u16, Vec<u8>) {
         .load(std::sync::atomic::Ordering::Relaxed)
     {
         (503, "draining")
-    } else if m.redis_down() {
+    } else if m.redis_down() || m.memory_pressured_shards() > 0 {
         (200, "degraded")
     } else {
         (200, "ok")
@@ -100,6 +100,8 @@ fn health(shard: &Shard) -> (u16, Vec<u8>) {
         "rooms": m.rooms(),
         "redis": m.redis_json(),
         "store": {"ok": store_ok},
+        // Past half its part of limits.memory_budget a shard refuses sends: "degraded".
+        "memory": m.memory_json(),
     });
     (code, body.to_string().into_bytes())
 }

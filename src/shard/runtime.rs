@@ -406,6 +406,7 @@ fn spawn_tasks(
     }
     glommio::spawn_local(shard.chat.home.clone().run(shard.clone())).detach();
     glommio::spawn_local(shard.clone().run_sweeper()).detach();
+    glommio::spawn_local(shard.clone().run_shedder()).detach();
 }
 
 /// Accepts connections until the shard drains, each served by a task of its own.

@@ -4,10 +4,13 @@
 //! slow client from slowing anyone else.
 
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
+
+use super::budget::ShardBudget;
 
 /// Whether a connection goes on after a packet: what the layer above answers the transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,12 +46,17 @@ pub enum Queued {
     Closed,
 }
 
-/// Frames waiting to be written, bounded by count and bytes.
+/// Frames waiting to be written, bounded by count and bytes, and counted against its
+/// shard's part of the memory budget.
 pub struct Outbound {
     frames: VecDeque<Bytes>,
     bytes: usize,
     max_frames: usize,
     max_bytes: usize,
+    /// Bytes the writer took out of the queue and is writing (its batch): still held, so
+    /// still counted in the budget until [`Outbound::written`].
+    in_flight: usize,
+    budget: Rc<ShardBudget>,
     waker: Option<Waker>,
     closing: Option<CloseReason>,
     /// Set when the connection moves to another shard: the writer stops after the write
@@ -57,13 +65,17 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// An empty queue that holds at most `max_frames` frames and `max_bytes` bytes.
-    pub fn new(max_frames: usize, max_bytes: usize) -> Outbound {
+    /// An empty queue that holds at most `max_frames` frames and `max_bytes` bytes, and
+    /// counts what it holds in `budget`.
+    pub fn new(max_frames: usize, max_bytes: usize, budget: Rc<ShardBudget>) -> Outbound {
+        budget.queue_opened();
         Outbound {
             frames: VecDeque::new(),
             bytes: 0,
             max_frames,
             max_bytes,
+            in_flight: 0,
+            budget,
             waker: None,
             closing: None,
             moving: false,
@@ -71,7 +83,8 @@ impl Outbound {
     }
 
     /// Offers a frame: a volatile one is dropped once the queue is half full, any other
-    /// overflows the queue past its bounds (the caller closes the connection).
+    /// overflows the queue past its bounds, or past the shard's budget when this queue
+    /// holds more than its fair part (the caller closes the connection).
     pub fn push(&mut self, frame: Bytes, volatile: bool) -> Queued {
         if self.closing.is_some() {
             return Queued::Closed;
@@ -82,11 +95,14 @@ impl Outbound {
         {
             return Queued::Dropped;
         }
-        if self.frames.len() >= self.max_frames || self.bytes + len > self.max_bytes {
+        if self.frames.len() >= self.max_frames
+            || self.bytes + len > self.max_bytes
+            || !self.budget.admits(self.bytes + self.in_flight, len)
+        {
             return Queued::Overflow;
         }
         self.frames.push_back(frame);
-        self.bytes += len;
+        self.count(len);
         if let Some(w) = self.waker.take() {
             w.wake();
         }
@@ -96,11 +112,12 @@ impl Outbound {
     /// Takes the oldest queued frame.
     pub fn pop(&mut self) -> Option<Bytes> {
         let f = self.frames.pop_front()?;
-        self.bytes -= f.len();
+        self.uncount(f.len());
         Some(f)
     }
 
-    /// Moves queued frames (up to about `max` bytes, at least one) into `out`.
+    /// Moves queued frames (up to about `max` bytes, at least one) into `out`. They stay
+    /// counted in the budget, in flight, until the writer calls [`Outbound::written`].
     pub fn drain_into(&mut self, out: &mut Vec<u8>, max: usize) {
         while let Some(f) = self.frames.front() {
             if !out.is_empty() && out.len() + f.len() > max {
@@ -108,6 +125,7 @@ impl Outbound {
             }
             out.extend_from_slice(f);
             self.bytes -= f.len();
+            self.in_flight += f.len();
             self.frames.pop_front();
         }
         if self.frames.capacity() > 64 && self.frames.is_empty() {
@@ -118,7 +136,7 @@ impl Outbound {
     /// Queues the final close frame past the bounds (it must always fit).
     fn push_close(&mut self, code: u16) {
         let frame = super::websocket::close_frame(code);
-        self.bytes += frame.len();
+        self.count(frame.len());
         self.frames.push_back(frame);
     }
 
@@ -133,7 +151,7 @@ impl Outbound {
         match reason {
             CloseReason::SlowConsumer | CloseReason::Gone => {
                 self.frames.clear();
-                self.bytes = 0;
+                self.uncount(self.bytes);
             }
             CloseReason::Protocol(code) => self.push_close(code),
             CloseReason::Timeout => self.push_close(1000),
@@ -183,16 +201,51 @@ impl Outbound {
         self.moving
     }
 
-    /// Takes every queued frame, oldest first (they travel with a moving connection).
+    /// The writer's batch is written (or failed): its bytes leave the budget.
+    pub fn written(&mut self) {
+        self.budget.sub(self.in_flight);
+        self.in_flight = 0;
+    }
+
+    /// Bytes queued, and in the writer's batch.
+    pub fn bytes(&self) -> usize {
+        self.bytes + self.in_flight
+    }
+
+    /// Takes every queued frame, oldest first (they travel with a moving connection; the
+    /// shard they reach counts them).
     pub fn take_frames(&mut self) -> VecDeque<Bytes> {
-        self.bytes = 0;
+        self.uncount(self.bytes);
         std::mem::take(&mut self.frames)
     }
 
     /// Queues frames that came with a moved connection, before anything else.
     pub fn restore_frames(&mut self, frames: VecDeque<Bytes>) {
-        self.bytes = frames.iter().map(Bytes::len).sum();
+        self.uncount(self.bytes);
         self.frames = frames;
+        self.count(self.frames.iter().map(Bytes::len).sum());
+    }
+
+    /// Counts `len` more bytes queued, here and in the shard's budget.
+    #[inline]
+    fn count(&mut self, len: usize) {
+        self.bytes += len;
+        self.budget.add(len);
+    }
+
+    /// Counts `len` bytes gone from the queue, here and in the shard's budget.
+    #[inline]
+    fn uncount(&mut self, len: usize) {
+        self.bytes -= len;
+        self.budget.sub(len);
+    }
+}
+
+/// A queue that goes away gives its bytes back to the shard's budget.
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        self.budget.sub(self.bytes + self.in_flight);
+        self.budget.queue_closed();
     }
 }
 
@@ -222,7 +275,7 @@ mod tests {
     use super::*;
 
     fn queue() -> Outbound {
-        Outbound::new(8, 1 << 20)
+        Outbound::new(8, 1 << 20, Rc::new(ShardBudget::new(0)))
     }
 
     #[test]
@@ -244,7 +297,7 @@ mod tests {
 
     #[test]
     fn byte_bound_counts_too() {
-        let mut q = Outbound::new(100, 10);
+        let mut q = Outbound::new(100, 10, Rc::new(ShardBudget::new(0)));
         assert_eq!(q.push(Bytes::from(vec![0; 8]), false), Queued::Yes);
         assert_eq!(q.push(Bytes::from(vec![0; 3]), false), Queued::Overflow);
     }
@@ -262,6 +315,34 @@ mod tests {
         assert_eq!(out[0], b'm');
         assert_eq!(&out[1..3], &[0x88, 2], "a close frame with a 2-byte code");
         assert_eq!(u16::from_be_bytes([out[3], out[4]]), 1012);
+    }
+
+    #[test]
+    fn the_shard_budget_counts_what_queues_hold() {
+        let budget = Rc::new(ShardBudget::new(1 << 20));
+        let mut q = Outbound::new(8, 1 << 20, budget.clone());
+        let mut r = Outbound::new(8, 1 << 20, budget.clone());
+        q.push(Bytes::from(vec![0; 10]), false);
+        r.push(Bytes::from(vec![0; 5]), false);
+        assert_eq!(budget.used(), 15);
+        q.pop();
+        assert_eq!(budget.used(), 5);
+        r.push(Bytes::from(vec![0; 7]), false);
+        let mut out = Vec::new();
+        r.drain_into(&mut out, 1);
+        assert_eq!(
+            (budget.used(), r.bytes()),
+            (12, 12),
+            "the writer's batch still counts"
+        );
+        r.written();
+        assert_eq!(budget.used(), 7, "the second frame is still queued");
+        let moving = r.take_frames();
+        assert_eq!(budget.used(), 0);
+        q.restore_frames(moving);
+        assert_eq!(budget.used(), 7);
+        drop(q);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Transports: the HTTP/1.1 listener, the WebSocket upgrade and framing, and the
 //! per-connection tasks that carry Engine.IO over them.
 
+pub mod budget;
 pub mod chunked;
 pub mod conn;
 pub mod connection;

@@ -4,11 +4,13 @@
 
 use std::cell::{Cell, RefCell, RefMut};
 use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::budget::ShardBudget;
 use super::conn::{CloseReason, Outbound, Queued, Timers, Transport};
 use super::handshake::Handshake;
 use crate::config::LimitsConfig;
@@ -44,12 +46,13 @@ pub struct Session {
 }
 
 impl Session {
-    /// A new session with an empty queue bounded by `limits.outbound_queue(_bytes)`.
+    /// A new session with an empty queue bounded by `limits.outbound_queue(_bytes)`,
+    /// counted in its shard's `budget`.
     pub fn new(
         id: u64,
         sid: String,
         transport: Transport,
-        limits: &LimitsConfig,
+        (limits, budget): (&LimitsConfig, Rc<ShardBudget>),
         timers: Timers,
         span: tracing::Span,
     ) -> Session {
@@ -64,6 +67,7 @@ impl Session {
             out: RefCell::new(Outbound::new(
                 limits.outbound_queue,
                 limits.outbound_queue_bytes,
+                budget,
             )),
             timers: Cell::new(timers),
             movable: Cell::new(false),
@@ -119,6 +123,11 @@ impl Session {
     /// Wakes whoever waits on the queue (the WebSocket writer or a polling GET).
     pub fn wake(&self) {
         self.out.borrow_mut().wake();
+    }
+
+    /// Bytes waiting in the outbound queue (the shedder cuts the largest first).
+    pub fn queued_bytes(&self) -> usize {
+        self.out.borrow().bytes()
     }
 
     /// Whether the session is closing.

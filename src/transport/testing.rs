@@ -175,7 +175,10 @@ impl Host for TestHost {
             id,
             crate::ids::new_sid(0),
             transport,
-            &self.ctx.config.limits,
+            (
+                &self.ctx.config.limits,
+                Rc::new(super::budget::ShardBudget::new(0)),
+            ),
             timers,
             tracing::Span::none(),
         ));

@@ -23,6 +23,9 @@ use crate::protocol::engineio::{self, OpenPayload};
 /// Largest batch of queued frames written with one syscall.
 const WRITE_BATCH: usize = 256 * 1024;
 
+/// The largest write buffer an idle connection keeps between batches.
+const KEPT_BUFFER: usize = 16 * 1024;
+
 /// A WebSocket upgrade, ready to run.
 pub(super) struct Upgrade {
     pub(super) stream: TcpStream,
@@ -221,14 +224,20 @@ async fn write_loop(session: Rc<Session>, mut io: WriteHalf<TcpStream>) {
             out.drain_into(&mut buf, WRITE_BATCH);
             out.closing().is_some() && out.is_empty()
         };
-        if !buf.is_empty() && io.write_all(&buf).await.is_err() {
+        let failed = !buf.is_empty() && io.write_all(&buf).await.is_err();
+        session.queue().written();
+        if failed {
             session.close(CloseReason::Gone);
             break;
         }
         if closing {
             break;
         }
-        if buf.capacity() > WRITE_BATCH * 2 {
+        // A batch buffer is kept only while the connection is busy: 2,000 idle ones
+        // holding 256 KiB each would be 500 MiB that no budget counts.
+        if buf.capacity() > WRITE_BATCH * 2
+            || (buf.capacity() > KEPT_BUFFER && session.queue().is_empty())
+        {
             buf = Vec::new();
         }
     }

@@ -68,7 +68,7 @@ impl Fixture {
             id,
             crate::ids::new_sid(0),
             Transport::Polling,
-            limits,
+            (limits, self.chat.budget.clone()),
             timers,
             tracing::Span::none(),
         ));

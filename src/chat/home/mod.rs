@@ -84,6 +84,9 @@ pub struct HomeLimits {
     /// How long one host remembers a `(user, cid)` to answer retries with the first ack
     /// (`limits.dedupe_window`).
     pub dedupe_window: Duration,
+    /// Most publishes waiting for the writer (`limits.mesh_outbox`): past it, while the
+    /// store or Redis is slow, a publish is refused (`unavailable`) rather than held.
+    pub max_pending: usize,
 }
 
 impl HomeLimits {
@@ -92,6 +95,7 @@ impl HomeLimits {
         HomeLimits {
             max_replay: config.history.max_replay,
             dedupe_window: config.limits.dedupe_window.0,
+            max_pending: config.limits.mesh_outbox,
         }
     }
 }
@@ -355,10 +359,11 @@ impl Home {
         }
     }
 
-    /// A publish: refused while a queue toward another shard is full, else handed to the
-    /// writer once its room is loaded (one host: unless its `cid` answers it first).
+    /// A publish: refused while a queue toward another shard is full or too many wait for
+    /// the writer, else handed to the writer once its room is loaded (one host: unless its
+    /// `cid` answers it first).
     async fn publish(&self, p: Pending) {
-        if self.any_mesh_congested() {
+        if self.any_mesh_congested() || self.pending.borrow().len() >= self.limits.max_pending {
             self.reply_error(p.to, &super::handler::overloaded());
             return;
         }

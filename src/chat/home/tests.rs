@@ -29,6 +29,7 @@ fn start_replaying(count: usize, max_replay: usize) -> (Rc<Home>, Rc<Recorder>, 
         limits: HomeLimits {
             max_replay,
             dedupe_window: Duration::from_secs(600),
+            max_pending: 4096,
         },
         sequencer: Sequencer::Local,
         feed: None,

@@ -1,0 +1,188 @@
+//! The process-wide memory budget (`limits.memory_budget`) with real clients against the
+//! real binary: consumers that never read fill the queues of a busy room; the server stays
+//! within the budget, cuts those readers (the largest queues) first, refuses sends with
+//! `unavailable` while under pressure and accepts them again after, while a fast reader
+//! gets every acked message in order and a cut reader gets them all back with `since`.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{token, Server, WsClient};
+use serde_json::{json, Value};
+
+const BUDGET: u64 = 2 << 20;
+const SLOW_READERS: usize = 8;
+const MESSAGES: u64 = 300;
+/// Large messages, so that the kernel's socket buffers (a few MiB per connection on
+/// loopback, whatever the client's receive buffer) fill in a few hundred messages.
+const TEXT_BYTES: usize = 30_000;
+
+/// A member of `room` that shrinks its receive buffer and never reads again: what the
+/// server sends it piles up in its outbound queue.
+fn slow_reader(port: u16, i: usize, room: &str) -> WsClient {
+    let mut c = WsClient::connect(port, &token(&format!("slow-{i}"), Some(&["*"])));
+    assert_eq!(c.emit_ack("join", json!({"room": room}))["ok"], true);
+    let small: libc::c_int = 4096;
+    // SAFETY: setsockopt on a socket this client owns, with a valid int option.
+    unsafe {
+        libc::setsockopt(
+            c.stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&small as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    c
+}
+
+/// Samples the largest `corelay_queued_bytes` seen until `stop`.
+fn watch_queued(port: u16, stop: Arc<AtomicBool>, peak: Arc<AtomicU64>) {
+    while !stop.load(Relaxed) {
+        let (_, body) = common::http_get(port, "/metrics");
+        let queued: u64 = body
+            .lines()
+            .filter(|l| l.starts_with("corelay_queued_bytes{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        peak.fetch_max(queued, Relaxed);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The offsets of the `message` events a fast reader gets, until `count` or a quiet spell.
+fn read_offsets(mut c: WsClient, count: u64) -> (WsClient, Vec<u64>) {
+    let mut offsets = Vec::new();
+    while (offsets.len() as u64) < count {
+        match c.next_event(Duration::from_secs(10)) {
+            Ok(ev) if ev[0] == "message" => offsets.push(ev[1]["offset"].as_u64().unwrap()),
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    (c, offsets)
+}
+
+#[test]
+fn past_the_budget_slow_readers_are_cut_first_and_senders_pushed_back_losing_nothing() {
+    let server = Server::start_sharded(
+        1,
+        &[
+            ("CORELAY_LIMITS_MEMORY_BUDGET", &BUDGET.to_string()),
+            ("CORELAY_LIMITS_SEND_RATE", "100000"),
+            ("CORELAY_LIMITS_SEND_BURST", "100000"),
+            ("CORELAY_LIMITS_MAX_TEXT_BYTES", "32768"),
+        ],
+        &["--store", "memory"],
+        true,
+    );
+    let room = "busy";
+    let health = server.health();
+    assert_eq!(health["memory"]["budget_bytes"], BUDGET);
+    assert_eq!(server.metric("corelay_memory_budget_bytes"), BUDGET as f64);
+
+    let mut fast = WsClient::connect(server.port, &token("fast", Some(&["*"])));
+    assert_eq!(fast.emit_ack("join", json!({"room": room}))["ok"], true);
+    let fast = std::thread::spawn(move || read_offsets(fast, MESSAGES));
+    let slow: Vec<WsClient> = (0..SLOW_READERS)
+        .map(|i| slow_reader(server.port, i, room))
+        .collect();
+    let mut sender = WsClient::connect(server.port, &token("sender", Some(&["*"])));
+    assert_eq!(sender.emit_ack("join", json!({"room": room}))["ok"], true);
+
+    let (stop, peak) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let watcher = {
+        let (stop, peak, port) = (stop.clone(), peak.clone(), server.port);
+        std::thread::spawn(move || watch_queued(port, stop, peak))
+    };
+
+    // Each message until it is acked: a refusal (`unavailable`) is retried with its cid.
+    let text = "x".repeat(TEXT_BYTES);
+    let (mut acked, mut refused, mut acked_after_refusal) = (Vec::new(), 0u64, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in 0..MESSAGES {
+        loop {
+            assert!(Instant::now() < deadline, "sends never went through again");
+            let ack: Value = sender.emit_ack(
+                "message",
+                json!({"room": room, "text": text, "cid": format!("m{n}")}),
+            );
+            if ack["ok"] == true {
+                acked.push(ack["offset"].as_u64().unwrap());
+                acked_after_refusal |= refused > 0;
+                break;
+            }
+            assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+            refused += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    stop.store(true, Relaxed);
+    watcher.join().unwrap();
+
+    eprintln!(
+        "refused {refused}, peak queued {}, budget closes {}, slow-consumer closes {}",
+        peak.load(Relaxed),
+        server.metric("corelay_budget_closes_total"),
+        server.metric("corelay_slow_consumer_closes_total")
+    );
+    // Pushed back, then served again.
+    assert!(refused > 0, "no send was refused for memory");
+    assert!(acked_after_refusal, "no send succeeded after a refusal");
+    assert!(server.metric("corelay_budget_refusals_total") >= refused as f64);
+    // Within the budget, as /metrics saw it, and the slow readers cut.
+    let peak = peak.load(Relaxed);
+    assert!(peak > 0 && peak <= BUDGET, "peak queued {peak} > {BUDGET}");
+    // Every slow reader was cut, and only they: the fast reader and the sender remain.
+    assert_eq!(
+        server.metric("corelay_budget_closes_total"),
+        SLOW_READERS as f64
+    );
+    assert_eq!(server.health()["connections"], 2);
+    drop(slow);
+    // The fast reader got every acked message, in order, and was never cut.
+    let (mut fast, offsets) = fast.join().unwrap();
+    assert_eq!(
+        offsets, acked,
+        "the fast reader missed or reordered messages"
+    );
+    assert_eq!(acked, (1..=MESSAGES).collect::<Vec<_>>());
+    assert_eq!(fast.emit_ack("presence", json!({"room": room}))["ok"], true);
+
+    // A cut reader gets everything back, page by page: nothing acked was lost.
+    let mut back = WsClient::connect(server.port, &token("slow-0", Some(&["*"])));
+    let join = back.emit_ack("join", json!({"room": room}));
+    assert_eq!(join["offset"], MESSAGES, "{join}");
+    let mut stored = Vec::new();
+    loop {
+        let after = stored.last().copied().unwrap_or(0);
+        let page = back.emit_ack(
+            "history",
+            json!({"room": room, "after": after, "limit": 10}),
+        );
+        let messages = page["messages"].as_array().unwrap();
+        if messages.is_empty() {
+            break;
+        }
+        stored.extend(messages.iter().map(|m| m["offset"].as_u64().unwrap()));
+    }
+    assert_eq!(stored, acked);
+
+    // The pressure is gone: /healthz says ok, queues are (nearly) empty.
+    std::thread::sleep(Duration::from_millis(50));
+    let health = server.health();
+    assert_eq!(health["status"], "ok", "{health}");
+    assert_eq!(health["memory"]["pressured_shards"], 0);
+    assert!(
+        server.rss_kib() < 200 * 1024,
+        "RSS {} KiB",
+        server.rss_kib()
+    );
+}
