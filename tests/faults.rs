@@ -192,6 +192,39 @@ fn verdict(stack: Stack, out: &Outcome) -> bool {
     }
 }
 
+/// The two cut tests: a cluster, then traffic on both hosts around a 10 s cut of `target`
+/// from namespace `ns` (3 s before, 5 s after), reported as `name`; `then` checks the
+/// outcome further. Skipped without root and `ip netns`.
+fn cut_for_10s(
+    name: &'static str,
+    ns: usize,
+    target: fn(&Net) -> std::net::Ipv4Addr,
+    then: impl FnOnce(Stack, &Outcome, [Instant; 4]) + Send + 'static,
+) {
+    if common_net::skip() {
+        return;
+    }
+    let cluster = Cluster::start();
+    let (net, a, b, stack) = (
+        cluster.net.clone(),
+        cluster.host(1),
+        cluster.host(2),
+        cluster.stack,
+    );
+    within(Duration::from_secs(120), move || {
+        let to = target(&net);
+        let (out, t) = around(
+            a,
+            b,
+            [3, 10, 5].map(Duration::from_secs),
+            || net.cut(ns, to),
+            || net.heal(ns, to),
+        );
+        report(stack, name, &out, t, out.recovery(0, t[2]));
+        then(stack, &out, t);
+    });
+}
+
 #[test]
 fn latency_200ms_jitter_50ms_between_clients_and_a_host() {
     if common_net::skip() {
@@ -230,100 +263,60 @@ fn latency_200ms_jitter_50ms_between_clients_and_a_host() {
 
 #[test]
 fn a_host_cut_from_redis_for_10s() {
-    if common_net::skip() {
-        return;
-    }
-    let cluster = Cluster::start();
-    let (net, a, b, stack) = (
-        cluster.net.clone(),
-        cluster.host(1),
-        cluster.host(2),
-        cluster.stack,
+    cut_for_10s(
+        "host A cut from Redis 10 s",
+        1,
+        |net| net.addr(0),
+        |stack, out, t| {
+            let refused = out.senders[0]
+                .tries
+                .iter()
+                .filter(|x| x.1 == Try::Refused && x.0 >= t[1] && x.0 < t[2])
+                .count();
+            let retried = out.senders[0].sent.iter().filter(|m| m.tries > 1).count();
+            eprintln!("cut host: {refused} tries refused during the cut; {retried} messages acked on a retry (same cid)");
+            if !verdict(stack, out) {
+                return;
+            }
+            assert!(
+                refused > 0,
+                "the sender on the cut host was never refused with unavailable"
+            );
+            let b_during = out.senders[1]
+                .sent
+                .iter()
+                .filter(|m| m.acked > t[1] + Duration::from_secs(2) && m.acked < t[2])
+                .count();
+            assert!(
+                b_during > 20,
+                "host B did not keep serving: {b_during} acks during the cut"
+            );
+        },
     );
-    within(Duration::from_secs(120), move || {
-        let redis = net.addr(0);
-        let (out, t) = around(
-            a,
-            b,
-            [3, 10, 5].map(Duration::from_secs),
-            || net.cut(1, redis),
-            || net.heal(1, redis),
-        );
-        report(
-            stack,
-            "host A cut from Redis 10 s",
-            &out,
-            t,
-            out.recovery(0, t[2]),
-        );
-        let refused = out.senders[0]
-            .tries
-            .iter()
-            .filter(|x| x.1 == Try::Refused && x.0 >= t[1] && x.0 < t[2])
-            .count();
-        let retried = out.senders[0].sent.iter().filter(|m| m.tries > 1).count();
-        eprintln!("cut host: {refused} tries refused during the cut; {retried} messages acked on a retry (same cid)");
-        if !verdict(stack, &out) {
-            return;
-        }
-        assert!(
-            refused > 0,
-            "the sender on the cut host was never refused with unavailable"
-        );
-        let b_during = out.senders[1]
-            .sent
-            .iter()
-            .filter(|m| m.acked > t[1] + Duration::from_secs(2) && m.acked < t[2])
-            .count();
-        assert!(
-            b_during > 20,
-            "host B did not keep serving: {b_during} acks during the cut"
-        );
-    });
 }
 
 #[test]
 fn clients_cut_from_a_host_for_10s() {
-    if common_net::skip() {
-        return;
-    }
-    let cluster = Cluster::start();
-    let (net, a, b, stack) = (
-        cluster.net.clone(),
-        cluster.host(1),
-        cluster.host(2),
-        cluster.stack,
-    );
-    within(Duration::from_secs(120), move || {
-        let clients = net.gateway();
-        let (out, t) = around(
-            a,
-            b,
-            [3, 10, 5].map(Duration::from_secs),
-            || net.cut(1, clients),
-            || net.heal(1, clients),
-        );
-        report(
-            stack,
-            "clients cut from host A 10 s",
-            &out,
-            t,
-            out.recovery(0, t[2]),
-        );
-        eprintln!(
-            "clients cut: the receiver on A connected {} times",
-            out.receivers[0].connects
-        );
-        // corelay pings every second here, so its clients notice the cut and reconnect;
-        // peer-2's (every 25 s, 20 s timeout) do not within 10 s: their TCP connections
-        // resume after the heal.
-        if verdict(stack, &out) {
-            assert!(
-                out.receivers[0].connects > 1,
-                "the receiver on A never reconnected"
+    cut_for_10s(
+        "clients cut from host A 10 s",
+        1,
+        Net::gateway,
+        |stack, out, _| {
+            eprintln!(
+                "clients cut: the receiver on A connected {} times",
+                out.receivers[0].connects
             );
-        }
-    });
+            // corelay pings every second here, so its clients notice the cut and reconnect;
+            // peer-2's (every 25 s, 20 s timeout) do not within 10 s: their TCP connections
+            // resume after the heal.
+            if verdict(stack, out) {
+                assert!(
+                    out.receivers[0].connects > 1,
+                    "the receiver on A never reconnected"
+                );
+            }
+        },
+    );
 }
 
 #[test]
