@@ -30,4 +30,5 @@ pub mod protocol;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod stream;
 pub mod transport;
