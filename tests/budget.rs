@@ -3,15 +3,20 @@
 //! within the budget, cuts those readers (the largest queues) first, refuses sends with
 //! `unavailable` while under pressure and accepts them again after, while a fast reader
 //! gets every acked message in order and a cut reader gets them all back with `since`.
+//! Publishes held by a stalled Redis count too (the home's queue), and push senders back;
+//! every queue's count goes back to zero once traffic stops (nothing counted twice or
+//! forgotten: the mesh between shards, held packets, polling bodies).
 
 mod common;
+mod common_redis;
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{token, Server, WsClient};
+use common::{token, PollClient, Server, WsClient};
+use common_redis::RedisServer;
 use serde_json::{json, Value};
 
 const BUDGET: u64 = 2 << 20;
@@ -185,4 +190,183 @@ fn past_the_budget_slow_readers_are_cut_first_and_senders_pushed_back_losing_not
         "RSS {} KiB",
         server.rss_kib()
     );
+}
+
+/// `/healthz`'s bytes per queue.
+fn queue_bytes(server: &Server) -> Value {
+    server.health()["memory"]["queues"].clone()
+}
+
+/// Waits up to `within` for every queue of every shard to be back at zero.
+fn wait_all_queues_empty(server: &Server, within: Duration) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let queues = queue_bytes(server);
+        let total: u64 = queues
+            .as_object()
+            .expect("memory.queues is an object")
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        if total == 0 || Instant::now() > deadline {
+            return queues;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn publishes_held_by_a_stalled_redis_count_and_push_senders_back_losing_nothing() {
+    const STALLED: u64 = 60;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let server = Server::start_sharded(
+        1,
+        &[
+            ("CORELAY_LIMITS_MEMORY_BUDGET", &(1u64 << 20).to_string()),
+            ("CORELAY_LIMITS_SEND_RATE", "100000"),
+            ("CORELAY_LIMITS_SEND_BURST", "100000"),
+            ("CORELAY_LIMITS_MAX_TEXT_BYTES", "32768"),
+        ],
+        &["--redis", &url, "--store", "redis"],
+        true,
+    );
+    let room = "stalled";
+    let mut reader = WsClient::connect(server.port, &token("reader", Some(&["*"])));
+    assert_eq!(reader.emit_ack("join", json!({"room": room}))["ok"], true);
+    let mut sender = WsClient::connect(server.port, &token("sender", Some(&["*"])));
+    assert_eq!(sender.emit_ack("join", json!({"room": room}))["ok"], true);
+
+    // Redis stalls; the sender sends without waiting: the home holds the publishes.
+    let text = "y".repeat(20_000);
+    redis.pause();
+    let mut ids = Vec::new();
+    for n in 0..STALLED {
+        let payload = json!({"room": room, "text": text, "cid": format!("s{n}")});
+        ids.push((n, sender.emit("message", payload)));
+    }
+    // The home's queue holds them, counted: the sends past half the 1 MiB budget (~26 of
+    // them) are refused, by the sender's shard or by the home itself (those it holds
+    // count against it until they are answered). It never holds more than the budget.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut home_peak = 0;
+    while Instant::now() < deadline {
+        let home = server.health()["memory"]["queues"]["home"]
+            .as_u64()
+            .unwrap();
+        home_peak = home_peak.max(home);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    redis.resume();
+    eprintln!("while Redis was stalled the home's queue held up to {home_peak} bytes");
+    assert!(
+        home_peak > 300_000 && home_peak < 1 << 20,
+        "the home's queue counted {home_peak} bytes"
+    );
+
+    // Every send is answered: acked, or refused (`unavailable`, retried with its cid).
+    let mut refused = Vec::new();
+    for (n, id) in ids {
+        let ack = sender.wait_ack(id);
+        if ack["ok"] != true {
+            assert_eq!(ack["error"]["code"], "unavailable", "{ack}");
+            refused.push(n);
+        }
+    }
+    eprintln!("refused while under pressure: {}", refused.len());
+    assert!(!refused.is_empty(), "no send was pushed back");
+    assert!(server.metric("corelay_budget_refusals_total") >= refused.len() as f64);
+    for n in refused {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ack = sender.emit_ack(
+                "message",
+                json!({"room": room, "text": text, "cid": format!("s{n}")}),
+            );
+            if ack["ok"] == true {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "retry of s{n} never acked: {ack}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    // The reader got every message once, in offset order, and history has them all.
+    let (_, offsets) = read_offsets(reader, STALLED);
+    assert_eq!(offsets, (1..=STALLED).collect::<Vec<_>>());
+    let queues = wait_all_queues_empty(&server, Duration::from_secs(2));
+    assert_eq!(queues["home"], 0, "{queues}");
+}
+
+#[test]
+fn every_queue_is_back_to_zero_once_traffic_stops() {
+    let server = Server::start_sharded(
+        2,
+        &[
+            ("CORELAY_LIMITS_SEND_RATE", "100000"),
+            ("CORELAY_LIMITS_SEND_BURST", "100000"),
+        ],
+        &["--store", "memory"],
+        true,
+    );
+    // Rooms whose homes are on both shards, members on both (a connection moves to the
+    // home of the first room it joins, and each starts with another room): sends and
+    // deliveries cross the mesh both ways.
+    let rooms: Vec<String> = (0..6).map(|i| format!("zero-{i}")).collect();
+    let mut clients: Vec<WsClient> = (0..8)
+        .map(|i| {
+            let mut c = WsClient::connect(server.port, &token(&format!("z{i}"), Some(&["*"])));
+            for k in 0..rooms.len() {
+                let room = &rooms[(i + k) % rooms.len()];
+                assert_eq!(c.emit_ack("join", json!({"room": room}))["ok"], true);
+            }
+            c
+        })
+        .collect();
+    assert!(
+        server.connections_per_shard().iter().all(|&n| n > 0),
+        "{:?}",
+        server.connections_per_shard()
+    );
+    // A polling client posts too (its request bodies count while handled).
+    let (poll, _) = PollClient::open(server.port);
+    assert_eq!(
+        poll.post(&[&format!(
+            "40{{\"token\":\"{}\"}}",
+            token("poller", Some(&["*"]))
+        )])
+        .status,
+        200
+    );
+    let connected = poll.get_packets();
+    assert!(connected[0].starts_with("40"), "{connected:?}");
+    let text = "z".repeat(2_000);
+    for round in 0..20 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            let room = &rooms[(i + round) % rooms.len()];
+            let ack = c.emit_ack("message", json!({"room": room, "text": text}));
+            assert_eq!(ack["ok"], true, "{ack}");
+        }
+        // No ack asked and no room joined: nothing for it to GET, only the body to handle.
+        let packet = format!(
+            "42{}",
+            json!(["message", {"room": rooms[round % rooms.len()], "text": text}])
+        );
+        assert_eq!(poll.post(&[&packet, &packet]).status, 200);
+    }
+    let queues = wait_all_queues_empty(&server, Duration::from_secs(3));
+    for (name, bytes) in queues.as_object().unwrap() {
+        assert_eq!(bytes, 0, "queue {name} still counts bytes: {queues}");
+    }
+    assert_eq!(queues.as_object().unwrap().len(), 5, "{queues}");
+    let metrics = server.get("/metrics").1;
+    let lines = metrics
+        .lines()
+        .filter(|l| l.starts_with("corelay_queue_bytes{"))
+        .count();
+    assert_eq!(lines, 2 * 5, "one gauge per shard and queue");
+    drop(clients);
 }

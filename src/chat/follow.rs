@@ -70,6 +70,13 @@ pub struct MovedConn {
     from: usize,
 }
 
+impl MovedConn {
+    /// The bytes of the frames it carries (its outbound queue), for the memory budget.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued.iter().map(Bytes::len).sum()
+    }
+}
+
 /// Where a connection making its first join, to `room`, should move to, if anywhere.
 pub fn destination(chat: &Chat, member: &Member, room: &str) -> Option<usize> {
     let home = home_of(room, chat.count);

@@ -56,7 +56,7 @@ pub struct Chat {
     mesh: Weak<dyn Mesh>,
     /// This shard's client of the application's backend, when a hook is on.
     pub hooks: Option<Rc<Hooks>>,
-    /// This shard's part of `limits.memory_budget`: what its sessions' queues hold.
+    /// This shard's part of `limits.memory_budget` (its home's too): what its queues hold.
     pub budget: Rc<ShardBudget>,
     /// This chat state itself, for the tasks that finish a hook call.
     me: Weak<Chat>,
@@ -76,7 +76,7 @@ impl Chat {
         ctx.metrics
             .memory_budget
             .store(total as u64, std::sync::atomic::Ordering::Relaxed);
-        let budget = Rc::new(ShardBudget::new(total / count.max(1)));
+        let budget = home.budget().clone();
         Rc::new_cyclic(|me| Chat {
             id,
             count,

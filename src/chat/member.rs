@@ -13,6 +13,7 @@ use super::follow::DeferredJoin;
 use super::handler::ConnState;
 use crate::auth::Identity;
 use crate::config::LimitsConfig;
+use crate::transport::budget::{Charge, Queue};
 use crate::transport::session::Session;
 
 /// Most packets held while a CONNECT is being admitted; one more closes the connection
@@ -82,7 +83,7 @@ pub struct Member {
     /// Socket.IO packets that arrived while the CONNECT was being admitted, or while a
     /// hook that keeps the connection's order was pending: handled in order once it is
     /// answered, dropped if a CONNECT is refused. At most [`MAX_HELD_PACKETS`].
-    held: RefCell<VecDeque<Vec<u8>>>,
+    held: RefCell<VecDeque<(Vec<u8>, Charge)>>,
     /// A connect, join or publish hook is pending: later packets wait behind it.
     waiting: Cell<bool>,
     /// Hook calls under way for this connection (it does not move to another shard then).
@@ -190,23 +191,26 @@ impl Member {
 
     /// Keeps a packet that came behind a CONNECT being admitted or a pending hook; the
     /// packet back when [`MAX_HELD_PACKETS`] are held already.
+    /// Its bytes count in the shard's memory budget while held.
     pub fn hold(&self, packet: Vec<u8>) -> Result<(), Vec<u8>> {
         let mut held = self.held.borrow_mut();
         if held.len() >= MAX_HELD_PACKETS {
             return Err(packet);
         }
-        held.push_back(packet);
+        let charge = self.session.budget().charge(Queue::Held, packet.len());
+        held.push_back((packet, charge));
         Ok(())
     }
 
     /// The packets held while the CONNECT was admitted, oldest first.
     pub fn take_held(&self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut *self.held.borrow_mut()).into()
+        let held = std::mem::take(&mut *self.held.borrow_mut());
+        held.into_iter().map(|(packet, _)| packet).collect()
     }
 
     /// The oldest held packet, if any.
     pub fn next_held(&self) -> Option<Vec<u8>> {
-        self.held.borrow_mut().pop_front()
+        self.held.borrow_mut().pop_front().map(|(packet, _)| packet)
     }
 
     /// Whether later packets wait behind a pending hook.

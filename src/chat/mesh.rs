@@ -133,6 +133,38 @@ pub enum ShardMsg {
     Users(UserCmd),
 }
 
+impl HomeCmd {
+    /// About the bytes it holds, for the memory budget: its own size and its text.
+    pub fn weight(&self) -> usize {
+        let text = match self {
+            HomeCmd::Publish { text, cid, .. } => text.len() + cid.as_ref().map_or(0, String::len),
+            _ => 0,
+        };
+        std::mem::size_of::<HomeCmd>() + text
+    }
+}
+
+impl ShardMsg {
+    /// About the bytes it holds, for the memory budget (the sender counts them until the
+    /// receiving shard takes the message): its own size, and its text, frame or queued
+    /// frames. The same message always weighs the same.
+    pub fn weight(&self) -> usize {
+        let carried = match self {
+            ShardMsg::Home(cmd) => cmd.weight(),
+            ShardMsg::Users(_) => 0,
+            ShardMsg::Member(m) => match m {
+                MemberMsg::Deliver { frame, .. }
+                | MemberMsg::Reply { frame, .. }
+                | MemberMsg::Joined { frame, .. } => frame.len(),
+                MemberMsg::Admitted { .. } => 0,
+                MemberMsg::Adopt { handoff, .. } => handoff.leftover.len(),
+                MemberMsg::Moved(moved) => moved.queued_bytes(),
+            },
+        };
+        std::mem::size_of::<ShardMsg>() + carried
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

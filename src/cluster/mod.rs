@@ -194,6 +194,33 @@ pub enum ClusterEvent {
     Reconnected,
 }
 
+impl ClusterEvent {
+    /// About the bytes it holds, for the memory budget (a home counts the events waiting
+    /// for it).
+    pub fn weight(&self) -> usize {
+        let carried = match self {
+            ClusterEvent::Message(m) => {
+                m.room.len()
+                    + m.id.len()
+                    + m.user.len()
+                    + m.text.len()
+                    + m.cid.as_ref().map_or(0, String::len)
+            }
+            ClusterEvent::Presence {
+                room,
+                user,
+                name,
+                host,
+                ..
+            } => room.len() + user.len() + host.len() + name.as_ref().map_or(0, String::len),
+            ClusterEvent::Typing { room, user, host } => room.len() + user.len() + host.len(),
+            ClusterEvent::Down { reason } => reason.len(),
+            ClusterEvent::Reconnected => 0,
+        };
+        std::mem::size_of::<ClusterEvent>() + carried
+    }
+}
+
 /// Why a Redis call failed. The text says what to do where there is something to do.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClusterError {

@@ -12,6 +12,7 @@ mod hooks;
 mod memory;
 pub use feed::FeedStats;
 pub use hooks::{HookStats, HOOKS, HOOK_FAILURES};
+pub use memory::{MeshBytes, QUEUES};
 
 /// Upper bounds (seconds) of the fan-out latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [
@@ -38,9 +39,11 @@ pub struct ShardMetrics {
     pub mesh_refusals: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub store_errors: AtomicU64,
-    /// Bytes this shard's outbound queues hold (its part of `limits.memory_budget`),
-    /// published by its shedder every few milliseconds.
+    /// Bytes this shard's queues hold (its part of `limits.memory_budget`), published by
+    /// its shedder every few milliseconds.
     pub queued_bytes: AtomicU64,
+    /// The same per queue, in the order of `transport::budget::Queue::ALL`.
+    pub queue_bytes: [AtomicU64; 5],
     /// 1 while this shard refuses new work for memory (past half its part of the budget).
     pub memory_pressure: AtomicU64,
     /// Connections cut because the shard was past its part of the budget (the largest
@@ -122,6 +125,9 @@ pub struct Metrics {
     pub redis: std::sync::OnceLock<crate::cluster::redis::RedisCluster>,
     /// `limits.memory_budget` (0: no bound), for `/healthz` and `/metrics`.
     pub memory_budget: AtomicU64,
+    /// Per shard, the bytes it sent through the mesh that the receivers have not taken
+    /// yet (its budget counts them; the receivers uncount them).
+    pub mesh_bytes: Vec<std::sync::Arc<MeshBytes>>,
 }
 
 impl Metrics {
@@ -132,6 +138,7 @@ impl Metrics {
             emitter: EmitterMetrics::default(),
             redis: std::sync::OnceLock::new(),
             memory_budget: AtomicU64::new(0),
+            mesh_bytes: (0..n).map(|_| std::sync::Arc::default()).collect(),
         }
     }
 
@@ -364,7 +371,7 @@ const PER_SHARD: [(&str, &str, &str, CounterOf); 17] = [
         (
             "corelay_queued_bytes",
             "gauge",
-            "Bytes held in the shard's outbound queues, counted against its part of limits.memory_budget.",
+            "Bytes held in the shard's queues (outbound, home, mesh, hooks, polling; see corelay_queue_bytes), counted against its part of limits.memory_budget.",
             |s| &s.queued_bytes,
         ),
         (

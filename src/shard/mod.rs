@@ -195,8 +195,11 @@ impl Shard {
             self.handle(msg);
         } else if let Some(Some(outbox)) = self.outboxes.get(to) {
             // The outbox lives as long as the shard. It takes every message: new work is
-            // refused before it gets here once the outbox is full (`mesh_congested`), and
-            // what follows from work already accepted must not be dropped.
+            // refused before it gets here once the outbox is full (`mesh_congested`) or the
+            // shard is past half its memory budget, and what follows from work already
+            // accepted must not be dropped. Its bytes count in this shard's budget until
+            // the receiving shard takes it.
+            self.chat.budget.mesh_sent(msg.weight());
             let _ = outbox.try_send(msg);
         }
     }

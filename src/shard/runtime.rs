@@ -29,6 +29,7 @@ use crate::feed::{ClusterLedger, Feed, Ledger};
 use crate::hooks::{Backend, Hooks};
 use crate::ids::MessageIds;
 use crate::store::Store;
+use crate::transport::budget::ShardBudget;
 use crate::transport::engine::EngineHandler;
 
 /// Capacity of each shard-to-shard channel; a full one is backpressure on the sender.
@@ -338,6 +339,8 @@ fn build_shard(
     link: Option<ShardLink>,
     outboxes: Vec<Option<LocalSender<ShardMsg>>>,
 ) -> Rc<Shard> {
+    let share = ctx.config.limits.memory_budget / count.max(1);
+    let budget = ShardBudget::with_mesh(share, ctx.metrics.mesh_bytes[id].clone());
     let home = Home::new(HomeParts {
         shard: id,
         count,
@@ -347,6 +350,7 @@ fn build_shard(
         limits: HomeLimits::from_config(&ctx.config),
         sequencer: Sequencer::new(link),
         feed,
+        budget: Rc::new(budget),
     });
     let handler: Rc<dyn EngineHandler<Shard>> = if ctx.config.server.conformance {
         Rc::new(Conformance::default())
@@ -395,10 +399,13 @@ fn spawn_tasks(
         .detach();
     }
 
-    for (_peer, rx) in receivers.streams() {
+    for (peer, rx) in receivers.streams() {
         let shard = shard.clone();
         glommio::spawn_local(async move {
+            let sent = shard.ctx.metrics.mesh_bytes[peer].clone();
             while let Some(msg) = rx.recv().await {
+                // Taken: out of the sender's budget (what it leads to counts here).
+                sent.taken(msg.weight());
                 shard.handle(msg);
             }
         })

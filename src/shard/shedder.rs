@@ -2,7 +2,9 @@
 //! the shard's queued bytes and pressure for `/metrics`, `/healthz` and the other shards,
 //! and when the queues pass the budget's `shed` mark, or the shard has refused new work for
 //! [`PATIENCE`] without its queues draining, it cuts the connections holding the most
-//! queued bytes (the slowest consumers) until the shard is below its `relief` mark.
+//! queued bytes (the slowest consumers) until the shard is below its `relief` mark, or
+//! its outbound queues no longer hold much of what is left
+//! ([`ShardBudget::shedding_helps`]).
 //! A cut connection loses only what was queued to it, never an acked message: it recovers
 //! with `join {since}`, as any slow consumer.
 
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::Shard;
 use crate::metrics::ShardMetrics;
-use crate::transport::budget::{Pressure, ShardBudget};
+use crate::transport::budget::{Pressure, Queue, ShardBudget};
 use crate::transport::conn::CloseReason;
 use crate::transport::session::Session;
 
@@ -48,6 +50,9 @@ impl Shard {
             stats.budget_closes.fetch_add(cuts - cuts_seen, Relaxed);
             cuts_seen = cuts;
             stats.queued_bytes.store(budget.used() as u64, Relaxed);
+            for (i, queue) in Queue::ALL.into_iter().enumerate() {
+                stats.queue_bytes[i].store(budget.queued(queue) as u64, Relaxed);
+            }
             let pressured = budget.state() == Pressure::Pressured;
             stats.memory_pressure.store(u64::from(pressured), Relaxed);
             pressured_since = match (pressured, pressured_since) {
@@ -57,8 +62,9 @@ impl Shard {
         }
     }
 
-    /// Cuts the sessions with the most queued bytes until the shard is below its `relief`
-    /// mark: slow consumers, as if their own queue had overflowed.
+    /// Cuts the sessions with the most queued bytes while that helps (see
+    /// [`ShardBudget::shedding_helps`]): slow consumers, as if their own queue had
+    /// overflowed.
     fn shed(&self, budget: &ShardBudget) {
         let mut heavy: Vec<(usize, Rc<Session>)> = self
             .sessions
@@ -69,10 +75,9 @@ impl Shard {
             .filter(|(bytes, _)| *bytes > 0)
             .collect();
         heavy.sort_unstable_by_key(|(bytes, _)| std::cmp::Reverse(*bytes));
-        let target = budget.relief_mark();
         let stats = self.stats();
         for (bytes, session) in heavy {
-            if budget.used() < target {
+            if !budget.shedding_helps() {
                 break;
             }
             session

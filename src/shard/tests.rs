@@ -1,8 +1,9 @@
-//! A shard on its own (shard 0 of 2, no peer running): its sweeper and the congestion
-//! of its mesh outboxes.
+//! A shard on its own (shard 0 of 2, no peer running): its sweeper, the congestion of its
+//! mesh outboxes, and what its budget counts of what it sends.
 
 use std::sync::atomic::Ordering::Relaxed;
 
+use bytes::Bytes;
 use glommio::channels::local_channel::{self, LocalReceiver};
 
 use super::*;
@@ -11,6 +12,7 @@ use crate::chat::home::{HomeLimits, HomeParts, Sequencer};
 use crate::chat::mesh::{HomeCmd, ReplyTo, UserCmd};
 use crate::config::Config;
 use crate::ids::MessageIds;
+use crate::transport::budget::{Queue, ShardBudget};
 use crate::transport::engine;
 use crate::transport::testing::{self, on_glommio};
 
@@ -31,6 +33,7 @@ fn shard(tune: impl FnOnce(&mut Config)) -> (Rc<Shard>, LocalReceiver<ShardMsg>)
         limits: HomeLimits::from_config(&ctx.config),
         sequencer: Sequencer::Local,
         feed: None,
+        budget: Rc::new(ShardBudget::with_mesh(0, ctx.metrics.mesh_bytes[0].clone())),
     });
     let (tx, rx) = local_channel::new_unbounded::<ShardMsg>();
     let parts = ShardParts {
@@ -187,5 +190,48 @@ fn an_outbox_past_mesh_outbox_is_congested() {
             assert!(matches!(rx.recv().await, Some(ShardMsg::Users(_))));
         }
         assert!(!Mesh::congested(&*shard, 1));
+    });
+}
+
+#[test]
+fn what_a_shard_sends_counts_in_its_budget_until_taken() {
+    on_glommio(|| async {
+        let (shard, rx) = shard(|_| {});
+        let budget = shard.chat.budget.clone();
+        let frame = Bytes::from(vec![b'x'; 10_000]);
+        let deliver = ShardMsg::Member(MemberMsg::Deliver {
+            room: Arc::from("r"),
+            frame,
+            except: None,
+            volatile: false,
+            sent_at: Instant::now(),
+        });
+        let weight = deliver.weight();
+        assert!(weight > 10_000);
+        shard.send(1, deliver);
+        assert_eq!(budget.queued(Queue::Mesh), weight);
+        assert_eq!(budget.used(), weight);
+        // Shard 1 takes it (its receiving task uncounts what the message weighs).
+        let msg = rx.recv().await.expect("queued toward shard 1");
+        shard.ctx.metrics.mesh_bytes[0].taken(msg.weight());
+        assert_eq!(budget.used(), 0);
+
+        // A command to this shard's own home counts in the home's queue while it waits
+        // (the home does not run here).
+        shard.send(
+            0,
+            ShardMsg::Home(HomeCmd::Publish {
+                room: Arc::from("r"),
+                user: Arc::from("u"),
+                text: "y".repeat(5_000),
+                cid: None,
+                reply: ReplyTo::Conn {
+                    conn: crate::chat::member::ConnRef { shard: 0, id: 1 },
+                    ack_id: None,
+                },
+            }),
+        );
+        assert!(budget.queued(Queue::Home) > 5_000);
+        assert_eq!(budget.queued(Queue::Mesh), 0);
     });
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use super::budget::ShardBudget;
+use super::budget::{Queue, ShardBudget};
 
 /// Whether a connection goes on after a packet: what the layer above answers the transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,8 +203,13 @@ impl Outbound {
 
     /// The writer's batch is written (or failed): its bytes leave the budget.
     pub fn written(&mut self) {
-        self.budget.sub(self.in_flight);
+        self.budget.sub(Queue::Outbound, self.in_flight);
         self.in_flight = 0;
+    }
+
+    /// The shard's budget this queue counts in.
+    pub fn budget(&self) -> &Rc<ShardBudget> {
+        &self.budget
     }
 
     /// Bytes queued, and in the writer's batch.
@@ -230,21 +235,22 @@ impl Outbound {
     #[inline]
     fn count(&mut self, len: usize) {
         self.bytes += len;
-        self.budget.add(len);
+        self.budget.add(Queue::Outbound, len);
     }
 
     /// Counts `len` bytes gone from the queue, here and in the shard's budget.
     #[inline]
     fn uncount(&mut self, len: usize) {
         self.bytes -= len;
-        self.budget.sub(len);
+        self.budget.sub(Queue::Outbound, len);
     }
 }
 
 /// A queue that goes away gives its bytes back to the shard's budget.
 impl Drop for Outbound {
     fn drop(&mut self) {
-        self.budget.sub(self.bytes + self.in_flight);
+        self.budget
+            .sub(Queue::Outbound, self.bytes + self.in_flight);
         self.budget.queue_closed();
     }
 }

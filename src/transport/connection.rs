@@ -13,6 +13,7 @@ use futures::io::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use tracing::Instrument as _;
 
+use super::budget::Queue;
 use super::conn::{CloseReason, Transport};
 use super::handshake::Handshake;
 use super::host::Host;
@@ -491,8 +492,19 @@ async fn poll_post<H: Host>(
         config.engineio.max_payload,
         config.limits.handshake_timeout.0,
     );
+    // The body counts in the shard's budget while it is read and its packets are handed
+    // up (a send's text then counts in the home's queue until answered): from the start
+    // when its length is known, else once read.
+    let budget = session.budget();
+    let mut charge = match framing {
+        http::BodyFraming::Length(n) if n <= max => Some(budget.charge(Queue::Polling, n)),
+        _ => None,
+    };
     match http::read_framed_body_within(stream, buf, framing, max, limit).await {
-        Ok(body) => Posted::Answer(session.span.in_scope(|| polling::post(host, session, body))),
+        Ok(body) => {
+            charge.get_or_insert_with(|| budget.charge(Queue::Polling, body.len()));
+            Posted::Answer(session.span.in_scope(|| polling::post(host, session, body)))
+        }
         Err(HttpError::BodyTooLarge) => {
             host.end_session(session, CloseReason::Gone);
             Posted::TooLarge

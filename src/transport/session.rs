@@ -130,6 +130,12 @@ impl Session {
         self.out.borrow().bytes()
     }
 
+    /// The shard's part of the memory budget, which this session's queue counts in (and
+    /// what it holds besides: packets behind a hook, polling request bodies).
+    pub fn budget(&self) -> Rc<ShardBudget> {
+        self.out.borrow().budget().clone()
+    }
+
     /// Whether the session is closing.
     pub fn is_closing(&self) -> bool {
         self.out.borrow().closing().is_some()

@@ -375,11 +375,17 @@ impl WsClient {
 
     /// Emits an event with an ack id and waits for its ack; other events are kept in `events`.
     pub fn emit_ack(&mut self, event: &str, payload: Value) -> Value {
+        let id = self.emit(event, payload);
+        self.wait_ack(id)
+    }
+
+    /// Emits an event with an ack id, without waiting: its ack comes to [`WsClient::wait_ack`].
+    pub fn emit(&mut self, event: &str, payload: Value) -> u64 {
         self.next_ack += 1;
         let id = self.next_ack;
         let packet = format!("42{id}{}", serde_json::json!([event, payload]));
         self.send_text(&packet);
-        self.wait_ack(id)
+        id
     }
 
     /// Waits for the ack with this id.

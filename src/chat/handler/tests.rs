@@ -40,6 +40,7 @@ fn fixture(tune: impl FnOnce(&mut Config)) -> Fixture {
         limits: HomeLimits::from_config(&ctx.config),
         sequencer: Sequencer::Local,
         feed: None,
+        budget: std::rc::Rc::new(crate::transport::budget::ShardBudget::new(0)),
     });
     let mesh = Rc::new(Recorder::default());
     let weak: std::rc::Weak<dyn Mesh> = Rc::downgrade(&(mesh.clone() as Rc<dyn Mesh>));

@@ -60,6 +60,7 @@ use crate::ids::MessageIds;
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::protocol::socketio::encode_ack;
 use crate::store::{StoreError, StoredMessage};
+use crate::transport::budget::{Charge, Pressure, Queue, ShardBudget};
 use crate::transport::websocket::text_frame;
 
 pub use cluster::ClusterSequencer;
@@ -146,6 +147,8 @@ pub struct HomeParts {
     pub sequencer: Sequencer,
     /// The backend's feed of this shard's rooms, when on: told of each durable message.
     pub feed: Option<Rc<crate::feed::Feed>>,
+    /// The shard's part of `limits.memory_budget`: the home counts what it holds.
+    pub budget: Rc<ShardBudget>,
 }
 
 /// A publish waiting for the writer.
@@ -155,6 +158,8 @@ struct Pending {
     text: String,
     cid: Option<String>,
     to: ReplyTo,
+    /// Its bytes in the shard's budget, until it is answered.
+    charge: Charge,
 }
 
 impl Pending {
@@ -166,6 +171,7 @@ impl Pending {
             text,
             cid,
             to,
+            charge,
         } = self;
         (
             Settled {
@@ -173,6 +179,7 @@ impl Pending {
                 user,
                 cid,
                 to,
+                _charge: charge,
             },
             text,
         )
@@ -185,18 +192,23 @@ struct Settled {
     user: Arc<str>,
     cid: Option<String>,
     to: ReplyTo,
+    /// The publish's bytes in the shard's budget (its text is in the store's or Redis's
+    /// batch meanwhile), given back once it is answered.
+    _charge: Charge,
 }
 
 /// Input to the service task, in the order it must be handled.
 enum HomeEvent {
-    Cmd(HomeCmd),
+    /// A command, and its bytes in the shard's budget while it waits.
+    Cmd(HomeCmd, Charge),
     Written(Vec<(Settled, StoredMessage)>),
     Failed(Vec<Settled>, StoreError),
     /// Cluster mode: the publish script answered (or failed) for one message, and the
     /// store made it durable (or failed to).
     Published(Settled, Result<Published, cluster::PublishError>),
-    /// Cluster mode: an event of this shard's Redis subscription.
-    Cluster(ClusterEvent),
+    /// Cluster mode: an event of this shard's Redis subscription, and its bytes in the
+    /// shard's budget while it waits.
+    Cluster(ClusterEvent, Charge),
 }
 
 /// The home-shard state of one shard: its loaded rooms and the publishes in flight.
@@ -209,6 +221,8 @@ pub struct Home {
     limits: HomeLimits,
     sequencer: Sequencer,
     feed: Option<Rc<crate::feed::Feed>>,
+    /// The shard's part of the memory budget (shared with its connections' queues).
+    budget: Rc<ShardBudget>,
     rooms: RefCell<HashMap<Arc<str>, RoomState>>,
     /// Publishes accepted and not yet settled, over all rooms.
     inflight: Cell<usize>,
@@ -235,6 +249,7 @@ impl Home {
             limits,
             sequencer,
             feed,
+            budget,
         } = parts;
         let (events, receiver) = local_channel::new_unbounded();
         Rc::new_cyclic(|me| Home {
@@ -246,6 +261,7 @@ impl Home {
             limits,
             sequencer,
             feed,
+            budget,
             rooms: RefCell::new(HashMap::new()),
             inflight: Cell::new(0),
             pending: RefCell::new(VecDeque::new()),
@@ -259,13 +275,20 @@ impl Home {
 
     /// Queues an event of this shard's Redis subscription for the service task.
     pub fn enqueue_cluster(&self, event: ClusterEvent) {
-        let _ = self.events.try_send(HomeEvent::Cluster(event));
+        let charge = self.budget.charge(Queue::Home, event.weight());
+        let _ = self.events.try_send(HomeEvent::Cluster(event, charge));
     }
 
     /// Queues a command for the service task (from this shard or another).
     pub fn enqueue(&self, cmd: HomeCmd) {
         // The receiver lives as long as the home; an unbounded local send cannot fail otherwise.
-        let _ = self.events.try_send(HomeEvent::Cmd(cmd));
+        let charge = self.budget.charge(Queue::Home, cmd.weight());
+        let _ = self.events.try_send(HomeEvent::Cmd(cmd, charge));
+    }
+
+    /// The shard's part of the memory budget, which the home counts what it holds in.
+    pub fn budget(&self) -> &Rc<ShardBudget> {
+        &self.budget
     }
 
     /// Commands and events waiting for the service task.
@@ -307,11 +330,11 @@ impl Home {
     async fn run_service(self: Rc<Self>, events: LocalReceiver<HomeEvent>) {
         while let Some(event) = events.recv().await {
             match event {
-                HomeEvent::Cmd(cmd) => self.handle_cmd(cmd).await,
+                HomeEvent::Cmd(cmd, charge) => self.handle_cmd(cmd, charge).await,
                 HomeEvent::Written(done) => self.deliver(done),
                 HomeEvent::Failed(failed, err) => self.fail(failed, &err),
                 HomeEvent::Published(settled, result) => self.settle_published(settled, result),
-                HomeEvent::Cluster(event) => {
+                HomeEvent::Cluster(event, _charge) => {
                     if let Sequencer::Cluster(c) = &self.sequencer {
                         self.on_cluster_event(c, event).await;
                     }
@@ -359,11 +382,18 @@ impl Home {
         }
     }
 
-    /// A publish: refused while a queue toward another shard is full or too many wait for
-    /// the writer, else handed to the writer once its room is loaded (one host: unless its
-    /// `cid` answers it first).
+    /// A publish: refused while a queue toward another shard is full, too many wait for
+    /// the writer, or the shard is past half its part of the memory budget; else handed to
+    /// the writer once its room is loaded (one host: unless its `cid` answers it first).
     async fn publish(&self, p: Pending) {
-        if self.any_mesh_congested() || self.pending.borrow().len() >= self.limits.max_pending {
+        let pressured = self.budget.state() == Pressure::Pressured;
+        if pressured {
+            ShardMetrics::inc(&self.metrics().budget_refusals);
+        }
+        if pressured
+            || self.any_mesh_congested()
+            || self.pending.borrow().len() >= self.limits.max_pending
+        {
             self.reply_error(p.to, &super::handler::overloaded());
             return;
         }

@@ -16,6 +16,7 @@ use crate::chat::member::User;
 use crate::ids::now_ms;
 use crate::protocol::socketio::encode_event;
 use crate::store::{HistoryQuery, HistoryStore, StoredMessage};
+use crate::transport::budget::Charge;
 use crate::transport::websocket::text_frame;
 
 /// A present user: how many of their connections are in the room.
@@ -167,7 +168,9 @@ impl Home {
         }
     }
 
-    pub(super) async fn handle_cmd(&self, cmd: HomeCmd) {
+    /// Handles a command; its bytes stay counted (`charge`) until it is handled, and a
+    /// publish's until it is answered.
+    pub(super) async fn handle_cmd(&self, cmd: HomeCmd, charge: Charge) {
         match cmd {
             HomeCmd::Join {
                 room,
@@ -193,6 +196,7 @@ impl Home {
                     text,
                     cid,
                     to: reply,
+                    charge,
                 };
                 self.publish(p).await;
             }

@@ -33,6 +33,7 @@ fn start_replaying(count: usize, max_replay: usize) -> (Rc<Home>, Rc<Recorder>, 
         },
         sequencer: Sequencer::Local,
         feed: None,
+        budget: std::rc::Rc::new(crate::transport::budget::ShardBudget::new(0)),
     });
     let mesh = Rc::new(Recorder::default());
     glommio::spawn_local(home.clone().run(mesh.clone())).detach();
