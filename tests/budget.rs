@@ -361,12 +361,12 @@ fn every_queue_is_back_to_zero_once_traffic_stops() {
     for (name, bytes) in queues.as_object().unwrap() {
         assert_eq!(bytes, 0, "queue {name} still counts bytes: {queues}");
     }
-    assert_eq!(queues.as_object().unwrap().len(), 5, "{queues}");
+    assert_eq!(queues.as_object().unwrap().len(), 6, "{queues}");
     let metrics = server.get("/metrics").1;
     let lines = metrics
         .lines()
         .filter(|l| l.starts_with("corelay_queue_bytes{"))
         .count();
-    assert_eq!(lines, 2 * 5, "one gauge per shard and queue");
+    assert_eq!(lines, 2 * 6, "one gauge per shard and queue");
     drop(clients);
 }

@@ -16,7 +16,8 @@ use crate::cluster::emitter::{Emit, EmitError, EmitSink};
 use crate::metrics::Metrics;
 use crate::transport::websocket::text_frame;
 
-/// Emits one shard may have waiting; past it that shard misses the emit (counted in
+/// Emits one shard may have waiting; past it, or past its part of the bytes (see
+/// [`EmitFanout::new`]), that shard misses the emit (counted in
 /// `corelay_emitter_dropped_total`), as a slow Node server's clients would.
 pub const EMIT_QUEUE: usize = 1024;
 
@@ -58,17 +59,27 @@ pub type EmitReceiver = mpsc::Receiver<Arc<EmitFrame>>;
 /// thread): counts it, encodes it once, and offers it to every shard's queue.
 pub struct EmitFanout {
     shards: Vec<mpsc::Sender<Arc<EmitFrame>>>,
+    /// The most bytes of emits one shard may have waiting (0: no bound); what waits is
+    /// counted in `metrics.emit_bytes` (the shard's budget reads it).
+    max_bytes: usize,
     metrics: Arc<Metrics>,
     /// When undecodable messages were last logged, and how many were not since.
     warned: Mutex<(Option<Instant>, u64)>,
 }
 
 impl EmitFanout {
-    /// A fan-out to `shards` shards, and each shard's receiving end (in shard order).
-    pub fn new(shards: usize, metrics: Arc<Metrics>) -> (EmitFanout, Vec<EmitReceiver>) {
+    /// A fan-out to `shards` shards, each of which may have at most [`EMIT_QUEUE`] emits
+    /// and `max_bytes` bytes of them waiting (0: no bound on bytes), and each shard's
+    /// receiving end (in shard order; it uncounts what it takes from `metrics.emit_bytes`).
+    pub fn new(
+        shards: usize,
+        metrics: Arc<Metrics>,
+        max_bytes: usize,
+    ) -> (EmitFanout, Vec<EmitReceiver>) {
         let (senders, receivers) = (0..shards).map(|_| mpsc::channel(EMIT_QUEUE)).unzip();
         let fanout = EmitFanout {
             shards: senders,
+            max_bytes,
             metrics,
             warned: Mutex::new((None, 0)),
         };
@@ -93,10 +104,18 @@ impl EmitFanout {
                 return;
             }
         };
-        for shard in &self.shards {
+        let len = emit.frame.len();
+        for (shard, queued) in self.shards.iter().zip(&self.metrics.emit_bytes) {
+            if self.max_bytes > 0 && queued.get() + len > self.max_bytes {
+                m.dropped.fetch_add(1, Relaxed);
+                continue;
+            }
+            queued.sent(len);
             match shard.try_send(emit.clone()) {
-                Ok(()) | Err(TrySendError::Closed(_)) => {}
+                Ok(()) => {}
+                Err(TrySendError::Closed(_)) => queued.taken(len),
                 Err(TrySendError::Full(_)) => {
+                    queued.taken(len);
                     m.dropped.fetch_add(1, Relaxed);
                 }
             }
@@ -141,7 +160,7 @@ mod tests {
     #[test]
     fn one_frame_for_every_shard_and_a_full_queue_drops_and_counts() {
         let metrics = Arc::new(Metrics::new(2));
-        let (fanout, mut queues) = EmitFanout::new(2, metrics.clone());
+        let (fanout, mut queues) = EmitFanout::new(2, metrics.clone(), 0);
         let sink = fanout.into_sink();
         for _ in 0..EMIT_QUEUE {
             sink(Ok(emit("e")));
@@ -159,5 +178,29 @@ mod tests {
         assert_eq!(a.rooms, ["r"]);
         assert!(a.frame.ends_with(b"42[\"e\",1]"), "{:?}", a.frame);
         assert_eq!(a.frame[0], 0x81, "a final text frame");
+    }
+
+    #[test]
+    fn a_shard_past_its_bytes_misses_emits_until_it_takes_some() {
+        let metrics = Arc::new(Metrics::new(2));
+        let len = EmitFrame::new(emit("e")).frame.len();
+        let (fanout, mut queues) = EmitFanout::new(2, metrics.clone(), 3 * len);
+        let sink = fanout.into_sink();
+        for _ in 0..5 {
+            sink(Ok(emit("e")));
+        }
+        assert_eq!(metrics.emitter.dropped.load(Relaxed), 4, "two per shard");
+        assert_eq!(metrics.emit_bytes[0].get(), 3 * len);
+        // Shard 0 takes one (as its receiving task does): one more fits there.
+        let taken = queues[0].try_recv().unwrap();
+        metrics.emit_bytes[0].taken(taken.frame.len());
+        sink(Ok(emit("e")));
+        assert_eq!(
+            metrics.emitter.dropped.load(Relaxed),
+            5,
+            "shard 1 is still full"
+        );
+        assert_eq!(metrics.emit_bytes[0].get(), 3 * len);
+        assert_eq!(metrics.emit_bytes[1].get(), 3 * len);
     }
 }

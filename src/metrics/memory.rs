@@ -8,16 +8,18 @@ use super::Metrics;
 
 /// The names of the queues a shard's budget counts, in the order of its per-queue
 /// figures (`transport::budget::Queue::ALL`).
-pub const QUEUES: [&str; 5] = ["outbound", "home", "mesh", "held", "polling"];
+pub const QUEUES: [&str; 6] = ["outbound", "home", "mesh", "held", "polling", "emits"];
 
-/// Bytes one shard sent through the mesh that the receiving shards have not taken yet:
-/// the one part of a shard's memory budget that other shards change. It sits on a cache
-/// line of its own, away from the counters its shard writes all the time.
+/// Bytes counted in one shard's memory budget that another thread changes: what the
+/// shard sent through the mesh and the receiving shards have not taken yet (the shard adds,
+/// the receivers take), or the emits queued to it (the process's Redis link adds, the
+/// shard takes). It sits on a cache line of its own, away from the counters its shard
+/// writes all the time.
 #[repr(align(128))]
 #[derive(Debug, Default)]
-pub struct MeshBytes(AtomicUsize);
+pub struct SharedBytes(AtomicUsize);
 
-impl MeshBytes {
+impl SharedBytes {
     /// The sender counts a message of `len` bytes; returns the new total.
     pub fn sent(&self, len: usize) -> usize {
         self.0.fetch_add(len, Relaxed) + len
@@ -80,7 +82,7 @@ impl Metrics {
         let name = "corelay_memory_budget_bytes";
         let _ = writeln!(out, "# HELP {name} limits.memory_budget: bytes all queues may hold (0: no bound).\n# TYPE {name} gauge\n{name} {}", self.memory_budget.load(Relaxed));
         let name = "corelay_queue_bytes";
-        let _ = writeln!(out, "# HELP {name} Bytes held per shard and queue (outbound: connections' queues; home: commands and publishes until answered; mesh: sent toward other shards, not taken yet; held: packets a connection holds while its CONNECT is admitted or its own hook call is out; polling: request bodies).\n# TYPE {name} gauge");
+        let _ = writeln!(out, "# HELP {name} Bytes held per shard and queue (outbound: connections' queues; home: commands and publishes until answered; mesh: sent toward other shards, not taken yet; held: packets a connection holds while its CONNECT is admitted or its own hook call is out; polling: request bodies; emits: @socket.io/redis-emitter emits queued to the shard).\n# TYPE {name} gauge");
         for (shard, s) in self.shards.iter().enumerate() {
             for (i, queue) in QUEUES.iter().enumerate() {
                 let n = s.queue_bytes[i].load(Relaxed);

@@ -12,7 +12,7 @@ mod hooks;
 mod memory;
 pub use feed::FeedStats;
 pub use hooks::{HookStats, HOOKS, HOOK_FAILURES};
-pub use memory::{MeshBytes, QUEUES};
+pub use memory::{SharedBytes, QUEUES};
 
 /// Upper bounds (seconds) of the fan-out latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 12] = [
@@ -43,7 +43,7 @@ pub struct ShardMetrics {
     /// its shedder every few milliseconds.
     pub queued_bytes: AtomicU64,
     /// The same per queue, in the order of `transport::budget::Queue::ALL`.
-    pub queue_bytes: [AtomicU64; 5],
+    pub queue_bytes: [AtomicU64; 6],
     /// 1 while this shard refuses new work for memory (past half its part of the budget).
     pub memory_pressure: AtomicU64,
     /// Connections cut because the shard was past its part of the budget (the largest
@@ -127,7 +127,10 @@ pub struct Metrics {
     pub memory_budget: AtomicU64,
     /// Per shard, the bytes it sent through the mesh that the receivers have not taken
     /// yet (its budget counts them; the receivers uncount them).
-    pub mesh_bytes: Vec<std::sync::Arc<MeshBytes>>,
+    pub mesh_bytes: Vec<std::sync::Arc<SharedBytes>>,
+    /// Per shard, the bytes of the emits (`@socket.io/redis-emitter`) queued to it and not
+    /// taken yet (its budget counts them; the process's Redis link adds, the shard takes).
+    pub emit_bytes: Vec<std::sync::Arc<SharedBytes>>,
 }
 
 impl Metrics {
@@ -139,6 +142,7 @@ impl Metrics {
             redis: std::sync::OnceLock::new(),
             memory_budget: AtomicU64::new(0),
             mesh_bytes: (0..n).map(|_| std::sync::Arc::default()).collect(),
+            emit_bytes: (0..n).map(|_| std::sync::Arc::default()).collect(),
         }
     }
 
@@ -371,7 +375,7 @@ const PER_SHARD: [(&str, &str, &str, CounterOf); 17] = [
         (
             "corelay_queued_bytes",
             "gauge",
-            "Bytes held in the shard's queues (outbound, home, mesh, hooks, polling; see corelay_queue_bytes), counted against its part of limits.memory_budget.",
+            "Bytes held in the shard's queues (outbound, home, mesh, held, polling, emits; see corelay_queue_bytes), counted against its part of limits.memory_budget.",
             |s| &s.queued_bytes,
         ),
         (

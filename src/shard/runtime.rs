@@ -266,7 +266,9 @@ fn emit_queues(
 ) -> Vec<Option<EmitReceiver>> {
     match cluster {
         Some(c) if ctx.config.emitter.enabled => {
-            let (fanout, queues) = EmitFanout::new(count, ctx.metrics.clone());
+            // A shard's emits may hold a quarter of its part of the memory budget.
+            let bound = ctx.config.limits.memory_budget / count.max(1) / 4;
+            let (fanout, queues) = EmitFanout::new(count, ctx.metrics.clone(), bound);
             c.on_emit(fanout.into_sink());
             queues.into_iter().map(Some).collect()
         }
@@ -340,7 +342,7 @@ fn build_shard(
     outboxes: Vec<Option<LocalSender<ShardMsg>>>,
 ) -> Rc<Shard> {
     let share = ctx.config.limits.memory_budget / count.max(1);
-    let budget = ShardBudget::with_mesh(share, ctx.metrics.mesh_bytes[id].clone());
+    let budget = ShardBudget::for_shard(share, &ctx.metrics, id);
     let home = Home::new(HomeParts {
         shard: id,
         count,
@@ -382,7 +384,10 @@ fn spawn_tasks(
     if let Some(mut emits) = emits {
         let shard = shard.clone();
         glommio::spawn_local(async move {
+            let queued = shard.ctx.metrics.emit_bytes[shard.id].clone();
             while let Some(emit) = emits.recv().await {
+                // Taken: out of the emit queue's count (its frames count where they go).
+                queued.taken(emit.frame.len());
                 shard.chat.deliver_emit(&emit);
             }
         })

@@ -33,7 +33,7 @@ fn shard(tune: impl FnOnce(&mut Config)) -> (Rc<Shard>, LocalReceiver<ShardMsg>)
         limits: HomeLimits::from_config(&ctx.config),
         sequencer: Sequencer::Local,
         feed: None,
-        budget: Rc::new(ShardBudget::with_mesh(0, ctx.metrics.mesh_bytes[0].clone())),
+        budget: Rc::new(ShardBudget::for_shard(0, &ctx.metrics, 0)),
     });
     let (tx, rx) = local_channel::new_unbounded::<ShardMsg>();
     let parts = ShardParts {

@@ -10,15 +10,18 @@
 //!   outboxes and the mesh channels);
 //! - **held**: packets its connections hold while their CONNECT is admitted or a hook call
 //!   of their own is out;
-//! - **polling**: polling request bodies being read and handed up.
+//! - **polling**: polling request bodies being read and handed up;
+//! - **emits**: `@socket.io/redis-emitter` emits queued to the shard (the process's Redis
+//!   link drops an emit for a shard whose queue holds a quarter of its share already).
 //!
 //! A frame is shared (`Bytes`) by every queue it sits in, but it is counted once per
 //! queue: that is what a connection would lose if it were cut, and what the kernel gets
 //! copied when it is written. It overstates the unique bytes for a room's fan-out by at
 //! most the fan-out factor, which errs on the safe side and costs two `Cell` updates per
-//! frame and recipient (no hashing, no allocation). Only the mesh part is shared with
-//! other shards: one atomic per shard ([`MeshBytes`]), added to by the sender and taken
-//! from by the receiver, once per mesh message (a room's batch, not a recipient).
+//! frame and recipient (no hashing, no allocation). Only the mesh and emit parts are
+//! changed by other threads: one atomic each per shard ([`SharedBytes`]), added to by the
+//! sender and taken from by the receiver, once per message (a room's batch or an emit, not
+//! a recipient).
 //!
 //! Each shard gets `budget / shards` and counts only its own queues, so the hot path never
 //! touches another core's memory. Past its marks the shard (see [`ShardBudget::state`]):
@@ -38,7 +41,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Waker;
 
-pub use crate::metrics::MeshBytes;
+pub use crate::metrics::SharedBytes;
 
 /// The queues a shard's budget counts, for its figures (`/metrics`, `/healthz`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,16 +57,19 @@ pub enum Queue {
     Held,
     /// Polling request bodies being read and handled.
     Polling,
+    /// Emits from `@socket.io/redis-emitter` queued to the shard, not taken yet.
+    Emits,
 }
 
 impl Queue {
     /// Every queue, in the order of [`Queue::index`].
-    pub const ALL: [Queue; 5] = [
+    pub const ALL: [Queue; 6] = [
         Queue::Outbound,
         Queue::Home,
         Queue::Mesh,
         Queue::Held,
         Queue::Polling,
+        Queue::Emits,
     ];
 
     /// Its position in [`Queue::ALL`].
@@ -80,13 +86,15 @@ impl Queue {
 /// One shard's queued bytes against its share of the process's memory budget.
 pub struct ShardBudget {
     share: usize,
-    /// Bytes in this shard's own queues (every queue but the mesh).
+    /// Bytes in this shard's own queues (every queue but the mesh and emits).
     local: Cell<usize>,
-    /// The same, per queue (the mesh entry is unused: see `mesh`).
-    by_queue: [Cell<usize>; 5],
+    /// The same, per queue (the mesh and emits entries are unused: see `mesh`, `emits`).
+    by_queue: [Cell<usize>; 6],
     /// Bytes this shard sent through the mesh and the receivers have not taken yet.
-    mesh: Arc<MeshBytes>,
-    /// `mesh` as last read: the per-frame bound reads this instead of the atomic.
+    mesh: Arc<SharedBytes>,
+    /// Bytes of the emits queued to this shard and not taken yet.
+    emits: Arc<SharedBytes>,
+    /// `mesh` + `emits` as last read: the per-frame bound reads this, not the atomics.
     mesh_seen: Cell<usize>,
     /// Outbound queues alive on this shard (for each queue's fair part of the share).
     queues: Cell<usize>,
@@ -110,17 +118,32 @@ impl ShardBudget {
     /// A shard's budget of `share` bytes (0: unbounded), with a mesh count of its own
     /// (for a shard alone, and tests).
     pub fn new(share: usize) -> ShardBudget {
-        ShardBudget::with_mesh(share, Arc::default())
+        ShardBudget::with_shared(share, Arc::default(), Arc::default())
     }
 
-    /// A shard's budget of `share` bytes (0: unbounded), whose mesh bytes are `mesh`: the
-    /// counter the shards it sends to uncount what they take from.
-    pub fn with_mesh(share: usize, mesh: Arc<MeshBytes>) -> ShardBudget {
+    /// Shard `id`'s budget of `share` bytes (0: unbounded), with the counters of its mesh
+    /// and emit bytes that other threads change, from `metrics`.
+    pub fn for_shard(share: usize, metrics: &crate::metrics::Metrics, id: usize) -> ShardBudget {
+        ShardBudget::with_shared(
+            share,
+            metrics.mesh_bytes[id].clone(),
+            metrics.emit_bytes[id].clone(),
+        )
+    }
+
+    /// A shard's budget of `share` bytes (0: unbounded), whose mesh bytes are `mesh` (the
+    /// shards it sends to uncount what they take) and emit bytes `emits`.
+    pub fn with_shared(
+        share: usize,
+        mesh: Arc<SharedBytes>,
+        emits: Arc<SharedBytes>,
+    ) -> ShardBudget {
         ShardBudget {
             share: if share == 0 { usize::MAX } else { share },
             local: Cell::new(0),
             by_queue: Default::default(),
             mesh,
+            emits,
             mesh_seen: Cell::new(0),
             queues: Cell::new(0),
             pressured: Cell::new(false),
@@ -136,15 +159,16 @@ impl ShardBudget {
 
     /// Bytes queued on this shard now, the mesh's included.
     pub fn used(&self) -> usize {
-        let mesh = self.mesh.get();
-        self.mesh_seen.set(mesh);
-        self.local.get() + mesh
+        let shared = self.mesh.get() + self.emits.get();
+        self.mesh_seen.set(shared);
+        self.local.get() + shared
     }
 
     /// Bytes queued in `queue` now.
     pub fn queued(&self, queue: Queue) -> usize {
         match queue {
             Queue::Mesh => self.mesh.get(),
+            Queue::Emits => self.emits.get(),
             q => self.by_queue[q.index()].get(),
         }
     }
@@ -180,7 +204,8 @@ impl ShardBudget {
         false
     }
 
-    /// Counts `len` bytes queued in `queue` (not the mesh: see [`ShardBudget::mesh_sent`]);
+    /// Counts `len` bytes queued in `queue` (not the mesh, see [`ShardBudget::mesh_sent`],
+    /// nor emits);
     /// wakes the shedder past the `shed` mark.
     #[inline]
     pub fn add(&self, queue: Queue, len: usize) {
@@ -216,10 +241,10 @@ impl ShardBudget {
     }
 
     /// Counts a message of `len` bytes sent through the mesh; the shard that takes it
-    /// uncounts it ([`MeshBytes::taken`]).
+    /// uncounts it ([`SharedBytes::taken`]).
     #[inline]
     pub fn mesh_sent(&self, len: usize) {
-        self.mesh_seen.set(self.mesh.sent(len));
+        self.mesh_seen.set(self.mesh.sent(len) + self.emits.get());
     }
 
     /// An outbound queue was created on this shard.
@@ -355,8 +380,8 @@ mod tests {
 
     #[test]
     fn mesh_bytes_count_until_the_receiver_takes_them() {
-        let mesh = Arc::new(MeshBytes::default());
-        let b = ShardBudget::with_mesh(1000, mesh.clone());
+        let mesh = Arc::new(SharedBytes::default());
+        let b = ShardBudget::with_shared(1000, mesh.clone(), Arc::default());
         b.mesh_sent(600);
         assert_eq!(b.queued(Queue::Mesh), 600);
         assert_eq!(b.state(), Pressure::Pressured);
