@@ -370,3 +370,48 @@ fn every_queue_is_back_to_zero_once_traffic_stops() {
     assert_eq!(lines, 2 * 6, "one gauge per shard and queue");
     drop(clients);
 }
+
+#[test]
+fn a_capped_socket_send_buffer_keeps_a_slow_readers_backlog_where_the_budget_sees_it() {
+    const SENT: usize = 40;
+    let server = Server::start_sharded(
+        1,
+        &[
+            ("CORELAY_LIMITS_SOCKET_SEND_BUFFER", "65536"),
+            ("CORELAY_LIMITS_SEND_RATE", "100000"),
+            ("CORELAY_LIMITS_SEND_BURST", "100000"),
+            ("CORELAY_LIMITS_MAX_TEXT_BYTES", "32768"),
+        ],
+        &["--store", "memory"],
+        true,
+    );
+    let room = "capped";
+    let slow = slow_reader(server.port, 0, room);
+    let mut sender = WsClient::connect(server.port, &token("sender", Some(&["*"])));
+    assert_eq!(sender.emit_ack("join", json!({"room": room}))["ok"], true);
+    let text = "c".repeat(30_000);
+    for n in 0..SENT {
+        let ack = sender.emit_ack(
+            "message",
+            json!({"room": room, "text": text, "cid": format!("c{n}")}),
+        );
+        assert_eq!(ack["ok"], true, "{ack}");
+    }
+    // ~1.2 MB for a reader that reads nothing: the kernel holds at most its capped send
+    // buffer (the kernel doubles the 64 KiB asked) and the reader's 4 KiB receive buffer;
+    // the rest waits in the reader's outbound queue, counted by the budget.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut outbound = 0;
+    while Instant::now() < deadline {
+        outbound = queue_bytes(&server)["outbound"].as_u64().unwrap();
+        if outbound > 900_000 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        outbound > 900_000,
+        "only {outbound} bytes in the outbound queues: the kernel holds the rest"
+    );
+    drop(slow);
+}

@@ -138,11 +138,17 @@ pub struct LimitsConfig {
     /// Answers and deliveries of work already accepted always go: dropping them would lose
     /// an acked message or a leave.
     pub mesh_outbox: usize,
-    /// Bytes the whole process may hold in its connections' outbound queues (0: no bound),
-    /// split evenly over shards. Past half a shard's part, sends, joins and presence are
-    /// refused with `unavailable`; past three quarters the connections holding the most are
-    /// cut as slow consumers.
+    /// Bytes the whole process may hold in its queues (0: no bound), split evenly over
+    /// shards: connections' outbound queues, what homes hold, messages between shards,
+    /// held packets, polling bodies, emits (`transport::budget`). Past half a shard's part,
+    /// sends, joins and presence are refused with `unavailable`; past three quarters the
+    /// connections holding the most are cut as slow consumers.
     pub memory_budget: usize,
+    /// The kernel's send buffer of each client socket, in bytes (`SO_SNDBUF`; 0: the
+    /// kernel's default, autotuned up to `net.ipv4.tcp_wmem`'s maximum, often 4 MiB). The
+    /// budget does not see what the kernel holds: a smaller buffer keeps a slow consumer's
+    /// backlog in its outbound queue, where `outbound_queue_bytes` and the budget act on it.
+    pub socket_send_buffer: usize,
 }
 
 impl Default for LimitsConfig {
@@ -165,6 +171,7 @@ impl Default for LimitsConfig {
             // the store's caches) it stays under 300-400 MiB of RSS, and it still holds a
             // 4 MiB backlog for 64 connections at once, or 13 KiB for each of 20,000.
             memory_budget: 256 << 20,
+            socket_send_buffer: 0,
         }
     }
 }

@@ -34,6 +34,11 @@ impl Config {
         if l.mesh_outbox == 0 {
             return bad("limits.mesh_outbox must be at least 1".into());
         }
+        if l.socket_send_buffer != 0 && l.socket_send_buffer < 4096 {
+            return bad(
+                "limits.socket_send_buffer must be 0 (the kernel's) or at least 4096".into(),
+            );
+        }
         if l.memory_budget != 0 && l.memory_budget < (1 << 20) {
             return bad("limits.memory_budget must be 0 (no bound) or at least 1048576".into());
         }

@@ -36,7 +36,21 @@ pub struct Handoff {
 /// Serves a freshly accepted TCP connection to its end.
 pub async fn serve<H: Host>(host: Rc<H>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    cap_send_buffer(&stream, host.ctx().config.limits.socket_send_buffer);
     serve_requests(host, stream, None).await;
+}
+
+/// Sets the kernel's send buffer of a client socket (`limits.socket_send_buffer`; 0 leaves
+/// the kernel's). A descriptor handed to another shard keeps it.
+fn cap_send_buffer(stream: &TcpStream, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    // SAFETY: the descriptor is the stream's, open for as long as `stream` is borrowed.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    if let Err(e) = socket2::SockRef::from(&fd).set_send_buffer_size(bytes) {
+        tracing::debug!(error = %e, "setting SO_SNDBUF failed");
+    }
 }
 
 /// Serves a connection another shard handed over (`fd` is a duplicate this shard owns).
