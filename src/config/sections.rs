@@ -146,7 +146,7 @@ pub struct LimitsConfig {
     pub memory_budget: usize,
     /// The kernel's send buffer of each client socket, in bytes (`SO_SNDBUF`; 0: the
     /// kernel's default, autotuned up to `net.ipv4.tcp_wmem`'s maximum, often 4 MiB). The
-    /// budget does not see what the kernel holds: a smaller buffer keeps a slow consumer's
+    /// budget does not see what the kernel holds: a bounded buffer keeps a slow consumer's
     /// backlog in its outbound queue, where `outbound_queue_bytes` and the budget act on it.
     pub socket_send_buffer: usize,
 }
@@ -171,7 +171,11 @@ impl Default for LimitsConfig {
             // the store's caches) it stays under 300-400 MiB of RSS, and it still holds a
             // 4 MiB backlog for 64 connections at once, or 13 KiB for each of 20,000.
             memory_budget: 256 << 20,
-            socket_send_buffer: 0,
+            // 256 KiB: ~1,000 chat frames, and 2.5 MB/s per connection at 100 ms of
+            // round trip; in a flood at 3x capacity the kernel's autotuned 4 MiB per socket
+            // held the backlog where the budget could not see it (and delivery p50 was 7 s
+            // instead of 1.5 s: docs/bench/journal.md, 2026-12-08).
+            socket_send_buffer: 256 << 10,
         }
     }
 }
