@@ -286,7 +286,7 @@ impl Home {
         let _ = self.events.try_send(HomeEvent::Cmd(cmd, charge));
     }
 
-    /// The shard's part of the memory budget, which the home counts what it holds in.
+    /// The shard's part of the memory budget; the home counts what it holds there.
     pub fn budget(&self) -> &Rc<ShardBudget> {
         &self.budget
     }
