@@ -95,7 +95,7 @@ pub struct ShardBudget {
     /// Bytes of the emits queued to this shard and not taken yet.
     emits: Arc<SharedBytes>,
     /// `mesh` + `emits` as last read: the per-frame bound reads this, not the atomics.
-    mesh_seen: Cell<usize>,
+    shared_seen: Cell<usize>,
     /// Outbound queues alive on this shard (for each queue's fair part of the share).
     queues: Cell<usize>,
     pressured: Cell<bool>,
@@ -144,7 +144,7 @@ impl ShardBudget {
             by_queue: Default::default(),
             mesh,
             emits,
-            mesh_seen: Cell::new(0),
+            shared_seen: Cell::new(0),
             queues: Cell::new(0),
             pressured: Cell::new(false),
             shedder: Cell::new(None),
@@ -160,7 +160,7 @@ impl ShardBudget {
     /// Bytes queued on this shard now, the mesh's included.
     pub fn used(&self) -> usize {
         let shared = self.mesh.get() + self.emits.get();
-        self.mesh_seen.set(shared);
+        self.shared_seen.set(shared);
         self.local.get() + shared
     }
 
@@ -192,7 +192,7 @@ impl ShardBudget {
     /// false only past the share and for a queue above its fair part of it.
     #[inline]
     pub fn admits(&self, queued: usize, len: usize) -> bool {
-        let used = self.local.get() + self.mesh_seen.get();
+        let used = self.local.get() + self.shared_seen.get();
         if used.saturating_add(len) <= self.share {
             return true;
         }
@@ -213,7 +213,7 @@ impl ShardBudget {
         cell.set(cell.get() + len);
         let local = self.local.get() + len;
         self.local.set(local);
-        if local + self.mesh_seen.get() >= self.shed_mark() {
+        if local + self.shared_seen.get() >= self.shed_mark() {
             if let Some(w) = self.shedder.take() {
                 w.wake();
             }
@@ -244,7 +244,7 @@ impl ShardBudget {
     /// uncounts it ([`SharedBytes::taken`]).
     #[inline]
     pub fn mesh_sent(&self, len: usize) {
-        self.mesh_seen.set(self.mesh.sent(len) + self.emits.get());
+        self.shared_seen.set(self.mesh.sent(len) + self.emits.get());
     }
 
     /// An outbound queue was created on this shard.
